@@ -1,0 +1,50 @@
+"""Canonical JSON: the exact bytes that signatures cover.
+
+Keys sorted by code point, no insignificant whitespace, UTF-8, no floats (only integers, strings,
+booleans, null, lists and objects), so that any implementation produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import FormatError
+
+__all__ = ["canonical_json", "loads_object"]
+
+
+def _check(value: Any, where: str) -> None:
+    if isinstance(value, float):
+        raise FormatError(f"{where}: floats are not allowed in signed documents")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise FormatError(f"{where}: object keys must be strings")
+            _check(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check(v, f"{where}[{i}]")
+
+
+def canonical_json(value: Any) -> bytes:
+    """Serialise ``value`` canonically (see module docstring)."""
+    _check(value, "$")
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads_object(data: bytes, what: str) -> dict[str, Any]:
+    """Parse bytes that must hold one JSON object; any problem is a :class:`FormatError`."""
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{what} is not valid UTF-8 JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    return doc

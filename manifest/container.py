@@ -1,0 +1,283 @@
+"""The patch container (``DSPATCH1``): how one group file is rebuilt, from a base or from nothing.
+
+Layout (all integers little endian; docs/FORMAT.md is the reference)::
+
+    0       8  magic b"DSPATCH1"
+    8       8  u64 H, the header length (1 <= H <= 16 MiB)
+    16      H  canonical JSON header (_type "deltaship.patch")
+    16+H       payload: zstd frames back to back, in header order
+
+The header names the base and target group files (sha256, length), the chunk size, the stored
+length of the zstd frame holding the target's safetensors prefix (8-byte length + header JSON),
+and per tensor of the target, in file order: the base tensor it is coded against (or null), the
+overlap (bytes coded against the base), and per chunk its codec and frame lengths. Decoding
+writes the target file front to back, so it streams with memory bounded by a few chunks.
+
+A full object is a container with ``base: null``. Containers are only parsed after their
+sha256 was checked against a signed index, but parsing is strict all the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+import zstandard
+
+from .canonical import canonical_json, loads_object
+from .codecs import CODECS, chunk_ranges, decode_chunk, frame_sizes
+from .errors import FormatError, HashMismatchError, OversizeError
+from .parallel import ordered_map
+from .safetensors_format import MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, parse_header
+
+__all__ = ["MAGIC", "ContainerBuilder", "ContainerHeader", "apply_container", "read_header"]
+
+MAGIC = b"DSPATCH1"
+MAX_CONTAINER_HEADER = 16 * 1024 * 1024
+TYPE = "deltaship.patch"
+
+
+class Writer(Protocol):
+    def write(self, data: bytes, /) -> int: ...
+
+
+@dataclass
+class _TensorRecord:
+    name: str
+    base: str | None
+    overlap: int
+    chunks: list[list[Any]] = field(default_factory=list)
+
+
+class ContainerBuilder:
+    """Collects frames into a spooled payload, then writes the container in one pass."""
+
+    def __init__(self, base: tuple[str, int] | None, chunk_bytes: int, level: int) -> None:
+        self.base = base
+        self.chunk_bytes = chunk_bytes
+        self.level = level
+        self._payload = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
+        self._prefix_len = 0
+        self._tensors: list[_TensorRecord] = []
+        self.codec_bytes: dict[str, int] = {}
+
+    def set_prefix(self, prefix: bytes) -> None:
+        frame = zstandard.ZstdCompressor(level=self.level).compress(prefix)
+        self._payload.write(frame)
+        self._prefix_len = len(frame)
+
+    def add_tensor(self, name: str, base: str | None, overlap: int) -> None:
+        self._tensors.append(_TensorRecord(name, base, overlap))
+
+    def add_chunk(self, codec: str, frames: list[bytes]) -> None:
+        self._tensors[-1].chunks.append([codec, [len(f) for f in frames]])
+        for f in frames:
+            self._payload.write(f)
+        self.codec_bytes[codec] = self.codec_bytes.get(codec, 0) + sum(map(len, frames))
+
+    def header(self, target_sha256: str, target_length: int) -> dict[str, Any]:
+        return {
+            "_type": TYPE,
+            "spec_version": 1,
+            "base": None
+            if self.base is None
+            else {"sha256": self.base[0], "length": self.base[1]},
+            "target": {"sha256": target_sha256, "length": target_length},
+            "chunk_bytes": self.chunk_bytes,
+            "prefix": self._prefix_len,
+            "tensors": [
+                {"name": t.name, "base": t.base, "overlap": t.overlap, "chunks": t.chunks}
+                for t in self._tensors
+            ],
+        }
+
+    def finish(self, target_sha256: str, target_length: int, out: Writer) -> int:
+        """Write the container to ``out``; returns its length."""
+        raw = canonical_json(self.header(target_sha256, target_length))
+        out.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
+        self._payload.seek(0)
+        while block := self._payload.read(1 << 20):
+            out.write(block)
+        total = 16 + len(raw) + self._payload.tell()
+        self._payload.close()
+        return total
+
+    def close(self) -> None:
+        self._payload.close()
+
+
+@dataclass(frozen=True)
+class ContainerHeader:
+    base_sha256: str | None
+    base_length: int
+    target_sha256: str
+    target_length: int
+    chunk_bytes: int
+    prefix: int
+    tensors: list[dict[str, Any]]
+    payload_start: int
+
+
+def _int(v: Any, what: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise FormatError(f"patch container: {what} must be a non-negative integer")
+    return v
+
+
+def _ref(v: Any, what: str) -> tuple[str, int]:
+    if not isinstance(v, dict) or not isinstance(v.get("sha256"), str):
+        raise FormatError(f"patch container: {what} must be {{sha256, length}}")
+    return v["sha256"], _int(v.get("length"), f"{what}.length")
+
+
+def read_header(f: IO[bytes], size: int) -> ContainerHeader:
+    """Parse and check a container's header; ``f`` is positioned at the payload afterwards."""
+    head = f.read(16)
+    if len(head) != 16 or head[:8] != MAGIC:
+        raise FormatError("not a deltaship patch container (bad magic)")
+    (n,) = struct.unpack("<Q", head[8:])
+    if not 1 <= n <= MAX_CONTAINER_HEADER or 16 + n > size:
+        raise OversizeError(f"patch container header length {n} is out of bounds")
+    doc = loads_object(f.read(n), "patch container header")
+    if doc.get("_type") != TYPE or doc.get("spec_version") != 1:
+        raise FormatError("patch container header has the wrong _type or spec_version")
+    base = doc.get("base")
+    base_sha, base_len = (None, 0) if base is None else _ref(base, "base")
+    target_sha, target_len = _ref(doc.get("target"), "target")
+    tensors = doc.get("tensors")
+    if not isinstance(tensors, list):
+        raise FormatError("patch container: tensors must be a list")
+    chunk = _int(doc.get("chunk_bytes"), "chunk_bytes")
+    if chunk == 0 or chunk % 8:
+        raise FormatError("patch container: chunk_bytes must be a positive multiple of 8")
+    return ContainerHeader(
+        base_sha, base_len, target_sha, target_len, chunk,
+        _int(doc.get("prefix"), "prefix"), tensors, 16 + n,
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    codec: str
+    frames: list[bytes]
+    base: TensorInfo | None
+    start: int
+    length: int
+    width: int
+
+
+def _plan(
+    hdr: ContainerHeader, targets: list[TensorInfo], base: SafetensorsFile | None,
+    f: IO[bytes], payload_left: int,
+) -> Iterator[_Job]:
+    """Walk the header against the target's tensors, reading each chunk's frames in turn."""
+    if len(hdr.tensors) != len(targets):
+        raise FormatError("patch container does not list every tensor of its target")
+    for rec, t in zip(hdr.tensors, targets, strict=True):
+        if not isinstance(rec, dict) or rec.get("name") != t.name:
+            raise FormatError(f"patch container tensors out of order at {t.name!r}")
+        base_name = rec.get("base")
+        overlap = _int(rec.get("overlap"), "overlap")
+        bt: TensorInfo | None = None
+        if base_name is not None:
+            if base is None or not isinstance(base_name, str) or base_name not in base.tensors:
+                raise FormatError(f"patch container names a missing base tensor {base_name!r}")
+            bt = base.tensors[base_name]
+            if bt.width != t.width or overlap > min(bt.nbytes, t.nbytes) or overlap % t.width:
+                raise FormatError(f"patch container: bad overlap for {t.name!r}")
+        elif overlap:
+            raise FormatError(f"patch container: overlap without a base for {t.name!r}")
+        chunks = rec.get("chunks")
+        ranges = list(chunk_ranges(t.nbytes, overlap, hdr.chunk_bytes))
+        if not isinstance(chunks, list) or len(chunks) != len(ranges):
+            raise FormatError(f"patch container: wrong chunk count for {t.name!r}")
+        for (start, end), ch in zip(ranges, chunks, strict=True):
+            if (
+                not isinstance(ch, list)
+                or len(ch) != 2
+                or ch[0] not in CODECS
+                or not isinstance(ch[1], list)
+            ):
+                raise FormatError(f"patch container: malformed chunk entry for {t.name!r}")
+            codec, lens = ch[0], [_int(x, "frame length") for x in ch[1]]
+            in_overlap = start < overlap
+            if (codec in ("same", "delta")) != in_overlap:
+                raise FormatError(f"patch container: {codec} chunk outside the base overlap")
+            if len(lens) != len(frame_sizes(codec, end - start, t.width)):
+                raise FormatError(f"patch container: wrong frame count for {t.name!r}")
+            if sum(lens) > payload_left:
+                raise FormatError("patch container payload is shorter than its header says")
+            payload_left -= sum(lens)
+            frames = [f.read(n) for n in lens]
+            yield _Job(codec, frames, bt if in_overlap else None, start, end - start, t.width)
+    if payload_left:
+        raise FormatError("patch container has trailing bytes after its payload")
+
+
+def apply_container(
+    container: str | os.PathLike[str],
+    base: SafetensorsFile | None,
+    out: IO[bytes],
+    *,
+    executor: ThreadPoolExecutor | None = None,
+    in_flight: int = 4,
+) -> str:
+    """Decode a container onto ``out``, return the sha256 of what was written.
+
+    The caller has verified the container's and the base file's sha256 against a signed index;
+    the result is checked against the container's target sha256 and length here.
+    """
+    size = os.path.getsize(container)
+    with open(container, "rb") as f:
+        hdr = read_header(f, size)
+        if (hdr.base_sha256 is None) != (base is None):
+            raise FormatError("patch container and base do not match (one is missing)")
+        if base is not None and base.size != hdr.base_length:
+            raise FormatError("base file length differs from the patch container's base")
+        frame = f.read(hdr.prefix)
+        prefix = _decompress_capped(frame, 8 + MAX_HEADER_SIZE)
+        if len(prefix) < 8 or len(prefix) > hdr.target_length:
+            raise FormatError("patch container prefix is malformed")
+        (n,) = struct.unpack("<Q", prefix[:8])
+        if 8 + n != len(prefix):
+            raise FormatError("patch container prefix length does not match its header")
+        targets, _ = parse_header(prefix[8:], hdr.target_length - len(prefix), "patch target")
+        digest = hashlib.sha256(prefix)
+        out.write(prefix)
+        written = len(prefix)
+        payload_left = size - hdr.payload_start - hdr.prefix
+
+        def decode(job: _Job) -> bytes:
+            base_bytes = None
+            if job.base is not None:
+                assert base is not None
+                base_bytes = base.read(job.base, job.start, job.length)
+            return decode_chunk(job.codec, job.frames, base_bytes, job.width, job.length)
+
+        jobs = _plan(hdr, targets, base, f, payload_left)
+        for data in ordered_map(decode, jobs, executor, in_flight):
+            digest.update(data)
+            out.write(data)
+            written += len(data)
+    if written != hdr.target_length or digest.hexdigest() != hdr.target_sha256:
+        raise HashMismatchError(
+            "patched group file does not match the target sha256 its patch names"
+        )
+    return digest.hexdigest()
+
+
+def _decompress_capped(frame: bytes, cap: int) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared > cap:
+            raise OversizeError(f"zstd frame declares {declared} bytes, over the cap {cap}")
+        out: bytes = zstandard.ZstdDecompressor().decompress(frame, max_output_size=cap)
+        return out
+    except zstandard.ZstdError as e:
+        raise FormatError(f"corrupt zstd frame: {e}") from e

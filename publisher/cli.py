@@ -1,0 +1,283 @@
+"""``deltaship-publish``: the command line of the release path.
+
+Maps flags and environment onto explicit configuration, calls :mod:`publisher.release`, and
+turns every :class:`manifest.errors.DeltashipError` into one line on stderr and its exit code.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from manifest.errors import DeltashipError, DiskFullError
+from manifest.stores import StoreOptions
+
+from .grouping import assign_groups, parse_pattern
+from .keys import generate_key_files
+from .model_dir import open_model
+from .progress import human_bytes
+from .release import ReleaseConfig, ReleaseSummary, history, init_store, release, revert
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES = """\b
+Exit codes: 0 success; 1 other error; 2 bad local input or configuration (model, key,
+store URL, credentials, bucket); 3 the store returned data that failed verification;
+4 the store could not be reached; 5 a concurrent release changed the store first (re-run)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeltashipError as e:
+            click.echo(f"deltaship-publish: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                err = DiskFullError(f"no space left on device ({e.filename or 'cache'})")
+                click.echo(f"deltaship-publish: error: {err}", err=True)
+                sys.exit(err.exit_code)
+            raise
+        except KeyboardInterrupt:
+            click.echo("deltaship-publish: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _store_options(fn: F) -> F:
+    fn = click.option(
+        "--endpoint-url", envvar="DELTASHIP_ENDPOINT_URL", metavar="URL",
+        help="S3 endpoint (MinIO, Ceph, R2, a local server). Default: AWS_ENDPOINT_URL or AWS.",
+    )(fn)
+    return click.option(
+        "--store", "store_url", required=True, envvar="DELTASHIP_STORE", metavar="URL",
+        help="Where releases live: s3://BUCKET/PREFIX, file:///ABS/PATH or a directory. "
+        "[env: DELTASHIP_STORE]",
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="deltaship")
+def main() -> None:
+    """Publish signed, per-layer and per-expert delta releases of safetensors models.
+
+    \b
+    Typical use:
+      deltaship-publish keygen --out keys/ --name release
+      deltaship-publish init --store s3://models/llm --key keys/release.key
+      deltaship-publish release ./checkpoint-v1 --store s3://models/llm --version v1 \\
+          --key keys/release.key
+      deltaship-publish release ./checkpoint-v2 --store s3://models/llm --version v2 \\
+          --key keys/release.key
+      deltaship-publish history --store s3://models/llm
+
+    S3 credentials and region come from the standard AWS environment and config files
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, AWS_REGION, AWS_ENDPOINT_URL).
+    """
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for NAME.key (private, mode 0600) and NAME.pub.")
+@click.option("--name", default="release", show_default=True, help="Base name of the key files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def keygen(out_dir: Path, name: str, as_json: bool) -> None:
+    """Create an ed25519 signing key pair. Existing files are never overwritten.
+
+    Keep NAME.key secret (an offline machine or a CI secret); NAME.key is what
+    `init`, `release` and `revert` take with --key.
+    """
+    priv, pub, keyid = generate_key_files(out_dir, name)
+    if as_json:
+        click.echo(json.dumps({"private": str(priv), "public": str(pub), "keyid": keyid}))
+    else:
+        click.echo(f"private key: {priv} (keep it secret)\npublic key:  {pub}\nkey id:      {keyid}")
+
+
+@main.command()
+@_store_options
+@click.option("--key", "keys", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key to trust and sign with (repeat for several keys).")
+@click.option("--threshold", default=1, show_default=True, type=click.IntRange(min=1),
+              help="How many of the keys must sign every manifest and index.")
+@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(min=1),
+              help="Lifetime of the trust root.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a local copy of the trust root here (for devices to pin).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], threshold: int,
+         expires_days: int, out_file: Path | None, as_json: bool) -> None:
+    """Write the trust root (trusted keys, threshold, version, expiry) to a new store.
+
+    The root is signed by every --key. Devices pin a copy of it (`deltaship-agent init
+    --trust root.json`); everything they install must be signed by THRESHOLD of these keys.
+    Refuses to overwrite an existing root.
+    """
+    url, data, root = init_store(store_url, keys, threshold, _now(),
+                                 expires=timedelta(days=expires_days),
+                                 options=StoreOptions(endpoint_url))
+    if out_file is not None:
+        out_file.write_bytes(data)
+    if as_json:
+        click.echo(json.dumps({"root": url, "keyids": list(root.keys), "threshold": threshold,
+                               "expires": root.to_dict()["expires"],
+                               "copy": str(out_file) if out_file else None}))
+        return
+    click.echo(f"trust root v{root.version} written to {url}")
+    click.echo(f"  keys: {len(root.keys)}, threshold: {threshold}, expires {root.expires:%Y-%m-%d}")
+    where = out_file or url
+    click.echo(f"devices pin this root: copy {where} to each device and run\n"
+               f"  deltaship-agent init --store {store_url} --trust root.json --model-dir DIR")
+
+
+@main.command("release")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@_store_options
+@click.option("--version", "version", required=True, help="Name of the new version (e.g. v2).")
+@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Private signing key (repeat to meet the root's threshold).")
+@click.option("--deltas-from", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Compute patches from this many most recent releases.")
+@click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
+              help="Grouping rule tried before the defaults: a regex with named captures.")
+@click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
+              help="zstd level for tensor data.")
+@click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPU count).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where base versions are cached (default ~/.cache/deltaship/publisher).")
+@click.option("--dry-run", is_flag=True, help="Compute and report, upload nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_errors
+def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, version: str,
+                keys: tuple[Path, ...], deltas_from: int, patterns: tuple[str, ...], level: int,
+                workers: int | None, cache_dir: Path | None, dry_run: bool, as_json: bool) -> None:
+    """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
+
+    MODEL_DIR holds *.safetensors (one file, or shards with model.safetensors.index.json)
+    and any other files (config.json, tokenizer files), which ship too. Tensors are grouped
+    per routed expert, per layer, and embeddings/norm/heads (see `inspect`). For each changed
+    group a full object and patches from the last --deltas-from releases are uploaded;
+    unchanged groups cost nothing. The summary shows, per base version, what a device at that
+    version downloads.
+    """
+    cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
+                        StoreOptions(endpoint_url), level=level, progress=None if not as_json
+                        else False, **({"workers": workers} if workers else {}),
+                        **({"cache_dir": cache_dir} if cache_dir else {}))
+    summary = release(cfg, _now())
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _print_summary(s: ReleaseSummary) -> None:
+    verb = "would release" if s.dry_run else "released"
+    click.echo(f"{verb} {s.version} to {s.store} (manifest sequence {s.sequence})")
+    click.echo(f"  groups changed: {s.groups_changed} of {s.groups_total}; "
+               f"files changed: {s.files_changed} of {s.files_total}; "
+               f"model {human_bytes(s.model_bytes)}")
+    click.echo(f"  {'device at':<14}{'downloads':>12}{'full':>12}{'saved':>8}")
+    rows = [(b.version, b.download_bytes, b.full_bytes) for b in s.bases]
+    rows.append(("(new device)", s.full_download_bytes, s.full_download_bytes))
+    for name, dl, full in rows:
+        saved = 100.0 * (1 - dl / full) if full else 0.0
+        click.echo(f"  {name:<14}{human_bytes(dl):>12}{human_bytes(full):>12}{saved:>7.1f}%")
+    up = "nothing uploaded (dry run)" if s.dry_run else (
+        f"uploaded {s.uploaded_objects} objects, {human_bytes(s.uploaded_bytes)}")
+    click.echo(f"  {up}; {s.seconds:.1f} s (encoding {s.encode_seconds:.1f} s)")
+
+
+@main.command("history")
+@_store_options
+@click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
+@_errors
+def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None:
+    """List the releases in a store, oldest first, marking the current one."""
+    entries, manifest = history(store_url, _now(), StoreOptions(endpoint_url))
+    if as_json:
+        click.echo(json.dumps({
+            "current": manifest.current.version if manifest else None,
+            "sequence": manifest.sequence if manifest else 0,
+            "releases": [{"version": e.version, "sequence": e.sequence,
+                          "released_at": e.released_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                          "current": e.current} for e in entries],
+        }, indent=2))
+        return
+    if not entries:
+        click.echo("no releases yet")
+        return
+    click.echo(f"{'':2}{'version':<20}{'sequence':>9}  released")
+    for e in entries:
+        mark = "*" if e.current else " "
+        click.echo(f"{mark:2}{e.version:<20}{e.sequence:>9}  {e.released_at:%Y-%m-%d %H:%M:%S}Z")
+    if manifest is not None and manifest.action == "revert":
+        click.echo(f"(reverted to {manifest.current.version} at sequence {manifest.sequence})")
+
+
+@main.command("revert")
+@_store_options
+@click.option("--to", "to_version", required=True, help="The released version to make current.")
+@click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Private signing key (repeat to meet the root's threshold).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
+               keys: tuple[Path, ...], as_json: bool) -> None:
+    """Make an older release current for the whole fleet.
+
+    Publishes a new manifest with a higher sequence number that names the older release, so
+    devices follow it like any update and replay protection stays intact.
+    """
+    m = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url))
+    if as_json:
+        click.echo(json.dumps({"current": m.current.version, "sequence": m.sequence}))
+    else:
+        click.echo(f"reverted: {m.current.version} is current again (manifest sequence "
+                   f"{m.sequence})")
+
+
+@main.command("inspect")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
+              help="Grouping rule tried before the defaults: a regex with named captures.")
+@click.option("--json", "as_json", is_flag=True, help="Print the group map as JSON.")
+@_errors
+def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> None:
+    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group)."""
+    rules = [parse_pattern(p) for p in patterns]
+    with open_model(model_dir) as model:
+        groups = assign_groups(model.tensors, rules)
+        sizes = {g: sum(model.tensors[t].info.nbytes for t in ts) for g, ts in groups.items()}
+        if as_json:
+            click.echo(json.dumps({"groups": [{"name": g, "bytes": sizes[g], "tensors": ts}
+                                              for g, ts in groups.items()],
+                                   "files": model.other_files}, indent=2))
+            return
+        click.echo(f"{len(groups)} groups, {len(model.tensors)} tensors, "
+                   f"{len(model.other_files)} other files")
+        for g, ts in groups.items():
+            click.echo(f"  {g:<40}{len(ts):>4} tensors {human_bytes(sizes[g]):>10}")
+        for f in model.other_files:
+            click.echo(f"  file {f}")
+
+
+main.help = (main.help or "") + "\n\n" + EXIT_CODES

@@ -1,0 +1,194 @@
+"""Lay groups out as canonical safetensors files, hash them, and encode patch containers.
+
+All chunk work of all groups flows through one bounded, order-preserving pipeline
+(:func:`manifest.parallel.ordered_map`), so a model of any size is encoded with memory bounded
+by ``workers x in_flight x chunk`` and every core busy, whether the model has many small expert
+groups or one huge embedding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from manifest.codecs import CHUNK_BYTES, chunk_ranges, encode_chunk
+from manifest.container import ContainerBuilder
+from manifest.parallel import ordered_map
+from manifest.safetensors_format import SafetensorsFile, TensorInfo, build_header
+
+from .model_dir import SourceTensor
+
+__all__ = ["EncodeResult", "EncodeTask", "GroupLayout", "encode_all", "hash_groups", "layout_group"]
+
+# The canonical group file's safetensors metadata: transformers refuses files without it.
+GROUP_METADATA = {"format": "pt"}
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """A group as its canonical file: prefix (length + header), then tensors in name order."""
+
+    name: str
+    prefix: bytes
+    tensors: tuple[tuple[TensorInfo, SourceTensor], ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(t.nbytes for t, _ in self.tensors)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.safetensors"
+
+
+def layout_group(name: str, tensors: list[SourceTensor]) -> GroupLayout:
+    prefix, infos = build_header(
+        ((t.name, t.info.dtype, t.info.shape) for t in tensors), GROUP_METADATA
+    )
+    return GroupLayout(name, prefix, tuple(zip(infos, tensors, strict=True)))
+
+
+def _hash_one(layout: GroupLayout, read_block: int = 1 << 22) -> str:
+    h = hashlib.sha256(layout.prefix)
+    for info, src in layout.tensors:
+        for start in range(0, info.nbytes, read_block):
+            h.update(src.read(start, min(read_block, info.nbytes - start)))
+    return h.hexdigest()
+
+
+def hash_groups(layouts: list[GroupLayout], executor: ThreadPoolExecutor) -> list[str]:
+    """sha256 of every canonical group file, without writing it (hashlib releases the GIL)."""
+    return list(executor.map(_hash_one, layouts))
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """Encode ``layout`` (whose file hashes to ``sha256``) against ``base`` or from nothing."""
+
+    layout: GroupLayout
+    sha256: str
+    base: SafetensorsFile | None
+    base_sha256: str | None
+    out_path: str
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    task: EncodeTask
+    length: int
+    sha256: str
+    codec_bytes: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    src: SourceTensor
+    base_file: SafetensorsFile | None
+    base: TensorInfo | None
+    start: int
+    end: int
+
+
+def _base_tensor(info: TensorInfo, base: SafetensorsFile | None) -> tuple[TensorInfo | None, int]:
+    """The base tensor a new tensor is coded against, and how many leading bytes overlap.
+
+    Same dtype width and the same shape past the first dimension: the first dimension may have
+    grown or shrunk (vocabulary expansion), so the rows they share are a common prefix.
+    """
+    if base is None or info.name not in base.tensors:
+        return None, 0
+    b = base.tensors[info.name]
+    if b.width != info.width or b.shape[1:] != info.shape[1:] or len(b.shape) != len(info.shape):
+        return None, 0
+    overlap = min(b.nbytes, info.nbytes)
+    return (b, overlap) if overlap else (None, 0)
+
+
+def _events(tasks: list[EncodeTask], chunk_bytes: int) -> Iterator[Any]:
+    for task in tasks:
+        yield ("group", task)
+        for info, src in task.layout.tensors:
+            bt, overlap = _base_tensor(info, task.base)
+            yield ("tensor", (info.name, bt.name if bt else None, overlap))
+            for start, end in chunk_ranges(info.nbytes, overlap, chunk_bytes):
+                in_base = bt is not None and start < overlap
+                yield _Chunk(src, task.base, bt if in_base else None, start, end)
+        yield ("end", task)
+
+
+def encode_all(
+    tasks: list[EncodeTask],
+    executor: ThreadPoolExecutor | None,
+    *,
+    level: int = 3,
+    chunk_bytes: int = CHUNK_BYTES,
+    in_flight: int = 4,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> Iterator[EncodeResult]:
+    """Encode every task; yields each result as soon as its container is written."""
+
+    def work(ev: Any) -> Any:
+        if not isinstance(ev, _Chunk):
+            return ev
+        new = ev.src.read(ev.start, ev.end - ev.start)
+        base = None
+        if ev.base is not None and ev.base_file is not None:
+            base = ev.base_file.read(ev.base, ev.start, ev.end - ev.start)
+        return encode_chunk(new, base, ev.src.info.width, level), ev.end - ev.start
+
+    builder: ContainerBuilder | None = None
+    workers = executor._max_workers if executor is not None else 1
+    events = _events(tasks, chunk_bytes)
+    for ev in ordered_map(work, events, executor, max(in_flight, 2 * workers)):
+        if isinstance(ev, tuple) and ev[0] == "group":
+            task = ev[1]
+            base_ref = None
+            if task.base is not None:
+                base_ref = (task.base_sha256 or "", task.base.size)
+            builder = ContainerBuilder(base_ref, chunk_bytes, level)
+            builder.set_prefix(task.layout.prefix)
+        elif isinstance(ev, tuple) and ev[0] == "tensor":
+            assert builder is not None
+            builder.add_tensor(*ev[1])
+        elif isinstance(ev, tuple) and ev[0] == "end":
+            assert builder is not None
+            yield _finish(ev[1], builder)
+            builder = None
+        else:
+            (codec, frames), n = ev
+            assert builder is not None
+            builder.add_chunk(codec, frames)
+            on_bytes(n)
+
+
+def _finish(task: EncodeTask, builder: ContainerBuilder) -> EncodeResult:
+    h = _HashingWriter(task.out_path)
+    try:
+        length = builder.finish(task.sha256, task.layout.length, h)
+    finally:
+        h.close()
+    return EncodeResult(task, length, h.hexdigest(), dict(builder.codec_bytes))
+
+
+class _HashingWriter:
+    """A write-only file that hashes what passes through it."""
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._h = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()

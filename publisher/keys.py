@@ -1,0 +1,102 @@
+"""Signing key files: written once (0600, never overwritten), read with clear errors.
+
+Private key file (JSON)::
+
+    {"_type": "deltaship.private-key", "spec_version": 1, "scheme": "ed25519",
+     "name": "...", "keyid": "<hex sha256 of the public key>", "seed": "<hex 32 bytes>"}
+
+The public file is the same with ``_type: deltaship.public-key`` and ``public`` instead of
+``seed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from manifest.errors import AlreadyExistsError, KeyFileError
+from manifest.signing import PublicKey, SigningKey
+
+__all__ = ["generate_key_files", "load_public_key", "load_signing_key"]
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as e:
+        raise AlreadyExistsError(f"{path} already exists: refusing to overwrite a key") from e
+    except OSError as e:
+        raise KeyFileError(f"cannot create {path}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+def generate_key_files(out_dir: str | os.PathLike[str], name: str) -> tuple[Path, Path, str]:
+    """Create ``NAME.key`` (0600) and ``NAME.pub`` in ``out_dir``; returns paths and key id."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.generate(name)
+    priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
+    if priv_path.exists() or pub_path.exists():
+        raise AlreadyExistsError(f"{priv_path} or {pub_path} already exists: refusing to overwrite")
+    base = {"spec_version": 1, "scheme": "ed25519", "name": name, "keyid": key.keyid}
+    priv = {**base, "_type": "deltaship.private-key", "seed": key.seed.hex()}
+    pub = {**base, "_type": "deltaship.public-key", "public": key.public_key.public.hex()}
+    _write_new(priv_path, json.dumps(priv, indent=2).encode() + b"\n", 0o600)
+    _write_new(pub_path, json.dumps(pub, indent=2).encode() + b"\n", 0o644)
+    return priv_path, pub_path, key.keyid
+
+
+def _read(path: str | os.PathLike[str], what: str) -> dict[str, object]:
+    try:
+        doc = json.loads(Path(path).read_text("utf-8"))
+    except FileNotFoundError as e:
+        raise KeyFileError(f"{what} {path} does not exist") from e
+    except OSError as e:
+        raise KeyFileError(f"cannot read {what} {path}: {e.strerror}") from e
+    except ValueError as e:
+        raise KeyFileError(f"{path} is not a deltaship key file (bad JSON)") from e
+    if not isinstance(doc, dict):
+        raise KeyFileError(f"{path} is not a deltaship key file")
+    return doc
+
+
+def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+    doc = _read(path, "private key")
+    if doc.get("_type") != "deltaship.private-key" or not isinstance(doc.get("seed"), str):
+        hint = " (that is the public half: pass the .key file)" if "public" in doc else ""
+        raise KeyFileError(f"{path} is not a deltaship private key{hint}")
+    try:
+        seed = bytes.fromhex(str(doc["seed"]))
+    except ValueError as e:
+        raise KeyFileError(f"{path}: the seed is not hex") from e
+    if len(seed) != 32:
+        raise KeyFileError(f"{path}: the seed must be 32 bytes")
+    key = SigningKey(seed, str(doc.get("name", "")))
+    if doc.get("keyid") not in (None, key.keyid):
+        raise KeyFileError(f"{path}: its keyid does not match its seed (corrupted file?)")
+    return key
+
+
+def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
+    doc = _read(path, "public key")
+    if doc.get("_type") == "deltaship.private-key":
+        return load_signing_key(path).public_key
+    if doc.get("_type") != "deltaship.public-key" or not isinstance(doc.get("public"), str):
+        raise KeyFileError(f"{path} is not a deltaship public key")
+    try:
+        public = bytes.fromhex(str(doc["public"]))
+    except ValueError as e:
+        raise KeyFileError(f"{path}: the public key is not hex") from e
+    if len(public) != 32:
+        raise KeyFileError(f"{path}: the public key must be 32 bytes")
+    return PublicKey(public, str(doc.get("name", "")))
