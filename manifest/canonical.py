@@ -14,25 +14,34 @@ from .errors import FormatError
 __all__ = ["canonical_json", "loads_object"]
 
 
-def _check(value: Any, where: str) -> None:
+MAX_DEPTH = 64  # signed documents nest about 6 deep; deeper input is hostile
+
+
+def _check(value: Any, where: str, depth: int = 0) -> None:
     if isinstance(value, float):
         raise FormatError(f"{where}: floats are not allowed in signed documents")
+    if depth > MAX_DEPTH and isinstance(value, dict | list | tuple):
+        raise FormatError(f"{where}: nested more than {MAX_DEPTH} levels deep")
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise FormatError(f"{where}: object keys must be strings")
-            _check(v, f"{where}.{k}")
-    elif isinstance(value, list):
+            _check(v, f"{where}.{k}", depth + 1)
+    elif isinstance(value, list | tuple):
         for i, v in enumerate(value):
-            _check(v, f"{where}[{i}]")
+            _check(v, f"{where}[{i}]", depth + 1)
 
 
 def canonical_json(value: Any) -> bytes:
     """Serialise ``value`` canonically (see module docstring)."""
     _check(value, "$")
-    return json.dumps(
+    text = json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FormatError(f"a string is not valid Unicode (lone surrogate?): {e}") from e
 
 
 def _reject_constant(name: str) -> Any:
@@ -45,6 +54,8 @@ def loads_object(data: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{what} is not valid UTF-8 JSON: {e}") from e
+    except RecursionError as e:
+        raise FormatError(f"{what} is nested too deeply to be a signed document") from e
     if not isinstance(doc, dict):
         raise FormatError(f"{what} is not a JSON object")
     return doc

@@ -120,7 +120,7 @@ def encode_chunk(
         else:
             parts = [new]
         frames = _compress_all(parts, level)
-        if sum(map(len, frames)) < size:
+        if not best[0] or sum(map(len, frames)) < size:
             best, size = (codec, frames), sum(map(len, frames))
     return best
 

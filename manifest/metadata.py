@@ -38,10 +38,11 @@ __all__ = [
 
 SPEC_VERSION = 1
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
-_PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}$")
-_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
+_PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}\Z")
+_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
 
 T = TypeVar("T")
 
@@ -354,6 +355,12 @@ class ReleasePointer:
         }
 
 
+def _action(v: Any) -> str:
+    if v not in ("release", "revert"):
+        raise FormatError(f"manifest.action {v!r} is not 'release' or 'revert'")
+    return str(v)
+
+
 @dataclass(frozen=True)
 class Manifest:
     """The one mutable, signed document per store prefix (``_type: deltaship.manifest``)."""
@@ -376,7 +383,7 @@ class Manifest:
             parse_time(r.get("expires", str), "manifest expires"),
             parse_time(r.get("published_at", str), "manifest published_at"),
             ReleasePointer.from_dict(r.get("current", dict), "manifest.current"),
-            r.optional("action", "release"),
+            _action(r.optional("action", "release")),
             r.rest(),
         )
 

@@ -90,6 +90,8 @@ def parse_header(
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"header is not UTF-8 JSON ({e})") from e
+    except RecursionError as e:
+        raise _fail(path, "header JSON is nested too deeply") from e
     except _DuplicateKey as e:
         raise _fail(path, f"header names {e.args[0]!r} twice") from e
     if not isinstance(doc, dict):

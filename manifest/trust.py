@@ -80,7 +80,7 @@ def _check_threshold(
     if bad:
         detail.append(f"invalid signature by key {sorted(bad)[0][:16]}")
     if unknown:
-        detail.append(f"signed by key {sorted(unknown)[0][:16]} that the trust root does not list")
+        detail.append(f"signed by key {sorted(unknown)[0][:16]}, not one of its {role_name!r} keys")
     reason = f" ({'; '.join(detail)})" if detail else ""
     raise SignatureError(
         f"{what} has {len(valid)} valid signature(s) of {role.threshold} required "

@@ -59,8 +59,8 @@ DTYPE_SIZES: dict[str, int] = {
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 """Dtypes the update functions modify; tensors of any other dtype are copied unchanged."""
 
-DEFAULT_DENSE_LR = 1e-4
-DEFAULT_EXPERT_LR = 3e-4
+DEFAULT_DENSE_LR = 3.5e-4
+DEFAULT_EXPERT_LR = DEFAULT_DENSE_LR
 DEFAULT_GENERIC_LR = 1e-5
 
 _EXPERT_RE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.w[123]\.weight")
@@ -280,6 +280,12 @@ def model_files(model_dir: Path) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no safetensors files in {model_dir}")
     return files
+
+
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """Names of all tensors of a model directory, file by file in offset order."""
+    base = Path(model_dir)
+    return [info.name for f in model_files(base) for info in read_header(base / f)[0]]
 
 
 def shard_names(shards: int) -> list[str]:
@@ -530,21 +536,23 @@ def train_experts(
 ) -> Path:
     """Train the given ``(layer, expert)`` pairs' w1/w2/w3 and every router; copy the rest."""
     wanted = {(int(layer), int(expert)) for layer, expert in experts}
-    found: set[tuple[int, int]] = set()
+    present = {_expert_key(name) for name in tensor_names(base_dir)}
+    if missing := wanted - present:
+        raise ValueError(f"experts not found in {base_dir}: {sorted(missing)}")
     step = adamw_step(lr)
 
     def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
-        match = _EXPERT_RE.fullmatch(info.name)
-        if match and (key := (int(match[1]), int(match[2]))) in wanted:
-            found.add(key)
-        elif not _ROUTER_RE.fullmatch(info.name):
+        chosen = _expert_key(info.name) in wanted or _ROUTER_RE.fullmatch(info.name)
+        if not chosen or info.dtype not in FLOAT_DTYPES:
             return None
-        return update_plan(path, info, step, seed) if info.dtype in FLOAT_DTYPES else None
+        return update_plan(path, info, step, seed)
 
-    out = rewrite_model(base_dir, out_dir, transform)
-    if missing := wanted - found:
-        raise ValueError(f"experts not found in {base_dir}: {sorted(missing)}")
-    return out
+    return rewrite_model(base_dir, out_dir, transform)
+
+
+def _expert_key(name: str) -> tuple[int, int] | None:
+    match = _EXPERT_RE.fullmatch(name)
+    return (int(match[1]), int(match[2])) if match else None
 
 
 def finetune_generic(
@@ -599,12 +607,12 @@ def _appended_chunks(path: Path, info: TensorInfo, rows: int, seed: int) -> Iter
 
 def expand_vocab(base_dir: str | Path, out_dir: str | Path, rows: int = 64, seed: int = 1) -> Path:
     """Append ``rows`` new rows to the embedding and LM head; bump ``vocab_size``."""
-    found: list[str] = []
+    if not set(_VOCAB_TENSORS) & set(tensor_names(base_dir)):
+        raise ValueError(f"no embedding tensors {_VOCAB_TENSORS} in {base_dir}")
 
     def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
         if info.name not in _VOCAB_TENSORS:
             return None
-        found.append(info.name)
         shape = (info.shape[0] + rows, *info.shape[1:])
         return TensorPlan(info.name, info.dtype, shape,
                           lambda: _appended_chunks(path, info, rows, seed))  # fmt: skip
@@ -614,10 +622,7 @@ def expand_vocab(base_dir: str | Path, out_dir: str | Path, rows: int = 64, seed
         if isinstance(vocab, int):
             config["vocab_size"] = vocab + rows
 
-    out = rewrite_model(base_dir, out_dir, transform, edit)
-    if not found:
-        raise ValueError(f"no embedding tensors {_VOCAB_TENSORS} in {base_dir}")
-    return out
+    return rewrite_model(base_dir, out_dir, transform, edit)
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -672,7 +677,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="dense AdamW-like update of every float tensor")
     p.add_argument("base", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--lr", type=float, default=DEFAULT_DENSE_LR)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=DEFAULT_DENSE_LR,
+        help=f"update std (default {DEFAULT_DENSE_LR}, calibrated on the synthetic MoE; "
+        f"{DEFAULT_GENERIC_LR} suits the real MiniLM checkpoint)",
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="also cast F32 tensors to BF16")
     p = sub.add_parser("vocab", help="append embedding / LM head rows")
@@ -689,7 +700,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point."""
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Execute one parsed sub-command and print the resulting directory."""
     if args.command == "moe":
         cfg = MoEConfig(args.layers, args.experts, args.hidden, args.ffn, args.vocab,
                         args.dtype, args.shards, args.seed)  # fmt: skip

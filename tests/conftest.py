@@ -1,0 +1,108 @@
+"""Shared fixtures: a real S3 API server (moto, server mode) on 127.0.0.1, keys, models, CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import modelgen  # noqa: E402
+
+BIN = Path(sys.executable).parent
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_MAX_ATTEMPTS": "2",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server over real HTTP on 127.0.0.1, for the whole session."""
+    for k, v in S3_ENV.items():
+        os.environ.setdefault(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@dataclass
+class Cli:
+    """Runs the real console scripts as subprocesses with the S3 endpoint configured."""
+
+    endpoint: str
+    cwd: Path
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(S3_ENV)
+        env["AWS_ENDPOINT_URL"] = self.endpoint
+        env.update(extra)
+        return env
+
+    def run(self, prog: str, *args: object, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [str(BIN / prog), *map(str, args)]
+        p = subprocess.run(cmd, cwd=self.cwd, env=env or self.env(), text=True,
+                           capture_output=True, timeout=300)
+        if check and p.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def publish(self, *args: object, **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.run("deltaship-publish", *args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def cli(s3_endpoint: str, tmp_path: Path) -> Cli:
+    return Cli(s3_endpoint, tmp_path)
+
+
+@pytest.fixture
+def release_key(cli: Cli, tmp_path: Path) -> Path:
+    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
+    return tmp_path / "keys" / "release.key"
+
+
+@dataclass(frozen=True)
+class MoEFamily:
+    """v1 and its realistic updates: two experts trained, dense fine-tune, vocabulary +64."""
+
+    v1: Path
+    v2: Path
+    v3: Path
+    v4: Path
+
+
+@pytest.fixture(scope="session")
+def moe_family(tmp_path_factory: pytest.TempPathFactory) -> MoEFamily:
+    d = tmp_path_factory.mktemp("moe")
+    cfg = modelgen.MoEConfig(layers=2, experts=4, hidden=64, ffn=128, vocab=256, seed=1)
+    v1 = modelgen.generate_moe(d / "v1", cfg)
+    v2 = modelgen.train_experts(v1, d / "v2", experts=[(0, 1), (1, 3)], seed=2)
+    v3 = modelgen.dense_finetune(v2, d / "v3", seed=3)
+    v4 = modelgen.expand_vocab(v3, d / "v4", rows=64, seed=4)
+    return MoEFamily(v1, v2, v3, v4)
