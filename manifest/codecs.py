@@ -6,8 +6,12 @@ byte layout):
 
 ``same``    the chunk equals the base chunk at the same offset; no payload.
 ``delta``   d = new - base over unsigned integers of the element width (wrapping), zigzag of d
-            read as signed, split into byte planes (plane i = byte i of every element, little
-            endian), one zstd frame per plane.
+            read as signed, elements reordered by the base's magnitude class (see
+            :func:`_magnitude_order`), split into byte planes (plane i = byte i of every
+            element, little endian), one zstd frame per plane.
+``delta-sparse``  the same reordered zigzag values when at most half are non-zero: one frame
+            of the non-zero bitmap (``numpy.packbits``, big-endian bit order), then the byte
+            planes of the non-zero values only.
 ``planes``  the new bytes split into byte planes, one zstd frame per plane.
 ``zstd``    one zstd frame of the new bytes.
 
@@ -26,15 +30,18 @@ import zstandard
 from .errors import FormatError
 
 __all__ = [
+    "BASED_CODECS",
     "CHUNK_BYTES",
     "CODECS",
     "chunk_ranges",
     "decode_chunk",
     "encode_chunk",
+    "frame_count",
 ]
 
 CHUNK_BYTES = 4 * 1024 * 1024
-CODECS = ("same", "delta", "planes", "zstd")
+CODECS = ("same", "delta", "delta-sparse", "planes", "zstd")
+BASED_CODECS = frozenset({"same", "delta", "delta-sparse"})  # need the base's bytes
 # When delta coding saves less than this, planes and plain zstd are tried too.
 _RETRY_RATIO = 0.6
 
@@ -88,13 +95,35 @@ def _zigzag(new: bytes, base: bytes, width: int) -> np.ndarray:
 def _unzigzag_add(z: np.ndarray, base: bytes, width: int) -> bytes:
     u = _UINT[width]
     d = (z >> u(1)) ^ (u(0) - (z & u(1)))
-    out = d + np.frombuffer(base, dtype=u)
-    return out.tobytes()
+    out: bytes = (d + np.frombuffer(base, dtype=u)).tobytes()
+    return out
+
+
+def _magnitude_order(base: bytes, width: int) -> np.ndarray:
+    """Stable order of elements by the base's top byte without its sign bit.
+
+    For floats that byte is the (top of the) exponent: a fine-tune moves each weight by about
+    the same absolute amount, so its change in units in the last place depends on the
+    exponent. Coding the deltas grouped by it lets zstd's per-block entropy tables fit each
+    group. The order is a pure function of the base bytes; it costs a radix sort.
+    """
+    top = np.frombuffer(base, dtype=np.uint8)[width - 1 :: width] & np.uint8(0x7F)
+    order: np.ndarray = np.argsort(top, kind="stable")
+    return order
 
 
 def _compress_all(parts: list[bytes], level: int) -> list[bytes]:
     c = _compressor(level)
     return [c.compress(p) for p in parts]
+
+
+def _encode_delta(new: bytes, base: bytes, width: int, level: int) -> tuple[str, list[bytes]]:
+    zs = _zigzag(new, base, width)[_magnitude_order(base, width)]
+    nonzero = zs != 0
+    if 2 * int(np.count_nonzero(nonzero)) <= len(zs):
+        parts = [np.packbits(nonzero).tobytes(), *_split_planes(zs[nonzero], width)]
+        return "delta-sparse", _compress_all(parts, level)
+    return "delta", _compress_all(_split_planes(zs, width), level)
 
 
 def encode_chunk(
@@ -104,11 +133,10 @@ def encode_chunk(
     if base is not None:
         if new == base:
             return "same", []
-        frames = _compress_all(_split_planes(_zigzag(new, base, width), width), level)
-        size = sum(map(len, frames))
+        best = _encode_delta(new, base, width, level)
+        size = sum(map(len, best[1]))
         if size <= _RETRY_RATIO * len(new):
-            return "delta", frames
-        best: tuple[str, list[bytes]] = ("delta", frames)
+            return best
     else:
         best = ("", [])
         size = len(new) + 1
@@ -125,46 +153,61 @@ def encode_chunk(
     return best
 
 
-def frame_sizes(codec: str, length: int, width: int) -> list[int]:
-    """The decompressed size of each frame of a chunk of ``length`` bytes."""
+def frame_count(codec: str, width: int) -> int:
+    """How many zstd frames a chunk coded with ``codec`` has."""
     if codec == "same":
-        return []
-    if codec == "zstd" or width == 1:
-        return [length]
-    return [length // width] * width
+        return 0
+    planes = 1 if codec == "zstd" else width
+    return planes + 1 if codec == "delta-sparse" else planes
+
+
+def _unpack(d: zstandard.ZstdDecompressor, frame: bytes, size: int, codec: str) -> bytes:
+    try:
+        declared = zstandard.frame_content_size(frame)
+        if declared not in (-1, size):
+            raise FormatError(f"{codec} frame declares {declared} bytes, expected {size}")
+        part: bytes = d.decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"corrupt zstd frame in a {codec} chunk: {e}") from e
+    if len(part) != size:
+        raise FormatError(f"{codec} frame decodes to {len(part)} bytes, expected {size}")
+    return part
 
 
 def decode_chunk(
     codec: str, frames: list[bytes], base: bytes | None, width: int, length: int
 ) -> bytes:
-    """Invert :func:`encode_chunk`; output is capped at ``length`` bytes and checked."""
+    """Invert :func:`encode_chunk`; every frame's output is capped at its expected size."""
     if codec not in CODECS:
         raise FormatError(f"unknown chunk codec {codec!r}")
-    sizes = frame_sizes(codec, length, width)
-    if len(frames) != len(sizes):
-        raise FormatError(f"{codec} chunk has {len(frames)} frames, expected {len(sizes)}")
-    if codec in ("same", "delta") and (base is None or len(base) != length):
+    if len(frames) != frame_count(codec, width):
+        raise FormatError(
+            f"{codec} chunk has {len(frames)} frames, expected {frame_count(codec, width)}"
+        )
+    if length % width:
+        raise FormatError(f"{codec} chunk of {length} bytes is not whole elements")
+    if codec in BASED_CODECS and (base is None or len(base) != length):
         raise FormatError(f"{codec} chunk without a matching base range")
     if codec == "same":
         assert base is not None
         return base
     d = _decompressor()
-    parts = []
-    for frame, size in zip(frames, sizes, strict=True):
-        try:
-            declared = zstandard.frame_content_size(frame)
-            if declared not in (-1, size):
-                raise FormatError(f"{codec} frame declares {declared} bytes, expected {size}")
-            part = d.decompress(frame, max_output_size=size)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"corrupt zstd frame in a {codec} chunk: {e}") from e
-        if len(part) != size:
-            raise FormatError(f"{codec} frame decodes to {len(part)} bytes, expected {size}")
-        parts.append(part)
-    if codec == "zstd":
-        return parts[0]
     count = length // width
+    if codec == "zstd":
+        return _unpack(d, frames[0], length, codec)
     if codec == "planes":
+        parts = [_unpack(d, f, count, codec) for f in frames]
         return _join_planes(parts, width, count).tobytes()
     assert base is not None
-    return _unzigzag_add(_join_planes(parts, width, count), base, width)
+    if codec == "delta":
+        zs = _join_planes([_unpack(d, f, count, codec) for f in frames], width, count)
+    else:
+        mask_bytes = _unpack(d, frames[0], (count + 7) // 8, codec)
+        nonzero = np.unpackbits(np.frombuffer(mask_bytes, dtype=np.uint8), count=count)
+        nonzero = nonzero.view(bool)
+        k = int(np.count_nonzero(nonzero))
+        zs = np.zeros(count, dtype=_UINT[width])
+        zs[nonzero] = _join_planes([_unpack(d, f, k, codec) for f in frames[1:]], width, k)
+    z = np.empty_like(zs)
+    z[_magnitude_order(base, width)] = zs
+    return _unzigzag_add(z, base, width)

@@ -31,8 +31,8 @@ from typing import IO, Any, Protocol
 import zstandard
 
 from .canonical import canonical_json, loads_object
-from .codecs import CODECS, chunk_ranges, decode_chunk, frame_sizes
-from .errors import FormatError, HashMismatchError, OversizeError
+from .codecs import BASED_CODECS, CODECS, chunk_ranges, decode_chunk, frame_count
+from .errors import FormatError, HashMismatchError, OversizeError, SafetensorsError
 from .parallel import ordered_map
 from .safetensors_format import MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, parse_header
 
@@ -62,7 +62,7 @@ class ContainerBuilder:
         self.base = base
         self.chunk_bytes = chunk_bytes
         self.level = level
-        self._payload = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)
+        self._payload = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)  # noqa: SIM115
         self._prefix_len = 0
         self._tensors: list[_TensorRecord] = []
         self.codec_bytes: dict[str, int] = {}
@@ -156,9 +156,11 @@ def read_header(f: IO[bytes], size: int) -> ContainerHeader:
     chunk = _int(doc.get("chunk_bytes"), "chunk_bytes")
     if chunk == 0 or chunk % 8:
         raise FormatError("patch container: chunk_bytes must be a positive multiple of 8")
+    prefix = _int(doc.get("prefix"), "prefix")
+    if prefix > size - 16 - n:
+        raise FormatError("patch container payload is shorter than its header says")
     return ContainerHeader(
-        base_sha, base_len, target_sha, target_len, chunk,
-        _int(doc.get("prefix"), "prefix"), tensors, 16 + n,
+        base_sha, base_len, target_sha, target_len, chunk, prefix, tensors, 16 + n,
     )
 
 
@@ -206,16 +208,18 @@ def _plan(
             ):
                 raise FormatError(f"patch container: malformed chunk entry for {t.name!r}")
             codec, lens = ch[0], [_int(x, "frame length") for x in ch[1]]
-            in_overlap = start < overlap
-            if (codec in ("same", "delta")) != in_overlap:
+            # same/delta(-sparse) need the base; planes/zstd are allowed anywhere, since the encoder
+            # falls back to them inside the overlap when delta coding does not pay off.
+            needs_base = codec in BASED_CODECS
+            if needs_base and start >= overlap:
                 raise FormatError(f"patch container: {codec} chunk outside the base overlap")
-            if len(lens) != len(frame_sizes(codec, end - start, t.width)):
+            if len(lens) != frame_count(codec, t.width):
                 raise FormatError(f"patch container: wrong frame count for {t.name!r}")
             if sum(lens) > payload_left:
                 raise FormatError("patch container payload is shorter than its header says")
             payload_left -= sum(lens)
             frames = [f.read(n) for n in lens]
-            yield _Job(codec, frames, bt if in_overlap else None, start, end - start, t.width)
+            yield _Job(codec, frames, bt if needs_base else None, start, end - start, t.width)
     if payload_left:
         raise FormatError("patch container has trailing bytes after its payload")
 
@@ -247,7 +251,10 @@ def apply_container(
         (n,) = struct.unpack("<Q", prefix[:8])
         if 8 + n != len(prefix):
             raise FormatError("patch container prefix length does not match its header")
-        targets, _ = parse_header(prefix[8:], hdr.target_length - len(prefix), "patch target")
+        try:
+            targets, _ = parse_header(prefix[8:], hdr.target_length - len(prefix), "patch target")
+        except SafetensorsError as e:  # the container's fault, not a local file's
+            raise FormatError(f"patch container target header is malformed: {e.problem}") from e
         digest = hashlib.sha256(prefix)
         out.write(prefix)
         written = len(prefix)

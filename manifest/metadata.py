@@ -98,7 +98,7 @@ class _Reader:
         if key not in self.d:
             raise FormatError(f"{self.where}: missing field {key!r}")
         v = self.d.pop(key)
-        if isinstance(v, bool) and kind is int or not isinstance(v, kind):
+        if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
             raise FormatError(f"{self.where}.{key} has the wrong type")
         return v
 
@@ -164,7 +164,7 @@ class ObjectRef:
 
 @dataclass(frozen=True)
 class PatchRef:
-    """A patch that turns the group content ``base_sha256`` (from ``base_version``) into this one."""
+    """A patch turning the group content ``base_sha256`` (from ``base_version``) into this one."""
 
     base_version: str
     base_sha256: str

@@ -37,7 +37,9 @@ class PublicKey:
         try:
             sig = bytes.fromhex(signature_hex)
             nacl.signing.VerifyKey(self.public).verify(canonical_json(signed), sig)
-        except (ValueError, TypeError, nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError):
+        except (
+            ValueError, TypeError, nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError
+        ):
             return False
         return True
 

@@ -273,7 +273,8 @@ class S3Store:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code == "NoSuchBucket":
             return StoreConfigError(
-                f"bucket {self.bucket!r} does not exist at {self.endpoint}: create it or fix --store"
+                f"bucket {self.bucket!r} does not exist at {self.endpoint}: "
+                "create it or fix --store"
             )
         if code in ("NoSuchKey", "404", "NotFound"):
             return NotFoundError(f"{where} does not exist")
@@ -289,7 +290,8 @@ class S3Store:
             )
         if status >= 500 or status == 0:
             return TransportError(f"the store failed for {where} ({code or status}): retry later")
-        return StoreConfigError(f"S3 refused the request for {where}: {code} {err.get('Message', '')}")
+        message = err.get("Message", "")
+        return StoreConfigError(f"S3 refused the request for {where}: {code} {message}")
 
     def get(self, key: str, max_size: int) -> bytes:
         return self.get_with_etag(key, max_size)[0]
@@ -336,9 +338,15 @@ class S3Store:
                 raise
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> None:
-        cond: dict[str, str] = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
         with self._errors(key):
-            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **cond)
+            if etag is None:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*"
+                )
+            else:
+                self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=data, IfMatch=etag
+                )
 
     def list(self, prefix: str) -> list[str]:
         out: list[str] = []

@@ -6,6 +6,7 @@ turns every :class:`manifest.errors.DeltashipError` into one line on stderr and 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -107,7 +108,8 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"private": str(priv), "public": str(pub), "keyid": keyid}))
     else:
-        click.echo(f"private key: {priv} (keep it secret)\npublic key:  {pub}\nkey id:      {keyid}")
+        click.echo(f"private key: {priv} (keep it secret)")
+        click.echo(f"public key:  {pub}\nkey id:      {keyid}")
 
 
 @main.command()
@@ -179,9 +181,12 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
     version downloads.
     """
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
-                        StoreOptions(endpoint_url), level=level, progress=None if not as_json
-                        else False, **({"workers": workers} if workers else {}),
-                        **({"cache_dir": cache_dir} if cache_dir else {}))
+                        StoreOptions(endpoint_url), level=level,
+                        progress=False if as_json else None)
+    if workers:
+        cfg = dataclasses.replace(cfg, workers=workers)
+    if cache_dir:
+        cfg = dataclasses.replace(cfg, cache_dir=cache_dir)
     summary = release(cfg, _now())
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))

@@ -29,10 +29,16 @@ from manifest.metadata import (
     parse_time,
 )
 from manifest.stores import Store
-from manifest.trust import MAX_MANIFEST_SIZE, MAX_ROOT_SIZE, StreamVerifier, verify_index
-from manifest.trust import verify_manifest, verify_root
+from manifest.trust import (
+    MAX_MANIFEST_SIZE,
+    MAX_ROOT_SIZE,
+    StreamVerifier,
+    verify_index,
+    verify_manifest,
+    verify_root,
+)
 
-__all__ = ["ROOT_KEY", "MANIFEST_KEY", "ReleaseRecord", "Repository"]
+__all__ = ["MANIFEST_KEY", "ROOT_KEY", "ReleaseRecord", "Repository"]
 
 ROOT_KEY = "root.json"
 MANIFEST_KEY = "manifest.json"
@@ -114,7 +120,9 @@ class Repository:
         try:
             return ReleaseRecord.from_bytes(self.store.get(key, 64 * 1024), key)
         except NotFoundError as e:
-            raise NotFoundError(f"version {version!r} was never released to {self.store.url}") from e
+            raise NotFoundError(
+                f"version {version!r} was never released to {self.store.url}"
+            ) from e
 
     def index(self, pointer: ReleasePointer) -> ReleaseIndex:
         data = self.store.get(pointer.index.key, pointer.index.length)

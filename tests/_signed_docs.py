@@ -147,7 +147,11 @@ class Repo:
         return ReleasePointer(version, ObjectRef(sha(index_bytes), len(index_bytes), "json"))
 
     def manifest_doc(
-        self, pointer: ReleasePointer, *, sequence: int | None = None, expires: datetime | None = None
+        self,
+        pointer: ReleasePointer,
+        *,
+        sequence: int | None = None,
+        expires: datetime | None = None,
     ) -> Manifest:
         if sequence is None:
             self.sequence += 1

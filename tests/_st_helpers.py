@@ -50,7 +50,7 @@ def random_array(rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -
     """Random values of a numpy dtype, including NaNs and infinities for floats."""
     n = int(np.prod(shape, dtype=np.int64))
     if dtype == "bool":
-        return rng.random(n).reshape(shape) < 0.5
+        return np.asarray(rng.random(n) < 0.5).reshape(shape)
     raw = np.frombuffer(rng.bytes(n * np.dtype(dtype).itemsize), dtype=dtype)
     return raw.reshape(shape).copy()
 

@@ -15,11 +15,19 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from manifest.codecs import CODECS, chunk_ranges, decode_chunk, encode_chunk, frame_sizes
+from manifest.codecs import (
+    BASED_CODECS,
+    CODECS,
+    chunk_ranges,
+    decode_chunk,
+    encode_chunk,
+    frame_count,
+)
 from manifest.errors import FormatError
 
 WIDTHS = (1, 2, 4, 8)
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+DELTAS = BASED_CODECS - {"same"}
 PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -90,7 +98,7 @@ def chunk_small_delta(draw: st.DrawFn) -> tuple[int, bytes, bytes]:
 def _roundtrip(new: bytes, base: bytes | None, width: int) -> tuple[str, list[bytes]]:
     codec, frames = encode_chunk(new, base, width)
     assert codec in CODECS
-    assert len(frames) == len(frame_sizes(codec, len(new), width))
+    assert len(frames) == frame_count(codec, width)
     if base is None:
         assert codec in ("planes", "zstd")
     assert (codec == "same") == (base is not None and new == base)
@@ -163,13 +171,16 @@ def test_every_codec_decodes(width: int) -> None:
     n = 4096 * width
     base = rng.bytes(n)
     noisy = np.frombuffer(base, dtype=UINT[width]) + UINT[width](1)
+    sparse = np.frombuffer(base, dtype=UINT[width]).copy()
+    sparse[::10] += UINT[width](1)
     seen = {
         _roundtrip(base, base, width)[0],
         _roundtrip(noisy.tobytes(), base, width)[0],
+        _roundtrip(sparse.tobytes(), base, width)[0],
         _roundtrip(rng.bytes(n), None, width)[0],
         _roundtrip(bytes(n), None, width)[0],
     }
-    assert {"same", "delta"} <= seen
+    assert seen >= BASED_CODECS
     assert seen & {"planes", "zstd"}
 
 
@@ -200,7 +211,7 @@ def test_delta_of_bf16_finetune_is_much_smaller_than_zstd() -> None:
     anchor = len(zstandard.ZstdCompressor(level=3).compress(new_b))
     codec, frames = _roundtrip(new_b, base_b, 2)
     delta = sum(map(len, frames))
-    assert codec == "delta"
+    assert codec in DELTAS
     assert anchor > 0.5 * len(new_b)  # sanity: bf16 weights barely compress on their own
     assert delta < 0.25 * anchor, (delta, anchor)
 
@@ -213,10 +224,13 @@ def _encoded(codec_wanted: str, width: int) -> tuple[str, list[bytes], bytes, by
     rng = np.random.default_rng(width)
     n = 512 * width
     base = rng.bytes(n)
-    if codec_wanted == "delta":
-        new = (np.frombuffer(base, dtype=UINT[width]) + UINT[width](3)).tobytes()
+    if codec_wanted in DELTAS:
+        new_arr = np.frombuffer(base, dtype=UINT[width]).copy()
+        step = 1 if codec_wanted == "delta" else 10
+        new_arr[::step] += UINT[width](3)
+        new = new_arr.tobytes()
         codec, frames = encode_chunk(new, base, width)
-        assert codec == "delta"
+        assert codec == codec_wanted
         return codec, frames, new, base
     if codec_wanted == "same":
         return "same", [], base, base
@@ -230,6 +244,15 @@ def _encoded(codec_wanted: str, width: int) -> tuple[str, list[bytes], bytes, by
         codec, frames = codec_wanted, [zstandard.ZstdCompressor().compress(p) for p in parts]
     assert decode_chunk(codec, frames, None, width, n) == new
     return codec, frames, new, None
+
+
+def _first_frame_size(codec: str, length: int, width: int) -> int:
+    """The size the first frame of a chunk must decode to (docs/FORMAT.md, chunk codecs)."""
+    if codec == "zstd":
+        return length
+    if codec == "delta-sparse":
+        return (length // width + 7) // 8  # the non-zero bitmap
+    return length // width
 
 
 CASES = [(c, w) for c in CODECS for w in WIDTHS if not (c == "planes" and w == 1)]
@@ -250,7 +273,7 @@ def test_decode_rejects_wrong_frame_count(codec: str, width: int) -> None:
 @pytest.mark.parametrize(("codec", "width"), [c for c in CASES if c[0] != "same"])
 def test_decode_rejects_frame_of_wrong_size(codec: str, width: int) -> None:
     codec, frames, new, base = _encoded(codec, width)
-    size = frame_sizes(codec, len(new), width)[0]
+    size = _first_frame_size(codec, len(new), width)
     declared_short = zstandard.ZstdCompressor().compress(b"\x01" * (size - 1))
     unsized = zstandard.ZstdCompressor(write_content_size=False)
     undeclared_short = unsized.compress(b"\x01" * (size - 1))
@@ -272,7 +295,9 @@ def _frame_declaring(content_size: int) -> bytes:
 
 
 @pytest.mark.parametrize("declared", [1 << 26, 1 << 40, (1 << 63) - 1])
-@pytest.mark.parametrize(("codec", "width"), [("zstd", 1), ("planes", 4), ("delta", 2)])
+@pytest.mark.parametrize(
+    ("codec", "width"), [("zstd", 1), ("planes", 4), ("delta", 2), ("delta-sparse", 8)]
+)
 def test_decode_rejects_huge_declared_size_without_allocating(
     codec: str, width: int, declared: int
 ) -> None:
@@ -304,7 +329,7 @@ def test_decode_rejects_unknown_codec(codec: str) -> None:
 
 @pytest.mark.parametrize("width", WIDTHS)
 def test_decode_rejects_delta_and_same_without_matching_base(width: int) -> None:
-    for codec in ("delta", "same"):
+    for codec in sorted(BASED_CODECS):
         _, frames, new, base = _encoded(codec, width)
         assert base is not None
         for bad_base in (None, base[:-width], base + bytes(width)):
