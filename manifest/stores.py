@@ -58,6 +58,7 @@ class Store(Protocol):
 class StoreOptions:
     endpoint_url: str | None = None
     region: str | None = None
+    multipart_threshold: int = 64 * 1024 * 1024  # S3: larger objects go up in parts
 
 
 def open_store(url: str, options: StoreOptions | None = None) -> Store:
@@ -217,8 +218,6 @@ class LocalStore:
 class S3Store:
     """``s3://bucket/prefix`` through boto3 (AWS S3, MinIO, Ceph, R2)."""
 
-    MULTIPART_THRESHOLD = 64 * 1024 * 1024
-
     def __init__(self, bucket: str, prefix: str, options: StoreOptions) -> None:
         import boto3
         import botocore.config
@@ -230,6 +229,7 @@ class S3Store:
             "AWS_ENDPOINT_URL"
         )
         self.endpoint = endpoint or "AWS S3"
+        self.multipart_threshold = options.multipart_threshold
         config = botocore.config.Config(
             retries={"mode": "standard"},
             connect_timeout=10,
@@ -322,9 +322,12 @@ class S3Store:
     def put_file(self, key: str, path: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
+        # Parts in flight are held in memory: 2 x 8 MiB per upload keeps the publisher small.
         cfg = TransferConfig(
-            multipart_threshold=self.MULTIPART_THRESHOLD,
-            multipart_chunksize=self.MULTIPART_THRESHOLD // 4,
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=max(5 * 1024 * 1024, min(8 * 1024 * 1024,
+                                                         self.multipart_threshold // 4)),
+            max_concurrency=2,
         )
         with self._errors(key):
             try:

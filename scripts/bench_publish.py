@@ -272,7 +272,8 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
     if big is not None:
         v1, v2 = big["v1"], big["v2"]
         assert isinstance(v1, dict) and isinstance(v2, dict)
-        size, largest = int(big["model_bytes"]), int(big["largest_tensor"])  # type: ignore[call-overload]
+        size = int(big["model_bytes"])  # type: ignore[call-overload]
+        largest = int(big["largest_tensor"])  # type: ignore[call-overload]
         bound = 256 * 2**20 + 4 * largest
         lines += [
             "",
