@@ -52,17 +52,25 @@ def layout_group(name: str, tensors: list[SourceTensor]) -> GroupLayout:
     return GroupLayout(name, prefix, tuple(zip(infos, tensors, strict=True)))
 
 
-def _hash_one(layout: GroupLayout, read_block: int = 1 << 22) -> str:
+def _hash_one(
+    layout: GroupLayout, on_bytes: Callable[[int], None], read_block: int = 1 << 22
+) -> str:
     h = hashlib.sha256(layout.prefix)
     for info, src in layout.tensors:
         for start in range(0, info.nbytes, read_block):
-            h.update(src.read(start, min(read_block, info.nbytes - start)))
+            n = min(read_block, info.nbytes - start)
+            h.update(src.read(start, n))
+            on_bytes(n)
     return h.hexdigest()
 
 
-def hash_groups(layouts: list[GroupLayout], executor: ThreadPoolExecutor) -> list[str]:
+def hash_groups(
+    layouts: list[GroupLayout],
+    executor: ThreadPoolExecutor,
+    on_bytes: Callable[[int], None] = lambda n: None,
+) -> list[str]:
     """sha256 of every canonical group file, without writing it (hashlib releases the GIL)."""
-    return list(executor.map(_hash_one, layouts))
+    return list(executor.map(lambda layout: _hash_one(layout, on_bytes), layouts))
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,11 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
         with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
             groups = assign_groups(model.tensors, patterns)
             layouts = [layout_group(g, [model.tensors[t] for t in ts]) for g, ts in groups.items()]
-            plan = _Plan(layouts, hash_groups(layouts, ex))
+            bar = Progress("hashing", sum(g.length for g in layouts), enabled=cfg.progress)
+            try:
+                plan = _Plan(layouts, hash_groups(layouts, ex, bar.advance))
+            finally:
+                bar.close()
             _plan_groups(plan, repo, bases, cfg.cache_dir, staging)
             t_enc = time.monotonic()
             results = _encode(plan, ex, cfg)
@@ -215,7 +219,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
         uploads = _new_objects(index, results, files, staging)
         up_objects = up_bytes = 0
         if not cfg.dry_run:
-            up_objects, up_bytes = _upload(store, uploads, cfg.workers)
+            up_objects, up_bytes = _upload(store, uploads, cfg.workers, cfg.progress)
             store.put(index_ref.key, index_bytes)
             pointer = ReleasePointer(version, index_ref)
             new_manifest = Manifest(
@@ -363,16 +367,28 @@ def _new_objects(
     return out
 
 
-def _upload(store: Any, uploads: dict[str, str], workers: int) -> tuple[int, int]:
+def _upload(
+    store: Any, uploads: dict[str, str], workers: int, progress: bool | None
+) -> tuple[int, int]:
+    """Upload what the store lacks (objects are immutable: an existing key is skipped)."""
+    bar = Progress("uploading", sum(os.path.getsize(p) for p in uploads.values()),
+                   enabled=progress)
+
     def one(item: tuple[str, str]) -> int:
         key, path = item
+        size = os.path.getsize(path)
         if store.exists(key):
+            bar.advance(size)
             return 0
         store.put_file(key, path)
-        return os.path.getsize(path)
+        bar.advance(size)
+        return size
 
-    with ThreadPoolExecutor(max(4, workers)) as ex:
-        sizes = list(ex.map(one, uploads.items()))
+    try:
+        with ThreadPoolExecutor(max(4, workers)) as ex:
+            sizes = list(ex.map(one, uploads.items()))
+    finally:
+        bar.close()
     return sum(1 for s in sizes if s), sum(sizes)
 
 

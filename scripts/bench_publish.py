@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -226,6 +227,9 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
     def mb(n: float) -> str:
         return f"{n / MB:.2f} MB"
 
+    banner = subprocess.run(["zstd", "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"v(\d+\.\d+\.\d+)", banner)
+    zstd_version = found.group(1) if found else banner.strip()
     lines = [
         "# Benchmarks",
         "",
@@ -234,9 +238,8 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
         f"    {cmd}",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, zstd CLI "
-        f"{subprocess.run(['zstd', '--version'], capture_output=True, text=True).stdout.split()[-2]}"
-        f", deltaship workers: {workers}, zstd level 3 for tensor data.",
+        f"{platform.python_version()}, zstd CLI {zstd_version}, deltaship workers: {workers},"
+        " zstd level 3 for tensor data.",
         "",
         "## Release path: bytes a device downloads, and time",
         "",
