@@ -1,0 +1,81 @@
+"""Turn verified downloads into verified local objects (blocking; run in a worker thread).
+
+Every object from the store was checked against the sha256 and length its signed index pins
+before it reaches this module; every produced group file and file is checked against the
+index's sha256 before it is committed to ``objects/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import zstandard
+
+from manifest.container import apply_container
+from manifest.errors import FormatError, HashMismatchError
+from manifest.metadata import FileEntry, ObjectRef
+from manifest.safetensors_format import SafetensorsFile
+from manifest.trust import StreamVerifier
+
+from .layout import DeviceLayout
+from .planner import GroupStep
+
+__all__ = ["check_download", "install_file", "install_group"]
+
+
+def check_download(path: Path, ref: ObjectRef, what: str) -> None:
+    """Length and sha256 of a finished download; a bad one is deleted so it is fetched anew."""
+    v = StreamVerifier(ref.sha256, ref.length, what)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                v.update(block)
+        v.finish()
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def install_group(
+    layout: DeviceLayout, step: GroupStep, obj: Path, executor: ThreadPoolExecutor | None
+) -> None:
+    g = step.group
+    tmp = layout.new_tmp()
+    try:
+        with open(tmp, "wb") as out:
+            if step.kind == "patch":
+                assert step.base_sha256 is not None
+                with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
+                    sha = apply_container(obj, base, out, executor=executor)
+            else:
+                sha = apply_container(obj, None, out, executor=executor)
+        if sha != g.sha256:
+            raise HashMismatchError(
+                f"group {g.name}: the patched file's sha256 differs from the release index"
+            )
+        layout.commit_object(tmp, g.sha256)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:
+    """Decompress a zstd-coded file, capped at its declared length, and check its sha256."""
+    tmp = layout.new_tmp()
+    v = StreamVerifier(entry.sha256, entry.length, f"file {entry.path}")
+    try:
+        with open(obj, "rb") as src, open(tmp, "wb") as out:
+            reader = zstandard.ZstdDecompressor().stream_reader(src)
+            while block := reader.read(1 << 20):
+                v.update(block)  # raises as soon as the output passes the declared length
+                out.write(block)
+        v.finish()
+        layout.commit_object(tmp, entry.sha256)
+    except zstandard.ZstdError as e:
+        raise FormatError(f"file {entry.path}: corrupt zstd data ({e})") from e
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

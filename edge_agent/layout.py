@@ -1,0 +1,222 @@
+"""The device's model directory on disk, and the only code that changes it.
+
+::
+
+    MODEL_DIR/
+      current -> versions/<V>      symlink, replaced atomically (rename) to switch versions
+      versions/<V>/                complete, verified versions: hard links into objects/ plus
+                                   model.safetensors.index.json (what serving code loads)
+      objects/<sha256>             verified content: group files and other files (read-only)
+      .deltaship/
+        state.json, root.json      agent state and the pinned trust root
+        indexes/<V>.json           the signed release index of each retained version
+        downloads/<sha256>         store objects being downloaded (kept across restarts)
+        staging/, tmp/             half-built versions and patch outputs (cleared on start)
+
+Invariants, kept at every instant so that a crash anywhere is harmless: a file in
+``objects/`` has the content its name says; a directory in ``versions/`` is complete and was
+fsynced before it got its name; ``current`` only ever points at such a directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from manifest.errors import DiskFullError, LocalError
+from manifest.metadata import ReleaseIndex
+from manifest.stores import fsync_dir, write_atomic
+
+__all__ = ["DeviceLayout", "hash_file", "weight_index"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def hash_file(path: Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+    return h.hexdigest()
+
+
+def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
+    """The ``model.safetensors.index.json`` of a version holding ``groups``."""
+    wanted = [g for g in index.groups if g.name in groups]
+    weight_map = {t.name: g.file for g in wanted for t in g.tensors}
+    total = sum(g.length for g in wanted)
+    doc = {"metadata": {"total_size": total, "deltaship_version": index.version},
+           "weight_map": weight_map}
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+
+
+@contextlib.contextmanager
+def _disk_errors(what: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left on the disk holding {what}: free some space; the live "
+                "model is untouched"
+            ) from e
+        raise
+
+
+class DeviceLayout:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.versions = root / "versions"
+        self.current_link = root / "current"
+        self.meta = root / ".deltaship"
+        self.indexes = self.meta / "indexes"
+        self.downloads = self.meta / "downloads"
+        self.staging = self.meta / "staging"
+        self.tmp = self.meta / "tmp"
+
+    def prepare(self) -> None:
+        """Create the directories; drop half-built work a crash may have left behind."""
+        with _disk_errors(self.root):
+            for d in (self.objects, self.versions, self.indexes, self.downloads):
+                d.mkdir(parents=True, exist_ok=True)
+            for d in (self.staging, self.tmp):
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+            for p in self.root.glob(".current.tmp-*"):
+                p.unlink(missing_ok=True)
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def object_path(self, sha256: str) -> Path:
+        return self.objects / sha256
+
+    def has_object(self, sha256: str) -> bool:
+        return self.object_path(sha256).is_file()
+
+    def object_shas(self) -> set[str]:
+        return {p.name for p in self.objects.iterdir() if len(p.name) == 64}
+
+    def new_tmp(self) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.tmp)
+        os.close(fd)
+        return Path(name)
+
+    def commit_object(self, tmp: Path, sha256: str) -> Path:
+        """Make a verified temp file the object ``sha256`` (fsync, read-only, rename)."""
+        with _disk_errors(self.root):
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
+            dest = self.object_path(sha256)
+            os.replace(tmp, dest)
+            fsync_dir(str(self.objects))
+        return dest
+
+    def remove_object(self, sha256: str) -> None:
+        self.object_path(sha256).unlink(missing_ok=True)
+
+    # -- versions --------------------------------------------------------------------------
+
+    def version_dir(self, version: str) -> Path:
+        return self.versions / version
+
+    def has_version(self, version: str) -> bool:
+        return self.version_dir(version).is_dir() and (self.indexes / f"{version}.json").is_file()
+
+    def retained(self) -> list[str]:
+        return sorted(p.name for p in self.versions.iterdir() if p.is_dir())
+
+    def current(self) -> str | None:
+        try:
+            target = os.readlink(self.current_link)
+        except (FileNotFoundError, OSError):
+            return None
+        return Path(target).name
+
+    def save_manifest(self, data: bytes) -> None:
+        """Keep the last verified manifest, to re-check its expiry when the store says 304."""
+        with _disk_errors(self.root):
+            write_atomic(self.meta / "manifest.json", data)
+
+    def save_index(self, version: str, data: bytes) -> None:
+        with _disk_errors(self.root):
+            write_atomic(self.indexes / f"{version}.json", data)
+
+    def load_index_bytes(self, version: str) -> bytes:
+        try:
+            return (self.indexes / f"{version}.json").read_bytes()
+        except FileNotFoundError as e:
+            raise LocalError(f"version {version} has no saved release index") from e
+
+    def build_version(
+        self, index: ReleaseIndex, groups: set[str], files: dict[str, str]
+    ) -> Path:
+        """Assemble ``versions/<V>`` from objects by hard links, fsync it, then name it."""
+        version = index.version
+        final = self.version_dir(version)
+        if final.is_dir():
+            return final
+        with _disk_errors(self.root):
+            stage = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=self.staging))
+            for g in index.groups:
+                if g.name in groups:
+                    os.link(self.object_path(g.sha256), stage / g.file)
+            for path, sha in files.items():
+                dest = stage / path
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.link(self.object_path(sha), dest)
+            (stage / INDEX_FILE).write_bytes(weight_index(index, groups))
+            with open(stage / INDEX_FILE, "rb") as f:
+                os.fsync(f.fileno())
+            for d in {stage, *(p.parent for p in stage.rglob("*") if p.is_file())}:
+                fsync_dir(str(d))
+            os.rename(stage, final)
+            fsync_dir(str(self.versions))
+        return final
+
+    def switch(self, version: str) -> None:
+        """Point ``current`` at ``versions/<V>`` atomically (new symlink, rename, fsync)."""
+        with _disk_errors(self.root):
+            tmp = self.root / f".current.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(os.path.join("versions", version), tmp)
+            os.replace(tmp, self.current_link)
+            fsync_dir(str(self.root))
+
+    def remove_version(self, version: str) -> None:
+        d = self.version_dir(version)
+        if d.is_dir():
+            trash = Path(tempfile.mkdtemp(prefix="gc.", dir=self.staging))
+            os.rename(d, trash / version)
+            shutil.rmtree(trash, ignore_errors=True)
+        (self.indexes / f"{version}.json").unlink(missing_ok=True)
+
+    def referenced_objects(self) -> set[str]:
+        refs: set[str] = set()
+        for v in self.retained():
+            for p in self.version_dir(v).rglob("*"):
+                if p.is_file() and p.name != INDEX_FILE:
+                    refs.add(str(os.stat(p).st_ino))
+        return refs
+
+    def collect_garbage(self) -> int:
+        """Remove objects no retained version links to, and stale downloads; bytes freed."""
+        live_inodes = self.referenced_objects()
+        freed = 0
+        for p in self.objects.iterdir():
+            st = p.stat()
+            if str(st.st_ino) not in live_inodes:
+                freed += st.st_size
+                p.unlink()
+        return freed
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free

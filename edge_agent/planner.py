@@ -1,0 +1,99 @@
+"""Pure planning: the cheapest way to obtain each wanted group and file of a release.
+
+For each group: already present locally (same content hash, from any retained version), a
+patch from content the device holds, or the full object. Costs are download bytes; ties go to
+the step that needs no download. No I/O here: the caller passes what it has on disk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
+
+__all__ = ["FileStep", "GroupStep", "Plan", "make_plan", "wanted_groups"]
+
+
+@dataclass(frozen=True)
+class GroupStep:
+    group: GroupEntry
+    kind: str  # "have", "patch" or "full"
+    object: ObjectRef | None = None
+    base_sha256: str | None = None
+
+    @property
+    def download(self) -> int:
+        return self.object.length if self.object else 0
+
+
+@dataclass(frozen=True)
+class FileStep:
+    file: FileEntry
+    have: bool
+
+    @property
+    def download(self) -> int:
+        return 0 if self.have else self.file.object.length
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: str
+    groups: tuple[GroupStep, ...]
+    files: tuple[FileStep, ...]
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(s.download for s in self.groups) + sum(s.download for s in self.files)
+
+    @property
+    def full_bytes(self) -> int:
+        """What the same groups and files would cost as full objects."""
+        return sum(s.group.full.length for s in self.groups) + sum(
+            s.file.object.length for s in self.files
+        )
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of new local content the plan writes (for the free-space check)."""
+        return sum(s.group.length for s in self.groups if s.kind != "have") + sum(
+            s.file.length for s in self.files if not s.have
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "download_bytes": self.download_bytes,
+            "full_bytes": self.full_bytes,
+            "groups": {
+                s.group.name: {"kind": s.kind, "bytes": s.download} for s in self.groups
+            },
+            "files": {s.file.path: {"bytes": s.download} for s in self.files},
+        }
+
+
+def wanted_groups(index: ReleaseIndex, include: Iterable[str]) -> list[GroupEntry]:
+    patterns = list(include)
+    if not patterns:
+        return list(index.groups)
+    return [g for g in index.groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
+
+
+def make_plan(index: ReleaseIndex, have: set[str], include: Iterable[str] = ()) -> Plan:
+    """``have``: sha256 of every verified object on the device."""
+    steps = []
+    for g in wanted_groups(index, include):
+        if g.sha256 in have:
+            steps.append(GroupStep(g, "have"))
+            continue
+        usable = [p for p in g.patches if p.base_sha256 in have]
+        best = min(usable, key=lambda p: p.object.length, default=None)
+        if best is not None and best.object.length < g.full.length:
+            steps.append(GroupStep(g, "patch", best.object, best.base_sha256))
+        else:
+            steps.append(GroupStep(g, "full", g.full))
+    files = tuple(FileStep(f, f.sha256 in have) for f in index.files)
+    return Plan(index.version, tuple(steps), files)

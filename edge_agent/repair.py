@@ -1,0 +1,52 @@
+"""``verify --repair``: fetch damaged files of a version again and put them back in place."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from .install import install_file, install_group
+from .planner import GroupStep
+from .transport import open_source
+from .updater import Agent
+
+__all__ = ["repair_version"]
+
+
+async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
+    """Re-fetch each damaged file in full, verify it, and relink it into the version."""
+    root = agent.root()
+    index = agent.local_index(version, root)
+    vdir = agent.layout.version_dir(version)
+    source = open_source(agent.cfg.store, endpoint_url=agent.cfg.endpoint_url,
+                         max_rate=agent.cfg.max_rate)
+    sem = asyncio.Semaphore(1)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            for name in bad:
+                group = next((g for g in index.groups if g.file == name), None)
+                if group is not None:
+                    agent.layout.remove_object(group.sha256)
+                    obj = await agent.download(source, sem, group.full, group.name, _ignore)
+                    step = GroupStep(group, "full", group.full)
+                    await asyncio.to_thread(install_group, agent.layout, step, obj, ex)
+                    sha = group.sha256
+                else:
+                    entry = next(f for f in index.files if f.path == name)
+                    agent.layout.remove_object(entry.sha256)
+                    obj = await agent.download(source, sem, entry.object, name, _ignore)
+                    await asyncio.to_thread(install_file, agent.layout, entry, obj)
+                    sha = entry.sha256
+                obj.unlink(missing_ok=True)
+                tmp = vdir / f".repair-{os.getpid()}"
+                tmp.unlink(missing_ok=True)
+                os.link(agent.layout.object_path(sha), tmp)
+                os.replace(tmp, vdir / name)  # atomic: readers see the old or the new file
+        agent.verify_version(version, root)
+    finally:
+        await source.close()
+
+
+def _ignore(n: int) -> None:
+    pass

@@ -1,0 +1,319 @@
+"""The update loop: decides what is normal (python-tuf's ``updater.py`` is the model).
+
+One cycle: fetch the manifest (conditional GET), verify it against the pinned root and the
+highest sequence seen, fetch and verify the release index, plan, check free space, download
+what is missing (several at once, resumable), install and verify every object, build the
+version directory, switch ``current`` atomically, keep ``keep`` previous versions and remove
+what nothing references. "Nothing new", "retry later" and "refuse" are decided here; parsers
+and verifiers only say what is wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from manifest.errors import (
+    DeltashipError,
+    DiskFullError,
+    HashMismatchError,
+    LocalError,
+    TransportError,
+)
+from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
+from manifest.trust import (
+    MAX_INDEX_SIZE,
+    MAX_MANIFEST_SIZE,
+    verify_index,
+    verify_manifest,
+    verify_root,
+)
+
+from .config import AgentConfig
+from .install import check_download, install_file, install_group
+from .layout import DeviceLayout, hash_file
+from .planner import Plan, make_plan, wanted_groups
+from .retry import RetryPolicy, RetryState
+from .state import AgentState, load_state, save_state
+from .transport import Source, open_source
+
+__all__ = ["Agent", "CycleResult", "run_forever"]
+
+log = logging.getLogger("deltaship.agent")
+MANIFEST_COPY = "manifest.json"
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CycleResult:
+    outcome: str  # "up-to-date", "updated", "pinned", "skipped-failed"
+    version: str | None
+    message: str
+    downloaded: int = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow) -> None:
+        self.cfg = cfg
+        self.now = now
+        self.layout = DeviceLayout(cfg.model_dir)
+        self.state_path = cfg.state_dir / "state.json"
+        self.grace = timedelta(seconds=cfg.expiry_grace)
+
+    # -- trust -----------------------------------------------------------------------------
+
+    def root(self) -> Root:
+        try:
+            data = self.cfg.trust_path.read_bytes()
+        except FileNotFoundError as e:
+            raise LocalError(
+                f"no pinned trust root at {self.cfg.trust_path}: run `deltaship-agent init`"
+            ) from e
+        return verify_root(data, now=self.now(), grace=self.grace)
+
+    def local_index(self, version: str, root: Root) -> ReleaseIndex:
+        """A retained version's saved index, re-verified against the pinned root."""
+        import hashlib
+
+        data = self.layout.load_index_bytes(version)
+        pointer = ReleasePointer(
+            version, ObjectRef(hashlib.sha256(data).hexdigest(), len(data), "json")
+        )
+        return verify_index(data, pointer, root)
+
+    # -- one cycle -------------------------------------------------------------------------
+
+    async def cycle(self, source: Source) -> CycleResult:
+        self.layout.prepare()
+        state = load_state(self.state_path)
+        root = self.root()
+        etag = state.manifest_etag if (self.cfg.state_dir / MANIFEST_COPY).is_file() else None
+        data, new_etag = await source.get_small(MANIFEST_COPY, MAX_MANIFEST_SIZE, etag)
+        if data is None:  # unchanged since we last verified it: check it again (expiry)
+            data = (self.cfg.state_dir / MANIFEST_COPY).read_bytes()
+        manifest = verify_manifest(
+            data, root, now=self.now(), min_sequence=state.highest_sequence, grace=self.grace
+        )
+        if manifest.sequence > state.highest_sequence or new_etag != state.manifest_etag:
+            self.layout.save_manifest(data)
+            state.highest_sequence = manifest.sequence
+            state.manifest_etag = new_etag
+            save_state(state, self.state_path)
+        target = manifest.current.version
+        current = self.layout.current()
+        if state.pinned:
+            return CycleResult("pinned", current, f"pinned at {state.pinned} by an operator; "
+                               f"the store offers {target} (run `deltaship-agent resume`)")
+        if current == target:
+            return CycleResult("up-to-date", current, f"up to date at {target}")
+        if target in state.failed_versions:
+            return CycleResult("skipped-failed", current,
+                               f"{target} failed before and is not retried until a newer "
+                               "release or `deltaship-agent resume`")
+        if self.layout.has_version(target):
+            self.verify_version(target, root)
+            downloaded = 0
+        else:
+            ibytes, _ = await source.get_small(
+                manifest.current.index.key, min(manifest.current.index.length, MAX_INDEX_SIZE)
+            )
+            assert ibytes is not None
+            index = verify_index(ibytes, manifest.current, root)
+            downloaded = await self.install(source, index, ibytes, state)
+        self.layout.switch(target)
+        log.info("switched to %s (was %s)", target, current or "nothing")
+        state = load_state(self.state_path)
+        state.history.append({"at": format_time(self.now()), "event": "switch",
+                              "from": current, "to": target})
+        state.plan = None
+        save_state(state, self.state_path)
+        self.prune(target, previous=current)
+        return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
+                           downloaded)
+
+    async def install(
+        self, source: Source, index: ReleaseIndex, index_bytes: bytes, state: AgentState
+    ) -> int:
+        plan = make_plan(index, self.layout.object_shas(), self.cfg.include)
+        log.info("plan for %s: download %d bytes (full download: %d) for %d groups, %d files",
+                 index.version, plan.download_bytes, plan.full_bytes,
+                 sum(1 for s in plan.groups if s.kind != "have"),
+                 sum(1 for s in plan.files if not s.have))
+        state.plan = plan.to_dict()
+        save_state(state, self.state_path)
+        self.check_space(plan)
+        counted = [0]
+
+        def on_bytes(n: int) -> None:
+            counted[0] += n
+
+        sem = asyncio.Semaphore(max(1, self.cfg.downloads))
+        with ThreadPoolExecutor(2) as ex:
+
+            async def group_task(step_i: int) -> None:
+                step = plan.groups[step_i]
+                assert step.object is not None
+                obj = await self.download(source, sem, step.object, step.group.name, on_bytes)
+                await asyncio.to_thread(install_group, self.layout, step, obj, ex)
+                obj.unlink(missing_ok=True)
+
+            async def file_task(step_i: int) -> None:
+                entry = plan.files[step_i].file
+                obj = await self.download(source, sem, entry.object, entry.path, on_bytes)
+                await asyncio.to_thread(install_file, self.layout, entry, obj)
+                obj.unlink(missing_ok=True)
+
+            tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]
+            tasks += [file_task(i) for i, s in enumerate(plan.files) if not s.have]
+            await _gather_all(tasks)
+        groups = {s.group.name for s in plan.groups}
+        files = {s.file.path: s.file.sha256 for s in plan.files}
+        self.layout.save_index(index.version, index_bytes)
+        self.layout.build_version(index, groups, files)
+        state = load_state(self.state_path)
+        state.bytes_last_update = counted[0]
+        state.bytes_total += counted[0]
+        save_state(state, self.state_path)
+        return counted[0]
+
+    async def download(
+        self, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
+        on_bytes: Callable[[int], None],
+    ) -> Path:
+        dest = self.layout.downloads / ref.sha256
+        async with sem:
+            await source.fetch(ref.key, dest, ref.length, on_bytes)
+        await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
+        return dest
+
+    def check_space(self, plan: Plan) -> None:
+        partial = sum(p.stat().st_size for p in self.layout.downloads.iterdir())
+        need = plan.download_bytes - partial + plan.output_bytes + SPACE_MARGIN
+        free = self.layout.free_bytes()
+        if need > free:
+            raise DiskFullError(
+                f"the update to {plan.version} needs {need // 2**20} MiB of free disk space in "
+                f"{self.cfg.model_dir}, {free // 2**20} MiB are free: free some space"
+            )
+
+    def verify_version(self, version: str, root: Root) -> list[str]:
+        """Re-hash a retained version against its signed index; raises on damage."""
+        bad = self.damaged(version, root)
+        if bad:
+            raise HashMismatchError(
+                f"version {version} is damaged on disk ({', '.join(bad[:3])}): "
+                "run `deltaship-agent verify --repair`"
+            )
+        return bad
+
+    def damaged(self, version: str, root: Root) -> list[str]:
+        index = self.local_index(version, root)
+        vdir = self.layout.version_dir(version)
+        bad = []
+        for g in wanted_groups(index, self.cfg.include):
+            p = vdir / g.file
+            if not p.is_file() or hash_file(p) != g.sha256:
+                bad.append(g.file)
+        for f in index.files:
+            p = vdir / f.path
+            if not p.is_file() or hash_file(p) != f.sha256:
+                bad.append(f.path)
+        return bad
+
+    def prune(self, current: str, previous: str | None) -> None:
+        """Keep the current version and the ``keep`` most recent others; drop the rest."""
+        state = load_state(self.state_path)
+        order = [h["to"] for h in state.history if h.get("event") == "switch"]
+        recent: list[str] = []
+        for v in reversed(order):
+            if v != current and v not in recent and self.layout.has_version(v):
+                recent.append(v)
+        keep = {current, *recent[: self.cfg.keep]}
+        if state.pinned:
+            keep.add(state.pinned)
+        for v in self.layout.retained():
+            if v not in keep:
+                self.layout.remove_version(v)
+        self.layout.collect_garbage()
+        for p in self.layout.downloads.iterdir():
+            p.unlink(missing_ok=True)
+
+
+async def _gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every task; on the first failure cancel the rest and raise it."""
+    running = [asyncio.ensure_future(t) for t in tasks]
+    try:
+        await asyncio.gather(*running)
+    except BaseException:
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
+
+
+def _record(agent: Agent, result: CycleResult | None, error: DeltashipError | None) -> None:
+    state = load_state(agent.state_path)
+    state.last_check = format_time(agent.now())
+    state.last_result = result.message if result else "failed"
+    state.last_error = str(error) if error else None
+    save_state(state, agent.state_path)
+
+
+async def run_forever(
+    cfg: AgentConfig, *, once: bool = False, retry: RetryPolicy | None = None
+) -> int:
+    """The service loop; returns the exit code. SIGTERM/SIGINT stop it between steps."""
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    policy = retry or RetryPolicy()
+    failures = RetryState(policy)
+    source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, max_rate=cfg.max_rate)
+    try:
+        while not stop.is_set():
+            delay = cfg.interval * random.uniform(0.8, 1.2)
+            task = asyncio.ensure_future(agent.cycle(source))
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.info("stopped")
+                return 0
+            stopper.cancel()
+            try:
+                result = task.result()
+            except DeltashipError as e:
+                _record(agent, None, e)
+                log.error("update failed: %s", e)
+                if once:
+                    raise
+                wait = failures.failed(e, None) if isinstance(e, TransportError) else None
+                delay = wait if wait is not None else delay
+            else:
+                _record(agent, result, None)
+                log.info("%s", result.message)
+                failures = RetryState(policy)
+                if once:
+                    return 0
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+        return 0
+    finally:
+        await source.close()
