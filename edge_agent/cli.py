@@ -27,6 +27,7 @@ from manifest.stores import write_atomic
 from manifest.trust import verify_root
 
 from .config import AgentConfig, default_config_path, load_config, save_config
+from .lock import model_dir_lock
 from .state import load_state, save_state
 from .updater import Agent, run_forever
 
@@ -203,6 +204,11 @@ def status(as_json: bool, config_path: Path | None) -> None:
 def rollback(to_version: str | None, config_path: Path | None) -> None:
     """Switch to a retained version (re-verified) and pin the device there; works offline."""
     cfg = _load(config_path)
+    with model_dir_lock(cfg.state_dir):
+        _rollback(cfg, to_version)
+
+
+def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
     agent = Agent(cfg)
     state = load_state(agent.state_path)
     current = agent.layout.current()
@@ -231,11 +237,12 @@ def resume(config_path: Path | None) -> None:
     """Unpin the device and forget failed versions: follow the store again."""
     cfg = _load(config_path)
     path = cfg.state_dir / "state.json"
-    state = load_state(path)
-    was = state.pinned
-    state.pinned = None
-    state.failed_versions = []
-    save_state(state, path)
+    with model_dir_lock(cfg.state_dir):
+        state = load_state(path)
+        was = state.pinned
+        state.pinned = None
+        state.failed_versions = []
+        save_state(state, path)
     click.echo(f"resumed (was pinned at {was})" if was else "resumed (was not pinned)")
 
 
@@ -259,7 +266,8 @@ def verify(repair: bool, config_path: Path | None) -> None:
         raise DeltashipError(f"{len(bad)} damaged file(s): run `deltaship-agent verify --repair`")
     from .repair import repair_version
 
-    asyncio.run(repair_version(agent, current, bad))
+    with model_dir_lock(cfg.state_dir):
+        asyncio.run(repair_version(agent, current, bad))
     click.echo(f"{current}: repaired {', '.join(bad)}")
 
 

@@ -109,7 +109,10 @@ class Source(Protocol):
     async def fetch(
         self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = ...
     ) -> None:
-        """Download exactly ``length`` bytes into ``dest``, resuming a partial file; fsync."""
+        """Download exactly ``length`` bytes into ``dest``, resuming a partial file; fsync.
+
+        ``on_bytes`` gets the size of every chunk received, restarts included (wire bytes).
+        """
         ...
 
     async def close(self) -> None: ...
@@ -270,7 +273,7 @@ class _Source:
         dest = Path(dest)
         # Progress means a partial file longer than ever before: a server that ignores Range
         # and drops every connection at the same point cannot keep the budget full forever.
-        best = _size(dest)
+        best = min(_size(dest), length)
 
         async def attempt(state: RetryState) -> None:
             nonlocal best
@@ -387,7 +390,7 @@ def _write_all(fd: int, data: bytearray, path: Path) -> None:
 
 def _fsync(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # creates a zero-length object
         try:
             os.fsync(fd)
         finally:
@@ -464,6 +467,10 @@ class HttpSource(_Source):
             headers["If-None-Match"] = etag
         try:
             resp = await self._client().get(f"{self.url}/{quote(key)}", headers=headers)
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise StoreConfigError(f"the TLS certificate of {where} is not trusted: "
+                                   f"{_one_line(e)}; check the URL, the CA certificates and "
+                                   "the device clock") from e
         except aiohttp.ClientConnectorError as e:
             raise _Retryable(f"cannot reach {where}: {_one_line(e)}") from e
         except (aiohttp.ClientError, TimeoutError) as e:

@@ -11,6 +11,7 @@ and verifiers only say what is wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -40,6 +41,7 @@ from manifest.trust import (
 from .config import AgentConfig
 from .install import check_download, install_file, install_group
 from .layout import DeviceLayout, hash_file
+from .lock import model_dir_lock
 from .planner import Plan, make_plan, wanted_groups
 from .retry import RetryPolicy, RetryState
 from .state import AgentState, load_state, save_state
@@ -96,6 +98,10 @@ class Agent:
     # -- one cycle -------------------------------------------------------------------------
 
     async def cycle(self, source: Source) -> CycleResult:
+        with model_dir_lock(self.cfg.state_dir):
+            return await self._cycle(source)
+
+    async def _cycle(self, source: Source) -> CycleResult:
         self.layout.prepare()
         state = load_state(self.state_path)
         root = self.root()
@@ -310,10 +316,8 @@ async def run_forever(
                 failures = RetryState(policy)
                 if once:
                     return 0
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
         return 0
     finally:
         await source.close()

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import modelgen  # noqa: E402
+from _bench_report import write_section  # noqa: E402
 
 from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group  # noqa: E402
 from publisher.grouping import assign_groups  # noqa: E402
@@ -231,9 +232,9 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
     found = re.search(r"v(\d+\.\d+\.\d+)", banner)
     zstd_version = found.group(1) if found else banner.strip()
     lines = [
-        "# Benchmarks",
+        "## Release path (`scripts/bench_publish.py`)",
         "",
-        "Measured by `scripts/bench_publish.py`; every number below comes from one run of:",
+        "Produced by:",
         "",
         f"    {cmd}",
         "",
@@ -241,7 +242,7 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
         f"{platform.python_version()}, zstd CLI {zstd_version}, deltaship workers: {workers},"
         " zstd level 3 for tensor data.",
         "",
-        "## Release path: bytes a device downloads, and time",
+        "### Bytes a device downloads, and time",
         "",
         "*ours* = what a device at the old version downloads from `deltaship-publish release`"
         " (its summary, from a real release into a local store; patches and changed files).",
@@ -280,7 +281,7 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
         bound = 256 * 2**20 + 4 * largest
         lines += [
             "",
-            "## Peak memory on a large model",
+            "### Peak memory on a large model",
             "",
             f"Generated MoE of {size / 1e9:.2f} GB (bf16, {big['layers']} layers x 16 experts,"
             f" 2 shards); largest tensor {largest / MB:.1f} MB, so the bound 256 MiB + 4 x largest"
@@ -293,7 +294,7 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
             f"| release v2 (2 experts trained; fetch bases, patches) | {v2['seconds']:.1f} s | "
             f"{v2['peak_rss'] / 2**20:.0f} MiB | {mb(v2['download'])} |",
         ]
-    out.write_text("\n".join(lines) + "\n")
+    write_section(out, "bench_publish", "\n".join(lines))
 
 
 def main() -> None:

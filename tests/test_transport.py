@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from edge_agent.retry import RetryPolicy, RetryState
 from edge_agent.transport import (
+    BLOCK,
     READ_SIZE,
     HttpSource,
     LocalSource,
@@ -152,6 +153,13 @@ async def test_fetch_resumes_a_partial_file(store: Store, tmp_path: Path) -> Non
         assert store.server.bytes_sent == len(data) - (MiB + 7)
 
 
+async def test_fetch_of_an_empty_object_needs_no_request(store: Store, tmp_path: Path) -> None:
+    await store.source.fetch("objects/empty", tmp_path / "d", 0)
+    assert (tmp_path / "d").read_bytes() == b""
+    if store.server:
+        assert store.server.requests == []
+
+
 async def test_fetch_refuses_another_length(store: Store, tmp_path: Path) -> None:
     store.put("objects/a", b"x" * 1000)
     dest = tmp_path / "d"
@@ -180,7 +188,7 @@ async def test_endless_metadata_is_cut_at_the_cap(server: FaultyServer, http: So
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < MiB + 4 * READ_SIZE  # the cap and a few reads, never the endless body
+    assert peak < MiB + BLOCK + READ_SIZE  # the cap, a block of buffers, not the endless body
     assert len(server.requests) == 1
 
 
