@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 SPEC_VERSION = 1
+WEIGHT_INDEX_FILE = "model.safetensors.index.json"  # written by devices, never shipped
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -305,6 +306,13 @@ class ReleaseIndex:
         paths = {f.path for f in files} | {g.file for g in groups}
         if len(paths) != len(files) + len(groups):
             raise FormatError("release index lists a file twice")
+        if WEIGHT_INDEX_FILE in paths:
+            raise UnsafeNameError(f"release index ships {WEIGHT_INDEX_FILE}, which devices write")
+        folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
+        if folders & paths:
+            raise UnsafeNameError(
+                f"release index uses {sorted(folders & paths)[0]!r} as a file and a folder"
+            )
         tensor_names = [t.name for g in groups for t in g.tensors]
         if len(set(tensor_names)) != len(tensor_names):
             raise FormatError("release index lists a tensor in two groups")

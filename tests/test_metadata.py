@@ -458,7 +458,10 @@ def release_indexes(draw: Any) -> ReleaseIndex:
         unique_groups.append(GroupEntry(g.name, g.file, g.sha256, g.length, ts, g.full, g.patches))
     taken = {g.file for g in unique_groups}
     files = [f for f in draw(st.lists(file_entries, max_size=4, unique_by=lambda f: f.path))
-             if f.path not in taken]
+             if f.path not in taken and f.path != "model.safetensors.index.json"]
+    paths = taken | {f.path for f in files}
+    files = [f for f in files if not any(
+        p.startswith(f.path + "/") or f.path.startswith(p + "/") for p in paths)]
     return ReleaseIndex(
         draw(versions), draw(times), tuple(unique_groups), tuple(files),
         tuple(draw(st.lists(versions, max_size=3))), draw(unknown),
@@ -539,3 +542,21 @@ def test_times_are_utc_seconds() -> None:
     m = Manifest.from_dict(_manifest_dict())
     assert m.expires == NOW + timedelta(days=30) and m.expires.tzinfo is UTC
     assert file_entry("a").to_dict()["path"] == "a"
+
+
+def test_index_may_not_ship_the_weight_index_or_clash_files_with_folders() -> None:
+    """Devices write model.safetensors.index.json; a file cannot also be a folder."""
+    from manifest.errors import UnsafeNameError as _Unsafe
+    from manifest.metadata import ReleaseIndex as _Index
+
+    def index_with(paths: list[str]) -> dict[str, object]:
+        obj = {"sha256": "a" * 64, "length": 1, "encoding": "zstd"}
+        return {"_type": "deltaship.release", "spec_version": 1, "version": "v1",
+                "released_at": "2026-01-01T00:00:00Z", "groups": [],
+                "files": [{"path": p, "sha256": "b" * 64, "length": 1, "object": obj}
+                          for p in paths]}
+
+    _Index.from_dict(index_with(["a/b", "a/c", "ab"]))
+    for bad in (["model.safetensors.index.json"], ["a", "a/b"], ["x/y", "x/y/z"]):
+        with pytest.raises(_Unsafe):
+            _Index.from_dict(index_with(bad))

@@ -1,0 +1,297 @@
+"""Helpers for the attack tests: stores to tamper with, devices, before/after snapshots.
+
+A store is published once per module with the real ``deltaship-publish`` into a local
+directory, and a snapshot of the whole directory is kept after each release. Each test copies
+the v1 snapshot, installs v1 on a device with a real ``deltaship-agent run --once``, then
+"releases" v2 by copying the v2 snapshot over it (objects are content-addressed, so v2's store
+is v1's plus new objects and a new manifest) and tampers with what it wants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from manifest.canonical import canonical_json, loads_object
+from manifest.signing import SigningKey
+from manifest.trust import sign_document
+from publisher.keys import load_signing_key
+
+from .conftest import BIN, Cli
+
+ERROR_PREFIX = "deltaship-agent: error: "
+Signed = dict[str, Any]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tool(prog: str, *args: object, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a console script (no S3 involved); raise with its output when it fails."""
+    cmd = [str(BIN / prog), *map(str, args)]
+    p = subprocess.run(cmd, cwd=cwd, text=True, capture_output=True, timeout=120)
+    if p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+# -- publishing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """Snapshots of a local store after each release, its trust root and its key files."""
+
+    root: Path  # the root.json devices pin
+    keys: tuple[Path, ...]  # private key files, in the order given to `init`
+    snapshots: dict[str, Path]  # version -> copy of the store directory right after it
+    content: dict[str, frozenset[str]]  # version -> sha256 of every group file and file
+
+    def signing_keys(self) -> list[SigningKey]:
+        return [load_signing_key(k) for k in self.keys]
+
+
+def publish(work: Path, models: dict[str, Path], key_names: tuple[str, ...] = ("release",),
+            threshold: int = 1) -> Published:
+    """Init a store with ``key_names`` (threshold ``threshold``) and release ``models`` in order."""
+    work.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for name in key_names:
+        tool("deltaship-publish", "keygen", "--out", work / "keys", "--name", name, cwd=work)
+        keys.append(work / "keys" / f"{name}.key")
+    store = work / "store"
+    key_args = [a for k in keys for a in ("--key", k)]
+    tool("deltaship-publish", "init", "--store", store, *key_args, "--threshold", threshold,
+         "--out", work / "root.json", cwd=work)
+    snapshots, content = {}, {}
+    for version, model in models.items():
+        tool("deltaship-publish", "release", model, "--store", store, "--version", version,
+             *key_args, "--cache-dir", work / "cache", cwd=work)
+        snapshots[version] = work / f"store-{version}"
+        shutil.copytree(store, snapshots[version], ignore=shutil.ignore_patterns(".lock"))
+        index = current_index(store)
+        content[version] = frozenset(
+            [g["sha256"] for g in index["groups"]] + [f["sha256"] for f in index["files"]]
+        )
+    return Published(work / "root.json", tuple(keys), snapshots, content)
+
+
+# -- reading and forging store documents -----------------------------------------------------
+
+
+def open_doc(data: bytes) -> tuple[Signed, list[Any]]:
+    doc = loads_object(data, "test document")
+    return doc["signed"], doc["signatures"]
+
+
+def manifest_of(store: Path) -> Signed:
+    return open_doc((store / "manifest.json").read_bytes())[0]
+
+
+def index_path(store: Path) -> Path:
+    return store / "objects" / manifest_of(store)["current"]["index"]["sha256"]
+
+
+def current_index(store: Path) -> Signed:
+    return open_doc(index_path(store).read_bytes())[0]
+
+
+def put_object(store: Path, data: bytes) -> tuple[str, int]:
+    """Store ``data`` as ``objects/<sha256>``; returns its sha256 and length."""
+    digest = sha(data)
+    (store / "objects" / digest).write_bytes(data)
+    return digest, len(data)
+
+
+def sign(signed: Signed, keys: list[SigningKey]) -> bytes:
+    return sign_document(signed, keys)
+
+
+def forge_manifest(store: Path, keys: list[SigningKey],
+                   edit: Callable[[Signed], None] = lambda m: None) -> bytes:
+    """Rewrite the store's manifest: ``edit`` its signed part, sign it with ``keys``."""
+    signed = manifest_of(store)
+    edit(signed)
+    data = sign(signed, keys)
+    (store / "manifest.json").write_bytes(data)
+    return data
+
+
+def point_at(signed: Signed, *, version: str, digest: str, length: int) -> None:
+    signed["current"] = {"version": version, "index": {"sha256": digest, "length": length}}
+
+
+def forge_index(store: Path, keys: list[SigningKey], edit: Callable[[Signed], None],
+                manifest_keys: list[SigningKey] | None = None) -> None:
+    """Publish an edited copy of the current index signed by ``keys``, and a manifest
+    (signed by ``manifest_keys``, default ``keys``) that pins it."""
+    signed = current_index(store)
+    edit(signed)
+    digest, length = put_object(store, sign(signed, keys))
+    forge_manifest(store, manifest_keys if manifest_keys is not None else keys,
+                   lambda m: point_at(m, version=m["current"]["version"], digest=digest,
+                                      length=length))
+
+
+def patch_object(store: Path, base_version: str) -> str:
+    """The sha256 of a patch object of the current release made from ``base_version``."""
+    for g in current_index(store)["groups"]:
+        for p in g["patches"]:
+            if p["base_version"] == base_version:
+                return str(p["object"]["sha256"])
+    raise AssertionError(f"the current release has no patch from {base_version}")
+
+
+def flip(data: bytes) -> bytes:
+    b = bytearray(data)
+    b[len(b) // 2] ^= 0x01
+    return bytes(b)
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) - 100]
+
+
+def extend(data: bytes) -> bytes:
+    return data + os.urandom(4 * 1024 * 1024)
+
+
+TAMPER: dict[str, Callable[[bytes], bytes]] = {"flip": flip, "truncate": truncate,
+                                                "extend": extend}
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a failed update must leave unchanged on a device."""
+
+    current: str | None
+    live: dict[str, str]  # path under the live version -> sha256 (symlinks: "-> target")
+    versions: list[str]
+    objects: dict[str, str]  # name in objects/ -> sha256 of its content
+    manifest_copy: bytes | None
+    highest_sequence: int
+    top: list[str] = field(default_factory=list)  # entries of the model dir itself
+    outside: dict[str, str] = field(default_factory=dict)  # files around the model dir
+
+
+def tree(top: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(top))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_file():
+                out[rel] = sha(p.read_bytes())
+    return out
+
+
+class Device:
+    """A device configured with a real ``deltaship-agent init``; runs real agent processes."""
+
+    def __init__(self, cli: Cli, root: Path, store: str, model_dir: Path, *extra: object,
+                 env: dict[str, str] | None = None) -> None:
+        self.cli, self.model_dir = cli, model_dir
+        self.config = model_dir.parent / f"{model_dir.name}.toml"
+        self.env = env
+        cli.run("deltaship-agent", "init", "--store", store, "--trust", root, "--model-dir",
+                model_dir, "--config", self.config, "--device-id", "dev-1", *extra, env=env)
+
+    def run_once(self) -> subprocess.CompletedProcess[str]:
+        return self.cli.run("deltaship-agent", "run", "--once", "--config", self.config,
+                            env=self.env, check=False)
+
+    def update(self, version: str) -> None:
+        p = self.run_once()
+        assert p.returncode == 0, f"clean update failed ({p.returncode}):\n{p.stderr}"
+        assert self.current() == version, p.stdout
+
+    def current(self) -> str | None:
+        link = self.model_dir / "current"
+        return Path(os.readlink(link)).name if link.is_symlink() else None
+
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.model_dir / ".deltaship" / "state.json").read_text())  # type: ignore[no-any-return]
+
+    def snapshot(self, around: Path | None = None) -> Snapshot:
+        copy = self.model_dir / ".deltaship" / "manifest.json"
+        outside = {}
+        if around is not None:  # everything next to the model dir (the store, the config)
+            mine = self.model_dir.relative_to(around).parts[0]
+            outside = {k: v for k, v in tree(around).items()
+                       if Path(k).parts[0] != mine}
+        return Snapshot(
+            current=self.current(),
+            live=tree((self.model_dir / "current").resolve()),
+            versions=sorted(p.name for p in (self.model_dir / "versions").iterdir()),
+            objects={p.name: sha(p.read_bytes())
+                     for p in (self.model_dir / "objects").iterdir()},
+            manifest_copy=copy.read_bytes() if copy.is_file() else None,
+            highest_sequence=int(self.state()["highest_sequence"]),
+            top=sorted(p.name for p in self.model_dir.iterdir()),
+            outside=outside,
+        )
+
+
+def refused(p: subprocess.CompletedProcess[str], *needles: str, code: int = 3) -> str:
+    """A clear refusal: exit ``code``, one ``deltaship-agent: error:`` line naming the problem.
+
+    Returns the message.
+    """
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, f"stderr must be exactly one line, got {len(lines)}:\n{p.stderr}"
+    line = lines[0]
+    assert line.startswith(ERROR_PREFIX), line
+    assert p.returncode == code, f"exit code {p.returncode}, expected {code}: {line}"
+    message = line[len(ERROR_PREFIX):]
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in the error message {message!r}"
+    return message
+
+
+def untouched(dev: Device, before: Snapshot, verified: frozenset[str],
+              *, around: Path | None = None, manifest_rejected: bool = False) -> None:
+    """The live model is exactly as before, and ``objects/`` holds only verified content.
+
+    ``verified``: sha256 of content a signed, genuine index names (new objects may appear
+    when other groups of the update completed before the attack was noticed).
+    ``manifest_rejected``: the manifest itself was refused, so the device must not have
+    remembered it (no saved copy, no higher sequence).
+    """
+    after = dev.snapshot(around)
+    assert after.current == before.current
+    assert after.live == before.live, "the live version changed"
+    assert after.versions == before.versions, "a version directory appeared or vanished"
+    for name, digest in after.objects.items():
+        assert digest == name, f"objects/{name} does not hold the content its name says"
+        assert name in before.objects or name in verified, f"unexpected object {name}"
+    for name in before.objects:
+        assert name in after.objects, f"objects/{name} of the live version was removed"
+    if manifest_rejected:
+        assert after.manifest_copy == before.manifest_copy
+        assert after.highest_sequence == before.highest_sequence
+    assert after.top == before.top, "an entry appeared in or vanished from the model dir"
+    assert after.outside == before.outside, "files outside the model dir changed"
+    assert dev.state()["last_error"], "the failure was not recorded in the agent state"
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def canonical(value: Any) -> bytes:
+    return canonical_json(value)
