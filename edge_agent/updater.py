@@ -166,19 +166,24 @@ class Agent:
             counted[0] += n
 
         sem = asyncio.Semaphore(max(1, self.cfg.downloads))
+        # One install at a time (its chunks use both worker threads): memory stays at a few
+        # chunks whatever the model size, while downloads go on in parallel.
+        installing = asyncio.Semaphore(1)
         with ThreadPoolExecutor(2) as ex:
 
             async def group_task(step_i: int) -> None:
                 step = plan.groups[step_i]
                 assert step.object is not None
                 obj = await self.download(source, sem, step.object, step.group.name, on_bytes)
-                await asyncio.to_thread(install_group, self.layout, step, obj, ex)
+                async with installing:
+                    await asyncio.to_thread(install_group, self.layout, step, obj, ex)
                 obj.unlink(missing_ok=True)
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file
                 obj = await self.download(source, sem, entry.object, entry.path, on_bytes)
-                await asyncio.to_thread(install_file, self.layout, entry, obj)
+                async with installing:
+                    await asyncio.to_thread(install_file, self.layout, entry, obj)
                 obj.unlink(missing_ok=True)
 
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]

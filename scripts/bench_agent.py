@@ -207,7 +207,9 @@ def main() -> None:
         f"    {cmd}",
         "",
         "A real `deltaship-agent run --once` process per update, against a real HTTP server over"
-        " a local store; downloaded bytes are counted at the server (object bodies sent).",
+        " a local store; downloaded bytes are counted at the server: the bodies of every"
+        " `objects/` request (patches, full objects, files and the signed release index, which"
+        " the publisher's summary does not count).",
         "",
         "### Bytes downloaded per update",
         "",
@@ -223,7 +225,7 @@ def main() -> None:
         f"{bound / 2**20:.0f} MiB. Throughput = model size / wall time of the agent process "
         "(verify, download, patch, hash, fsync, switch); peak RSS by `/usr/bin/time -f %M`.",
         "",
-        "| update | downloaded | wall time | throughput | peak RSS |",
+        "| update | downloaded | wall time | model materialised per second | peak RSS |",
         "|---|---|---|---|---|",
         *big,
         "",

@@ -69,6 +69,7 @@ def publish(work: Path, models: dict[str, Path], key_names: tuple[str, ...] = ("
         tool("deltaship-publish", "keygen", "--out", work / "keys", "--name", name, cwd=work)
         keys.append(work / "keys" / f"{name}.key")
     store = work / "store"
+    store.mkdir()
     key_args = [a for k in keys for a in ("--key", k)]
     tool("deltaship-publish", "init", "--store", store, *key_args, "--threshold", threshold,
          "--out", work / "root.json", cwd=work)

@@ -14,6 +14,7 @@ import hashlib
 import re
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Faults:
     stalls: list[float] = field(default_factory=list)  # per request: wait S s after the headers
     ignore_range: bool = False  # always 200 with the whole object
     endless: bool = False  # 200, chunked, a body that never ends
+    only: str | None = None  # a regex: the faults apply only to keys it matches (re.search)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Served:
     if_none_match: str | None
     status: int = 0
     sent: int = 0  # body bytes written to the socket
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
 
 
 class FaultyServer:
@@ -81,13 +84,15 @@ class FaultyServer:
         log = Served(request.path, request.headers.get("Range"),
                      request.headers.get("If-None-Match"))
         self.requests.append(log)
+        key = request.match_info["key"]
         f = self.faults
+        if f.only is not None and not re.search(f.only, key):
+            f = Faults()  # this key is spared: no faults
         if f.fail:
             f.fail -= 1
             log.status = f.fail_status
             headers = {"Retry-After": f.retry_after} if f.retry_after else {}
             return web.Response(status=f.fail_status, headers=headers, text="injected failure")
-        key = request.match_info["key"]
         path = self.root / key
         if ".." in key.split("/") or not path.is_file():
             log.status = 404

@@ -1,0 +1,429 @@
+"""Attacks on the update path (FIELD.md §1, TUF's attack classes), end to end.
+
+Every test installs v1 on a device with a clean, real ``deltaship-agent run --once``, lets a
+hostile store serve something, runs the agent once more and checks that:
+
+* it exits non-zero (3: the store sent data that failed verification) with exactly one line on
+  stderr, ``deltaship-agent: error: ...``, that names the problem (no traceback);
+* the live model is untouched: ``current`` still points at the same version, every file under
+  it is byte-identical, no version directory appeared, every file in ``objects/`` holds the
+  content its name says and is content a genuine signed index names, and nothing outside the
+  model directory changed.
+
+Stores are local directories (easy to tamper with); the tampered-object cases also run
+against moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from manifest.canonical import canonical_json
+from manifest.signing import SigningKey
+from manifest.trust import MAX_INDEX_SIZE, MAX_MANIFEST_SIZE
+
+from ._attack_helpers import (
+    TAMPER,
+    Device,
+    Published,
+    Signed,
+    current_index,
+    forge_index,
+    forge_manifest,
+    index_path,
+    manifest_of,
+    now_utc,
+    open_doc,
+    patch_object,
+    point_at,
+    publish,
+    put_object,
+    refused,
+    sha,
+    sign,
+    untouched,
+)
+from .conftest import Cli, MoEFamily
+
+UNKNOWN = SigningKey.generate("attacker")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory, moe_family: MoEFamily) -> Published:
+    """v1 and v2 released once per module to a local store signed by one release key."""
+    return publish(tmp_path_factory.mktemp("attack-1of1"),
+                   {"v1": moe_family.v1, "v2": moe_family.v2})
+
+
+@pytest.fixture(scope="module")
+def published_2of2(tmp_path_factory: pytest.TempPathFactory,
+                   moe_family: MoEFamily) -> Published:
+    """The same releases in a store whose root needs both of two release keys."""
+    return publish(tmp_path_factory.mktemp("attack-2of2"),
+                   {"v1": moe_family.v1, "v2": moe_family.v2},
+                   key_names=("release-a", "release-b"), threshold=2)
+
+
+@dataclass
+class Scene:
+    """A device at v1 (installed by a clean run) following a local store we control."""
+
+    pub: Published
+    store: Path
+    dev: Device
+    tmp: Path
+    s3: Any = None  # a boto3 client when the store is in moto's S3
+    bucket: str = ""
+
+    def release(self, version: str = "v2") -> None:
+        """Publish ``version``: its store is the previous one plus objects and a manifest."""
+        shutil.copytree(self.pub.snapshots[version], self.store, dirs_exist_ok=True)
+
+    def genuine(self, key: str) -> Path:
+        return self.pub.snapshots["v2"] / key
+
+    def attack(self, *needles: str, at: str = "v1", manifest_rejected: bool = False,
+               code: int = 3) -> str:
+        """Run the agent once against the (tampered) store; check the refusal and the device."""
+        before = self.dev.snapshot(self.tmp)
+        assert before.current == at
+        p = self.dev.run_once()
+        message = refused(p, *needles, code=code)
+        verified = self.pub.content["v1"] | self.pub.content["v2"]
+        untouched(self.dev, before, verified, around=self.tmp,
+                  manifest_rejected=manifest_rejected)
+        return message
+
+
+def _scene(pub: Published, cli: Cli, tmp_path: Path, *extra: object) -> Scene:
+    store = tmp_path / "store"
+    shutil.copytree(pub.snapshots["v1"], store)
+    dev = Device(cli, pub.root, f"file://{store}", tmp_path / "dev", *extra)
+    dev.update("v1")
+    return Scene(pub, store, dev, tmp_path)
+
+
+@pytest.fixture
+def scene(published: Published, cli: Cli, tmp_path: Path) -> Scene:
+    return _scene(published, cli, tmp_path)
+
+
+@pytest.fixture
+def scene_2of2(published_2of2: Published, cli: Cli, tmp_path: Path) -> Scene:
+    return _scene(published_2of2, cli, tmp_path)
+
+
+def _key(pub: Published) -> list[SigningKey]:
+    return pub.signing_keys()
+
+
+# -- tampered, truncated and endless objects ------------------------------------------------
+
+TAMPER_NEEDLES = {
+    "flip": ("differs from the pinned", "tampered with"),
+    "truncate": ("the index pins",),
+    "extend": ("the index pins",),
+}
+
+
+@pytest.mark.parametrize("kind", ["flip", "truncate", "extend"])
+def test_tampered_object_is_refused_and_fetched_again(scene: Scene, kind: str) -> None:
+    scene.release()
+    obj = patch_object(scene.store, "v1")
+    path = scene.store / "objects" / obj
+    path.write_bytes(TAMPER[kind](path.read_bytes()))
+
+    scene.attack(obj[:16], *TAMPER_NEEDLES[kind])
+    # The bad bytes are not kept as a partial download: the next try starts clean.
+    assert not (scene.dev.model_dir / ".deltaship" / "downloads" / obj).exists()
+    # Once the store is repaired the same device updates normally.
+    shutil.copy(scene.genuine(f"objects/{obj}"), path)
+    scene.dev.update("v2")
+
+
+def test_endless_object_is_cut_off(scene: Scene) -> None:
+    """An object that never ends (a link to /dev/zero on a hostile mirror)."""
+    scene.release()
+    obj = patch_object(scene.store, "v1")
+    path = scene.store / "objects" / obj
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    scene.attack(obj, "more than")
+
+
+@pytest.fixture
+def s3_scene(published: Published, cli: Cli, bucket: str, tmp_path: Path) -> Scene:
+    """Like ``scene``, but the device reads the store from moto's S3 server."""
+    s3 = boto3.client("s3", endpoint_url=cli.endpoint)
+    _upload(s3, bucket, published.snapshots["v1"])
+    dev = Device(cli, published.root, f"s3://{bucket}/fleet", tmp_path / "dev")
+    dev.update("v1")
+    return Scene(published, tmp_path / "unused", dev, tmp_path, s3, bucket)
+
+
+def _upload(s3: Any, bucket: str, snapshot: Path) -> None:
+    for p in sorted(snapshot.rglob("*")):
+        if p.is_file():
+            s3.put_object(Bucket=bucket, Key=f"fleet/{p.relative_to(snapshot)}",
+                          Body=p.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["flip", "truncate", "extend"])
+def test_tampered_object_on_s3(s3_scene: Scene, kind: str) -> None:
+    s3, bucket = s3_scene.s3, s3_scene.bucket
+    _upload(s3, bucket, s3_scene.pub.snapshots["v2"])
+    obj = patch_object(s3_scene.pub.snapshots["v2"], "v1")
+    good = s3_scene.genuine(f"objects/{obj}").read_bytes()
+    s3.put_object(Bucket=bucket, Key=f"fleet/objects/{obj}", Body=TAMPER[kind](good))
+
+    s3_scene.attack(obj[:16], *TAMPER_NEEDLES[kind])
+    s3.put_object(Bucket=bucket, Key=f"fleet/objects/{obj}", Body=good)
+    s3_scene.dev.update("v2")
+
+
+# -- tampered release index -----------------------------------------------------------------
+
+
+def test_tampered_index_byte(scene: Scene) -> None:
+    scene.release()
+    path = index_path(scene.store)
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"version":"v2"') + len(b'"version":"v')
+    data[at] = ord("3")  # same length, other content
+    path.write_bytes(bytes(data))
+    scene.attack("release index sha256", "differs from the manifest")
+
+
+def test_index_resigned_by_unknown_key_in_place(scene: Scene) -> None:
+    """The index object replaced by the same document signed by another key."""
+    scene.release()
+    path = index_path(scene.store)
+    signed, _ = open_doc(path.read_bytes())
+    forged = sign(signed, [UNKNOWN])
+    assert len(forged) == path.stat().st_size
+    path.write_bytes(forged)
+    scene.attack("release index sha256", "differs from the manifest")
+
+
+def test_index_signed_by_unknown_key_behind_a_valid_manifest(scene: Scene) -> None:
+    """Even when a validly signed manifest pins it, an index needs release-key signatures."""
+    scene.release()
+    forge_index(scene.store, [UNKNOWN], lambda s: None, manifest_keys=_key(scene.pub))
+    scene.attack("release index has 0 valid signature(s) of 1 required",
+                 "not one of its 'release' keys")
+
+
+# -- manifest signatures --------------------------------------------------------------------
+
+
+def test_manifest_signed_by_unknown_key(scene: Scene) -> None:
+    scene.release()
+    forge_manifest(scene.store, [UNKNOWN])
+    scene.attack("manifest has 0 valid signature(s) of 1 required",
+                 "not one of its 'release' keys", manifest_rejected=True)
+
+
+def test_manifest_edited_after_signing(scene: Scene) -> None:
+    """The genuine v2 manifest with its expiry pushed out and the old signature kept."""
+    scene.release()
+    signed, signatures = open_doc((scene.store / "manifest.json").read_bytes())
+    signed["expires"] = "2099-01-01T00:00:00Z"
+    (scene.store / "manifest.json").write_bytes(
+        canonical_json({"signed": signed, "signatures": signatures}))
+    scene.attack("manifest has 0 valid signature(s)", "invalid signature",
+                 manifest_rejected=True)
+
+
+@pytest.mark.parametrize("signers", ["one key", "one key twice"])
+def test_manifest_below_threshold(scene_2of2: Scene, signers: str) -> None:
+    scene_2of2.release()
+    a, _b = _key(scene_2of2.pub)
+    forge_manifest(scene_2of2.store, [a] if signers == "one key" else [a, a])
+    scene_2of2.attack("manifest has 1 valid signature(s) of 2 required", manifest_rejected=True)
+
+
+def test_index_below_threshold(scene_2of2: Scene) -> None:
+    scene_2of2.release()
+    a, b = _key(scene_2of2.pub)
+    forge_index(scene_2of2.store, [a], lambda s: None, manifest_keys=[a, b])
+    scene_2of2.attack("release index has 1 valid signature(s) of 2 required")
+
+
+# -- replay and freeze ----------------------------------------------------------------------
+
+
+def test_replayed_older_manifest(scene: Scene) -> None:
+    old = (scene.store / "manifest.json").read_bytes()
+    scene.release()
+    scene.dev.update("v2")
+    (scene.store / "manifest.json").write_bytes(old)
+    scene.attack("manifest sequence 1 is older than 2 already seen", "replayed", at="v2",
+                 manifest_rejected=True)
+
+
+def _expire(scene: Scene, ago: timedelta) -> None:
+    def edit(m: Signed) -> None:
+        m["expires"] = (now_utc() - ago).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    forge_manifest(scene.store, _key(scene.pub), edit)
+
+
+def test_expired_manifest(scene: Scene) -> None:
+    scene.release()
+    _expire(scene, timedelta(hours=1))
+    scene.attack("manifest expired at", "device clock", manifest_rejected=True)
+
+
+@pytest.mark.parametrize(("grace", "accepted"), [(1800, False), (7200, True)])
+def test_expiry_grace(published: Published, cli: Cli, tmp_path: Path, grace: int,
+                      accepted: bool) -> None:
+    """A device with a bad clock may accept a manifest expired less than its grace ago."""
+    scene = _scene(published, cli, tmp_path, "--expiry-grace", grace)
+    scene.release()
+    _expire(scene, timedelta(hours=1))
+    if accepted:
+        scene.dev.update("v2")
+    else:
+        scene.attack("manifest expired at", manifest_rejected=True)
+
+
+# -- mix-and-match --------------------------------------------------------------------------
+
+
+def test_manifest_naming_v2_with_v1_index(scene: Scene) -> None:
+    v1_index = index_path(scene.store)
+    digest, length = v1_index.name, v1_index.stat().st_size
+    scene.release()
+    forge_manifest(scene.store, _key(scene.pub),
+                   lambda m: point_at(m, version="v2", digest=digest, length=length))
+    scene.attack("release index is for version 'v1' but the manifest names 'v2'")
+
+
+@pytest.mark.parametrize("pin", ["sha256", "length"])
+def test_manifest_pin_does_not_match_the_index(scene: Scene, pin: str) -> None:
+    scene.release()
+    data = index_path(scene.store).read_bytes()
+    if pin == "sha256":  # the genuine index bytes, stored under the key the manifest pins
+        digest, length = sha(b"some other document"), len(data)
+        (scene.store / "objects" / digest).write_bytes(data)
+        needles: tuple[str, ...] = ("release index sha256", "differs from the manifest's")
+    else:
+        digest, length = sha(data), len(data) + 1
+        needles = (f"release index is {len(data)} bytes, the manifest pins {length}",)
+    forge_manifest(scene.store, _key(scene.pub),
+                   lambda m: point_at(m, version="v2", digest=digest, length=length))
+    scene.attack(*needles)
+
+
+# -- oversized metadata (endless data) ------------------------------------------------------
+
+
+def test_oversized_manifest(scene: Scene) -> None:
+    """A validly signed manifest over the 64 KiB cap (an unknown field is kept and signed)."""
+    scene.release()
+    data = forge_manifest(scene.store, _key(scene.pub),
+                          lambda m: m.update(padding="x" * MAX_MANIFEST_SIZE))
+    assert len(data) > MAX_MANIFEST_SIZE
+    scene.attack(f"over its {MAX_MANIFEST_SIZE}-byte cap", manifest_rejected=True)
+
+
+def test_endless_manifest(scene: Scene) -> None:
+    scene.release()
+    (scene.store / "manifest.json").unlink()
+    (scene.store / "manifest.json").symlink_to("/dev/zero")
+    scene.attack("manifest.json", f"{MAX_MANIFEST_SIZE}-byte cap", manifest_rejected=True)
+
+
+@pytest.mark.parametrize("body", ["oversized", "endless"])
+def test_oversized_index(scene: Scene, body: str) -> None:
+    """A manifest pinning an index larger than 16 MiB: the device reads at most the cap."""
+    scene.release()
+    size = MAX_INDEX_SIZE + (1 << 20)
+    blob = b" " * size
+    digest, length = put_object(scene.store, blob)
+    if body == "endless":
+        (scene.store / "objects" / digest).unlink()
+        (scene.store / "objects" / digest).symlink_to("/dev/zero")
+    forge_manifest(scene.store, _key(scene.pub),
+                   lambda m: point_at(m, version="v2", digest=digest, length=length))
+    scene.attack(digest, f"{MAX_INDEX_SIZE}-byte cap")
+
+
+# -- wrong content behind valid signatures --------------------------------------------------
+
+
+def test_valid_object_for_another_group(scene: Scene) -> None:
+    """A (validly signed) index that hands one group another group's patch: the rebuilt file
+    is checked against the group's sha256 before it can become live."""
+    scene.release()
+    patched = [g for g in current_index(scene.store)["groups"] if g["patches"]]
+    assert len(patched) >= 2
+    victim, donor = patched[0]["name"], patched[1]["name"]
+
+    def edit(signed: Signed) -> None:
+        groups = {g["name"]: g for g in signed["groups"]}
+        groups[victim]["patches"] = groups[donor]["patches"]
+
+    forge_index(scene.store, _key(scene.pub), edit)
+    scene.attack(f"group {victim}")
+
+
+# -- path traversal -------------------------------------------------------------------------
+
+
+def _group(signed: Signed, name: str, file: str) -> None:
+    signed["groups"][0]["name"] = name
+    signed["groups"][0]["file"] = file
+
+
+def _file(signed: Signed, path: str) -> None:
+    signed["files"][0]["path"] = path
+
+
+TRAVERSALS = {
+    "group ../evil": (lambda s, tmp: _group(s, "../evil", "../evil.safetensors"),
+                      "unsafe group name '../evil'"),
+    "group file ../../etc/x": (lambda s, tmp: _group(s, s["groups"][0]["name"], "../../etc/x"),
+                               "unsafe file name '../../etc/x'"),
+    "file ../../etc/x": (lambda s, tmp: _file(s, "../../etc/x"),
+                         "unsafe file name '../../etc/x'"),
+    "file absolute": (lambda s, tmp: _file(s, str(tmp / "etc" / "x")),
+                      "unsafe file name '/"),
+    "file backslash": (lambda s, tmp: _file(s, "..\\..\\etc\\x"), "unsafe file name"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAVERSALS))
+def test_path_traversal_in_a_signed_index(scene: Scene, case: str) -> None:
+    edit, needle = TRAVERSALS[case]
+    scene.release()
+    forge_index(scene.store, _key(scene.pub), lambda s: edit(s, scene.tmp))
+    scene.attack(needle)
+    written = [p for p in scene.tmp.rglob("*") if p.name in ("x", "evil.safetensors")]
+    assert written == []
+    assert not (scene.tmp / "etc").exists()
+
+
+def test_path_traversal_in_the_version_name(scene: Scene) -> None:
+    """Versions become directory names too: ``versions/<V>``."""
+    scene.release()
+    forge_manifest(scene.store, _key(scene.pub),
+                   lambda m: m["current"].update(version="../../evil"))
+    scene.attack("'../../evil' is not a valid version", manifest_rejected=True)
+    assert [p for p in scene.tmp.rglob("evil*")] == []
+
+
+def test_store_untouched_by_device(scene: Scene) -> None:
+    """Sanity check of the harness: a clean v2 release installs, and v1 stays retained."""
+    scene.release()
+    scene.dev.update("v2")
+    assert manifest_of(scene.store)["current"]["version"] == "v2"
+    assert sorted(os.listdir(scene.dev.model_dir / "versions")) == ["v1", "v2"]
