@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +35,10 @@ from manifest.errors import DiskFullError, LocalError
 from manifest.metadata import ReleaseIndex
 from manifest.stores import fsync_dir, write_atomic
 
-__all__ = ["DeviceLayout", "hash_file", "weight_index"]
+__all__ = ["DeviceLayout", "disk_errors", "hash_file", "weight_index"]
 
 INDEX_FILE = "model.safetensors.index.json"
+STALE_TMP_SECONDS = 600  # a temp file this old belongs to no live writer
 
 
 def hash_file(path: Path, block: int = 1 << 22) -> str:
@@ -58,7 +60,8 @@ def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
 
 
 @contextlib.contextmanager
-def _disk_errors(what: Path) -> Iterator[None]:
+def disk_errors(what: Path) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside into :class:`DiskFullError` naming the disk."""
     try:
         yield
     except OSError as e:
@@ -84,7 +87,7 @@ class DeviceLayout:
 
     def prepare(self) -> None:
         """Create the directories; drop half-built work a crash may have left behind."""
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             for d in (self.objects, self.versions, self.indexes, self.downloads):
                 d.mkdir(parents=True, exist_ok=True)
             for d in (self.staging, self.tmp):
@@ -92,6 +95,15 @@ class DeviceLayout:
                 d.mkdir(parents=True)
             for p in self.root.glob(".current.tmp-*"):
                 p.unlink(missing_ok=True)
+            # Temp files of write_atomic that a crash left behind: the index ones (up to
+            # 16 MiB each) are only written by a cycle, which holds the lock; state.json is
+            # also written outside it, so only stale ones go there.
+            for p in self.indexes.glob(".tmp-*"):
+                p.unlink(missing_ok=True)
+            for p in self.meta.glob(".tmp-*"):
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - p.stat().st_mtime > STALE_TMP_SECONDS:
+                        p.unlink(missing_ok=True)
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -111,7 +123,7 @@ class DeviceLayout:
 
     def commit_object(self, tmp: Path, sha256: str) -> Path:
         """Make a verified temp file the object ``sha256`` (fsync, read-only, rename)."""
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o444)
@@ -143,11 +155,11 @@ class DeviceLayout:
 
     def save_manifest(self, data: bytes) -> None:
         """Keep the last verified manifest, to re-check its expiry when the store says 304."""
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             write_atomic(self.meta / "manifest.json", data)
 
     def save_index(self, version: str, data: bytes) -> None:
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             write_atomic(self.indexes / f"{version}.json", data)
 
     def load_index_bytes(self, version: str) -> bytes:
@@ -164,8 +176,9 @@ class DeviceLayout:
         final = self.version_dir(version)
         if final.is_dir():
             return final
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             stage = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=self.staging))
+            os.chmod(stage, 0o755)  # mkdtemp makes 0700: serving code may run as another user
             for g in index.groups:
                 if g.name in groups:
                     os.link(self.object_path(g.sha256), stage / g.file)
@@ -184,7 +197,7 @@ class DeviceLayout:
 
     def switch(self, version: str) -> None:
         """Point ``current`` at ``versions/<V>`` atomically (new symlink, rename, fsync)."""
-        with _disk_errors(self.root):
+        with disk_errors(self.root):
             tmp = self.root / f".current.tmp-{os.getpid()}"
             tmp.unlink(missing_ok=True)
             os.symlink(os.path.join("versions", version), tmp)

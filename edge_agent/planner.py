@@ -3,6 +3,14 @@
 For each group: already present locally (same content hash, from any retained version), a
 patch from content the device holds, or the full object. Costs are download bytes; ties go to
 the step that needs no download. No I/O here: the caller passes what it has on disk.
+
+Every object is downloaded by at most one step: the update loop downloads each step's object
+to ``downloads/<sha256>`` and deletes it once that step is installed, so two steps sharing an
+object would race on the same file. Files with the same content (two identical
+``LICENSE``-style files) are fetched once, the later ones marked ``have`` (the first one's
+install provides the content before the version is built). Two groups, or a group and a file,
+can never legitimately share an object (each object rebuilds exactly one content: its target
+sha256 is inside it), so an index that says so is refused before anything is downloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from manifest.errors import FormatError
 from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 
 __all__ = ["FileStep", "GroupStep", "Plan", "make_plan", "wanted_groups"]
@@ -32,7 +41,7 @@ class GroupStep:
 @dataclass(frozen=True)
 class FileStep:
     file: FileEntry
-    have: bool
+    have: bool  # nothing to download: on the device, or another step of the plan fetches it
 
     @property
     def download(self) -> int:
@@ -95,5 +104,24 @@ def make_plan(index: ReleaseIndex, have: set[str], include: Iterable[str] = ()) 
             steps.append(GroupStep(g, "patch", best.object, best.base_sha256))
         else:
             steps.append(GroupStep(g, "full", g.full))
-    files = tuple(FileStep(f, f.sha256 in have) for f in index.files)
-    return Plan(index.version, tuple(steps), files)
+    files = []
+    planned = set(have)
+    for f in index.files:
+        files.append(FileStep(f, f.sha256 in planned))
+        planned.add(f.sha256)
+    plan = Plan(index.version, tuple(steps), tuple(files))
+    _check_objects_unshared(plan)
+    return plan
+
+
+def _check_objects_unshared(plan: Plan) -> None:
+    users: dict[str, str] = {}
+    downloads = [(s.object, f"group {s.group.name}") for s in plan.groups if s.object]
+    downloads += [(s.file.object, f"file {s.file.path}") for s in plan.files if not s.have]
+    for ref, what in downloads:
+        other = users.setdefault(ref.sha256, what)
+        if other != what:
+            raise FormatError(
+                f"release index {plan.version} lists object {ref.sha256[:16]}... for both "
+                f"{other} and {what}: one object cannot rebuild two different contents"
+            )

@@ -38,6 +38,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -51,6 +52,7 @@ import aiohttp
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
+    FormatError,
     HashMismatchError,
     LocalError,
     OversizeError,
@@ -634,6 +636,24 @@ def _s3_body(r: GetObjectOutputTypeDef, where: str) -> _Body:
     return _Body(start, total, r.get("ETag"), read)
 
 
+def _open_regular(path: Path, where: str) -> Any:
+    """Open a store file for reading; refuse devices, pipes and sockets (endless data).
+
+    O_NONBLOCK so that opening a pipe without a writer cannot hang the agent.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FormatError(
+                f"{where} is not a regular file (a device, pipe or socket): refusing to read it"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class LocalSource(_Source):
     """A directory with the store layout (``file:///path``): reads in worker threads."""
 
@@ -646,7 +666,7 @@ class LocalSource(_Source):
     async def _open(self, key: str, start: int, etag: str | None) -> AsyncIterator[_Body | None]:
         where = self._where(key)
         try:
-            f = await asyncio.to_thread(open, self.root / key, "rb")
+            f = await asyncio.to_thread(_open_regular, self.root / key, where)
         except FileNotFoundError as e:
             if not self.root.is_dir():
                 raise StoreConfigError(f"store directory {self.root} does not exist: create it "

@@ -310,9 +310,9 @@ async def run_forever(
                 result = task.result()
             except DeltashipError as e:
                 _record(agent, None, e)
-                log.error("update failed: %s", e)
                 if once:
-                    raise
+                    raise  # the command line prints it: one line on stderr
+                log.error("update failed: %s", e)
                 wait = failures.failed(e, None) if isinstance(e, TransportError) else None
                 delay = wait if wait is not None else delay
             else:

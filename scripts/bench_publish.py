@@ -136,7 +136,8 @@ def measure(name: str, base: Path, new: Path, work: Path, workers: int) -> Row:
     old_f, new_f = _single_file(base, work), _single_file(new, work)
     zfull, _ = _zstd(["-3"], new_f, work / "full.zst")
     z19, z19_s = _zstd(["-19", "--long=27", f"--patch-from={old_f}"], new_f, work / "p19.zst")
-    z3, z3_s = _zstd(["-3", f"--patch-from={old_f}"], new_f, work / "p3.zst")
+    z3_runs = [_zstd(["-3", f"--patch-from={old_f}"], new_f, work / "p3.zst") for _ in range(3)]
+    z3, z3_s = z3_runs[0][0], min(s for _, s in z3_runs)
     patch_s = min(patch_set_seconds(base, new, workers) for _ in range(3))
     ours, release_s = release_pair(base, new, work / "release")
     row = Row(name, new_f.stat().st_size, zfull, ours, patch_s, release_s, z19, z19_s, z3, z3_s)
@@ -247,7 +248,8 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
         "*ours* = what a device at the old version downloads from `deltaship-publish release`"
         " (its summary, from a real release into a local store; patches and changed files).",
         "*patch set* = time to compute one base-to-new patch set (hash new groups, encode every "
-        "changed group against the base), the work zstd's `--patch-from` does; best of 3.",
+        "changed group against the base), the work zstd's `--patch-from` does; best of 3, as"
+        " is the zstd -3 time.",
         "*release* = wall time of the whole `release` command (full objects for fresh installs,"
         " patches, signing, writing the store).",
         "zstd runs single-threaded (`-T1`) on the same safetensors file pair.",

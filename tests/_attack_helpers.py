@@ -1,14 +1,15 @@
 """Helpers for the attack tests: stores to tamper with, devices, before/after snapshots.
 
 A store is published once per module with the real ``deltaship-publish`` into a local
-directory, and a snapshot of the whole directory is kept after each release. Each test copies
-the v1 snapshot, installs v1 on a device with a real ``deltaship-agent run --once``, then
-"releases" v2 by copying the v2 snapshot over it (objects are content-addressed, so v2's store
-is v1's plus new objects and a new manifest) and tampers with what it wants.
+directory, and a snapshot of the whole directory is kept after each release. A test copies the
+v1 snapshot and a device that a real ``deltaship-agent run --once`` brought to v1, then
+"releases" v2 by copying the v2 snapshot over the store (objects are content-addressed, so
+v2's store is v1's plus new objects and a new manifest) and tampers with what it wants.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -20,7 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from manifest.canonical import canonical_json, loads_object
+from edge_agent.config import load_config, save_config
+from manifest.canonical import loads_object
 from manifest.signing import SigningKey
 from manifest.trust import sign_document
 from publisher.keys import load_signing_key
@@ -99,7 +101,7 @@ def manifest_of(store: Path) -> Signed:
 
 
 def index_path(store: Path) -> Path:
-    return store / "objects" / manifest_of(store)["current"]["index"]["sha256"]
+    return store / "objects" / str(manifest_of(store)["current"]["index"]["sha256"])
 
 
 def current_index(store: Path) -> Signed:
@@ -200,20 +202,68 @@ def tree(top: Path) -> dict[str, str]:
     return out
 
 
+def clone_tree(src: Path, dst: Path) -> None:
+    """Copy a directory like ``cp -a``: symlinks stay links, hard links stay linked."""
+    seen: dict[tuple[int, int], Path] = {}
+    dst.mkdir(parents=True)
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        for d in dirnames:
+            s = Path(dirpath) / d
+            if s.is_symlink():
+                (dst / rel / d).symlink_to(os.readlink(s))
+            else:
+                (dst / rel / d).mkdir()
+        for f in filenames:
+            s, t = Path(dirpath) / f, dst / rel / f
+            st = s.lstat()
+            if s.is_symlink():
+                t.symlink_to(os.readlink(s))
+            elif (st.st_dev, st.st_ino) in seen:
+                os.link(seen[st.st_dev, st.st_ino], t)
+            else:
+                shutil.copy2(s, t)
+                seen[st.st_dev, st.st_ino] = t
+    for dirpath, _, _ in os.walk(src):  # directory modes last (versions are 0700)
+        rel = Path(dirpath).relative_to(src)
+        shutil.copystat(dirpath, dst / rel)
+
+
 class Device:
     """A device configured with a real ``deltaship-agent init``; runs real agent processes."""
 
-    def __init__(self, cli: Cli, root: Path, store: str, model_dir: Path, *extra: object,
-                 env: dict[str, str] | None = None) -> None:
-        self.cli, self.model_dir = cli, model_dir
+    def __init__(self, cli: Cli | None, root: Path | None, store: str, model_dir: Path,
+                 *extra: object, env: dict[str, str] | None = None) -> None:
+        self.model_dir = model_dir
         self.config = model_dir.parent / f"{model_dir.name}.toml"
-        self.env = env
-        cli.run("deltaship-agent", "init", "--store", store, "--trust", root, "--model-dir",
-                model_dir, "--config", self.config, "--device-id", "dev-1", *extra, env=env)
+        self.env = env if env is not None else (cli.env() if cli else dict(os.environ))
+        if root is not None:
+            self.agent("init", "--store", store, "--trust", root, "--model-dir", model_dir,
+                       "--config", self.config, "--device-id", "dev-1", *extra)
 
-    def run_once(self) -> subprocess.CompletedProcess[str]:
-        return self.cli.run("deltaship-agent", "run", "--once", "--config", self.config,
-                            env=self.env, check=False)
+    def clone(self, model_dir: Path, store: str) -> Device:
+        """A copy of this device (its model dir, state and configuration) following ``store``."""
+        clone_tree(self.model_dir, model_dir)
+        dev = Device(None, None, store, model_dir, env=self.env)
+        cfg = load_config(self.config)
+        save_config(dataclasses.replace(cfg, store=store, model_dir=model_dir), dev.config)
+        return dev
+
+    def agent(self, *args: object, check: bool = True,
+              timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [str(BIN / "deltaship-agent"), *map(str, args)]
+        try:
+            p = subprocess.run(cmd, cwd=self.model_dir.parent, env=self.env, text=True,
+                               capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:  # run() has killed it
+            raise AssertionError(f"{cmd} hung: killed after {timeout} s") from e
+        if check and p.returncode != 0:
+            raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p
+
+    def run_once(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.agent("run", "--once", "--config", self.config, check=False,
+                          timeout=timeout)
 
     def update(self, version: str) -> None:
         p = self.run_once()
@@ -247,20 +297,25 @@ class Device:
         )
 
 
-def refused(p: subprocess.CompletedProcess[str], *needles: str, code: int = 3) -> str:
+Needle = str | tuple[str, ...]  # a phrase, or alternative phrases one of which must appear
+
+
+def refused(p: subprocess.CompletedProcess[str], *needles: Needle, code: int = 3) -> str:
     """A clear refusal: exit ``code``, one ``deltaship-agent: error:`` line naming the problem.
 
     Returns the message.
     """
     assert "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.splitlines()
-    assert len(lines) == 1, f"stderr must be exactly one line, got {len(lines)}:\n{p.stderr}"
-    line = lines[0]
-    assert line.startswith(ERROR_PREFIX), line
-    assert p.returncode == code, f"exit code {p.returncode}, expected {code}: {line}"
-    message = line[len(ERROR_PREFIX):]
+    errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1, f"expected one {ERROR_PREFIX!r} line:\n{p.stderr}"
+    message = errors[0][len(ERROR_PREFIX):]
+    assert p.returncode == code, f"exit code {p.returncode}, expected {code}: {message}"
     for needle in needles:
-        assert needle in message, f"{needle!r} not in the error message {message!r}"
+        options = (needle,) if isinstance(needle, str) else needle
+        assert any(o in message for o in options), (
+            f"{' or '.join(map(repr, options))} not in the error message {message!r}")
+    assert lines == errors, f"stderr must be exactly one line, got {len(lines)}:\n{p.stderr}"
     return message
 
 
@@ -292,7 +347,3 @@ def untouched(dev: Device, before: Snapshot, verified: frozenset[str],
 
 def now_utc() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
-
-
-def canonical(value: Any) -> bytes:
-    return canonical_json(value)

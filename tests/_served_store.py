@@ -48,6 +48,7 @@ class WireCounter:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -57,27 +58,29 @@ class WireCounter:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
+        for w in list(self._writers):
+            w.transport.abort()  # the pumps see the end and return
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _serve(self, creader: asyncio.StreamReader, cwriter: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        self._writers.add(cwriter)
         self.wire.connections += 1
+        swriter = None
         try:
             sreader, swriter = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        except OSError:
-            cwriter.transport.abort()
-            self._tasks.discard(task)
-            return
-        try:
+            self._writers.add(swriter)
             await asyncio.gather(self._pump(creader, swriter, "up"),
                                  self._pump(sreader, cwriter, "down"))
+        except OSError:
+            pass
         finally:
             for w in (cwriter, swriter):
-                w.transport.abort()
+                if w is not None:
+                    w.transport.abort()
+                    self._writers.discard(w)
             self._tasks.discard(task)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -1,7 +1,8 @@
 """Attacks on the update path (FIELD.md §1, TUF's attack classes), end to end.
 
-Every test installs v1 on a device with a clean, real ``deltaship-agent run --once``, lets a
-hostile store serve something, runs the agent once more and checks that:
+Every test starts from a device at v1, installed by a clean, real ``deltaship-agent run
+--once`` (once per module; each test gets a ``cp -a``-style copy of that device and of the
+store), lets a hostile store serve something, runs the agent once more and checks that:
 
 * it exits non-zero (3: the store sent data that failed verification) with exactly one line on
   stderr, ``deltaship-agent: error: ...``, that names the problem (no traceback);
@@ -16,8 +17,11 @@ against moto's S3 server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,13 +30,17 @@ from typing import Any
 import boto3
 import pytest
 
+from edge_agent.planner import make_plan
 from manifest.canonical import canonical_json
+from manifest.errors import FormatError
+from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 from manifest.signing import SigningKey
 from manifest.trust import MAX_INDEX_SIZE, MAX_MANIFEST_SIZE
 
 from ._attack_helpers import (
     TAMPER,
     Device,
+    Needle,
     Published,
     Signed,
     current_index,
@@ -90,35 +98,67 @@ class Scene:
     def genuine(self, key: str) -> Path:
         return self.pub.snapshots["v2"] / key
 
-    def attack(self, *needles: str, at: str = "v1", manifest_rejected: bool = False,
-               code: int = 3) -> str:
+    def attack(self, *needles: Needle, at: str = "v1", manifest_rejected: bool = False,
+               code: int = 3, timeout: float = 120) -> str:
         """Run the agent once against the (tampered) store; check the refusal and the device."""
         before = self.dev.snapshot(self.tmp)
         assert before.current == at
-        p = self.dev.run_once()
-        message = refused(p, *needles, code=code)
+        p = self.dev.run_once(timeout)
         verified = self.pub.content["v1"] | self.pub.content["v2"]
-        untouched(self.dev, before, verified, around=self.tmp,
-                  manifest_rejected=manifest_rejected)
-        return message
+        try:
+            untouched(self.dev, before, verified, around=self.tmp,
+                      manifest_rejected=manifest_rejected)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nagent exit {p.returncode}, stderr:\n{p.stderr}") from e
+        return refused(p, *needles, code=code)
 
 
-def _scene(pub: Published, cli: Cli, tmp_path: Path, *extra: object) -> Scene:
+def _scene(pub: Published, tmp_path: Path, *extra: object) -> Scene:
+    """A new device, initialised and brought to v1 with real agent processes."""
     store = tmp_path / "store"
     shutil.copytree(pub.snapshots["v1"], store)
-    dev = Device(cli, pub.root, f"file://{store}", tmp_path / "dev", *extra)
+    dev = Device(None, pub.root, f"file://{store}", tmp_path / "dev", *extra)
     dev.update("v1")
     return Scene(pub, store, dev, tmp_path)
 
 
-@pytest.fixture
-def scene(published: Published, cli: Cli, tmp_path: Path) -> Scene:
-    return _scene(published, cli, tmp_path)
+def _installed(pub: Published, work: Path) -> Device:
+    """A device that a clean ``run --once`` brought to v1: the template the tests copy."""
+    store = work / "store"
+    shutil.copytree(pub.snapshots["v1"], store)
+    dev = Device(None, pub.root, f"file://{store}", work / "dev")
+    dev.update("v1")
+    return dev
+
+
+def _cloned(pub: Published, template: Device, tmp_path: Path) -> Scene:
+    """A copy of the v1 device (hard links and all) and of the v1 store, for one test."""
+    store = tmp_path / "store"
+    shutil.copytree(pub.snapshots["v1"], store)
+    dev = template.clone(tmp_path / "dev", f"file://{store}")
+    assert dev.current() == "v1"
+    return Scene(pub, store, dev, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def device_v1(published: Published, tmp_path_factory: pytest.TempPathFactory) -> Device:
+    return _installed(published, tmp_path_factory.mktemp("device-1of1"))
+
+
+@pytest.fixture(scope="module")
+def device_v1_2of2(published_2of2: Published,
+                   tmp_path_factory: pytest.TempPathFactory) -> Device:
+    return _installed(published_2of2, tmp_path_factory.mktemp("device-2of2"))
 
 
 @pytest.fixture
-def scene_2of2(published_2of2: Published, cli: Cli, tmp_path: Path) -> Scene:
-    return _scene(published_2of2, cli, tmp_path)
+def scene(published: Published, device_v1: Device, tmp_path: Path) -> Scene:
+    return _cloned(published, device_v1, tmp_path)
+
+
+@pytest.fixture
+def scene_2of2(published_2of2: Published, device_v1_2of2: Device, tmp_path: Path) -> Scene:
+    return _cloned(published_2of2, device_v1_2of2, tmp_path)
 
 
 def _key(pub: Published) -> list[SigningKey]:
@@ -127,6 +167,9 @@ def _key(pub: Published) -> list[SigningKey]:
 
 # -- tampered, truncated and endless objects ------------------------------------------------
 
+# What an endless body may be refused as: cut off at the pinned length or the cap, or refused
+# outright because a local store file is not a regular file.
+ENDLESS = ("more than", "larger than", "not a regular file")
 TAMPER_NEEDLES = {
     "flip": ("differs from the pinned", "tampered with"),
     "truncate": ("the index pins",),
@@ -156,7 +199,7 @@ def test_endless_object_is_cut_off(scene: Scene) -> None:
     path = scene.store / "objects" / obj
     path.unlink()
     path.symlink_to("/dev/zero")
-    scene.attack(obj, "more than")
+    scene.attack(obj, ENDLESS)
 
 
 @pytest.fixture
@@ -169,22 +212,28 @@ def s3_scene(published: Published, cli: Cli, bucket: str, tmp_path: Path) -> Sce
     return Scene(published, tmp_path / "unused", dev, tmp_path, s3, bucket)
 
 
-def _upload(s3: Any, bucket: str, snapshot: Path) -> None:
+def _upload(s3: Any, bucket: str, snapshot: Path, previous: Path | None = None) -> None:
+    """Upload a store snapshot under ``fleet/``: what changed since ``previous``."""
     for p in sorted(snapshot.rglob("*")):
-        if p.is_file():
-            s3.put_object(Bucket=bucket, Key=f"fleet/{p.relative_to(snapshot)}",
-                          Body=p.read_bytes())
+        rel = p.relative_to(snapshot)
+        if p.is_file() and (previous is None or not (previous / rel).is_file()
+                            or (previous / rel).read_bytes() != p.read_bytes()):
+            s3.put_object(Bucket=bucket, Key=f"fleet/{rel}", Body=p.read_bytes())
 
 
-@pytest.mark.parametrize("kind", ["flip", "truncate", "extend"])
-def test_tampered_object_on_s3(s3_scene: Scene, kind: str) -> None:
-    s3, bucket = s3_scene.s3, s3_scene.bucket
-    _upload(s3, bucket, s3_scene.pub.snapshots["v2"])
-    obj = patch_object(s3_scene.pub.snapshots["v2"], "v1")
+def test_tampered_object_on_s3(s3_scene: Scene) -> None:
+    """Flipped, truncated and extended objects served by moto's S3 server, one after the
+    other to the same device; then the genuine object, which installs."""
+    s3, bucket, pub = s3_scene.s3, s3_scene.bucket, s3_scene.pub
+    _upload(s3, bucket, pub.snapshots["v2"], previous=pub.snapshots["v1"])
+    obj = patch_object(pub.snapshots["v2"], "v1")
     good = s3_scene.genuine(f"objects/{obj}").read_bytes()
-    s3.put_object(Bucket=bucket, Key=f"fleet/objects/{obj}", Body=TAMPER[kind](good))
-
-    s3_scene.attack(obj[:16], *TAMPER_NEEDLES[kind])
+    for kind in ("flip", "truncate", "extend"):
+        s3.put_object(Bucket=bucket, Key=f"fleet/objects/{obj}", Body=TAMPER[kind](good))
+        try:
+            s3_scene.attack(obj[:16], *TAMPER_NEEDLES[kind])
+        except AssertionError as e:
+            raise AssertionError(f"{kind}: {e}") from e
     s3.put_object(Bucket=bucket, Key=f"fleet/objects/{obj}", Body=good)
     s3_scene.dev.update("v2")
 
@@ -283,10 +332,9 @@ def test_expired_manifest(scene: Scene) -> None:
 
 
 @pytest.mark.parametrize(("grace", "accepted"), [(1800, False), (7200, True)])
-def test_expiry_grace(published: Published, cli: Cli, tmp_path: Path, grace: int,
-                      accepted: bool) -> None:
+def test_expiry_grace(published: Published, tmp_path: Path, grace: int, accepted: bool) -> None:
     """A device with a bad clock may accept a manifest expired less than its grace ago."""
-    scene = _scene(published, cli, tmp_path, "--expiry-grace", grace)
+    scene = _scene(published, tmp_path, "--expiry-grace", grace)
     scene.release()
     _expire(scene, timedelta(hours=1))
     if accepted:
@@ -335,11 +383,35 @@ def test_oversized_manifest(scene: Scene) -> None:
     scene.attack(f"over its {MAX_MANIFEST_SIZE}-byte cap", manifest_rejected=True)
 
 
-def test_endless_manifest(scene: Scene) -> None:
+@pytest.mark.parametrize("kind", ["device", "pipe", "pipe without writer"])
+def test_endless_manifest(scene: Scene, kind: str) -> None:
+    """A manifest that never ends: a link to /dev/zero, or a pipe someone keeps writing to;
+    or one that never starts: a pipe nobody writes to (the agent must not hang on it)."""
     scene.release()
-    (scene.store / "manifest.json").unlink()
-    (scene.store / "manifest.json").symlink_to("/dev/zero")
-    scene.attack("manifest.json", f"{MAX_MANIFEST_SIZE}-byte cap", manifest_rejected=True)
+    path = scene.store / "manifest.json"
+    path.unlink()
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+        scene.attack("manifest.json", ENDLESS, manifest_rejected=True)
+        return
+    os.mkfifo(path)
+    if kind == "pipe without writer":
+        scene.attack("manifest", manifest_rejected=True, timeout=20)
+        return
+    writer = threading.Thread(target=_flood, args=(path,), daemon=True)
+    writer.start()
+    try:
+        scene.attack("manifest.json", ENDLESS, manifest_rejected=True)
+    finally:
+        with contextlib.suppress(OSError):  # release a writer still waiting for a reader
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(10)
+
+
+def _flood(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "wb") as f:
+        while True:
+            f.write(b"x" * 65536)
 
 
 @pytest.mark.parametrize("body", ["oversized", "endless"])
@@ -354,15 +426,16 @@ def test_oversized_index(scene: Scene, body: str) -> None:
         (scene.store / "objects" / digest).symlink_to("/dev/zero")
     forge_manifest(scene.store, _key(scene.pub),
                    lambda m: point_at(m, version="v2", digest=digest, length=length))
-    scene.attack(digest, f"{MAX_INDEX_SIZE}-byte cap")
+    cap = f"{MAX_INDEX_SIZE}-byte cap"
+    scene.attack(digest, cap if body == "oversized" else (cap, "not a regular file"))
 
 
 # -- wrong content behind valid signatures --------------------------------------------------
 
 
-def test_valid_object_for_another_group(scene: Scene) -> None:
-    """A (validly signed) index that hands one group another group's patch: the rebuilt file
-    is checked against the group's sha256 before it can become live."""
+def test_one_object_listed_for_two_groups(scene: Scene) -> None:
+    """A (validly signed) index that hands one group another group's patch. Found by this
+    suite: both downloads raced on one partial file and the agent died with a traceback."""
     scene.release()
     patched = [g for g in current_index(scene.store)["groups"] if g["patches"]]
     assert len(patched) >= 2
@@ -373,7 +446,51 @@ def test_valid_object_for_another_group(scene: Scene) -> None:
         groups[victim]["patches"] = groups[donor]["patches"]
 
     forge_index(scene.store, _key(scene.pub), edit)
-    scene.attack(f"group {victim}")
+    scene.attack("for both group", victim, donor)
+
+
+def test_rebuilt_group_checked_against_the_index(scene: Scene) -> None:
+    """Wrong software installation: a (validly signed) index whose group sha256 is not what
+    its patch rebuilds. The rebuilt file is checked before it can become live."""
+    scene.release()
+    victim = next(g for g in current_index(scene.store)["groups"] if g["patches"])["name"]
+
+    def edit(signed: Signed) -> None:
+        group = next(g for g in signed["groups"] if g["name"] == victim)
+        group["sha256"] = sha(b"some other group file")
+
+    forge_index(scene.store, _key(scene.pub), edit)
+    scene.attack(f"group {victim}", "differs from the release index")
+
+
+def _plan_index(files: list[tuple[str, str, str]], groups: int = 0) -> ReleaseIndex:
+    """An index with ``groups`` groups and ``files`` (path, content sha, object sha)."""
+    return ReleaseIndex(
+        "v9", now_utc(),
+        tuple(GroupEntry(f"g{i}", f"g{i}.safetensors", sha(b"g%d" % i), 10, (),
+                         ObjectRef(sha(b"full"), 5, "dspatch")) for i in range(groups)),
+        tuple(FileEntry(path, content, 3, ObjectRef(obj, 2, "zstd"))
+              for path, content, obj in files),
+    )
+
+
+def test_plan_fetches_identical_files_once() -> None:
+    """Two files with the same content share one object: it is downloaded once (found by this
+    suite: the two downloads raced on one partial file; such a model could not install)."""
+    a, b = sha(b"license"), sha(b"other")
+    plan = make_plan(_plan_index([("LICENSE", a, sha(b"o1")), ("docs/LICENSE", a, sha(b"o1")),
+                                  ("README", b, sha(b"o2"))]), set())
+    assert [s.have for s in plan.files] == [False, True, False]
+    assert plan.download_bytes == 4
+    plan = make_plan(_plan_index([("LICENSE", a, sha(b"o1")), ("copy", a, sha(b"o1"))]), {a})
+    assert [s.have for s in plan.files] == [True, True]
+
+
+def test_plan_refuses_an_object_shared_by_two_contents() -> None:
+    with pytest.raises(FormatError, match="for both group g0 and group g1"):
+        make_plan(_plan_index([], groups=2), set())
+    with pytest.raises(FormatError, match="for both file a and file b"):
+        make_plan(_plan_index([("a", sha(b"1"), sha(b"o")), ("b", sha(b"2"), sha(b"o"))]), set())
 
 
 # -- path traversal -------------------------------------------------------------------------
@@ -388,7 +505,7 @@ def _file(signed: Signed, path: str) -> None:
     signed["files"][0]["path"] = path
 
 
-TRAVERSALS = {
+TRAVERSALS: dict[str, tuple[Callable[[Signed, Path], None], str]] = {
     "group ../evil": (lambda s, tmp: _group(s, "../evil", "../evil.safetensors"),
                       "unsafe group name '../evil'"),
     "group file ../../etc/x": (lambda s, tmp: _group(s, s["groups"][0]["name"], "../../etc/x"),
@@ -421,9 +538,14 @@ def test_path_traversal_in_the_version_name(scene: Scene) -> None:
     assert [p for p in scene.tmp.rglob("evil*")] == []
 
 
-def test_store_untouched_by_device(scene: Scene) -> None:
-    """Sanity check of the harness: a clean v2 release installs, and v1 stays retained."""
+def test_harness_clean_release_installs(scene: Scene) -> None:
+    """Sanity check of the harness: on a copied device a clean v2 release installs, v1 stays
+    retained with its objects, and live files are still hard links into ``objects/``."""
     scene.release()
     scene.dev.update("v2")
     assert manifest_of(scene.store)["current"]["version"] == "v2"
     assert sorted(os.listdir(scene.dev.model_dir / "versions")) == ["v1", "v2"]
+    objects = {p.name for p in (scene.dev.model_dir / "objects").iterdir()}
+    assert scene.pub.content["v1"] | scene.pub.content["v2"] <= objects
+    for p in (scene.dev.model_dir / "current").iterdir():
+        assert p.name == "model.safetensors.index.json" or p.stat().st_nlink >= 2, p
