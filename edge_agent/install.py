@@ -20,7 +20,7 @@ from manifest.metadata import FileEntry, ObjectRef
 from manifest.safetensors_format import SafetensorsFile
 from manifest.trust import StreamVerifier
 
-from .layout import DeviceLayout
+from .layout import DeviceLayout, disk_errors
 from .planner import GroupStep
 
 __all__ = ["check_download", "install_file", "install_group"]
@@ -45,7 +45,7 @@ def install_group(
     g = step.group
     tmp = layout.new_tmp()
     try:
-        with open(tmp, "wb") as out:
+        with disk_errors(layout.root), open(tmp, "wb") as out:
             if step.kind == "patch":
                 assert step.base_sha256 is not None
                 with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
@@ -67,7 +67,7 @@ def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:
     tmp = layout.new_tmp()
     v = StreamVerifier(entry.sha256, entry.length, f"file {entry.path}")
     try:
-        with open(obj, "rb") as src, open(tmp, "wb") as out:
+        with disk_errors(layout.root), open(obj, "rb") as src, open(tmp, "wb") as out:
             reader = zstandard.ZstdDecompressor().stream_reader(src)
             while block := reader.read(1 << 20):
                 v.update(block)  # raises as soon as the output passes the declared length

@@ -309,7 +309,10 @@ async def run_forever(
             try:
                 result = task.result()
             except DeltashipError as e:
-                _record(agent, None, e)
+                try:
+                    _record(agent, None, e)
+                except DeltashipError as why:  # a full disk: keep the cycle's own error
+                    log.warning("could not record the failure: %s", why)
                 if once:
                     raise  # the command line prints it: one line on stderr
                 log.error("update failed: %s", e)
