@@ -9,7 +9,6 @@ groups or one huge embedding.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,10 +133,14 @@ def encode_all(
     *,
     level: int = 3,
     chunk_bytes: int = CHUNK_BYTES,
-    in_flight: int = 4,
+    in_flight: int = 16,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Iterator[EncodeResult]:
-    """Encode every task; yields each result as soon as its container is written."""
+    """Encode every task; yields each result as soon as its container is written.
+
+    Up to ``in_flight`` chunks, holding at most ``4 x chunk_bytes`` of tensor data, are coded
+    ahead of the writer: small chunks keep every core busy, large ones stay few.
+    """
 
     def work(ev: Any) -> Any:
         if not isinstance(ev, _Chunk):
@@ -148,10 +151,12 @@ def encode_all(
             base = ev.base_file.read(ev.base, ev.start, ev.end - ev.start)
         return encode_chunk(new, base, ev.src.info.width, level), ev.end - ev.start
 
+    def weight(ev: Any) -> int:
+        return ev.end - ev.start if isinstance(ev, _Chunk) else 0
+
     builder: ContainerBuilder | None = None
-    workers = executor._max_workers if executor is not None else 1
     events = _events(tasks, chunk_bytes)
-    for ev in ordered_map(work, events, executor, max(in_flight, 2 * workers)):
+    for ev in ordered_map(work, events, executor, in_flight, weight, 4 * chunk_bytes):
         if isinstance(ev, tuple) and ev[0] == "group":
             task = ev[1]
             base_ref = None
@@ -197,6 +202,5 @@ class _HashingWriter:
         return self._h.hexdigest()
 
     def close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        # No fsync: staged objects are uploaded, then deleted; a crash means re-running.
         self._f.close()

@@ -290,8 +290,7 @@ def _encode(plan: _Plan, ex: ThreadPoolExecutor, cfg: ReleaseConfig) -> list[Enc
     bar = Progress("encoding", total, enabled=cfg.progress)
     try:
         results = list(
-            encode_all(plan.tasks, ex, level=cfg.level, in_flight=2 * cfg.workers,
-                       on_bytes=bar.advance)
+            encode_all(plan.tasks, ex, level=cfg.level, on_bytes=bar.advance)
         )
     finally:
         bar.close()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole release story on this machine: a local S3-compatible server, a generated MoE
-# model, keys, a trust root, two releases and what a device at each version would download.
+# The whole story on this machine: a local S3-compatible server, a generated MoE model, keys,
+# a trust root, releases, and a device agent that installs, updates, rolls back and follows a
+# fleet revert, downloading only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
@@ -47,16 +48,33 @@ deltaship-publish init --store "$store" --key "$work/keys/release.key" --out "$w
 step "Releasing v1 (a fresh device downloads everything)"
 deltaship-publish release "$work/v1" --store "$store" --version v1 --key "$work/keys/release.key"
 
+step "A device pins the trust root and installs v1 (deltaship-agent run --once)"
+deltaship-agent init --store "$store" --trust "$work/root.json" --model-dir "$work/device" \
+    --config "$work/agent.toml" --device-id demo-device
+deltaship-agent run --once --config "$work/agent.toml"
+ls -l "$work/device/current"
+
 step "Releasing v2: two experts (and the routers) were trained further"
 deltaship-publish release "$work/v2" --store "$store" --version v2 --key "$work/keys/release.key"
+
+step "The device downloads only the changed groups, patches, verifies and switches"
+deltaship-agent run --once --config "$work/agent.toml"
+deltaship-agent status --config "$work/agent.toml"
+
+step "Rolling the device back by hand (offline, re-verified, pinned), then resuming"
+deltaship-agent rollback --config "$work/agent.toml"
+deltaship-agent run --once --config "$work/agent.toml"
+deltaship-agent resume --config "$work/agent.toml"
+deltaship-agent run --once --config "$work/agent.toml"
 
 step "What v3 (a dense fine-tune of every weight) would cost, without uploading (--dry-run)"
 deltaship-publish release "$work/v3" --store "$store" --version v3 --key "$work/keys/release.key" --dry-run
 
-step "Release history, then a fleet-wide revert to v1"
+step "Release history, then a fleet-wide revert to v1, which the device follows"
 deltaship-publish history --store "$store"
 deltaship-publish revert --store "$store" --to v1 --key "$work/keys/release.key"
 deltaship-publish history --store "$store"
+deltaship-agent run --once --config "$work/agent.toml"
 
 step "A key the trust root does not list is refused with one clear line"
 deltaship-publish keygen --out "$work/rogue" --name rogue >/dev/null
