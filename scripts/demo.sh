@@ -38,7 +38,8 @@ step "Generating a small Mixtral-style MoE model (bf16) and its next versions"
 python scripts/modelgen.py moe "$work/v1" --layers 4 --experts 8 --hidden 256 --ffn 512 --vocab 4000
 python scripts/modelgen.py train-experts "$work/v1" "$work/v2" --expert 1:3 --expert 2:6
 python scripts/modelgen.py finetune "$work/v2" "$work/v3"
-deltaship-publish inspect "$work/v1" | head -8
+deltaship-publish inspect "$work/v1" >"$work/groups.txt"
+head -8 "$work/groups.txt"
 echo "  ..."
 
 step "Creating a signing key and the store's trust root"
