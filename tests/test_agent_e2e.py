@@ -164,3 +164,40 @@ def test_verify_and_repair(cli: Cli, published: tuple[str, Path], release_key: P
     dev.agent("verify", "--repair")
     assert _raw(dev.live) == _raw(moe_family.v1)
     assert "matches" in dev.agent("verify").stdout
+
+
+def test_service_polls_and_stops_cleanly_on_sigterm(cli: Cli, published: tuple[str, Path],
+                                                    release_key: Path, moe_family: MoEFamily,
+                                                    tmp_path: Path) -> None:
+    """`run` as a service: installs, follows a new release on its next poll, stops on SIGTERM."""
+    import signal
+    import time
+
+    from .conftest import BIN
+
+    store, root = published
+    _release(cli, store, moe_family.v1, "v1", release_key)
+    dev = Device(cli, root, store, tmp_path / "dev", "--interval", "1")
+    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--config", str(dev.config)],
+                            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        def wait_for(version: str) -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if dev.live.exists() and dev.status()["current"] == version:
+                    return
+                time.sleep(0.2)
+            raise AssertionError(f"the service did not reach {version}")
+
+        wait_for("v1")
+        _release(cli, store, moe_family.v2, "v2", release_key)
+        wait_for("v2")
+        assert _raw(dev.live) == _raw(moe_family.v2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "switched to v2" in err and "Traceback" not in err
