@@ -195,7 +195,7 @@ def test_service_polls_and_stops_cleanly_on_sigterm(cli: Cli, published: tuple[s
         wait_for("v2")
         assert _raw(dev.live) == _raw(moe_family.v2)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
