@@ -39,6 +39,7 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig
+from .hooks import HookError, parse_hooks
 from .install import check_download, install_file, install_group
 from .layout import DeviceLayout, hash_file
 from .lock import model_dir_lock
@@ -73,6 +74,7 @@ class Agent:
         self.layout = DeviceLayout(cfg.model_dir)
         self.state_path = cfg.state_dir / "state.json"
         self.grace = timedelta(seconds=cfg.expiry_grace)
+        self.hooks = parse_hooks(dict(cfg.hooks))
 
     # -- trust -----------------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Agent:
             downloaded = await self.install(source, index, ibytes, state)
         self.layout.switch(target)
         log.info("switched to %s (was %s)", target, current or "nothing")
+        await self.check_health(target, current)
         state = load_state(self.state_path)
         state.history.append({"at": format_time(self.now()), "event": "switch",
                               "from": current, "to": target})
@@ -148,6 +151,33 @@ class Agent:
         self.prune(target, previous=current)
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
                            downloaded)
+
+    async def check_health(self, target: str, previous: str | None) -> None:
+        """Notify the model server and check it; on failure switch back and remember."""
+        if self.hooks.empty:
+            return
+        try:
+            await self.hooks.after_switch(target, self.layout.version_dir(target))
+            return
+        except HookError as e:
+            failure = e
+        if previous is not None and self.layout.has_version(previous):
+            self.layout.switch(previous)
+            try:
+                await self.hooks.after_switch(previous, self.layout.version_dir(previous))
+            except HookError as e:
+                log.error("the previous version %s is not healthy either: %s", previous, e)
+        state = load_state(self.state_path)
+        if target not in state.failed_versions:
+            state.failed_versions.append(target)
+        state.history.append({"at": format_time(self.now()), "event": "switch",
+                              "from": target, "to": previous, "reason": "health check failed"})
+        save_state(state, self.state_path)
+        raise HookError(
+            f"{target} failed after the switch ({failure}); switched back to "
+            f"{previous or 'nothing'} and will not retry {target} until a newer release or "
+            "`deltaship-agent resume`"
+        ) from failure
 
     async def install(
         self, source: Source, index: ReleaseIndex, index_bytes: bytes, state: AgentState

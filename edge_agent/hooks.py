@@ -1,0 +1,168 @@
+"""After a switch: tell the model server (hooks), then check that it is healthy.
+
+Hooks and the health check come from the ``[hooks]`` table of the agent configuration::
+
+    [hooks]
+    notify = [
+      {kind = "http", method = "POST", url = "http://127.0.0.1:8000/v2/repository/models/m/load",
+       body = '{"version": "{version}", "path": "{path}"}'},
+      {kind = "command", argv = ["systemctl", "reload", "model-server"]},
+      {kind = "signal", pidfile = "/run/model-server.pid", signal = "HUP"},
+    ]
+    health = {kind = "http", url = "http://127.0.0.1:8000/version", expect_version = true,
+              timeout = 5, attempts = 10, interval = 1}
+    # or: health = {kind = "command", argv = ["/usr/local/bin/check-model"], timeout = 30}
+
+Notify requests default to POST, health requests to GET (``method`` overrides).
+``{version}`` and ``{path}`` (the version directory) are substituted in URLs, bodies and
+arguments. Every hook and check has a timeout; a hook that hangs is a failed hook. The update
+loop decides what a failure means (switch back, remember the version as failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal as signals
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from manifest.errors import DeltashipError, LocalError
+
+__all__ = ["HookError", "Hooks", "parse_hooks"]
+
+
+class HookError(DeltashipError):
+    """A notification hook or the health check failed: the new version is not healthy."""
+
+    exit_code = 6
+
+
+@dataclass(frozen=True)
+class Hook:
+    kind: str  # "http", "command" or "signal"
+    url: str = ""
+    method: str = "POST"
+    body: str = ""
+    argv: tuple[str, ...] = ()
+    pidfile: str = ""
+    signal: str = "HUP"
+    timeout: float = 10.0
+    expect_version: bool = False
+    attempts: int = 1
+    interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class Hooks:
+    notify: tuple[Hook, ...] = ()
+    health: Hook | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.notify and self.health is None
+
+    async def after_switch(self, version: str, path: Path) -> None:
+        """Run every notify hook, then the health check; raise HookError on the first failure."""
+        for hook in self.notify:
+            await _attempt(hook, version, path, "notify hook")
+        if self.health is not None:
+            last: HookError | None = None
+            for i in range(max(1, self.health.attempts)):
+                try:
+                    await _attempt(self.health, version, path, "health check")
+                    return
+                except HookError as e:
+                    last = e
+                    if i + 1 < self.health.attempts:
+                        await asyncio.sleep(self.health.interval)
+            assert last is not None
+            raise last
+
+
+def _fill(text: str, version: str, path: Path) -> str:
+    return text.replace("{version}", version).replace("{path}", str(path))
+
+
+async def _attempt(hook: Hook, version: str, path: Path, what: str) -> None:
+    try:
+        await asyncio.wait_for(_run(hook, version, path), timeout=hook.timeout)
+    except TimeoutError as e:
+        raise HookError(f"{what} ({hook.kind}) did not finish within {hook.timeout:g} s") from e
+
+
+async def _run(hook: Hook, version: str, path: Path) -> None:
+    if hook.kind == "http":
+        url = _fill(hook.url, version, path)
+        try:
+            async with aiohttp.ClientSession() as session, session.request(
+                hook.method, url, data=_fill(hook.body, version, path).encode() or None
+            ) as resp:
+                text = await resp.text(errors="replace")
+        except aiohttp.ClientError as e:
+            raise HookError(f"{hook.method} {url} failed: {e}") from e
+        if not 200 <= resp.status < 300:
+            raise HookError(f"{hook.method} {url} answered HTTP {resp.status}")
+        if hook.expect_version and version not in text:
+            raise HookError(f"{url} does not report version {version}")
+    elif hook.kind == "command":
+        argv = [_fill(a, version, path) for a in hook.argv]
+        env = {**os.environ, "DELTASHIP_VERSION": version, "DELTASHIP_PATH": str(path)}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+        except OSError as e:
+            raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:
+            proc.kill()
+            await proc.wait()
+            raise
+        if proc.returncode != 0:
+            detail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise HookError(f"{argv[0]} exited {proc.returncode} {detail[0]}".rstrip())
+    else:  # signal
+        try:
+            pid = int(Path(hook.pidfile).read_text().strip())
+            os.kill(pid, getattr(signals, f"SIG{hook.signal.upper().removeprefix('SIG')}"))
+        except (OSError, ValueError, AttributeError) as e:
+            raise HookError(f"cannot signal the process in {hook.pidfile}: {e}") from e
+
+
+_FIELDS = set(Hook.__dataclass_fields__)
+
+
+def _hook(d: Any, where: str, method: str) -> Hook:
+    if not isinstance(d, dict) or d.get("kind") not in ("http", "command", "signal"):
+        raise LocalError(f"{where}: needs kind = \"http\", \"command\" or \"signal\"")
+    unknown = set(d) - _FIELDS
+    if unknown:
+        raise LocalError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    d = {"method": method, **d}
+    if "argv" in d:
+        d["argv"] = tuple(d["argv"])
+    hook = Hook(**d)
+    needs = {"http": hook.url, "command": hook.argv, "signal": hook.pidfile}[hook.kind]
+    if not needs:
+        raise LocalError(f"{where}: a {hook.kind} hook needs "
+                         f"{ {'http': 'url', 'command': 'argv', 'signal': 'pidfile'}[hook.kind] }")
+    return hook
+
+
+def parse_hooks(d: dict[str, Any]) -> Hooks:
+    """The ``[hooks]`` table of the configuration (see the module docstring)."""
+    unknown = set(d) - {"notify", "health"}
+    if unknown:
+        raise LocalError(f"[hooks]: unknown setting {sorted(unknown)[0]!r}")
+    notify = tuple(
+        _hook(h, f"hooks.notify[{i}]", "POST") for i, h in enumerate(d.get("notify", []))
+    )
+    health = _hook(d["health"], "hooks.health", "GET") if "health" in d else None
+    if health is not None and health.kind == "signal":
+        raise LocalError("hooks.health: a health check is an http request or a command")
+    return Hooks(notify, health)

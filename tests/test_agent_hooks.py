@@ -1,0 +1,162 @@
+"""Hooks and health checks after a switch, with automatic switch back: real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from .conftest import Cli, MoEFamily
+from .test_agent_e2e import Device, _raw, _release
+
+
+@pytest.fixture
+def fleet(cli: Cli, bucket: str, release_key: Path, moe_family: MoEFamily,
+          tmp_path: Path) -> tuple[str, Path]:
+    store = f"s3://{bucket}/hooks"
+    cli.publish("init", "--store", store, "--key", release_key, "--out", tmp_path / "root.json")
+    _release(cli, store, moe_family.v1, "v1", release_key)
+    return store, tmp_path / "root.json"
+
+
+def _with_hooks(dev: Device, toml: str) -> None:
+    with open(dev.config, "a") as f:
+        f.write("\n[hooks]\n" + toml + "\n")
+
+
+def test_failing_health_check_switches_back_and_is_not_retried(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    store, root = fleet
+    dev = Device(cli, root, store, tmp_path / "dev")
+    # The model server is healthy on a version when its flag file exists.
+    (tmp_path / "healthy-v1").touch()
+    _with_hooks(dev, f'health = {{kind = "command", argv = ["test", "-f", '
+                     f'"{tmp_path}/healthy-{{version}}"], timeout = 5}}')
+    dev.agent("run", "--once")
+    assert dev.status()["current"] == "v1"
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    p = dev.agent("run", "--once", check=False)
+    assert p.returncode == 6, p.stderr
+    assert "v2 failed after the switch" in p.stderr and "switched back to v1" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    st = dev.status()
+    assert st["current"] == "v1" and st["failed_versions"] == ["v2"]
+    assert _raw(dev.live) == _raw(moe_family.v1)
+    # Not retried in a loop...
+    p = dev.agent("run", "--once")
+    assert "not retried" in p.stdout and dev.status()["current"] == "v1"
+    # ...until an operator resumes (and the server is healthy again).
+    (tmp_path / "healthy-v2").touch()
+    dev.agent("resume")
+    dev.agent("run", "--once")
+    assert dev.status()["current"] == "v2"
+    assert _raw(dev.live) == _raw(moe_family.v2)
+
+
+def test_a_hanging_hook_is_timed_out(cli: Cli, fleet: tuple[str, Path], release_key: Path,
+                                     moe_family: MoEFamily, tmp_path: Path) -> None:
+    store, root = fleet
+    dev = Device(cli, root, store, tmp_path / "dev")
+    dev.agent("run", "--once")
+    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sleep", "60"], timeout = 1}]')
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    t0 = time.monotonic()
+    p = dev.agent("run", "--once", check=False)
+    assert time.monotonic() - t0 < 30
+    assert p.returncode == 6 and "did not finish within 1 s" in p.stderr
+    assert dev.status()["current"] == "v1"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    seen: ClassVar[list[tuple[str, str, str]]] = []
+    version = ""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        self.seen.append(("POST", self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.seen.append(("GET", self.path, ""))
+        data = json.dumps({"version": _Recorder.version}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_http_notify_and_http_health_with_version(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    store, root = fleet
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        dev = Device(cli, root, store, tmp_path / "dev")
+        dev.agent("run", "--once")
+        body = '{"version": "{version}", "path": "{path}"}'
+        _with_hooks(dev, 'notify = [{kind = "http", method = "POST", url = "' + url + '/load", '
+                         "body = '" + body + "'}]\n"
+                         'health = {kind = "http", url = "' + url + '/version", '
+                         'expect_version = true, timeout = 5, attempts = 3, interval = 0.1}')
+        _release(cli, store, moe_family.v2, "v2", release_key)
+        _Recorder.version = "v1"  # the server keeps reporting the old version: not healthy
+        p = dev.agent("run", "--once", check=False)
+        assert p.returncode == 6 and "does not report version v2" in p.stderr
+        posts = [json.loads(b) for m, _, b in _Recorder.seen if m == "POST"]
+        assert [b["version"] for b in posts] == ["v2", "v1"]  # notified, then switched back
+        assert posts[0]["path"].endswith("versions/v2")
+        assert sum(1 for m, p_, _ in _Recorder.seen if p_ == "/version") >= 3  # retried
+        _Recorder.version = "v2"
+        dev.agent("resume")
+        dev.agent("run", "--once")
+        assert dev.status()["current"] == "v2"
+    finally:
+        server.shutdown()
+
+
+def test_signal_hook(cli: Cli, fleet: tuple[str, Path], release_key: Path,
+                     moe_family: MoEFamily, tmp_path: Path) -> None:
+    store, root = fleet
+    got = tmp_path / "got-hup"
+    script = ("import signal, pathlib, time\n"
+              f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(got)!r}).touch())\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        (tmp_path / "server.pid").write_text(str(proc.pid))
+        time.sleep(0.5)  # let it install its handler
+        dev = Device(cli, root, store, tmp_path / "dev")
+        _with_hooks(dev, f'notify = [{{kind = "signal", pidfile = "{tmp_path / "server.pid"}",'
+                         ' signal = "HUP"}]')
+        dev.agent("run", "--once")
+        deadline = time.monotonic() + 10
+        while not got.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_bad_hook_configuration_is_one_clear_line(cli: Cli, fleet: tuple[str, Path],
+                                                  tmp_path: Path) -> None:
+    store, root = fleet
+    dev = Device(cli, root, store, tmp_path / "dev")
+    _with_hooks(dev, 'notify = [{kind = "carrier-pigeon"}]')
+    p = dev.agent("run", "--once", check=False)
+    assert p.returncode == 2 and "hooks.notify[0]" in p.stderr
+    assert "Traceback" not in p.stderr
