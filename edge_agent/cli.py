@@ -12,14 +12,19 @@ import errno
 import functools
 import json
 import logging
+import os
+import shlex
+import signal
 import sys
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
+from click.core import ParameterSource
 
 from manifest.errors import DeltashipError, DiskFullError, LocalError, NotFoundError
 from manifest.metadata import format_time
@@ -27,6 +32,7 @@ from manifest.stores import write_atomic
 from manifest.trust import verify_root
 
 from .config import AgentConfig, default_config_path, load_config, save_config
+from .hooks import HookError, parse_hooks
 from .lock import model_dir_lock
 from .state import load_state, save_state
 from .updater import Agent, run_forever
@@ -36,7 +42,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES = """\b
 Exit codes: 0 success (or up to date); 1 other error; 2 bad local input or configuration;
 3 the store sent data that failed verification (nothing was installed); 4 the store could not
-be reached; the live model is never touched by a failed update."""
+be reached; 5 another process changed the same thing; 6 a hook or the health check failed after
+a switch (the agent switched back to the previous version). The live model is never touched by
+a failed update."""
 
 
 def _errors(fn: F) -> F:
@@ -98,6 +106,74 @@ def main() -> None:
     """
 
 
+def _hooks_from_flags(notify_http: tuple[str, ...], notify_body: str | None,
+                      notify_command: tuple[str, ...], notify_signal: tuple[str, ...],
+                      hook_timeout: float, health_url: str | None, health_command: str | None,
+                      health_expect_version: bool, health_timeout: float, health_attempts: int,
+                      health_interval: float) -> dict[str, object]:
+    """The ``[hooks]`` table that init's --notify-* and --health-* flags describe, validated."""
+
+    def url(flag: str, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise LocalError(f"{flag} {value!r}: not an http:// or https:// URL")
+        return value
+
+    def argv(flag: str, value: str) -> list[str]:
+        try:
+            words = shlex.split(value)
+        except ValueError as e:
+            raise LocalError(f"{flag} {value!r}: {e}") from e
+        if not words:
+            raise LocalError(f"{flag}: the command is empty")
+        return words
+
+    def signal_hook(value: str) -> dict[str, object]:
+        pidfile, _, name = value.rpartition(":") if ":" in value else (value, "", "HUP")
+        name = name.upper().removeprefix("SIG")
+        if not pidfile or f"SIG{name}" not in signal.Signals.__members__:
+            raise LocalError(f"--notify-signal {value!r}: expected PIDFILE or PIDFILE:SIGNAL "
+                             "with a signal name such as HUP or USR1")
+        return {"kind": "signal", "pidfile": str(Path(pidfile).absolute()), "signal": name,
+                "timeout": hook_timeout}
+
+    ctx = click.get_current_context()
+    given = {p for p in ("hook_timeout", "health_timeout", "health_attempts", "health_interval")
+             if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
+    has_health = health_url is not None or health_command is not None
+    if health_url is not None and health_command is not None:
+        raise LocalError("--health-url and --health-command exclude each other: choose one")
+    if notify_body is not None and not notify_http:
+        raise LocalError("--notify-body needs --notify-http")
+    if health_expect_version and health_url is None:
+        raise LocalError("--health-expect-version needs --health-url")
+    if given - {"hook_timeout"} and not has_health:
+        flag = sorted(given - {"hook_timeout"})[0].replace("_", "-")
+        raise LocalError(f"--{flag} needs --health-url or --health-command")
+    if "hook_timeout" in given and not (notify_http or notify_command or notify_signal):
+        raise LocalError("--hook-timeout needs --notify-http, --notify-command or --notify-signal")
+
+    body = {"body": notify_body} if notify_body else {}
+    notify: list[dict[str, object]] = [
+        *({"kind": "http", "url": url("--notify-http", u), **body, "timeout": hook_timeout}
+          for u in notify_http),
+        *({"kind": "command", "argv": argv("--notify-command", c), "timeout": hook_timeout}
+          for c in notify_command),
+        *(signal_hook(s) for s in notify_signal),
+    ]
+    table: dict[str, object] = {"notify": notify} if notify else {}
+    check = {"timeout": health_timeout, "attempts": health_attempts, "interval": health_interval}
+    if health_url is not None:
+        expect = {"expect_version": True} if health_expect_version else {}
+        table["health"] = {"kind": "http", "url": url("--health-url", health_url), **expect,
+                           **check}
+    elif health_command is not None:
+        table["health"] = {"kind": "command", "argv": argv("--health-command", health_command),
+                           **check}
+    parse_hooks(table)
+    return table
+
+
 @main.command()
 @click.option("--store", required=True, metavar="URL",
               help="s3://BUCKET/PREFIX, https://HOST/PREFIX, http://..., file:///PATH or a path.")
@@ -118,12 +194,56 @@ def main() -> None:
               help="Previous versions kept for rollback.")
 @click.option("--expiry-grace", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds an expired manifest is still accepted (devices with bad clocks).")
+@click.option("--notify-http", multiple=True, metavar="URL",
+              help="After each switch, POST to URL; {version} and {path} (the new version's "
+              "directory) are replaced in it. An answer other than 2xx is a failure. Repeat for "
+              "several.")
+@click.option("--notify-body", metavar="TEMPLATE",
+              help="Body of every --notify-http request, with {version} and {path} replaced, "
+              "e.g. '{\"version\": \"{version}\"}'. Default: no body.")
+@click.option("--notify-command", multiple=True, metavar="CMD",
+              help="After each switch, run CMD, split into words as a shell would (no shell runs "
+              "it); {version} and {path} are replaced in every word and DELTASHIP_VERSION and "
+              "DELTASHIP_PATH are set. A non-zero exit is a failure. Repeat for several.")
+@click.option("--notify-signal", multiple=True, metavar="PIDFILE[:SIGNAL]",
+              help="After each switch, send SIGNAL (a name such as HUP or USR1; default HUP) to "
+              "the process whose id PIDFILE holds. Repeat for several.")
+@click.option("--hook-timeout", default=10.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="Time limit of each --notify-* hook; a hook that takes longer has failed.")
+@click.option("--health-url", metavar="URL",
+              help="After the notify hooks, GET URL ({version} and {path} replaced); the new "
+              "version is healthy once it answers 2xx.")
+@click.option("--health-command", metavar="CMD",
+              help="Instead of --health-url, run CMD (split and filled in as for "
+              "--notify-command); the new version is healthy once it exits 0.")
+@click.option("--health-expect-version", is_flag=True,
+              help="The --health-url answer must also contain the new version's name (a server "
+              "still serving the old version is not healthy).")
+@click.option("--health-timeout", default=5.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="Time limit of each health-check attempt.")
+@click.option("--health-attempts", default=10, show_default=True, metavar="N",
+              type=click.IntRange(min=1),
+              help="Health-check attempts before the new version is declared unhealthy.")
+@click.option("--health-interval", default=1.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0),
+              help="Pause between health-check attempts.")
 @_config_option
 @_errors
 def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interval: float,
          include: tuple[str, ...], endpoint_url: str | None, max_rate: float | None, keep: int,
-         expiry_grace: float, config_path: Path | None) -> None:
-    """Write the agent configuration and pin the trust root."""
+         expiry_grace: float, config_path: Path | None, **hook_flags: Any) -> None:
+    """Write the agent configuration and pin the trust root.
+
+    After each switch the agent can tell the model server (--notify-*: HTTP requests, then
+    commands, then signals) and then check that it is healthy (--health-*). If a hook or the
+    check fails, the agent switches back to the previous version (`run --once` exits 6) and does
+    not retry the failed one until a newer release or `deltaship-agent resume`. For what these
+    flags do not cover (another order or method, a timeout per hook), edit the [hooks] table of
+    the configuration file.
+    """
+    hooks = _hooks_from_flags(**hook_flags)
     try:
         root_bytes = trust.read_bytes()
     except OSError as e:
@@ -132,7 +252,7 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
     model_dir = model_dir.absolute()
     cfg = AgentConfig(store=store, model_dir=model_dir, device_id=_device_id(device_id),
                       interval=interval, include=include, endpoint_url=endpoint_url,
-                      max_rate=max_rate, keep=keep, expiry_grace=expiry_grace)
+                      max_rate=max_rate, keep=keep, expiry_grace=expiry_grace, hooks=hooks)
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(cfg.trust_path, root_bytes)
     path = config_path or default_config_path()
@@ -228,6 +348,11 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
                           "from": current, "to": to_version, "reason": "rollback"})
     save_state(state, agent.state_path)
     click.echo(f"rolled back {current} -> {to_version}; pinned until `deltaship-agent resume`")
+    try:  # tell the model server, like after any switch; the operator's choice stands
+        asyncio.run(agent.hooks.after_switch(to_version, agent.layout.version_dir(to_version)))
+    except HookError as e:
+        raise HookError(f"rolled back to {to_version}, but the model server is not healthy on "
+                        f"it: {e}") from e
 
 
 @main.command()
@@ -269,6 +394,65 @@ def verify(repair: bool, config_path: Path | None) -> None:
     with model_dir_lock(cfg.state_dir):
         asyncio.run(repair_version(agent, current, bad))
     click.echo(f"{current}: repaired {', '.join(bad)}")
+
+
+@main.command()
+@click.option("--model-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The agent's model directory [default: from the agent configuration].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port, printed when ready).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Forward passes computed at once.")
+@click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds between looks at MODEL_DIR/current when filesystem events are missed.")
+@click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the server's pid here (for the agent's signal hook: SIGHUP reloads).")
+@click.option("--full-reload", is_flag=True,
+              help="Reload every group on a switch instead of the changed ones (for comparison).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every swap.")
+@_config_option
+@_errors
+def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_interval: float,
+          pidfile: Path | None, full_reload: bool, verbose: bool,
+          config_path: Path | None) -> None:
+    """Serve the reference MoE model of MODEL_DIR/current over HTTP, hot-swapping its versions.
+
+    \b
+    A NumPy forward pass of a Mixtral-style model (embeddings, attention, routed top-k experts,
+    head) on the live version. When the agent switches `current`, the server loads and converts
+    only the groups that changed, runs a probe forward pass, and swaps the whole model with one
+    reference assignment: no request is dropped or sees a mix, and every response carries the
+    version that computed it. A version whose probe is not finite is refused and never serves.
+
+    \b
+    Endpoints:
+      POST /v1/forward   {"tokens": [1, 2, 3]}      next-token top 5 and the logits' sha256
+      POST /v1/generate  {"tokens": [...], "max_new_tokens": 8}
+      GET  /healthz      200 when the version `current` names is live, else 503 with the error
+      GET  /version      the live version;  GET /stats: requests, swaps, memory
+
+    \b
+    Health-gate the agent on it (the agent switches back when the check fails):
+      deltaship-agent serve --pidfile /run/deltaship-serve.pid &
+      deltaship-agent init ... --notify-signal /run/deltaship-serve.pid \
+          --health-url http://127.0.0.1:8000/healthz --health-expect-version
+    """
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s deltaship-agent serve: %(message)s", stream=sys.stderr)
+    if model_dir is None:
+        model_dir = _load(config_path).model_dir
+    cfg = ServeConfig(model_dir=model_dir, host=host, port=port, threads=threads,
+                      poll_interval=poll_interval, pidfile=pidfile, full_reload=full_reload)
+
+    def ready(url: str, version: str) -> None:
+        click.echo(f"serving {version} from {model_dir} at {url} (pid {os.getpid()})")
+        sys.stdout.flush()
+
+    asyncio.run(run_server(cfg, ready))
 
 
 main.help = (main.help or "") + "\n\n" + EXIT_CODES

@@ -7,6 +7,7 @@ only code that reads or writes the file. Nothing here reads the environment at i
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,7 +38,7 @@ class AgentConfig:
     keep: int = 2  # previous versions kept for rollback
     expiry_grace: float = 0.0  # seconds a manifest may be past its expiry (bad clocks)
     downloads: int = 4  # concurrent downloads
-    hooks: dict[str, object] = field(default_factory=dict)  # used by the hot-swap issue
+    hooks: dict[str, object] = field(default_factory=dict)  # the [hooks] table (edge_agent.hooks)
 
     @property
     def state_dir(self) -> Path:
@@ -48,17 +49,46 @@ class AgentConfig:
         return self.state_dir / "root.json"
 
 
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
+            "\r": "\\r"}
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_str(s: str) -> str:
+    """A TOML basic string: quote, backslash and control characters escaped, the rest as is."""
+    return '"' + "".join(
+        _ESCAPES.get(c) or (f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in s
+    ) + '"'
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.fullmatch(k) else _toml_str(k)
+
+
 def _toml_value(v: object) -> str:
+    """One TOML value on one line (tables become inline tables)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str | Path):
-        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{s}"'
+        return _toml_str(str(v))
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def _toml_table(name: str, table: dict[str, object]) -> list[str]:
+    """``[name]`` with one line per key; an array of tables is written one table per line."""
+    lines = [f"[{_toml_key(name)}]"]
+    for k, v in table.items():
+        if isinstance(v, list | tuple) and any(isinstance(x, dict) for x in v):
+            lines += [f"{_toml_key(k)} = ["] + [f"  {_toml_value(x)}," for x in v] + ["]"]
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    return lines
 
 
 def save_config(cfg: AgentConfig, path: Path) -> None:
@@ -68,8 +98,14 @@ def save_config(cfg: AgentConfig, path: Path) -> None:
         if v is None or f.name == "hooks":
             continue
         lines.append(f"{f.name} = {_toml_value(v)}")
+    if cfg.hooks:  # a table: after every top-level setting
+        lines += ["", *_toml_table("hooks", cfg.hooks)]
+    try:
+        data = ("\n".join(lines) + "\n").encode()
+    except UnicodeEncodeError as e:
+        raise LocalError(f"cannot write {path}: a setting is not valid UTF-8 text") from e
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, ("\n".join(lines) + "\n").encode(), 0o644)
+    write_atomic(path, data, 0o644)
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -13,7 +13,10 @@ Hooks and the health check come from the ``[hooks]`` table of the agent configur
               timeout = 5, attempts = 10, interval = 1}
     # or: health = {kind = "command", argv = ["/usr/local/bin/check-model"], timeout = 30}
 
-Notify requests default to POST, health requests to GET (``method`` overrides).
+Notify requests default to POST, health requests to GET (``method`` overrides). With
+``expect_version``, the health answer must name the new version: the ``version`` field of a JSON
+object body, or else the version as a whole word anywhere in the body (``v2`` does not match
+``v20``).
 ``{version}`` and ``{path}`` (the version directory) are substituted in URLs, bodies and
 arguments. Every hook and check has a timeout; a hook that hangs is a failed hook. The update
 loop decides what a failure means (switch back, remember the version as failed).
@@ -22,7 +25,9 @@ loop decides what a failure means (switch back, remember the version as failed).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import signal as signals
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +88,18 @@ class Hooks:
             raise last
 
 
+def _reported_version(body: str, expected: str) -> str:
+    """The version a health answer names: its JSON ``version`` field, else ``expected`` when
+    the body contains it as a whole word, else ``"none"``."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and "version" in doc:
+        return str(doc["version"])
+    return expected if re.search(rf"(?<![\w.-]){re.escape(expected)}(?![\w.-])", body) else "none"
+
+
 def _fill(text: str, version: str, path: Path) -> str:
     return text.replace("{version}", version).replace("{path}", str(path))
 
@@ -106,8 +123,9 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             raise HookError(f"{hook.method} {url} failed: {e}") from e
         if not 200 <= resp.status < 300:
             raise HookError(f"{hook.method} {url} answered HTTP {resp.status}")
-        if hook.expect_version and version not in text:
-            raise HookError(f"{url} does not report version {version}")
+        if hook.expect_version and _reported_version(text, version) != version:
+            raise HookError(f"{url} reports version {_reported_version(text, version)}, "
+                            f"not {version}")
     elif hook.kind == "command":
         argv = [_fill(a, version, path) for a in hook.argv]
         env = {**os.environ, "DELTASHIP_VERSION": version, "DELTASHIP_PATH": str(path)}

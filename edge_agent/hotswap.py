@@ -49,8 +49,9 @@ in every serving process (plus a page cache copy while reading), and the heap ke
 A mapping also keeps a pruned version's disk space until the last request holding it ends.
 On Python < 3.13 each mapping keeps one file descriptor open: N group files, N descriptors.
 
-**Errors.** If the new version cannot be loaded (missing or malformed file, bad index), the old
-snapshot keeps serving, one line is logged, the error is in :attr:`LiveModel.last_error`, and
+**Errors.** If the new version cannot be loaded (missing or malformed file, bad index) or the
+serving code's ``check`` refuses it (``LiveModel.open(..., check=probe)``), the old snapshot
+keeps serving, one line is logged, the error is in :attr:`LiveModel.last_error`, and
 that target is not retried until ``current`` changes again.
 """
 
@@ -97,6 +98,7 @@ log = logging.getLogger(__name__)
 
 CURRENT = "current"
 WEIGHT_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
 MAX_WEIGHT_INDEX_SIZE = 64 << 20
 
 _NUMPY_DTYPES: Mapping[str, str] = {
@@ -188,6 +190,9 @@ def load_version(
 ) -> Weights:
     """Load a version's weights, reusing ``previous``'s groups whose file identity is unchanged.
 
+    ``version_dir`` holds ``model.safetensors.index.json`` (as the agent writes it) or, for a
+    plain checkpoint directory, a single ``model.safetensors``.
+
     Raises :class:`ModelError` for a missing or malformed index or group file.
     """
     try:
@@ -216,6 +221,10 @@ def load_version(
 
 def _read_weight_index(version_dir: Path) -> tuple[str | None, dict[str, str]]:
     path = version_dir / WEIGHT_INDEX
+    single = version_dir / SINGLE_FILE
+    if not path.exists() and single.is_file():
+        with SafetensorsFile(single) as st:  # a plain one-file checkpoint
+            return None, dict.fromkeys(st.tensors, SINGLE_FILE)
     with open(path, "rb") as f:
         raw = f.read(MAX_WEIGHT_INDEX_SIZE + 1)
     if len(raw) > MAX_WEIGHT_INDEX_SIZE:
@@ -274,7 +283,8 @@ class LiveModel:
     """The live weights of a model directory, swapped whole when its ``current`` moves."""
 
     def __init__(self, model_dir: Path, weights: Weights, target: str, *,
-                 poll_interval: float, loader: GroupLoader) -> None:
+                 poll_interval: float, loader: GroupLoader,
+                 check: Callable[[Weights], None] | None, reuse: bool) -> None:
         """Use :meth:`open`."""
         self.model_dir = model_dir
         self._weights = weights
@@ -283,6 +293,8 @@ class LiveModel:
         self._last_error: Exception | None = None
         self._poll_interval = poll_interval
         self._loader = loader
+        self._check = check
+        self._reuse = reuse
         self._subscribers: list[Callable[[Weights], None]] = []
         self._wake = threading.Event()
         self._closed = False
@@ -291,18 +303,27 @@ class LiveModel:
 
     @classmethod
     def open(cls, model_dir: str | os.PathLike[str], *, poll_interval: float = 1.0,
-             loader: GroupLoader = map_group, watch: bool = True) -> LiveModel:
+             loader: GroupLoader = map_group, watch: bool = True,
+             check: Callable[[Weights], None] | None = None,
+             reuse: bool = True) -> LiveModel:
         """Load the version ``current`` names and follow its switches.
 
-        ``watch=False`` relies on polling alone. Raises :class:`ModelError` when there is no
-        loadable current version.
+        ``watch=False`` relies on polling alone. ``check(weights)`` runs on every loaded
+        version before it goes live (serving code's own acceptance test, e.g. a probe forward
+        pass); an exception refuses the version like a load error does. Raises
+        :class:`ModelError` when there is no loadable current version (or ``check``'s
+        exception for it). ``reuse=False`` reloads every group on a switch (the naive full
+        reload, for comparisons).
         """
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         root = Path(model_dir)
         target = _read_current(root)
-        live = cls(root, load_version(root / target, None, loader), target,
-                   poll_interval=poll_interval, loader=loader)
+        weights = load_version(root / target, None, loader)
+        if check is not None:
+            check(weights)
+        live = cls(root, weights, target, poll_interval=poll_interval, loader=loader,
+                   check=check, reuse=reuse)
         if watch:
             live._start_observer()
         live._worker.start()
@@ -325,6 +346,10 @@ class LiveModel:
     def watching(self) -> bool:
         """Whether filesystem events are followed (else only polling)."""
         return self._observer is not None
+
+    def refresh(self) -> None:
+        """Look at ``current`` now instead of at the next event or poll (e.g. on SIGHUP)."""
+        self._wake.set()
 
     def subscribe(self, fn: Callable[[Weights], None]) -> Callable[[], None]:
         """Call ``fn(weights)`` on the worker thread after each swap; returns an unsubscriber."""
@@ -383,7 +408,10 @@ class LiveModel:
             if target == self._failed:
                 return
             try:
-                weights = load_version(self.model_dir / target, self._weights, self._loader)
+                weights = load_version(self.model_dir / target,
+                                       self._weights if self._reuse else None, self._loader)
+                if self._check is not None:
+                    self._check(weights)
             except Exception as e:
                 with contextlib.suppress(ModelError):
                     if _read_current(self.model_dir) != target:

@@ -17,6 +17,7 @@ Importable (``sys.path.insert(0, "<repo>/scripts"); import modelgen``) and usabl
     python scripts/modelgen.py train-experts BASE OUT --expert 0:1 --expert 0:3
     python scripts/modelgen.py finetune BASE OUT [--lr 1e-4] [--bf16]
     python scripts/modelgen.py vocab BASE OUT [--rows 64]
+    python scripts/modelgen.py diverge BASE OUT --tensor NAME [--tensor NAME ...]
     python scripts/modelgen.py cast SRC OUT
     python scripts/modelgen.py minilm-path
 """
@@ -550,6 +551,25 @@ def train_experts(
     return rewrite_model(base_dir, out_dir, transform)
 
 
+def diverge(base_dir: str | Path, out_dir: str | Path, tensors: Sequence[str]) -> Path:
+    """A training run that diverged: the named float tensors become NaN; copy the rest."""
+    wanted = set(tensors)
+    if missing := wanted - set(tensor_names(base_dir)):
+        raise ValueError(f"tensors not found in {base_dir}: {sorted(missing)}")
+
+    def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
+        if info.name not in wanted or info.dtype not in FLOAT_DTYPES:
+            return None
+
+        def chunks() -> Iterator[bytes]:
+            for n in _chunk_sizes(info.numel):
+                yield encode_f32(np.full(n, np.nan, dtype=np.float32), info.dtype)
+
+        return TensorPlan(info.name, info.dtype, info.shape, chunks)
+
+    return rewrite_model(base_dir, out_dir, transform)
+
+
 def _expert_key(name: str) -> tuple[int, int] | None:
     match = _EXPERT_RE.fullmatch(name)
     return (int(match[1]), int(match[2])) if match else None
@@ -686,6 +706,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--bf16", action="store_true", help="also cast F32 tensors to BF16")
+    p = sub.add_parser("diverge", help="set tensors to NaN (a diverged training run)")
+    p.add_argument("base", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--tensor", action="append", required=True)
     p = sub.add_parser("vocab", help="append embedding / LM head rows")
     p.add_argument("base", type=Path)
     p.add_argument("out", type=Path)
@@ -719,6 +743,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "finetune":
         dtype_out = "BF16" if args.bf16 else None
         out = finetune_generic(args.base, args.out, args.lr, args.seed, dtype_out)
+    elif args.command == "diverge":
+        out = diverge(args.base, args.out, args.tensor)
     elif args.command == "vocab":
         out = expand_vocab(args.base, args.out, rows=args.rows, seed=args.seed)
     elif args.command == "cast":

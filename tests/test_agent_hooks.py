@@ -115,7 +115,7 @@ def test_http_notify_and_http_health_with_version(
         _release(cli, store, moe_family.v2, "v2", release_key)
         _Recorder.version = "v1"  # the server keeps reporting the old version: not healthy
         p = dev.agent("run", "--once", check=False)
-        assert p.returncode == 6 and "does not report version v2" in p.stderr
+        assert p.returncode == 6 and "reports version v1, not v2" in p.stderr
         posts = [json.loads(b) for m, _, b in _Recorder.seen if m == "POST"]
         assert [b["version"] for b in posts] == ["v2", "v1"]  # notified, then switched back
         assert posts[0]["path"].endswith("versions/v2")

@@ -1,0 +1,290 @@
+"""The reference model server: a NumPy MoE forward pass on the agent's live version (aiohttp).
+
+``deltaship-agent serve`` runs it. It is both the demo and the test bed of the hot-swap: it
+opens the model directory with :class:`~edge_agent.hotswap.LiveModel`, refuses a version whose
+probe forward pass is not finite before it answers a single request, converts only the groups
+a switch changed (:meth:`~edge_agent.moe_model.MoEModel.build`), and swaps its model with one
+reference assignment. Every request takes the model once and is computed on it, so every
+response carries the version that computed it.
+
+HTTP API (JSON; every response also has an ``X-Deltaship-Version`` header)::
+
+    POST /v1/forward   {"tokens": [1, 2, 3]}
+        -> {"version", "next_token", "top": [[id, logit], ...5], "logits_sha256"}
+    POST /v1/generate  {"tokens": [1, 2, 3], "max_new_tokens": 8}  -> {"version", "tokens"}
+    GET  /healthz      200 {"status": "ok", "version"} when the version `current` names is live;
+                       503 {"status": "degraded", "version", "target", "error"} when it was
+                       refused (the previous version keeps serving)
+    GET  /version      {"version", "path", "target"}
+    GET  /stats        {"version", "requests", "swaps": [...], "rss_bytes", "peak_rss_bytes",
+                        "model_private_bytes"}; a swap is {"from", "to", "groups_loaded",
+                        "groups_shared", "seconds", "at", "extra_bytes"} where extra_bytes is
+                        the peak resident memory while the new model was built and probed
+                        (both versions held), above the level just before
+
+The agent's health check is ``GET /healthz`` with ``expect_version = true``: it passes only once
+the server answers with the version the agent switched to. SIGHUP makes the server look at
+``current`` at once (the agent's signal hook); SIGTERM and SIGINT stop it after the requests in
+flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from manifest.errors import LocalError
+
+from .hotswap import LiveModel, Weights, load_version, map_group
+from .moe_model import MoEModel
+
+__all__ = ["ModelServer", "ServeConfig", "serve"]
+
+log = logging.getLogger("deltaship.serve")
+MAX_TOKENS = 512
+MAX_NEW_TOKENS = 64
+MAX_BODY = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    threads: int = 2  # forward passes run in this many threads (NumPy releases the GIL)
+    poll_interval: float = 1.0
+    pidfile: Path | None = None
+    full_reload: bool = False  # reload and convert every group on a swap (for comparison)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """What one swap did, for ``/stats``."""
+
+    source: str
+    target: str
+    groups_loaded: list[str]
+    groups_shared: int
+    seconds: float  # from noticing the switch to the new model being live
+    at: float  # time.time() when it went live
+    extra_bytes: int  # peak resident memory while building it, above the level before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"from": self.source, "to": self.target, "groups_loaded": self.groups_loaded,
+                "groups_shared": self.groups_shared, "seconds": round(self.seconds, 6),
+                "at": self.at, "extra_bytes": self.extra_bytes}
+
+
+class ModelServer:
+    """The live model and the request handlers; :func:`serve` runs it."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.requests = 0
+        self.swaps: list[Swap] = []
+        self._pending: MoEModel | None = None
+        self._started = 0.0
+        self._extra = 0
+        self._model: MoEModel | None = None
+        self.live = LiveModel.open(cfg.model_dir, poll_interval=cfg.poll_interval,
+                                   loader=map_group, check=self._prepare,
+                                   reuse=not cfg.full_reload)
+        self.live.subscribe(self._went_live)
+        assert self._pending is not None
+        self._model = self._pending
+
+    @property
+    def model(self) -> MoEModel:
+        """The live model: take it once per request."""
+        assert self._model is not None
+        return self._model
+
+    def _prepare(self, weights: Weights) -> None:
+        """LiveModel's check: build the model (changed groups only) and probe it."""
+        self._started = time.monotonic()
+        peak_reset = _reset_peak_memory()
+        rss_before, _ = _memory()
+        previous = None if self.cfg.full_reload else self._model
+        model = MoEModel.build(weights, previous)
+        model.probe()
+        rss, peak = _memory()
+        self._extra = (peak if peak_reset else rss) - rss_before
+        self._pending = model
+
+    def _went_live(self, weights: Weights) -> None:
+        model, previous = self._pending, self._model
+        if model is None or model.weights is not weights or previous is None:
+            return
+        self._model = model  # the swap: one reference assignment
+        self._pending = None
+        loaded = model.changed_groups(previous)
+        self.swaps.append(Swap(previous.version, model.version, loaded,
+                               len(model.converted) - len(loaded),
+                               time.monotonic() - self._started, time.time(), self._extra))
+        log.info("serving %s (was %s): %d groups loaded, %d shared", model.version,
+                 previous.version, len(loaded), len(model.converted) - len(loaded))
+
+    # -- handlers --------------------------------------------------------------------------
+
+    def app(self, executor: ThreadPoolExecutor) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+
+        async def run(fn: Callable[[], dict[str, Any]], version: str) -> web.Response:
+            self.requests += 1
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(executor, fn)
+            return _json(body, version)
+
+        async def forward(request: web.Request) -> web.Response:
+            model = self.model
+            tokens, _ = await _parse(request, model, new_tokens=False)
+
+            def compute() -> dict[str, Any]:
+                out = model.forward(tokens)
+                top = out.top(5)
+                return {"version": model.version, "next_token": top[0][0], "top": top,
+                        "logits_sha256": out.logits_sha256}
+
+            return await run(compute, model.version)
+
+        async def generate(request: web.Request) -> web.Response:
+            model = self.model
+            tokens, n = await _parse(request, model, new_tokens=True)
+            return await run(lambda: {"version": model.version,
+                                      "tokens": model.generate(tokens, n)}, model.version)
+
+        async def healthz(request: web.Request) -> web.Response:
+            model, error = self.model, self.live.last_error
+            if error is None:
+                return _json({"status": "ok", "version": model.version}, model.version)
+            return _json({"status": "degraded", "version": model.version,
+                          "target": _target(self.cfg.model_dir), "error": str(error)},
+                         model.version, status=503)
+
+        async def version(request: web.Request) -> web.Response:
+            model = self.model
+            return _json({"version": model.version, "path": str(model.weights.path),
+                          "target": _target(self.cfg.model_dir)}, model.version)
+
+        async def stats(request: web.Request) -> web.Response:
+            model = self.model
+            rss, peak = _memory()
+            return _json({"version": model.version, "requests": self.requests,
+                          "swaps": [s.to_dict() for s in self.swaps], "rss_bytes": rss,
+                          "peak_rss_bytes": peak, "model_private_bytes": model.nbytes},
+                         model.version)
+
+        app.router.add_post("/v1/forward", forward)
+        app.router.add_post("/v1/generate", generate)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/version", version)
+        app.router.add_get("/stats", stats)
+        return app
+
+
+async def _parse(request: web.Request, model: MoEModel, *,
+                 new_tokens: bool) -> tuple[list[int], int]:
+    try:
+        doc = await request.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _bad(f"the body is not JSON: {e}") from e
+    tokens = doc.get("tokens") if isinstance(doc, dict) else None
+    vocab = model.config.vocab
+    if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_TOKENS
+            or not all(type(t) is int and 0 <= t < vocab for t in tokens)):
+        raise _bad(f"'tokens' must be a list of 1 to {MAX_TOKENS} token ids in 0..{vocab - 1}")
+    n = doc.get("max_new_tokens", 8) if new_tokens else 0
+    if type(n) is not int or not 0 <= n <= MAX_NEW_TOKENS:
+        raise _bad(f"'max_new_tokens' must be an integer in 0..{MAX_NEW_TOKENS}")
+    return tokens, n
+
+
+def _bad(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=json.dumps({"error": message}),
+                              content_type="application/json")
+
+
+def _json(body: dict[str, Any], version: str, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, headers={"X-Deltaship-Version": version})
+
+
+def _target(model_dir: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(model_dir / "current"))
+    except OSError:
+        return None
+
+
+def _reset_peak_memory() -> bool:
+    """Restart VmHWM from the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory() -> tuple[int, int]:
+    """(VmRSS, VmHWM) of this process in bytes, from /proc (0, 0 where there is none)."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return fields.get("VmRSS", 0), fields.get("VmHWM", 0)
+
+
+async def serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT; ``ready(url, version)`` is called once listening."""
+    try:
+        server = await asyncio.to_thread(ModelServer, cfg)
+    except FileNotFoundError as e:
+        raise LocalError(f"no model to serve: {e}") from e
+    executor = ThreadPoolExecutor(max(1, cfg.threads), thread_name_prefix="forward")
+    runner = web.AppRunner(server.app(executor), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, cfg.host, cfg.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise LocalError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from e
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://{cfg.host}:{port}"
+        if cfg.pidfile is not None:
+            cfg.pidfile.write_text(f"{os.getpid()}\n")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.live.refresh)
+        if ready is not None:
+            ready(url, server.model.version)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        server.live.close()
+        executor.shutdown(wait=True)
+        if cfg.pidfile is not None:
+            cfg.pidfile.unlink(missing_ok=True)
+
+
+def load_reference(version_dir: Path) -> MoEModel:
+    """What a fresh process loading ``version_dir`` computes with (tests and benchmarks)."""
+    return MoEModel.build(load_version(version_dir))
