@@ -318,7 +318,9 @@ def status(as_json: bool, config_path: Path | None) -> None:
 
 
 @main.command()
-@click.option("--to", "to_version", help="Retained version to switch to [default: the previous].")
+@click.option("--to", "to_version",
+              help="Retained version to switch to [default: the one before the current "
+              "version, skipping versions that failed their health check].")
 @_config_option
 @_errors
 def rollback(to_version: str | None, config_path: Path | None) -> None:
@@ -335,6 +337,7 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
     if to_version is None:
         previous = [h.get("from") for h in reversed(state.history) if h.get("event") == "switch"]
         to_version = next((v for v in previous if v and v != current
+                           and v not in state.failed_versions
                            and agent.layout.has_version(v)), None)
         if to_version is None:
             raise NotFoundError("no previous version is retained on this device")

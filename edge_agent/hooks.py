@@ -19,7 +19,9 @@ object body, or else the version as a whole word anywhere in the body (``v2`` do
 ``v20``).
 ``{version}`` and ``{path}`` (the version directory) are substituted in URLs, bodies and
 arguments. Every hook and check has a timeout; a hook that hangs is a failed hook. The update
-loop decides what a failure means (switch back, remember the version as failed).
+loop decides what a failure means (switch back, remember the version as failed). Hooks run
+after every switch except a device's first install (no model server can run before there is a
+model, and there is nothing to switch back to), and after a manual ``deltaship-agent rollback``.
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
         except aiohttp.ClientError as e:
             raise HookError(f"{hook.method} {url} failed: {e}") from e
         if not 200 <= resp.status < 300:
-            raise HookError(f"{hook.method} {url} answered HTTP {resp.status}")
+            said = " ".join(text.split())[:200]
+            raise HookError(f"{hook.method} {url} answered HTTP {resp.status}"
+                            + (f": {said}" if said else ""))
         if hook.expect_version and _reported_version(text, version) != version:
             raise HookError(f"{url} reports version {_reported_version(text, version)}, "
                             f"not {version}")

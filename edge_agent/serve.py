@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from threadpoolctl import threadpool_limits
 
 from manifest.errors import LocalError
 
@@ -252,6 +253,11 @@ def _memory() -> tuple[int, int]:
 
 async def serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready(url, version)`` is called once listening."""
+    with threadpool_limits(limits=1, user_api="blas"):  # parallel requests, not parallel BLAS
+        await _serve(cfg, ready)
+
+
+async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> None:
     try:
         server = await asyncio.to_thread(ModelServer, cfg)
     except FileNotFoundError as e:

@@ -153,8 +153,12 @@ class Agent:
                            downloaded)
 
     async def check_health(self, target: str, previous: str | None) -> None:
-        """Notify the model server and check it; on failure switch back and remember."""
-        if self.hooks.empty:
+        """Notify the model server and check it; on failure switch back and remember.
+
+        Not on the first install: no model server can run before there is a model, and there
+        is nothing to switch back to.
+        """
+        if self.hooks.empty or previous is None:
             return
         try:
             await self.hooks.after_switch(target, self.layout.version_dir(target))

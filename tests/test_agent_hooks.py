@@ -50,6 +50,9 @@ def test_failing_health_check_switches_back_and_is_not_retried(
     st = dev.status()
     assert st["current"] == "v1" and st["failed_versions"] == ["v2"]
     assert _raw(dev.live) == _raw(moe_family.v1)
+    # A manual rollback never picks the failed version as "the previous one".
+    p = dev.agent("rollback", check=False)
+    assert p.returncode != 0 and "no previous version" in p.stderr
     # Not retried in a loop...
     p = dev.agent("run", "--once")
     assert "not retried" in p.stdout and dev.status()["current"] == "v1"
@@ -142,6 +145,10 @@ def test_signal_hook(cli: Cli, fleet: tuple[str, Path], release_key: Path,
         dev = Device(cli, root, store, tmp_path / "dev")
         _with_hooks(dev, f'notify = [{{kind = "signal", pidfile = "{tmp_path / "server.pid"}",'
                          ' signal = "HUP"}]')
+        dev.agent("run", "--once")  # the first install: no server can run yet, no hooks
+        time.sleep(0.5)
+        assert not got.exists()
+        _release(cli, store, moe_family.v2, "v2", release_key)
         dev.agent("run", "--once")
         deadline = time.monotonic() + 10
         while not got.exists() and time.monotonic() < deadline:
