@@ -8,8 +8,6 @@ and its exit code.
 from __future__ import annotations
 
 import asyncio
-import errno
-import functools
 import json
 import logging
 import os
@@ -26,7 +24,8 @@ from urllib.parse import urlsplit
 import click
 from click.core import ParameterSource
 
-from manifest.errors import DeltashipError, DiskFullError, LocalError, NotFoundError
+from manifest.cli_errors import exit_on_errors
+from manifest.errors import DeltashipError, LocalError, NotFoundError
 from manifest.metadata import format_time
 from manifest.stores import write_atomic
 from manifest.trust import verify_root
@@ -47,22 +46,7 @@ a switch (the agent switched back to the previous version). The live model is ne
 a failed update."""
 
 
-def _errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DeltashipError as e:
-            click.echo(f"deltaship-agent: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                err = DiskFullError(f"no space left on device: {e.filename or ''}")
-                click.echo(f"deltaship-agent: error: {err}", err=True)
-                sys.exit(err.exit_code)
-            raise
-
-    return wrapper  # type: ignore[return-value]
+_errors = exit_on_errors("deltaship-agent")
 
 
 _config_option = click.option(

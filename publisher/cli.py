@@ -7,10 +7,7 @@ turns every :class:`manifest.errors.DeltashipError` into one line on stderr and 
 from __future__ import annotations
 
 import dataclasses
-import errno
-import functools
 import json
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from manifest.errors import DeltashipError, DiskFullError
+from manifest.cli_errors import exit_on_errors
 from manifest.stores import StoreOptions
 
 from .grouping import assign_groups, parse_pattern
@@ -39,25 +36,7 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def _errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except DeltashipError as e:
-            click.echo(f"deltaship-publish: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                err = DiskFullError(f"no space left on device ({e.filename or 'cache'})")
-                click.echo(f"deltaship-publish: error: {err}", err=True)
-                sys.exit(err.exit_code)
-            raise
-        except KeyboardInterrupt:
-            click.echo("deltaship-publish: interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper  # type: ignore[return-value]
+_errors = exit_on_errors("deltaship-publish")
 
 
 def _store_options(fn: F) -> F:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import subprocess
 from pathlib import Path
 
@@ -14,8 +13,7 @@ from hypothesis import strategies as st
 from edge_agent.config import AgentConfig, load_config, save_config
 from edge_agent.hooks import Hook, Hooks, parse_hooks
 
-from .conftest import Cli, MoEFamily
-from .test_agent_e2e import Device, _raw, _release
+from .conftest import Cli
 
 AWKWARD = [
     'say "hi"', "C:\\models\\new", "two\nlines\r\n", "tab\there", "{version} at {path}",
@@ -180,29 +178,3 @@ def test_init_flag_errors_are_one_line(cli: Cli, root_json: Path, flags: list[st
     assert p.stderr.startswith("deltaship-agent: error: ") and message in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not (cli.cwd / "agent.toml").exists() and not (cli.cwd / "dev").exists()
-
-
-# --- end to end ---------------------------------------------------------------------------------
-
-
-def test_failing_health_command_from_init_switches_back(
-        cli: Cli, release_key: Path, moe_family: MoEFamily, tmp_path: Path) -> None:
-    store = str(tmp_path / "store")
-    (tmp_path / "store").mkdir()
-    cli.publish("init", "--store", store, "--key", release_key, "--out", tmp_path / "root.json")
-    _release(cli, store, moe_family.v1, "v1", release_key)
-    # The model server is healthy on a version when its flag file exists: only v1's does.
-    (tmp_path / "healthy-v1").touch()
-    check = shlex.join(["test", "-f", f"{tmp_path}/healthy-{{version}}"])
-    dev = Device(cli, tmp_path / "root.json", store, tmp_path / "dev", "--health-command", check,
-                 "--health-attempts", "2", "--health-interval", "0.1")
-    dev.agent("run", "--once")
-    assert dev.status()["current"] == "v1"
-    _release(cli, store, moe_family.v2, "v2", release_key)
-    p = dev.agent("run", "--once", check=False)
-    assert p.returncode == 6, p.stderr
-    assert "v2 failed after the switch" in p.stderr and "switched back to v1" in p.stderr
-    assert len(p.stderr.strip().splitlines()) == 1
-    status = dev.status()
-    assert status["current"] == "v1" and status["failed_versions"] == ["v2"]
-    assert _raw(dev.live) == _raw(moe_family.v1)

@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from manifest.safetensors_format import SafetensorsFile
-
+from ._agent_checks import raw_tensors
 from .conftest import Cli, MoEFamily
 
-
-def _raw(model_dir: Path) -> dict[str, bytes]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with SafetensorsFile(f) as st:
-            for t in st.tensors.values():
-                out[t.name] = st.read(t)
-    return out
+_raw = raw_tensors  # every tensor's bytes, through our strict reader
 
 
 def _official(model_dir: Path) -> dict[str, tuple[str, list[int]]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -35,11 +36,11 @@ def test_failing_health_check_switches_back_and_is_not_retried(
         cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
         tmp_path: Path) -> None:
     store, root = fleet
-    dev = Device(cli, root, store, tmp_path / "dev")
-    # The model server is healthy on a version when its flag file exists.
+    # The model server is healthy on a version when its flag file exists: only v1's does.
     (tmp_path / "healthy-v1").touch()
-    _with_hooks(dev, f'health = {{kind = "command", argv = ["test", "-f", '
-                     f'"{tmp_path}/healthy-{{version}}"], timeout = 5}}')
+    check = shlex.join(["test", "-f", f"{tmp_path}/healthy-{{version}}"])
+    dev = Device(cli, root, store, tmp_path / "dev", "--health-command", check,
+                 "--health-attempts", "2", "--health-interval", "0.1")
     dev.agent("run", "--once")
     assert dev.status()["current"] == "v1"
     _release(cli, store, moe_family.v2, "v2", release_key)

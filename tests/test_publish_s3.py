@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from manifest.stores import StoreOptions, open_store
 
+from ._agent_checks import raw_tensors
 from ._device import current_index, group_files, materialise
 from .conftest import BIN, Cli, MoEFamily
 
@@ -37,15 +38,6 @@ def _raw(st: object, name: str) -> bytes:
     return np.ascontiguousarray(st.get_tensor(name)).tobytes()  # type: ignore[attr-defined]
 
 
-def _raw_bytes(model_dir: Path) -> dict[str, bytes]:
-    from manifest.safetensors_format import SafetensorsFile
-
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with SafetensorsFile(f) as st:
-            for t in st.tensors.values():
-                out[t.name] = st.read(t)
-    return out
 
 
 def _release(cli: Cli, store: str, model: Path, version: str, key: Path,
@@ -101,7 +93,7 @@ def test_release_story(cli: Cli, bucket: str, release_key: Path, moe_family: MoE
         if version != "v1":
             assert fetched["full"] == 0, f"{version}: every changed group should come as a patch"
             assert fetched["patch"] > 0
-        assert _raw_bytes(dest) == _raw_bytes(model)
+        assert raw_tensors(dest) == raw_tensors(model)
         have.update(group_files(dest, idx))
         # The device copy loads with the official library, names and shapes intact.
         for f in dest.glob("*.safetensors"):
@@ -115,7 +107,7 @@ def test_release_story(cli: Cli, bucket: str, release_key: Path, moe_family: MoE
                               Repository(store, idx4.released_at).release("v1").pointer)),
                           tmp_path / "work2")
     assert fetched["full"] == 0
-    assert _raw_bytes(tmp_path / "skip") == _raw_bytes(moe_family.v4)
+    assert raw_tensors(tmp_path / "skip") == raw_tensors(moe_family.v4)
 
 
 def test_f32_checkpoint_loads_with_official_library(cli: Cli, bucket: str, release_key: Path,
@@ -228,5 +220,5 @@ def test_local_directory_store(cli: Cli, release_key: Path, moe_family: MoEFamil
     store = open_store(url)
     _, idx = current_index(store, (tmp_path / "r.json").read_bytes())
     materialise(store, idx, tmp_path / "dev", {}, tmp_path / "w")
-    assert _raw_bytes(tmp_path / "dev") == _raw_bytes(moe_family.v2)
+    assert raw_tensors(tmp_path / "dev") == raw_tensors(moe_family.v2)
     assert all(oct(p.stat().st_mode)[-3:] == "644" for p in (d / "objects").iterdir())
