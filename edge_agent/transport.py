@@ -236,10 +236,12 @@ class _Source:
             except _Retryable as e:
                 delay = state.failed(e, e.retry_after)
                 if delay is None:
-                    raise TransportError(
+                    gave_up = TransportError(
                         f"{e}; gave up after {state.failures} tries in a row: check the network "
                         "and the store URL, then retry later"
-                    ) from e
+                    )
+                    gave_up.retry_after = e.retry_after  # the next poll waits at least that
+                    raise gave_up from e
                 log.warning("%s; try %d of %d in %.1f s", e, state.failures + 1,
                             self._retry.attempts, delay)
                 await self._sleep(delay)

@@ -350,7 +350,8 @@ async def run_forever(
                 if once:
                     raise  # the command line prints it: one line on stderr
                 log.error("update failed: %s", e)
-                wait = failures.failed(e, None) if isinstance(e, TransportError) else None
+                wait = (failures.failed(e, e.retry_after) if isinstance(e, TransportError)
+                        else None)
                 delay = wait if wait is not None else delay
             else:
                 _record(agent, result, None)

@@ -105,6 +105,7 @@ class TransportError(DeltashipError):
     """The store is unreachable or failed; the same request may succeed later."""
 
     exit_code = 4
+    retry_after: float | None = None  # seconds the store asked us to wait (HTTP Retry-After)
 
 
 class ConflictError(DeltashipError):

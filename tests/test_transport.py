@@ -311,6 +311,17 @@ async def test_retry_after_is_honoured(server: FaultyServer, http: Source, sleep
     assert len(sleep.delays) == 2 and all(low <= d <= high for d in sleep.delays)
 
 
+async def test_retry_after_outlives_the_request(server: FaultyServer, http: Source,
+                                                sleep: FakeSleep) -> None:
+    """When the tries run out, the error keeps the store's Retry-After for the next poll."""
+    server.put("manifest.json", b"{}")
+    server.faults = Faults(fail=100, fail_status=503, retry_after="42")
+    with pytest.raises(TransportError, match="gave up") as raised:
+        await http.get_small("manifest.json", 100)
+    assert raised.value.retry_after == 42.0
+    assert RetryState(RetryPolicy()).failed(raised.value, raised.value.retry_after) == 42.0
+
+
 async def test_retries_exhausted(server: FaultyServer, http: Source, sleep: FakeSleep,
                                  tmp_path: Path) -> None:
     server.put("objects/a", b"abc")
