@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 256 * 1024  # the most bytes asked of a socket or file at once
 BLOCK = 1024 * 1024  # bytes gathered before a write to the partial file
+FLUSH_SECONDS = 0.5  # ...or seconds since the last write (slow links)
 DEFAULT_RETRY = RetryPolicy()
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -333,13 +334,18 @@ def _check_body(body: _Body, have: int, length: int, where: str) -> int:
 
 
 class _PartialFile:
-    """A download's partial file, cut at ``start`` and appended to in blocks by a thread."""
+    """A download's partial file, cut at ``start`` and appended to in blocks by a thread.
+
+    A block is written when it reaches ``BLOCK`` bytes or ``FLUSH_SECONDS`` after the last
+    write, so a killed agent loses at most that much of a download, also on a slow link.
+    """
 
     def __init__(self, path: Path, start: int) -> None:
         self.path = path
         self.size = start
         self._buf = bytearray()
         self._fd = -1
+        self._flushed = time.monotonic()
 
     async def __aenter__(self) -> _PartialFile:
         self._fd = await asyncio.to_thread(_open_at, self.path, self.size)
@@ -348,10 +354,11 @@ class _PartialFile:
     async def append(self, chunk: bytes) -> None:
         self._buf += chunk
         self.size += len(chunk)
-        if len(self._buf) >= BLOCK:
+        if len(self._buf) >= BLOCK or time.monotonic() - self._flushed >= FLUSH_SECONDS:
             await self._flush()
 
     async def _flush(self) -> None:
+        self._flushed = time.monotonic()
         data, self._buf = self._buf, bytearray()
         if data:
             await asyncio.to_thread(_write_all, self._fd, data, self.path)

@@ -520,3 +520,36 @@ def test_retry_state_passes_retry_after_on() -> None:
 def test_retry_policy_rejects_nonsense(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)
+
+
+async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
+        server: FaultyServer, tmp_path: Path) -> None:
+    """The partial file is written every FLUSH_SECONDS too, not only per 1 MiB block: a
+    SIGKILLed process (a real one) loses at most that much of a slow download."""
+    import signal
+    import subprocess
+    import sys
+
+    server.put("objects/a", os.urandom(MiB))
+    dest = tmp_path / "partial"
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from edge_agent.transport import open_source\n"
+        "async def main():\n"
+        f"    s = open_source({server.url!r}, max_rate=128 * 1024)\n"
+        f"    await s.fetch('objects/a', Path({str(dest)!r}), {MiB})\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while (not dest.exists() or dest.stat().st_size < 128 * 1024) and proc.poll() is None:
+            assert time.monotonic() < deadline, "nothing was written to the partial file"
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert 128 * 1024 <= dest.stat().st_size < MiB
