@@ -23,10 +23,15 @@ Method (everything is a real process on loopback, one run):
    version; from the server's ``/stats``: when the swap went live (``at``), how long building
    and probing the new model took (``seconds``; it starts after the group files are mapped),
    the groups loaded, and ``extra_bytes`` (peak RSS while both versions were held, above the
-   level before).
+   level before). The server's resident memory (RssAnon, RssFile) is also sampled from
+   ``/proc`` every 10 ms, since freed heap may stay resident and be reused by a later swap,
+   which ``extra_bytes`` (a difference) cannot see.
 6. A request is "during a swap" when its [start, end] overlaps [t_switch, at + ``--margin``]
    of any swap; latency percentiles and throughput are computed over those requests and over
    the steady window's. Every failed request (HTTP error, timeout, connection error) is counted.
+7. The share of the machine's CPU that other processes used during each mode (from
+   ``/proc/stat`` minus the server's and this process's ticks) is reported: the machine may be
+   shared.
 
 Usage: scripts/bench_swap.py [--quick] [--layers 4 --experts 8 --hidden 1024 --ffn 2048
        --vocab 8192] [--versions 6] [--clients 16] [--out FILE]
@@ -261,6 +266,83 @@ class Load:
                 self.first_seen[version] = end
 
 
+@dataclass(frozen=True)
+class Rss:
+    at: float  # perf_counter
+    anon: int  # bytes: the heap (float32 arrays)
+    file: int  # bytes: mapped group files (page cache)
+
+    @property
+    def total(self) -> int:
+        return self.anon + self.file
+
+
+def read_rss(pid: int) -> Rss:
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                fields[key] = int(value.split()[0]) * 1024
+    return Rss(time.perf_counter(), fields["RssAnon"],
+               fields["RssFile"] + fields.get("RssShmem", 0))
+
+
+@dataclass
+class RssSampler:
+    """The server's resident memory, read from /proc every ``interval`` seconds."""
+
+    pid: int
+    interval: float = 0.01
+    samples: list[Rss] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> RssSampler:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(read_rss(self.pid))
+            except (OSError, KeyError):
+                return
+            self._stop.wait(self.interval)
+
+    def last_before(self, t: float) -> Rss:
+        return max((r for r in self.samples if r.at <= t), key=lambda r: r.at)
+
+    def peak(self, start: float, end: float) -> int:
+        return max(r.total for r in self.samples if start <= r.at <= end)
+
+
+def cpu_ticks(pids: Sequence[int]) -> tuple[int, int]:
+    """(busy ticks of the whole machine, utime + stime ticks of ``pids``), from /proc."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(cpu[:8]) - cpu[3] - cpu[4]  # all but idle and iowait (guest is in user)
+    ours = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ours += int(fields[11]) + int(fields[12])
+    return busy, ours
+
+
+def others_share(start: tuple[float, int, int], end: tuple[float, int, int]) -> float:
+    """The machine's CPU used by other processes between two (time, busy, ours) readings."""
+    seconds = end[0] - start[0]
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return max(0.0, other / (seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)))
+
+
 # --------------------------------------------------------------------------- one mode
 
 
@@ -279,9 +361,11 @@ class Result:
     groups: int
     extra: list[int]
     changed_bytes: list[int]
-    rss_before: int
-    peak_rss: int
+    rss_before: Rss  # sampled just before the first switch
+    rss_peak: int  # sampled, over all swap windows
+    rss_after: Rss  # sampled at the end, after the last swap and its gap
     private: int
+    others_cpu: float  # share of the machine's CPU used by other processes
     failures: list[str]
     total: int
 
@@ -292,21 +376,25 @@ def measure_mode(mode: str, extra: Sequence[str], model_dir: Path, work: Path, s
     layout.switch("v1")
     targets = [f"v{k}" for k in range(2, s.versions + 2)]
     with serving(model_dir, work, s, *extra) as server:
+        pids = [server.proc.pid, os.getpid()]
+        sampler = RssSampler(server.proc.pid).start()
         load = Load(server.url, prompts, s.clients).start()
+        cpu0 = (time.perf_counter(), *cpu_ticks(pids))
         try:
             time.sleep(s.warmup)
             t0 = time.perf_counter()
             time.sleep(s.steady)
             t1 = time.perf_counter()
-            before = server.get("/stats")
             switches: list[float] = []
             for version in targets:
                 layout.switch(version)
                 switches.append(to_perf(time.time()))
                 load.wait_for(version, timeout=120)
                 time.sleep(s.gap)
+            cpu1 = (time.perf_counter(), *cpu_ticks(pids))
         finally:
             load.stop()
+            sampler.stop()
         stats = server.get("/stats")
     swaps = stats["swaps"]
     if [w["to"] for w in swaps] != targets:
@@ -330,9 +418,11 @@ def measure_mode(mode: str, extra: Sequence[str], model_dir: Path, work: Path, s
         extra=[w["extra_bytes"] for w in swaps],
         changed_bytes=[sum((v / w["to"] / f).stat().st_size for f in w["groups_loaded"])
                        for w in swaps],
-        rss_before=before["rss_bytes"],
-        peak_rss=stats["peak_rss_bytes"],
+        rss_before=sampler.last_before(switches[0]),
+        rss_peak=max(sampler.peak(a, b) for a, b in windows),
+        rss_after=sampler.samples[-1],
         private=stats["model_private_bytes"],
+        others_cpu=others_share(cpu0, cpu1),
         failures=load.failures,
         total=len(load.requests),
     )
@@ -367,6 +457,9 @@ def table(ours: Result, naive: Result, file_bytes: int) -> list[str]:
     def mib(n: float) -> str:
         return f"{n / MiB:.0f} MiB"
 
+    def signed_mib(n: float) -> str:
+        return f"{n / MiB:+.0f} MiB"
+
     copy = file_bytes + ours.private
     return [
         "| | ours (changed groups only) | naive full reload |",
@@ -388,12 +481,21 @@ def table(ours: Result, naive: Result, file_bytes: int) -> list[str]:
             lambda r: f"{statistics.median(r.loaded):.0f} of {r.groups}"),
         row("bf16 bytes of the loaded groups per swap (median)",
             lambda r: f"{statistics.median(r.changed_bytes) / MB:.1f} MB"),
-        row("extra memory per swap, `extra_bytes` (median / max)",
-            lambda r: f"{mib(statistics.median(r.extra))} / {mib(max(r.extra))} "
-                      f"({statistics.median(r.extra) / copy:.0%} of a model copy)"),
-        row("RSS before the swaps / peak RSS", lambda r: f"{mib(r.rss_before)} / "
-                                                         f"{mib(r.peak_rss)}"),
+        row("server's `extra_bytes`: first swap / median / max",
+            lambda r: f"{mib(r.extra[0])} ({r.extra[0] / copy:.0%} of a model copy) / "
+                      f"{mib(statistics.median(r.extra))} / {mib(max(r.extra))}"),
+        row("sampled RSS before the first switch (heap + mapped files)",
+            lambda r: f"{mib(r.rss_before.total)} ({mib(r.rss_before.anon)} + "
+                      f"{mib(r.rss_before.file)})"),
+        row("sampled peak RSS during the swaps, above that",
+            lambda r: f"+{mib(r.rss_peak - r.rss_before.total)} "
+                      f"({(r.rss_peak - r.rss_before.total) / copy:.0%} of a model copy)"),
+        row("sampled RSS after the last swap, above that (heap / mapped files)",
+            lambda r: f"{signed_mib(r.rss_after.anon - r.rss_before.anon)} / "
+                      f"{signed_mib(r.rss_after.file - r.rss_before.file)}"),
         row("failed requests (of all sent)", lambda r: f"**{len(r.failures)}** of {r.total}"),
+        row("CPU used by other processes on the machine meanwhile",
+            lambda r: f"{r.others_cpu:.0%}"),
     ]
 
 
@@ -431,11 +533,22 @@ def report(cmd: str, s: Settings, ours: Result, naive: Result, file_bytes: int) 
         f"each {s.gap:g} s after the clients first saw the previous version. A request is "
         "*during a swap* when it overlaps [switch, swap live (`/stats` `at`) + "
         f"{s.margin:g} s]; throughput there = responses completed inside those windows / their "
-        "total length. Latency is per request, measured by the client (`time.perf_counter`). "
-        "*extra memory* is the server's peak RSS while the new model was built and probed (both "
-        "versions held) above the level before; *build + probe* starts after the new version's "
-        "group files are mapped, *switch → live* covers everything (noticing the switch, "
-        "mapping, converting, probing).",
+        "total length. Latency is per request, measured by the client (`time.perf_counter`).",
+        "",
+        f"How to read it. The clients are a closed loop of {s.clients} on {s.threads} server "
+        "threads, so latency is mostly queueing (about clients / throughput): a swap shows as "
+        "the throughput its work takes from the forward passes. A request takes the live model "
+        "when the server admits it, so the requests already queued at the swap still answer "
+        "with the old version: *switch → first response* is *switch → live* plus that queue's "
+        "drain. *build + probe* (server's `seconds`) starts after the new version's group files "
+        "are mapped; *switch → live* covers everything (noticing the switch, mapping, "
+        "converting, probing). `extra_bytes` is the server's own figure: peak RSS while the "
+        "new model was built and probed (both versions held), above the level just before. "
+        "The server fixes glibc's mmap threshold at 1 MiB so that the arrays of a dropped "
+        "version go back to the OS (before that fix, resident memory grew by hundreds of MiB "
+        "over six swaps and `extra_bytes` under-reported every swap after the first); the "
+        "sampled rows check it. They read the server's `/proc/PID/status` (RssAnon = heap, "
+        "RssFile = mapped group files) every 10 ms during the run.",
         "",
         *table(ours, naive, file_bytes),
     ]
