@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 echo "== ruff"; "$VENV/bin/ruff" check .
 echo "== mypy"; "$VENV/bin/mypy"
-echo "== pytest"; exec "$VENV/bin/pytest" -q -n "${DELTASHIP_TEST_WORKERS:-2}" "$@"
+echo "== pytest"; exec "$VENV/bin/pytest" -q -n "${DELTASHIP_TEST_WORKERS:-2}" --dist loadgroup "$@"

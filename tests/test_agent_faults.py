@@ -290,6 +290,7 @@ def _phase(dev: Dev, old: str | None, rel: Release) -> str:
     return "starting"
 
 
+@pytest.mark.xdist_group("timing")  # not beside the 32-client load test (scripts/test.sh)
 @pytest.mark.parametrize("sc", KILL_SCENARIOS, ids=lambda sc: sc.name)
 def test_sigkill_at_random_instants(world: World, sc: KillScenario, tmp_path: Path) -> None:
     rng = random.Random(f"{SEED}:{sc.name}")
@@ -339,7 +340,11 @@ def test_sigkill_at_random_instants(world: World, sc: KillScenario, tmp_path: Pa
                 proc.kill()  # SIGKILL: no handler, no clean-up, no flush
                 proc.wait()
                 kills += 1
-                phases[_phase(dev, old, target)] += 1
+                phase = _phase(dev, old, target)
+                phases[phase] += 1
+                if phase == "starting" and attempt == 0:
+                    # Start-up took longer than calibrated (a busy machine): aim later.
+                    lo = min(max(lo, delay), hi - 0.05)
             finally:
                 if proc.stderr:
                     proc.stderr.close()
