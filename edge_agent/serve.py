@@ -143,29 +143,32 @@ class ModelServer:
     def app(self, executor: ThreadPoolExecutor) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
 
-        async def run(fn: Callable[[], dict[str, Any]], version: str) -> web.Response:
+        async def run(request: web.Request, new_tokens: bool,
+                      fn: Callable[[MoEModel, list[int], int], dict[str, Any]]) -> web.Response:
+            tokens, n = await _parse(request, new_tokens=new_tokens)
             self.requests += 1
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(executor, fn)
+
+            def compute() -> tuple[str, dict[str, Any] | None]:
+                # The model is taken when the work starts, not when the request was queued:
+                # requests waiting for a thread at a swap already answer with the new version.
+                model = self.model
+                if max(tokens) >= model.config.vocab:
+                    return model.version, None
+                return model.version, fn(model, tokens, n)
+
+            version, body = await asyncio.get_running_loop().run_in_executor(executor, compute)
+            if body is None:
+                raise _bad(f"'tokens' must be ids in 0..{self.model.config.vocab - 1}")
             return _json(body, version)
 
-        async def forward(request: web.Request) -> web.Response:
-            model = self.model
-            tokens, _ = await _parse(request, model, new_tokens=False)
+        def forward(model: MoEModel, tokens: list[int], _: int) -> dict[str, Any]:
+            out = model.forward(tokens)
+            top = out.top(5)
+            return {"version": model.version, "next_token": top[0][0], "top": top,
+                    "logits_sha256": out.logits_sha256}
 
-            def compute() -> dict[str, Any]:
-                out = model.forward(tokens)
-                top = out.top(5)
-                return {"version": model.version, "next_token": top[0][0], "top": top,
-                        "logits_sha256": out.logits_sha256}
-
-            return await run(compute, model.version)
-
-        async def generate(request: web.Request) -> web.Response:
-            model = self.model
-            tokens, n = await _parse(request, model, new_tokens=True)
-            return await run(lambda: {"version": model.version,
-                                      "tokens": model.generate(tokens, n)}, model.version)
+        def generate(model: MoEModel, tokens: list[int], n: int) -> dict[str, Any]:
+            return {"version": model.version, "tokens": model.generate(tokens, n)}
 
         async def healthz(request: web.Request) -> web.Response:
             model, error = self.model, self.live.last_error
@@ -188,25 +191,23 @@ class ModelServer:
                           "peak_rss_bytes": peak, "model_private_bytes": model.nbytes},
                          model.version)
 
-        app.router.add_post("/v1/forward", forward)
-        app.router.add_post("/v1/generate", generate)
+        app.router.add_post("/v1/forward", lambda r: run(r, False, forward))
+        app.router.add_post("/v1/generate", lambda r: run(r, True, generate))
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/version", version)
         app.router.add_get("/stats", stats)
         return app
 
 
-async def _parse(request: web.Request, model: MoEModel, *,
-                 new_tokens: bool) -> tuple[list[int], int]:
+async def _parse(request: web.Request, *, new_tokens: bool) -> tuple[list[int], int]:
     try:
         doc = await request.json()
     except (ValueError, UnicodeDecodeError) as e:
         raise _bad(f"the body is not JSON: {e}") from e
     tokens = doc.get("tokens") if isinstance(doc, dict) else None
-    vocab = model.config.vocab
     if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_TOKENS
-            or not all(type(t) is int and 0 <= t < vocab for t in tokens)):
-        raise _bad(f"'tokens' must be a list of 1 to {MAX_TOKENS} token ids in 0..{vocab - 1}")
+            or not all(type(t) is int and t >= 0 for t in tokens)):
+        raise _bad(f"'tokens' must be a list of 1 to {MAX_TOKENS} token ids (integers >= 0)")
     n = doc.get("max_new_tokens", 8) if new_tokens else 0
     if type(n) is not int or not 0 <= n <= MAX_NEW_TOKENS:
         raise _bad(f"'max_new_tokens' must be an integer in 0..{MAX_NEW_TOKENS}")

@@ -1,0 +1,84 @@
+"""The reference server's HTTP API, on a real process: answers, version tags, bad requests."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edge_agent.serve import load_reference
+
+from ._model_server import ModelServer, serving
+from .conftest import Cli, MoEFamily
+from .test_agent_e2e import Device, _release
+
+
+@pytest.fixture
+def device(cli: Cli, release_key: Path, moe_family: MoEFamily, tmp_path: Path) -> Device:
+    store = tmp_path / "store"
+    store.mkdir()
+    cli.publish("init", "--store", store, "--key", release_key, "--out", tmp_path / "root.json")
+    _release(cli, str(store), moe_family.v1, "v1", release_key)
+    dev = Device(cli, tmp_path / "root.json", str(store), tmp_path / "dev")
+    dev.agent("run", "--once")
+    return dev
+
+
+def _post(server: ModelServer, path: str, body: bytes) -> tuple[int, dict, str]:
+    req = urllib.request.Request(server.url + path, data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read()), r.headers.get("X-Deltaship-Version", "")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers.get("X-Deltaship-Version", "")
+
+
+def test_forward_and_generate_match_a_fresh_load(cli: Cli, device: Device,
+                                                 moe_family: MoEFamily) -> None:
+    ref = load_reference(moe_family.v1)
+    with serving(cli, device.model_dir) as server:
+        status, body, header = _post(server, "/v1/forward", b'{"tokens": [5, 6, 7]}')
+        assert status == 200 and header == "v1" and body["version"] == "v1"
+        out = ref.forward([5, 6, 7])
+        assert body["logits_sha256"] == out.logits_sha256
+        assert body["top"] == [list(t) for t in out.top(5)]
+        assert body["next_token"] == out.top(1)[0][0]
+        status, body, _ = _post(server, "/v1/generate",
+                                b'{"tokens": [1, 2], "max_new_tokens": 4}')
+        assert status == 200 and body == {"version": "v1", "tokens": ref.generate([1, 2], 4)}
+        assert server.get("/healthz") == (200, {"status": "ok", "version": "v1"})
+        assert server.get("/version")[1]["target"] == "v1"
+
+
+BAD_REQUESTS = [
+    ("/v1/forward", b"not json", "not JSON"),
+    ("/v1/forward", b"[1, 2]", "'tokens' must be"),
+    ("/v1/forward", b'{"tokens": []}', "'tokens' must be"),
+    ("/v1/forward", b'{"tokens": [1, -1]}', "'tokens' must be"),
+    ("/v1/forward", b'{"tokens": [1, 2.5]}', "'tokens' must be"),
+    ("/v1/forward", b'{"tokens": [1, true]}', "'tokens' must be"),
+    ("/v1/forward", b'{"tokens": [99999]}', "ids in 0..255"),
+    ("/v1/forward", json.dumps({"tokens": [1] * 513}).encode(), "'tokens' must be"),
+    ("/v1/generate", b'{"tokens": [1], "max_new_tokens": 65}', "'max_new_tokens'"),
+    ("/v1/generate", b'{"tokens": [1], "max_new_tokens": "3"}', "'max_new_tokens'"),
+]
+
+
+def test_bad_requests_get_400_with_a_reason(cli: Cli, device: Device) -> None:
+    with serving(cli, device.model_dir) as server:
+        for path, body, message in BAD_REQUESTS:
+            status, answer, _ = _post(server, path, body)
+            assert status == 400 and message in answer["error"], (body, answer)
+        assert _post(server, "/v1/forward", b'{"tokens": [1]}')[0] == 200  # still serving
+
+
+def test_sigterm_stops_the_server_and_removes_its_pidfile(cli: Cli, device: Device) -> None:
+    server = ModelServer(cli, device.model_dir)
+    assert server.pidfile.read_text().strip() == str(server.proc.pid)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.stop() == 0
+    assert not server.pidfile.exists()
