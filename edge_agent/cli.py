@@ -33,7 +33,7 @@ from manifest.trust import verify_root
 from .config import AgentConfig, default_config_path, load_config, save_config
 from .hooks import HookError, parse_hooks
 from .lock import model_dir_lock
-from .state import load_state, save_state
+from .state import load_state, rollback_target, save_state
 from .updater import Agent, run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,8 +42,8 @@ EXIT_CODES = """\b
 Exit codes: 0 success (or up to date); 1 other error; 2 bad local input or configuration;
 3 the store sent data that failed verification (nothing was installed); 4 the store could not
 be reached; 5 another process changed the same thing; 6 a hook or the health check failed after
-a switch (the agent switched back to the previous version). The live model is never touched by
-a failed update."""
+a switch (after an update the agent switched back to the previous version; after a rollback the
+rollback stands). The live model is never touched by a failed update."""
 
 
 _errors = exit_on_errors("deltaship-agent")
@@ -303,8 +303,9 @@ def status(as_json: bool, config_path: Path | None) -> None:
 
 @main.command()
 @click.option("--to", "to_version",
-              help="Retained version to switch to [default: the one before the current "
-              "version, skipping versions that failed their health check].")
+              help="Retained version to switch to [default: the version that was live before "
+              "the current one (repeat to go further back), skipping versions that failed "
+              "their health check].")
 @_config_option
 @_errors
 def rollback(to_version: str | None, config_path: Path | None) -> None:
@@ -319,10 +320,7 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
     state = load_state(agent.state_path)
     current = agent.layout.current()
     if to_version is None:
-        previous = [h.get("from") for h in reversed(state.history) if h.get("event") == "switch"]
-        to_version = next((v for v in previous if v and v != current
-                           and v not in state.failed_versions
-                           and agent.layout.has_version(v)), None)
+        to_version = rollback_target(state, current, agent.layout.has_version)
         if to_version is None:
             raise NotFoundError("no previous version is retained on this device")
     if not agent.layout.has_version(to_version):
@@ -381,6 +379,11 @@ def verify(repair: bool, config_path: Path | None) -> None:
     with model_dir_lock(cfg.state_dir):
         asyncio.run(repair_version(agent, current, bad))
     click.echo(f"{current}: repaired {', '.join(bad)}")
+    try:  # a server mapping the damaged files must reload them
+        asyncio.run(agent.hooks.after_switch(current, agent.layout.version_dir(current)))
+    except HookError as e:
+        raise HookError(f"repaired {current}, but the model server is not healthy on it: "
+                        f"{e}") from e
 
 
 @main.command()

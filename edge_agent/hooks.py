@@ -27,6 +27,7 @@ model, and there is nothing to switch back to), and after a manual ``deltaship-a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -133,30 +134,50 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
     elif hook.kind == "command":
         argv = [_fill(a, version, path) for a in hook.argv]
         env = {**os.environ, "DELTASHIP_VERSION": version, "DELTASHIP_PATH": str(path)}
-        try:
+        try:  # its own process group, so that a timeout kills what it started too
             proc = await asyncio.create_subprocess_exec(
                 *argv, env=env, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, start_new_session=True)
         except OSError as e:
             raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
         try:
             _, err = await proc.communicate()
         except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signals.SIGKILL)
+            with contextlib.suppress(TimeoutError):  # a grandchild in its own session
+                await asyncio.wait_for(proc.wait(), timeout=5)
             raise
         if proc.returncode != 0:
             detail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
             raise HookError(f"{argv[0]} exited {proc.returncode} {detail[0]}".rstrip())
     else:  # signal
         try:
-            pid = int(Path(hook.pidfile).read_text().strip())
-            os.kill(pid, getattr(signals, f"SIG{hook.signal.upper().removeprefix('SIG')}"))
-        except (OSError, ValueError, AttributeError) as e:
+            text = Path(hook.pidfile).read_text().strip()
+            pid = int(text) if text.isdigit() else 0
+            if pid < 2 or pid == os.getpid():  # 0, -1 and 1 signal groups or init
+                raise HookError(f"{hook.pidfile} does not hold a server's process id "
+                                f"({text[:20]!r})")
+            os.kill(pid, _signal_number(hook.signal))
+        except OSError as e:
             raise HookError(f"cannot signal the process in {hook.pidfile}: {e}") from e
 
 
 _FIELDS = set(Hook.__dataclass_fields__)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "url": (str,), "method": (str,), "body": (str,), "pidfile": (str,),
+    "signal": (str,), "timeout": (int, float), "interval": (int, float), "attempts": (int,),
+    "expect_version": (bool,),
+}  # fmt: skip
+
+
+def _signal_number(name: str) -> int:
+    number = getattr(signals, f"SIG{name.upper().removeprefix('SIG')}", None)
+    if not isinstance(number, signals.Signals):
+        raise LocalError(f"unknown signal {name!r} (e.g. HUP, USR1, TERM)")
+    return int(number)
 
 
 def _hook(d: Any, where: str, method: str) -> Hook:
@@ -165,10 +186,28 @@ def _hook(d: Any, where: str, method: str) -> Hook:
     unknown = set(d) - _FIELDS
     if unknown:
         raise LocalError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    for key, value in d.items():
+        types = _TYPES.get(key)
+        if types is not None and (not isinstance(value, types) or (
+                bool not in types and isinstance(value, bool))):
+            raise LocalError(f"{where}.{key}: {value!r} is not a {types[0].__name__}")
+    if "argv" in d and (not isinstance(d["argv"], list)
+                        or not all(isinstance(a, str) for a in d["argv"])):
+        raise LocalError(f"{where}.argv: must be a list of strings")
+    for key in ("timeout", "interval"):
+        if key in d and not d[key] > 0:
+            raise LocalError(f"{where}.{key}: must be more than 0 seconds")
+    if d.get("attempts", 1) < 1:
+        raise LocalError(f"{where}.attempts: must be at least 1")
     d = {"method": method, **d}
     if "argv" in d:
         d["argv"] = tuple(d["argv"])
     hook = Hook(**d)
+    if hook.kind == "signal":
+        try:
+            _signal_number(hook.signal)
+        except LocalError as e:
+            raise LocalError(f"{where}.signal: {e}") from None
     needs = {"http": hook.url, "command": hook.argv, "signal": hook.pidfile}[hook.kind]
     if not needs:
         raise LocalError(f"{where}: a {hook.kind} hook needs "

@@ -295,6 +295,7 @@ class LiveModel:
         self._loader = loader
         self._check = check
         self._reuse = reuse
+        self._recheck = False
         self._subscribers: list[Callable[[Weights], None]] = []
         self._wake = threading.Event()
         self._closed = False
@@ -348,7 +349,13 @@ class LiveModel:
         return self._observer is not None
 
     def refresh(self) -> None:
-        """Look at ``current`` now instead of at the next event or poll (e.g. on SIGHUP)."""
+        """Look at ``current`` now (e.g. on SIGHUP), also at the files of the live version.
+
+        Besides following a switch at once, this reloads group files of the live version that
+        were replaced in place (``deltaship-agent verify --repair``) and retries a version that
+        failed to load (e.g. after raising the open-file limit).
+        """
+        self._recheck = True
         self._wake.set()
 
     def subscribe(self, fn: Callable[[Weights], None]) -> Callable[[], None]:
@@ -402,14 +409,22 @@ class LiveModel:
             except ModelError as e:
                 self._fail(None, e)
                 return
-            if target == self._target:
+            recheck, self._recheck = self._recheck, False
+            if recheck:
+                self._failed = None
+            if target == self._target and not recheck:
                 self._failed, self._last_error = None, None  # e.g. rolled back to it
                 return
             if target == self._failed:
                 return
             try:
-                weights = load_version(self.model_dir / target,
-                                       self._weights if self._reuse else None, self._loader)
+                same = target == self._target  # a recheck of the live version's files
+                reuse = self._weights if self._reuse or same else None
+                weights = load_version(self.model_dir / target, reuse, self._loader)
+                if same and all(g is self._weights.groups.get(f)
+                                for f, g in weights.groups.items()):
+                    self._failed, self._last_error = None, None
+                    return  # unchanged
                 if self._check is not None:
                     self._check(weights)
             except Exception as e:
@@ -418,6 +433,9 @@ class LiveModel:
                         continue  # switched again (and maybe pruned) while loading
                 self._fail(target, e)
                 return
+            with contextlib.suppress(ModelError):
+                if _read_current(self.model_dir) != target:
+                    continue  # switched again while loading: never publish a stale target
             previous = self._weights
             self._weights = weights  # the swap: one reference assignment
             self._target, self._failed, self._last_error = target, None, None

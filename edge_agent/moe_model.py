@@ -68,15 +68,16 @@ class MoEConfig:
             raise ModelError(f"{weights.path}: not a Mixtral-style MoE model (no embeddings "
                              "or no model.layers.N.block_sparse_moe.gate.weight)")
         experts = _tensor(t, "model.layers.0.block_sparse_moe.gate.weight").shape[0]
-        heads = int(doc.get("num_attention_heads", max(1, hidden // 64)))
-        top_k = int(doc.get("num_experts_per_tok", 2))
+        heads = _number(doc, "num_attention_heads", max(1, hidden // 64), int, weights.path)
+        top_k = _number(doc, "num_experts_per_tok", 2, int, weights.path)
+        eps = _number(doc, "rms_norm_eps", 1e-5, float, weights.path)
+        theta = _number(doc, "rope_theta", 1e6, float, weights.path)
         if heads < 1 or hidden % heads or (hidden // heads) % 2:
             raise ModelError(f"{weights.path}: {heads} heads do not divide hidden size {hidden}")
         if not 1 <= top_k <= experts:
             raise ModelError(f"{weights.path}: num_experts_per_tok {top_k} is not in 1..{experts}")
         return cls(layers=layers, hidden=hidden, heads=heads, experts=experts, top_k=top_k,
-                   vocab=vocab, eps=float(doc.get("rms_norm_eps", 1e-5)),
-                   rope_theta=float(doc.get("rope_theta", 1e6)))
+                   vocab=vocab, eps=eps, rope_theta=theta)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,16 @@ def _convert(group: Group) -> Mapping[str, F32]:
         arr = tensor.numpy()
         out[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     return MappingProxyType(out)
+
+
+def _number(doc: dict[str, Any], key: str, default: float, kind: type, where: Path) -> Any:
+    value = doc.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not math.isfinite(value) or (kind is int and value != int(value))
+            or not value > 0):
+        raise ModelError(f"{where / 'config.json'}: {key} must be a positive "
+                         f"{'integer' if kind is int else 'number'}, not {value!r}")
+    return kind(value)
 
 
 def _group_of(weights: Weights, name: str) -> str:

@@ -7,12 +7,14 @@ a switch changed (:meth:`~edge_agent.moe_model.MoEModel.build`), and swaps its m
 reference assignment. Every request takes the model once and is computed on it, so every
 response carries the version that computed it.
 
-HTTP API (JSON; every response also has an ``X-Deltaship-Version`` header)::
+HTTP API (JSON; every answer of the handlers below also has an ``X-Deltaship-Version``
+header: the version that computed it, or that ``/healthz`` and the others describe)::
 
     POST /v1/forward   {"tokens": [1, 2, 3]}
         -> {"version", "next_token", "top": [[id, logit], ...5], "logits_sha256"}
     POST /v1/generate  {"tokens": [1, 2, 3], "max_new_tokens": 8}  -> {"version", "tokens"}
     GET  /healthz      200 {"status": "ok", "version"} when the version `current` names is live;
+                       503 {"status": "loading", "version", "target"} until it is;
                        503 {"status": "degraded", "version", "target", "error"} when it was
                        refused (the previous version keeps serving)
     GET  /version      {"version", "path", "target"}
@@ -31,10 +33,12 @@ flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -47,6 +51,7 @@ from aiohttp import web
 from threadpoolctl import threadpool_limits
 
 from manifest.errors import LocalError
+from manifest.stores import write_atomic
 
 from .hotswap import LiveModel, Weights, load_version, map_group
 from .moe_model import MoEModel
@@ -79,7 +84,7 @@ class Swap:
     target: str
     groups_loaded: list[str]
     groups_shared: int
-    seconds: float  # from noticing the switch to the new model being live
+    seconds: float  # from the new version's files being mapped to the new model being live
     at: float  # time.time() when it went live
     extra_bytes: int  # peak resident memory while building it, above the level before
 
@@ -172,11 +177,14 @@ class ModelServer:
 
         async def healthz(request: web.Request) -> web.Response:
             model, error = self.model, self.live.last_error
-            if error is None:
-                return _json({"status": "ok", "version": model.version}, model.version)
-            return _json({"status": "degraded", "version": model.version,
-                          "target": _target(self.cfg.model_dir), "error": str(error)},
-                         model.version, status=503)
+            target = _target(self.cfg.model_dir)
+            if error is not None:
+                return _json({"status": "degraded", "version": model.version,
+                              "target": target, "error": str(error)}, model.version, status=503)
+            if target != model.weights.path.name:  # switched, not followed yet
+                return _json({"status": "loading", "version": model.version,
+                              "target": target}, model.version, status=503)
+            return _json({"status": "ok", "version": model.version}, model.version)
 
         async def version(request: web.Request) -> web.Response:
             model = self.model
@@ -202,8 +210,8 @@ class ModelServer:
 async def _parse(request: web.Request, *, new_tokens: bool) -> tuple[list[int], int]:
     try:
         doc = await request.json()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise _bad(f"the body is not JSON: {e}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise _bad(f"the body is not JSON: {type(e).__name__}") from e
     tokens = doc.get("tokens") if isinstance(doc, dict) else None
     if (not isinstance(tokens, list) or not 1 <= len(tokens) <= MAX_TOKENS
             or not all(type(t) is int and t >= 0 for t in tokens)):
@@ -257,8 +265,18 @@ def _memory() -> tuple[int, int]:
 async def serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready(url, version)`` is called once listening."""
     _return_large_frees_to_the_os()
+    _raise_open_file_limit()
     with threadpool_limits(limits=1, user_api="blas"):  # parallel requests, not parallel BLAS
         await _serve(cfg, ready)
+
+
+def _raise_open_file_limit() -> None:
+    """Before Python 3.13 every mapped group file keeps a descriptor: allow as many as we may
+    (a model with thousands of expert groups exceeds the usual soft limit of 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _return_large_frees_to_the_os() -> None:
@@ -294,13 +312,13 @@ async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> 
             raise LocalError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror}") from e
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         url = f"http://{cfg.host}:{port}"
-        if cfg.pidfile is not None:
-            cfg.pidfile.write_text(f"{os.getpid()}\n")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.live.refresh)
+        if cfg.pidfile is not None:  # after the handlers: a SIGHUP at once must not kill us
+            write_atomic(cfg.pidfile, f"{os.getpid()}\n".encode(), 0o644)
         if ready is not None:
             ready(url, server.model.version)
         await stop.wait()
@@ -309,7 +327,9 @@ async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> 
         server.live.close()
         executor.shutdown(wait=True)
         if cfg.pidfile is not None:
-            cfg.pidfile.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # only ours: a new server may have replaced it
+                if cfg.pidfile.read_text().strip() == str(os.getpid()):
+                    cfg.pidfile.unlink()
 
 
 def load_reference(version_dir: Path) -> MoEModel:

@@ -8,6 +8,7 @@ versions that failed and must not be retried, and what the last check did.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from manifest.errors import LocalError
 from manifest.stores import write_atomic
 
-__all__ = ["AgentState", "load_state", "save_state"]
+__all__ = ["AgentState", "live_stack", "load_state", "rollback_target", "save_state"]
 
 
 @dataclass
@@ -31,6 +32,9 @@ class AgentState:
     bytes_last_update: int = 0
     bytes_total: int = 0
     plan: dict[str, Any] | None = None
+    # A switch whose hooks and health check have not given their verdict yet: {"from", "to"}.
+    # Saved before `current` moves; a restart finishes the check (or switches back) first.
+    pending_switch: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)  # installs and switches
 
 
@@ -49,3 +53,34 @@ def save_state(state: AgentState, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state.history = state.history[-50:]
     write_atomic(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode() + b"\n")
+
+
+def live_stack(history: list[dict[str, Any]]) -> list[str]:
+    """The versions a rollback goes back through, oldest first (pure).
+
+    An update pushes the version it switched to; a rollback, or a switch back after a failed
+    health check, pops back to the version it switched to. So repeated rollbacks go further
+    back instead of bouncing between the last two versions.
+    """
+    stack: list[str] = []
+    for h in history:
+        frm, to = h.get("from"), h.get("to")
+        if h.get("event") != "switch" or not isinstance(to, str):
+            continue
+        if h.get("reason") in ("rollback", "health check failed") and to in stack:
+            del stack[len(stack) - stack[::-1].index(to):]
+            continue
+        if not stack and isinstance(frm, str):
+            stack.append(frm)
+        if not stack or stack[-1] != to:
+            stack.append(to)
+    return stack
+
+
+def rollback_target(state: AgentState, current: str | None,
+                    retained: Callable[[str], bool]) -> str | None:
+    """The version ``deltaship-agent rollback`` goes to by default, or None (pure)."""
+    for v in reversed(live_stack(state.history)):
+        if v != current and v not in state.failed_versions and retained(v):
+            return v
+    return None

@@ -106,6 +106,9 @@ class Agent:
     async def _cycle(self, source: Source) -> CycleResult:
         self.layout.prepare()
         state = load_state(self.state_path)
+        if state.pending_switch is not None:
+            await self.finish_pending_switch(state.pending_switch)
+            state = load_state(self.state_path)
         root = self.root()
         etag = state.manifest_etag if (self.cfg.state_dir / MANIFEST_COPY).is_file() else None
         data, new_etag = await source.get_small(MANIFEST_COPY, MAX_MANIFEST_SIZE, etag)
@@ -140,46 +143,78 @@ class Agent:
             assert ibytes is not None
             index = verify_index(ibytes, manifest.current, root)
             downloaded = await self.install(source, index, ibytes, state)
+        state = load_state(self.state_path)
+        state.pending_switch = {"from": current, "to": target}
+        save_state(state, self.state_path)
         self.layout.switch(target)
         log.info("switched to %s (was %s)", target, current or "nothing")
         await self.check_health(target, current)
-        state = load_state(self.state_path)
-        state.history.append({"at": format_time(self.now()), "event": "switch",
-                              "from": current, "to": target})
-        state.plan = None
-        save_state(state, self.state_path)
-        self.prune(target, previous=current)
+        self.commit_switch(target, current)
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
                            downloaded)
+
+    def commit_switch(self, target: str, previous: str | None) -> None:
+        """The new version passed its checks: record it, forget the plan, prune."""
+        state = load_state(self.state_path)
+        state.history.append({"at": format_time(self.now()), "event": "switch",
+                              "from": previous, "to": target})
+        state.plan = None
+        state.pending_switch = None
+        save_state(state, self.state_path)
+        self.prune(target, previous=previous)
+
+    async def finish_pending_switch(self, pending: dict[str, Any]) -> None:
+        """A previous run switched and stopped before the health verdict: give it now."""
+        target, previous = pending.get("to"), pending.get("from")
+        if not isinstance(target, str) or self.layout.current() != target:
+            state = load_state(self.state_path)  # it never switched, or switched back
+            state.pending_switch = None
+            save_state(state, self.state_path)
+            return
+        log.warning("the check of %s was interrupted: checking it again", target)
+        await self.check_health(target, previous if isinstance(previous, str) else None)
+        self.commit_switch(target, previous if isinstance(previous, str) else None)
 
     async def check_health(self, target: str, previous: str | None) -> None:
         """Notify the model server and check it; on failure switch back and remember.
 
         Not on the first install: no model server can run before there is a model, and there
-        is nothing to switch back to.
+        is nothing to switch back to. Any exception from a hook counts as a failure; if the
+        agent is stopped before the verdict, ``state.pending_switch`` makes the next run give
+        it (see :meth:`finish_pending_switch`).
         """
         if self.hooks.empty or previous is None:
             return
         try:
             await self.hooks.after_switch(target, self.layout.version_dir(target))
             return
-        except HookError as e:
-            failure = e
-        if previous is not None and self.layout.has_version(previous):
+        except Exception as e:
+            failure = e if isinstance(e, HookError) else HookError(f"hook error: {e!r}")
+        back = self.layout.has_version(previous)
+        if back:
             self.layout.switch(previous)
             try:
                 await self.hooks.after_switch(previous, self.layout.version_dir(previous))
-            except HookError as e:
+            except Exception as e:
                 log.error("the previous version %s is not healthy either: %s", previous, e)
         state = load_state(self.state_path)
         if target not in state.failed_versions:
             state.failed_versions.append(target)
-        state.history.append({"at": format_time(self.now()), "event": "switch",
-                              "from": target, "to": previous, "reason": "health check failed"})
+        if back:
+            state.history.append({"at": format_time(self.now()), "event": "switch",
+                                  "from": target, "to": previous,
+                                  "reason": "health check failed"})
+        state.plan = None
+        state.pending_switch = None
         save_state(state, self.state_path)
+        if not back:
+            raise HookError(f"{target} failed after the switch ({failure}), and {previous} is "
+                            "no longer on this device to switch back to: fix the model server "
+                            "or release a fixed version") from failure
+        self.prune(previous, previous=None)  # the failed version's files go
         raise HookError(
             f"{target} failed after the switch ({failure}); switched back to "
-            f"{previous or 'nothing'} and will not retry {target} until a newer release or "
+            f"{previous} and will not retry {target} until a newer release or "
             "`deltaship-agent resume`"
         ) from failure
 

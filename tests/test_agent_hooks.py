@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from typing import ClassVar
 
 import pytest
 
-from .conftest import Cli, MoEFamily
+from .conftest import BIN, Cli, MoEFamily
 from .test_agent_e2e import Device, _raw, _release
 
 
@@ -70,13 +71,50 @@ def test_a_hanging_hook_is_timed_out(cli: Cli, fleet: tuple[str, Path], release_
     store, root = fleet
     dev = Device(cli, root, store, tmp_path / "dev")
     dev.agent("run", "--once")
-    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sleep", "60"], timeout = 1}]')
+    # A wrapper script whose child hangs: the timeout kills the whole process group (killing
+    # only the shell would leave its child holding the pipe, and the agent waiting).
+    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sh", "-c", "sleep 60; exit 0"], '
+                     'timeout = 1}]')
     _release(cli, store, moe_family.v2, "v2", release_key)
     t0 = time.monotonic()
     p = dev.agent("run", "--once", check=False)
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 20  # two timeouts of 1 s: the update, then the switch back
     assert p.returncode == 6 and "did not finish within 1 s" in p.stderr
     assert dev.status()["current"] == "v1"
+
+
+def test_an_interrupted_health_check_is_finished_by_the_next_run(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    """Killed between the switch and the verdict, the agent must not leave the unchecked
+    version live for good: the next run checks it again (and switches back)."""
+    store, root = fleet
+    hold = tmp_path / "hold"
+    check = f"while [ -f {hold} ]; do sleep 0.05; done; test {{version}} = v1"
+    dev = Device(cli, root, store, tmp_path / "dev", "--health-command",
+                 shlex.join(["sh", "-c", check]), "--health-timeout", "60")
+    dev.agent("run", "--once")
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    hold.touch()
+    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
+                             str(dev.config)], env=cli.env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while os.readlink(dev.live) != "versions/v2":
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.2)
+        proc.kill()  # SIGKILL while the health check runs
+        proc.wait()
+    finally:
+        proc.kill()
+        hold.unlink()
+    assert dev.status()["current"] == "v2"  # live, but not committed
+    p = dev.agent("run", "--once", check=False)
+    assert p.returncode == 6 and "v2 failed after the switch" in p.stderr, p.stderr
+    st = dev.status()
+    assert st["current"] == "v1" and st["failed_versions"] == ["v2"]
+    assert _raw(dev.live) == _raw(moe_family.v1)
 
 
 class _Recorder(BaseHTTPRequestHandler):
@@ -164,7 +202,32 @@ def test_bad_hook_configuration_is_one_clear_line(cli: Cli, fleet: tuple[str, Pa
                                                   tmp_path: Path) -> None:
     store, root = fleet
     dev = Device(cli, root, store, tmp_path / "dev")
-    _with_hooks(dev, 'notify = [{kind = "carrier-pigeon"}]')
+    config = dev.config.read_text()
+    for table, where in [
+        ('notify = [{kind = "carrier-pigeon"}]', "hooks.notify[0]"),
+        ('health = {kind = "command", argv = ["true"], attempts = "2"}', "hooks.health.attempts"),
+        ('health = {kind = "command", argv = ["true"], timeout = 0}', "hooks.health.timeout"),
+        ('notify = [{kind = "command", argv = "true"}]', "hooks.notify[0].argv"),
+        ('notify = [{kind = "signal", pidfile = "/x", signal = "BOGUS"}]',
+         "hooks.notify[0].signal"),
+    ]:
+        dev.config.write_text(config)
+        _with_hooks(dev, table)
+        p = dev.agent("run", "--once", check=False)
+        assert p.returncode == 2 and where in p.stderr, (table, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert not dev.live.exists()  # refused before anything was installed
+
+
+def test_a_pidfile_that_names_no_server_fails_the_hook_cleanly(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    store, root = fleet
+    dev = Device(cli, root, store, tmp_path / "dev")
+    dev.agent("run", "--once")
+    (tmp_path / "server.pid").write_text("0\n")  # kill(0, ...) would signal the agent itself
+    _with_hooks(dev, f'notify = [{{kind = "signal", pidfile = "{tmp_path / "server.pid"}"}}]')
+    _release(cli, store, moe_family.v2, "v2", release_key)
     p = dev.agent("run", "--once", check=False)
-    assert p.returncode == 2 and "hooks.notify[0]" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert p.returncode == 6 and "does not hold a server's process id" in p.stderr, p.stderr
+    assert dev.status()["current"] == "v1"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import struct
 import threading
 import time
@@ -361,3 +362,48 @@ def test_to_float32_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="no float32 conversion"):
         to_float32(b"\0" * 4, "F32", (1,))
     assert to_float32(b"", "F8_E4M3", (0, 5)).shape == (0, 5)
+
+
+def test_refresh_reloads_files_replaced_in_place(agent: FakeAgent) -> None:
+    """`verify --repair` relinks a damaged file under the same name: a refresh (the server's
+    SIGHUP) reloads that group only; a refresh that finds nothing changed swaps nothing."""
+    loader = CountingLoader()
+    with LiveModel.open(agent.layout.root, loader=loader, watch=False,
+                        poll_interval=60) as live:
+        before = live.snapshot()
+        loader.paths.clear()
+        live.refresh()
+        time.sleep(0.3)
+        assert live.snapshot() is before and loader.paths == []
+        path = before.path / "layers.0.experts.1.safetensors"
+        tmp = path.with_suffix(".new")
+        tmp.write_bytes(group_file("layers.0.experts.1", 42))
+        os.replace(tmp, path)  # a new inode under the same name
+        live.refresh()
+        wait_for(lambda: live.snapshot() is not before)
+        after = live.snapshot()
+    assert loader.paths == [path]
+    assert (after.tensors["model.layers.0.experts.1.w"].numpy() == 42).all()
+    assert all(after.groups[f] is g for f, g in before.groups.items() if f != path.name)
+
+
+def test_a_version_switched_away_from_while_loading_is_never_published(
+        agent: FakeAgent) -> None:
+    """The agent switches back (a failed health check) while the server still loads: the
+    abandoned version must not go live, not even briefly."""
+    seen: list[str] = []
+    started = threading.Event()
+
+    def slow_check(w: Weights) -> None:
+        if w.version == "v2":
+            started.set()
+            time.sleep(0.5)
+
+    with LiveModel.open(agent.layout.root, check=slow_check, poll_interval=0.05) as live:
+        live.subscribe(lambda w: seen.append(w.version))
+        agent.switch("v2")
+        assert started.wait(5)
+        agent.switch("v1")
+        time.sleep(1.0)
+        assert live.version == "v1"
+    assert "v2" not in seen

@@ -12,7 +12,7 @@ import pytest
 from edge_agent.serve import load_reference
 
 from ._model_server import ModelServer, serving
-from .conftest import Cli, MoEFamily
+from .conftest import Cli, MoEFamily, modelgen
 from .test_agent_e2e import Device, _release
 
 
@@ -82,3 +82,23 @@ def test_sigterm_stops_the_server_and_removes_its_pidfile(cli: Cli, device: Devi
     server.proc.send_signal(signal.SIGTERM)
     assert server.stop() == 0
     assert not server.pidfile.exists()
+
+
+def test_a_plain_health_url_is_enough_to_refuse_a_bad_release(
+        cli: Cli, device: Device, release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    """Without --health-expect-version: /healthz answers 503 ("loading") until the server has
+    followed `current`, so the agent cannot mistake the old version's health for the new's."""
+    bad = modelgen.diverge(moe_family.v1, tmp_path / "bad",
+                           ["model.layers.1.block_sparse_moe.gate.weight"])
+    store = str(tmp_path / "store")
+    with serving(cli, device.model_dir) as server:
+        with open(device.config, "a") as f:
+            f.write(f'\n[hooks]\nhealth = {{kind = "http", url = "{server.url}/healthz", '
+                    "attempts = 20, interval = 0.1}\n")
+        _release(cli, store, bad, "v2", release_key)
+        p = device.agent("run", "--once", check=False)
+        assert p.returncode == 6, p.stdout + p.stderr
+        assert "non-finite" in p.stderr and "switched back to v1" in p.stderr
+        assert server.get("/healthz") == (200, {"status": "ok", "version": "v1"})
+        assert device.status()["failed_versions"] == ["v2"]

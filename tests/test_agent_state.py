@@ -1,0 +1,46 @@
+"""Which version a manual rollback goes to: a pure function of the switch history."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.state import AgentState, live_stack, rollback_target
+
+
+def up(a: str | None, b: str) -> dict[str, object]:
+    return {"event": "switch", "from": a, "to": b}
+
+
+def back(a: str, b: str, reason: str = "rollback") -> dict[str, object]:
+    return {"event": "switch", "from": a, "to": b, "reason": reason}
+
+
+@pytest.mark.parametrize(("history", "stack"), [
+    ([], []),
+    ([up(None, "v1")], ["v1"]),
+    ([up(None, "v1"), up("v1", "v2"), up("v2", "v3")], ["v1", "v2", "v3"]),
+    # repeated rollbacks go further back instead of bouncing between the last two
+    ([up(None, "v1"), up("v1", "v2"), up("v2", "v3"), back("v3", "v2")], ["v1", "v2"]),
+    ([up(None, "v1"), up("v1", "v2"), up("v2", "v3"), back("v3", "v2"), back("v2", "v1")],
+     ["v1"]),
+    # a failed health check switched back: the failed version was never pushed
+    ([up(None, "v1"), up("v1", "v2"), back("v3", "v2", "health check failed")], ["v1", "v2"]),
+    # rollback --to a version that is not below: it is pushed
+    ([up(None, "v1"), up("v1", "v2"), back("v2", "v0")], ["v1", "v2", "v0"]),
+    # resume after a rollback, then update again
+    ([up(None, "v1"), up("v1", "v2"), back("v2", "v1"), up("v1", "v3")], ["v1", "v3"]),
+    # history older than the cap: the first switch's "from" starts the stack
+    ([up("v7", "v8")], ["v7", "v8"]),
+    # other events are ignored
+    ([{"event": "install", "to": "v9"}, up(None, "v1")], ["v1"]),
+])
+def test_live_stack(history: list[dict[str, object]], stack: list[str]) -> None:
+    assert live_stack(history) == stack
+
+
+def test_rollback_target_skips_failed_and_missing_versions() -> None:
+    state = AgentState(history=[up(None, "v1"), up("v1", "v2"), up("v2", "v3"), up("v3", "v4")],
+                       failed_versions=["v3"])
+    retained = {"v1", "v3", "v4"}.__contains__
+    assert rollback_target(state, "v4", retained) == "v1"  # v3 failed, v2 is gone
+    assert rollback_target(state, "v1", {"v1"}.__contains__) is None
