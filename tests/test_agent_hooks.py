@@ -51,6 +51,7 @@ def test_failing_health_check_switches_back_and_is_not_retried(
     assert len(p.stderr.strip().splitlines()) == 1
     st = dev.status()
     assert st["current"] == "v1" and st["failed_versions"] == ["v2"]
+    assert st["plan"] is None and "v2" not in st["retained"]  # nothing of v2 is left behind
     assert _raw(dev.live) == _raw(moe_family.v1)
     # A manual rollback never picks the failed version as "the previous one".
     p = dev.agent("rollback", check=False)

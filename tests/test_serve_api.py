@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 from edge_agent.serve import load_reference
 
 from ._model_server import ModelServer, serving
-from .conftest import Cli, MoEFamily, modelgen
+from .conftest import BIN, Cli, MoEFamily, modelgen
 from .test_agent_e2e import Device, _release
 
 
@@ -65,6 +68,7 @@ BAD_REQUESTS = [
     ("/v1/forward", json.dumps({"tokens": [1] * 513}).encode(), "'tokens' must be"),
     ("/v1/generate", b'{"tokens": [1], "max_new_tokens": 65}', "'max_new_tokens'"),
     ("/v1/generate", b'{"tokens": [1], "max_new_tokens": "3"}', "'max_new_tokens'"),
+    ("/v1/forward", b"[" * 60000, "not JSON"),  # nesting deeper than the JSON parser's stack
 ]
 
 
@@ -102,3 +106,35 @@ def test_a_plain_health_url_is_enough_to_refuse_a_bad_release(
         assert "non-finite" in p.stderr and "switched back to v1" in p.stderr
         assert server.get("/healthz") == (200, {"status": "ok", "version": "v1"})
         assert device.status()["failed_versions"] == ["v2"]
+
+
+def test_sighup_at_once_after_start_does_not_kill_the_server(cli: Cli, device: Device,
+                                                             tmp_path: Path) -> None:
+    """The agent's signal hook may fire the moment the pid file appears."""
+    pidfile = tmp_path / "fast.pid"
+    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "serve", "--model-dir",
+                             str(device.model_dir), "--port", "0", "--pidfile", str(pidfile)],
+                            env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
+        os.kill(int(pidfile.read_text()), signal.SIGHUP)
+        assert proc.stdout is not None and "serving v1" in proc.stdout.readline()
+        time.sleep(0.3)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert not pidfile.exists()
+
+
+def test_a_malformed_config_json_is_one_clear_line(cli: Cli, device: Device) -> None:
+    (device.live / "config.json").unlink()  # a hard link: replace, do not edit in place
+    (device.live / "config.json").write_text('{"num_attention_heads": "four"}')
+    p = cli.run("deltaship-agent", "serve", "--model-dir", device.model_dir, "--port", "0",
+                check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert "num_attention_heads must be a positive integer, not 'four'" in p.stderr
