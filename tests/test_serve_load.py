@@ -158,6 +158,8 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
         naive.wait_version("v2")
         swap, naive_swap = ours.stats()["swaps"][0], naive.stats()["swaps"][0]
         full_private = ours.stats()["model_private_bytes"]
+        # Seen from outside the server: the group files its process has mapped.
+        mapped, naive_mapped = _mapped(ours, dev.model_dir), _mapped(naive, dev.model_dir)
         # Back and forth a few times: what a swap frees goes back to the OS, so resident
         # memory does not creep up swap after swap.
         layout = DeviceLayout(dev.model_dir)
@@ -171,6 +173,11 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
     changed = _changed_groups(dev.model_dir, "v1", "v2")
     changed_bytes = sum((dev.model_dir / "current" / f).stat().st_size for f in changed)
     assert swap["groups_loaded"] == changed and len(changed) == 4  # 2 experts + 2 routers
+    groups = _group_files(dev)
+    assert sorted(f for v, f in mapped) == groups  # each group mapped once
+    assert sorted(f for v, f in mapped if v == "v2") == changed  # only those were re-read
+    assert all(v == "v1" for v, f in mapped if f not in changed)  # the rest is v1's, shared
+    assert sorted(naive_mapped) == [("v2", f) for f in groups]  # the naive one re-read all
     assert naive_swap["groups_loaded"] == sorted(changed + [f for f in _group_files(dev)
                                                             if f not in changed])
     # Ours: the changed groups, mapped and converted (3x their bf16 size), plus slack.
@@ -180,6 +187,18 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
     assert naive_swap["extra_bytes"] > copy / 2, (naive_swap, copy)
     assert swap["extra_bytes"] < naive_swap["extra_bytes"] / 3
     assert rss_at_end - rss_at_start < changed_bytes + (8 << 20), (rss_at_start, rss_at_end)
+
+
+def _mapped(server: ModelServer, model_dir: Path) -> list[tuple[str, str]]:
+    """(version, group file) of every file of the model directory the server has mapped."""
+    prefix = str(model_dir / "versions") + "/"
+    found = set()
+    for line in Path(f"/proc/{server.proc.pid}/maps").read_text().splitlines():
+        path = line.split(maxsplit=5)[-1] if len(line.split()) >= 6 else ""
+        if path.startswith(prefix) and path.endswith(".safetensors"):
+            version, file = path[len(prefix):].split("/", 1)
+            found.add((version, file))
+    return sorted(found)
 
 
 def _group_files(dev: Device) -> list[str]:
