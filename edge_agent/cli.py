@@ -419,7 +419,8 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
     Endpoints:
       POST /v1/forward   {"tokens": [1, 2, 3]}      next-token top 5 and the logits' sha256
       POST /v1/generate  {"tokens": [...], "max_new_tokens": 8}
-      GET  /healthz      200 when the version `current` names is live, else 503 with the error
+      POST /v1/reload    look at `current` now (the agent's --notify-http target)
+      GET  /healthz      200 when the version `current` names is live, else 503 and why
       GET  /version      the live version;  GET /stats: requests, swaps, memory
 
     \b

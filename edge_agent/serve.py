@@ -17,6 +17,9 @@ header: the version that computed it, or that ``/healthz`` and the others descri
                        503 {"status": "loading", "version", "target"} until it is;
                        503 {"status": "degraded", "version", "target", "error"} when it was
                        refused (the previous version keeps serving)
+    POST /v1/reload    [{"version": V}]  look at `current` now (the agent's HTTP notify hook);
+                       202 {"status": "reloading", "version", "target"}, or 409 when
+                       `current` does not name V
     GET  /version      {"version", "path", "target"}
     GET  /stats        {"version", "requests", "swaps": [...], "rss_bytes", "peak_rss_bytes",
                         "model_private_bytes"}; a swap is {"from", "to", "groups_loaded",
@@ -186,6 +189,24 @@ class ModelServer:
                               "target": target}, model.version, status=503)
             return _json({"status": "ok", "version": model.version}, model.version)
 
+        async def reload(request: web.Request) -> web.Response:
+            """The agent's HTTP notify hook (like Triton's repository load API)."""
+            model, target = self.model, _target(self.cfg.model_dir)
+            doc: Any = {}
+            if request.can_read_body:
+                try:
+                    doc = await request.json()
+                except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                    raise _bad(f"the body is not JSON: {type(e).__name__}") from e
+            wanted = doc.get("version") if isinstance(doc, dict) else None
+            if wanted is not None and wanted != target:
+                return _json({"error": f"current names {target}, not {wanted}",
+                              "version": model.version, "target": target}, model.version,
+                             status=409)
+            self.live.refresh()
+            return _json({"status": "reloading", "version": model.version, "target": target},
+                         model.version, status=202)
+
         async def version(request: web.Request) -> web.Response:
             model = self.model
             return _json({"version": model.version, "path": str(model.weights.path),
@@ -201,6 +222,7 @@ class ModelServer:
 
         app.router.add_post("/v1/forward", lambda r: run(r, False, forward))
         app.router.add_post("/v1/generate", lambda r: run(r, True, generate))
+        app.router.add_post("/v1/reload", reload)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/version", version)
         app.router.add_get("/stats", stats)

@@ -55,6 +55,11 @@ def test_forward_and_generate_match_a_fresh_load(cli: Cli, device: Device,
         assert status == 200 and body == {"version": "v1", "tokens": ref.generate([1, 2], 4)}
         assert server.get("/healthz") == (200, {"status": "ok", "version": "v1"})
         assert server.get("/version")[1]["target"] == "v1"
+        status, body, _ = _post(server, "/v1/reload", b'{"version": "v1"}')
+        assert status == 202 and body["target"] == "v1"
+        status, body, _ = _post(server, "/v1/reload", b'{"version": "v9"}')
+        assert status == 409 and "current names v1, not v9" in body["error"]
+        assert _post(server, "/v1/reload", b"")[0] == 202
 
 
 BAD_REQUESTS = [

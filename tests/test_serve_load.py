@@ -57,8 +57,12 @@ def _changed_groups(model_dir: Path, a: str, b: str) -> list[str]:
 
 
 def _with_hooks(dev: Device, server: ModelServer) -> None:
+    """Both notify kinds a server process can take: its HTTP reload API (with the body
+    template) and SIGHUP to the process in its pid file; then the HTTP health check."""
     with open(dev.config, "a") as f:
-        f.write(f'\n[hooks]\nnotify = [{{kind = "signal", pidfile = "{server.pidfile}"}}]\n'
+        f.write(f'\n[hooks]\nnotify = [{{kind = "http", url = "{server.url}/v1/reload", '
+                """body = '{"version": "{version}", "path": "{path}"}'}, """
+                f'{{kind = "signal", pidfile = "{server.pidfile}"}}]\n'
                 f'health = {{kind = "http", url = "{server.url}/healthz", expect_version = true,'
                 " timeout = 5, attempts = 50, interval = 0.1}\n")
 
