@@ -270,7 +270,8 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
 @_config_option
 @_errors
 def status(as_json: bool, config_path: Path | None) -> None:
-    """Current and retained versions, pin, last check and error, bytes, the plan in progress."""
+    """Current and retained versions, pin, failed versions, last check and error, the plan in
+    progress and what the last update downloaded."""
     cfg = _load(config_path)
     agent = Agent(cfg)
     state = load_state(agent.state_path)
@@ -287,6 +288,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
         "bytes_last_update": state.bytes_last_update,
         "bytes_total": state.bytes_total,
         "plan": state.plan,
+        "last_update": state.last_update,
         "store": cfg.store,
         "model_dir": str(cfg.model_dir),
     }
@@ -297,6 +299,13 @@ def status(as_json: bool, config_path: Path | None) -> None:
     if plan:
         info["plan"] = (f"{plan['version']}: {plan['download_bytes']} bytes to download "
                         f"(full {plan['full_bytes']})")
+    last = info["last_update"]
+    if last:
+        info["last_update"] = (
+            f"{last.get('from') or 'nothing'} -> {last.get('version')} at {last.get('at')}: "
+            f"{last.get('downloaded_bytes', 0)} bytes downloaded (full "
+            f"{last.get('full_bytes', 0)}), {last.get('groups_changed', 0)} of "
+            f"{last.get('groups', 0)} groups changed")
     for k, v in info.items():
         click.echo(f"{k.replace('_', ' '):<18} {v if v not in (None, []) else '-'}")
 

@@ -32,6 +32,9 @@ class AgentState:
     bytes_last_update: int = 0
     bytes_total: int = 0
     plan: dict[str, Any] | None = None
+    # The last update that went live: {"version", "from", "at", "downloaded_bytes",
+    # "planned_bytes", "full_bytes", "groups_changed", "groups"}.
+    last_update: dict[str, Any] | None = None
     # A switch whose hooks and health check have not given their verdict yet: {"from", "to"}.
     # Saved before `current` moves; a restart finishes the check (or switches back) first.
     pending_switch: dict[str, Any] | None = None

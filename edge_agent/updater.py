@@ -156,8 +156,18 @@ class Agent:
     def commit_switch(self, target: str, previous: str | None) -> None:
         """The new version passed its checks: record it, forget the plan, prune."""
         state = load_state(self.state_path)
-        state.history.append({"at": format_time(self.now()), "event": "switch",
-                              "from": previous, "to": target})
+        at = format_time(self.now())
+        state.history.append({"at": at, "event": "switch", "from": previous, "to": target})
+        plan = state.plan if state.plan and state.plan.get("version") == target else None
+        groups = plan.get("groups", {}) if plan else {}
+        state.last_update = {
+            "version": target, "from": previous, "at": at,
+            "downloaded_bytes": state.bytes_last_update if plan else 0,
+            "planned_bytes": plan.get("download_bytes", 0) if plan else 0,
+            "full_bytes": plan.get("full_bytes", 0) if plan else 0,
+            "groups_changed": sum(1 for g in groups.values() if g.get("kind") != "have"),
+            "groups": len(groups),
+        }
         state.plan = None
         state.pending_switch = None
         save_state(state, self.state_path)

@@ -79,6 +79,12 @@ def test_install_update_skip_and_rollback(cli: Cli, published: tuple[str, Path],
     st = dev.status()
     assert st["current"] == "v2" and st["bytes_last_update"] == s2["bases"][0]["download_bytes"]
     assert st["retained"] == ["v1", "v2"]
+    last = st["last_update"]
+    assert (last["from"], last["version"]) == ("v1", "v2") and st["plan"] is None
+    assert last["downloaded_bytes"] == last["planned_bytes"] == st["bytes_last_update"]
+    assert last["full_bytes"] == s2["full_download_bytes"]
+    assert last["groups_changed"] == s2["groups_changed"] and last["groups"] == s2["groups_total"]
+    assert "v1 -> v2 at " in dev.agent("status").stdout
 
     # Up to date: exit 0, nothing downloaded.
     out = dev.agent("run", "--once")
