@@ -146,6 +146,7 @@ class ObjectRef:
     sha256: str
     length: int
     encoding: str  # "dspatch" (a patch container) or "zstd" (one zstd frame)
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def key(self) -> str:
@@ -157,10 +158,11 @@ class ObjectRef:
         enc = r.get("encoding", str)
         if enc not in ("dspatch", "zstd"):
             raise FormatError(f"{where}.encoding {enc!r} is unknown")
-        return cls(r.sha256(), r.count("length"), enc)
+        return cls(r.sha256(), r.count("length"), enc, r.rest())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "length": self.length, "encoding": self.encoding}
+        return {**self.unrecognized, "sha256": self.sha256, "length": self.length,
+                "encoding": self.encoding}
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ class PatchRef:
     base_version: str
     base_sha256: str
     object: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> PatchRef:
@@ -178,10 +181,12 @@ class PatchRef:
             check_version(r.get("base_version", str), f"{where}.base_version"),
             r.sha256("base_sha256"),
             ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
+            r.rest(),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.unrecognized,
             "base_version": self.base_version,
             "base_sha256": self.base_sha256,
             "object": self.object.to_dict(),
@@ -193,6 +198,7 @@ class TensorEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> TensorEntry:
@@ -200,10 +206,11 @@ class TensorEntry:
         shape = r.get("shape", list)
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
             raise FormatError(f"{where}.shape must be a list of non-negative integers")
-        return cls(r.get("name", str), r.get("dtype", str), tuple(shape))
+        return cls(r.get("name", str), r.get("dtype", str), tuple(shape), r.rest())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        return {**self.unrecognized, "name": self.name, "dtype": self.dtype,
+                "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -217,6 +224,7 @@ class GroupEntry:
     tensors: tuple[TensorEntry, ...]
     full: ObjectRef
     patches: tuple[PatchRef, ...] = ()
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> GroupEntry:
@@ -233,10 +241,12 @@ class GroupEntry:
             tuple(_list(r.get("tensors", list), f"{where}.tensors", TensorEntry.from_dict)),
             ObjectRef.from_dict(r.get("full", dict), f"{where}.full"),
             tuple(_list(r.optional("patches", []), f"{where}.patches", PatchRef.from_dict)),
+            r.rest(),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.unrecognized,
             "name": self.name,
             "file": self.file,
             "sha256": self.sha256,
@@ -255,6 +265,7 @@ class FileEntry:
     sha256: str
     length: int
     object: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> FileEntry:
@@ -264,10 +275,12 @@ class FileEntry:
             r.sha256(),
             r.count("length"),
             ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
+            r.rest(),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.unrecognized,
             "path": self.path,
             "sha256": self.sha256,
             "length": self.length,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import posixpath
 import re
@@ -560,3 +561,27 @@ def test_index_may_not_ship_the_weight_index_or_clash_files_with_folders() -> No
     for bad in (["model.safetensors.index.json"], ["a", "a/b"], ["x/y", "x/y/z"]):
         with pytest.raises(_Unsafe):
             _Index.from_dict(index_with(bad))
+
+
+def test_unknown_fields_round_trip_in_nested_entries() -> None:
+    """A newer publisher may add fields to groups, tensors, patches, files and object
+    references: an older reader keeps them, and writes them back unchanged."""
+    d = index_doc().to_dict()
+    g = d["groups"][0]
+    g["x_group"] = {"experts": [1, 2]}
+    g["tensors"][0]["x_quant"] = "nf4"
+    g["full"]["x_mirrors"] = ["https://cdn.example/a"]
+    for p in g["patches"]:
+        p["x_codec_hint"] = 3
+        p["object"]["x_region"] = "eu"
+    for f in d["files"]:
+        f["x_mode"] = "0644"
+        f["object"]["x_region"] = "us"
+    parsed = ReleaseIndex.from_dict(d)
+    assert parsed.to_dict() == d
+    assert dict(parsed.groups[0].full.unrecognized) == {"x_mirrors": ["https://cdn.example/a"]}
+    assert parsed.groups[0].tensors[0].unrecognized == {"x_quant": "nf4"}
+    # Known fields still win, and unknown ones do not change what an entry equals.
+    forged = dataclasses.replace(parsed.groups[0].full, unrecognized={"sha256": "0" * 64})
+    assert forged.to_dict()["sha256"] == parsed.groups[0].full.sha256
+    assert forged == parsed.groups[0].full
