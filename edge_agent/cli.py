@@ -338,6 +338,7 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
     agent.verify_version(to_version, agent.root())
     agent.layout.switch(to_version)
     state.pinned = to_version
+    state.pending_switch = None  # the operator's decision replaces any unfinished check
     state.history.append({"at": format_time(datetime.now(UTC)), "event": "switch",
                           "from": current, "to": to_version, "reason": "rollback"})
     save_state(state, agent.state_path)

@@ -64,12 +64,14 @@ FLOAT32_DTYPES: frozenset[str] = frozenset(_WIDTHS)
 
 
 def to_float32(
-    raw: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int]
+    raw: bytes | bytearray | memoryview, dtype: str, shape: Sequence[int],
+    out: Float32Array | None = None,
 ) -> Float32Array:
-    """Decode the little-endian bytes of a ``dtype`` tensor of ``shape`` into a new array.
+    """Decode the little-endian bytes of a ``dtype`` tensor of ``shape`` into a new array, or
+    into ``out`` (a C-contiguous float32 array of that shape) without a temporary copy.
 
-    Raises ``ValueError`` for a dtype outside :data:`FLOAT32_DTYPES` or a byte length that is
-    not the shape's element count times the element width.
+    Raises ``ValueError`` for a dtype outside :data:`FLOAT32_DTYPES`, a byte length that is
+    not the shape's element count times the element width, or an unfit ``out``.
     """
     width = _WIDTHS.get(dtype)
     if width is None:
@@ -80,11 +82,19 @@ def to_float32(
         raise ValueError(
             f"{dtype} tensor of shape {list(shape)} needs {count * width} bytes, got {nbytes}"
         )
-    if dtype == "BF16":
-        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-        out: Float32Array = bits.view(np.float32)
+    if out is None:
+        out = np.empty(tuple(shape), dtype=np.float32)
+    elif (out.dtype != np.float32 or out.shape != tuple(shape)
+          or not out.flags.c_contiguous or not out.flags.writeable):
+        raise ValueError(f"out must be a writable C-contiguous float32 array of shape "
+                         f"{list(shape)}")
+    flat = out.reshape(-1)
+    if dtype == "BF16":  # the bits of a BF16 are the high half of the float32's
+        bits = flat.view(np.uint32)
+        bits[...] = np.frombuffer(raw, dtype="<u2")
+        bits <<= 16
     elif dtype == "F16":
-        out = np.frombuffer(raw, dtype="<f2").astype(np.float32)
+        flat[...] = np.frombuffer(raw, dtype="<f2")
     else:
-        out = _TABLES[dtype][np.frombuffer(raw, dtype=np.uint8)]
-    return out.reshape(tuple(shape))
+        np.take(_TABLES[dtype], np.frombuffer(raw, dtype=np.uint8), out=flat)
+    return out

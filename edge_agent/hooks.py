@@ -32,6 +32,7 @@ import json
 import os
 import re
 import signal as signals
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,23 +135,29 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
     elif hook.kind == "command":
         argv = [_fill(a, version, path) for a in hook.argv]
         env = {**os.environ, "DELTASHIP_VERSION": version, "DELTASHIP_PATH": str(path)}
-        try:  # its own process group, so that a timeout kills what it started too
-            proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True)
-        except OSError as e:
-            raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
-        try:
-            _, err = await proc.communicate()
-        except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signals.SIGKILL)
-            with contextlib.suppress(TimeoutError):  # a grandchild in its own session
-                await asyncio.wait_for(proc.wait(), timeout=5)
-            raise
-        if proc.returncode != 0:
-            detail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            raise HookError(f"{argv[0]} exited {proc.returncode} {detail[0]}".rstrip())
+        # stderr goes to a file, not a pipe: a background process the command leaves running
+        # (`server &`) must not make the hook wait for it. Its own process group, so that a
+        # timeout kills what it started too.
+        with tempfile.TemporaryFile() as err:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=err,
+                    start_new_session=True)
+            except OSError as e:
+                raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
+            try:
+                await proc.wait()
+            except asyncio.CancelledError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signals.SIGKILL)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout=5)
+                raise
+            if proc.returncode != 0:
+                err.seek(0)
+                lines = err.read(1 << 16).decode(errors="replace").strip().splitlines()
+                detail = lines[-1] if lines else ""
+                raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())
     else:  # signal
         try:
             text = Path(hook.pidfile).read_text().strip()
@@ -194,9 +201,10 @@ def _hook(d: Any, where: str, method: str) -> Hook:
     if "argv" in d and (not isinstance(d["argv"], list)
                         or not all(isinstance(a, str) for a in d["argv"])):
         raise LocalError(f"{where}.argv: must be a list of strings")
-    for key in ("timeout", "interval"):
-        if key in d and not d[key] > 0:
-            raise LocalError(f"{where}.{key}: must be more than 0 seconds")
+    if "timeout" in d and not d["timeout"] > 0:
+        raise LocalError(f"{where}.timeout: must be more than 0 seconds")
+    if "interval" in d and not d["interval"] >= 0:
+        raise LocalError(f"{where}.interval: must not be negative")
     if d.get("attempts", 1) < 1:
         raise LocalError(f"{where}.attempts: must be at least 1")
     d = {"method": method, **d}

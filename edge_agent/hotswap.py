@@ -282,12 +282,12 @@ class _CurrentChanged(FileSystemEventHandler):
 class LiveModel:
     """The live weights of a model directory, swapped whole when its ``current`` moves."""
 
-    def __init__(self, model_dir: Path, weights: Weights, target: str, *,
+    def __init__(self, model_dir: Path, weights: Weights, prepared: Any, target: str, *,
                  poll_interval: float, loader: GroupLoader,
-                 check: Callable[[Weights], None] | None, reuse: bool) -> None:
+                 check: Callable[[Weights], Any] | None, reuse: bool) -> None:
         """Use :meth:`open`."""
         self.model_dir = model_dir
-        self._weights = weights
+        self._live: tuple[Weights, Any] = (weights, prepared)  # swapped as one reference
         self._target = target
         self._failed: str | None = None
         self._last_error: Exception | None = None
@@ -296,6 +296,7 @@ class LiveModel:
         self._check = check
         self._reuse = reuse
         self._recheck = False
+        self._recheck_lock = threading.Lock()
         self._subscribers: list[Callable[[Weights], None]] = []
         self._wake = threading.Event()
         self._closed = False
@@ -305,13 +306,14 @@ class LiveModel:
     @classmethod
     def open(cls, model_dir: str | os.PathLike[str], *, poll_interval: float = 1.0,
              loader: GroupLoader = map_group, watch: bool = True,
-             check: Callable[[Weights], None] | None = None,
+             check: Callable[[Weights], Any] | None = None,
              reuse: bool = True) -> LiveModel:
         """Load the version ``current`` names and follow its switches.
 
         ``watch=False`` relies on polling alone. ``check(weights)`` runs on every loaded
         version before it goes live (serving code's own acceptance test, e.g. a probe forward
-        pass); an exception refuses the version like a load error does. Raises
+        pass); an exception refuses the version like a load error does, and what it returns
+        (e.g. the model built from the weights) goes live with them as :attr:`prepared`. Raises
         :class:`ModelError` when there is no loadable current version (or ``check``'s
         exception for it). ``reuse=False`` reloads every group on a switch (the naive full
         reload, for comparisons).
@@ -321,10 +323,9 @@ class LiveModel:
         root = Path(model_dir)
         target = _read_current(root)
         weights = load_version(root / target, None, loader)
-        if check is not None:
-            check(weights)
-        live = cls(root, weights, target, poll_interval=poll_interval, loader=loader,
-                   check=check, reuse=reuse)
+        prepared = check(weights) if check is not None else None
+        live = cls(root, weights, prepared, target, poll_interval=poll_interval,
+                   loader=loader, check=check, reuse=reuse)
         if watch:
             live._start_observer()
         live._worker.start()
@@ -332,7 +333,17 @@ class LiveModel:
 
     def snapshot(self) -> Weights:
         """The live weights; take them once per request and use nothing else."""
-        return self._weights
+        return self._live[0]
+
+    @property
+    def prepared(self) -> Any:
+        """What ``check`` returned for the live weights (None without a check); it is swapped
+        together with them, and a version refused or abandoned while loading drops it."""
+        return self._live[1]
+
+    @property
+    def _weights(self) -> Weights:
+        return self._live[0]
 
     @property
     def version(self) -> str:
@@ -355,7 +366,8 @@ class LiveModel:
         were replaced in place (``deltaship-agent verify --repair``) and retries a version that
         failed to load (e.g. after raising the open-file limit).
         """
-        self._recheck = True
+        with self._recheck_lock:
+            self._recheck = True
         self._wake.set()
 
     def subscribe(self, fn: Callable[[Weights], None]) -> Callable[[], None]:
@@ -409,7 +421,8 @@ class LiveModel:
             except ModelError as e:
                 self._fail(None, e)
                 return
-            recheck, self._recheck = self._recheck, False
+            with self._recheck_lock:
+                recheck, self._recheck = self._recheck, False
             if recheck:
                 self._failed = None
             if target == self._target and not recheck:
@@ -425,8 +438,7 @@ class LiveModel:
                                 for f, g in weights.groups.items()):
                     self._failed, self._last_error = None, None
                     return  # unchanged
-                if self._check is not None:
-                    self._check(weights)
+                prepared = self._check(weights) if self._check is not None else None
             except Exception as e:
                 with contextlib.suppress(ModelError):
                     if _read_current(self.model_dir) != target:
@@ -437,7 +449,7 @@ class LiveModel:
                 if _read_current(self.model_dir) != target:
                     continue  # switched again while loading: never publish a stale target
             previous = self._weights
-            self._weights = weights  # the swap: one reference assignment
+            self._live = (weights, prepared)  # the swap: one reference assignment
             self._target, self._failed, self._last_error = target, None, None
             reused = sum(g is previous.groups.get(f) for f, g in weights.groups.items())
             log.info("now serving %s (was %s): %d groups loaded, %d reused", weights.version,

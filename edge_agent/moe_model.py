@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy.typing as npt
 
 from manifest.errors import ModelError
 
+from .dtypes import FLOAT32_DTYPES, to_float32
 from .hotswap import Group, Tensor, Weights
 
 __all__ = ["MoEConfig", "MoEModel", "Output"]
@@ -238,9 +240,27 @@ class MoEModel:
 def _convert(group: Group) -> Mapping[str, F32]:
     out: dict[str, F32] = {}
     for name, tensor in group.tensors.items():
-        arr = tensor.numpy()
-        out[name] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
+        if tensor.dtype == "F32":
+            out[name] = tensor.numpy()  # a view of the mapped file: no copy
+        elif tensor.dtype in FLOAT32_DTYPES:
+            out[name] = to_float32(tensor.raw, tensor.dtype, tensor.shape,
+                                   out=_private_f32(tensor.shape))
+        else:
+            out[name] = tensor.numpy().astype(np.float32)
     return MappingProxyType(out)
+
+
+def _private_f32(shape: tuple[int, ...]) -> F32:
+    """A float32 array in its own anonymous mapping, unmapped when the array is dropped.
+
+    Kept out of the malloc heap on purpose: glibc keeps freed heap memory, so a swapped-out
+    version's arrays would stay resident (measured by scripts/bench_swap.py: hundreds of MiB
+    over six swaps), while a mapping goes back to the OS with the last request using it.
+    """
+    count = math.prod(shape)
+    buf = mmap.mmap(-1, max(4, 4 * count))
+    arr: F32 = np.frombuffer(buf, dtype=np.float32, count=count).reshape(shape)
+    return arr
 
 
 def _number(doc: dict[str, Any], key: str, default: float, kind: type, where: Path) -> Any:

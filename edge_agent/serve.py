@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -65,7 +64,6 @@ log = logging.getLogger("deltaship.serve")
 MAX_TOKENS = 512
 MAX_NEW_TOKENS = 64
 MAX_BODY = 64 * 1024
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @dataclass(frozen=True)
@@ -104,47 +102,48 @@ class ModelServer:
         self.cfg = cfg
         self.requests = 0
         self.swaps: list[Swap] = []
-        self._pending: MoEModel | None = None
-        self._started = 0.0
-        self._extra = 0
-        self._model: MoEModel | None = None
+        self._opened = False
+        # What _prepare measured for the version it built, by name only: a version refused or
+        # abandoned while loading must not stay in memory. LiveModel calls _went_live right
+        # after the _prepare of the weights it publishes.
+        self._measured: tuple[str, str, list[str], int, float, int] | None = None
         self.live = LiveModel.open(cfg.model_dir, poll_interval=cfg.poll_interval,
                                    loader=map_group, check=self._prepare,
                                    reuse=not cfg.full_reload)
+        self._opened = True
         self.live.subscribe(self._went_live)
-        assert self._pending is not None
-        self._model = self._pending
 
     @property
     def model(self) -> MoEModel:
-        """The live model: take it once per request."""
-        assert self._model is not None
-        return self._model
+        """The live model (swapped with the weights by LiveModel): take it once per request."""
+        model: MoEModel = self.live.prepared
+        return model
 
-    def _prepare(self, weights: Weights) -> None:
+    def _prepare(self, weights: Weights) -> MoEModel:
         """LiveModel's check: build the model (changed groups only) and probe it."""
-        self._started = time.monotonic()
+        started = time.monotonic()
         peak_reset = _reset_peak_memory()
         rss_before, _ = _memory()
-        previous = None if self.cfg.full_reload else self._model
-        model = MoEModel.build(weights, previous)
+        previous = self.model if self._opened else None
+        model = MoEModel.build(weights, None if self.cfg.full_reload else previous)
         model.probe()
         rss, peak = _memory()
-        self._extra = (peak if peak_reset else rss) - rss_before
-        self._pending = model
+        if previous is not None:
+            loaded = model.changed_groups(None if self.cfg.full_reload else previous)
+            self._measured = (weights.version, previous.version, loaded,
+                              len(model.converted) - len(loaded), started,
+                              (peak if peak_reset else rss) - rss_before)
+        return model
 
     def _went_live(self, weights: Weights) -> None:
-        model, previous = self._pending, self._model
-        if model is None or model.weights is not weights or previous is None:
+        measured, self._measured = self._measured, None
+        if measured is None or measured[0] != weights.version:
             return
-        self._model = model  # the swap: one reference assignment
-        self._pending = None
-        loaded = model.changed_groups(previous)
-        self.swaps.append(Swap(previous.version, model.version, loaded,
-                               len(model.converted) - len(loaded),
-                               time.monotonic() - self._started, time.time(), self._extra))
-        log.info("serving %s (was %s): %d groups loaded, %d shared", model.version,
-                 previous.version, len(loaded), len(model.converted) - len(loaded))
+        _, source, loaded, shared, started, extra = measured
+        self.swaps.append(Swap(source, weights.version, loaded, shared,
+                               time.monotonic() - started, time.time(), extra))
+        log.info("serving %s (was %s): %d groups loaded, %d shared", weights.version, source,
+                 len(loaded), shared)
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -255,7 +254,7 @@ def _json(body: dict[str, Any], version: str, status: int = 200) -> web.Response
 
 def _target(model_dir: Path) -> str | None:
     try:
-        return os.path.basename(os.readlink(model_dir / "current"))
+        return Path(os.readlink(model_dir / "current")).name
     except OSError:
         return None
 
@@ -286,7 +285,6 @@ def _memory() -> tuple[int, int]:
 
 async def serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None = None) -> None:
     """Serve until SIGTERM or SIGINT; ``ready(url, version)`` is called once listening."""
-    _return_large_frees_to_the_os()
     _raise_open_file_limit()
     with threadpool_limits(limits=1, user_api="blas"):  # parallel requests, not parallel BLAS
         await _serve(cfg, ready)
@@ -301,24 +299,10 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _return_large_frees_to_the_os() -> None:
-    """Make glibc give a dropped version's arrays back to the OS instead of keeping them.
-
-    glibc serves large allocations with their own mappings, but raises that threshold (up to
-    32 MiB) each time such a mapping is freed; after the first swap, arrays come from the heap,
-    whose freed memory the process keeps: resident memory grew by hundreds of MiB over six swaps
-    (scripts/bench_swap.py). Fixing the threshold at 1 MiB keeps every tensor-sized array in
-    its own mapping, returned to the OS when the last request holding the old version ends.
-    A no-op where the C library has no ``mallopt`` (musl, macOS).
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> None:
+    if cfg.pidfile is not None and not cfg.pidfile.parent.is_dir():
+        raise LocalError(f"cannot write the pid file {cfg.pidfile}: no directory "
+                         f"{cfg.pidfile.parent}")
     try:
         server = await asyncio.to_thread(ModelServer, cfg)
     except FileNotFoundError as e:
@@ -340,7 +324,10 @@ async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> 
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.live.refresh)
         if cfg.pidfile is not None:  # after the handlers: a SIGHUP at once must not kill us
-            write_atomic(cfg.pidfile, f"{os.getpid()}\n".encode(), 0o644)
+            try:
+                write_atomic(cfg.pidfile, f"{os.getpid()}\n".encode(), 0o644)
+            except OSError as e:
+                raise LocalError(f"cannot write the pid file {cfg.pidfile}: {e.strerror}") from e
         if ready is not None:
             ready(url, server.model.version)
         await stop.wait()

@@ -127,6 +127,10 @@ class Agent:
         if state.pinned:
             return CycleResult("pinned", current, f"pinned at {state.pinned} by an operator; "
                                f"the store offers {target} (run `deltaship-agent resume`)")
+        if current == target and target in state.failed_versions:
+            raise HookError(f"{target} is live but failed its health check, and there was no "
+                            "previous version to switch back to: fix the model server, then "
+                            "run `deltaship-agent resume`")
         if current == target:
             return CycleResult("up-to-date", current, f"up to date at {target}")
         if target in state.failed_versions:
@@ -174,24 +178,32 @@ class Agent:
         self.prune(target, previous=previous)
 
     async def finish_pending_switch(self, pending: dict[str, Any]) -> None:
-        """A previous run switched and stopped before the health verdict: give it now."""
+        """A previous run stopped before its switch's verdict was recorded: finish it now."""
         target, previous = pending.get("to"), pending.get("from")
-        if not isinstance(target, str) or self.layout.current() != target:
-            state = load_state(self.state_path)  # it never switched, or switched back
+        prev = previous if isinstance(previous, str) else None
+        state = load_state(self.state_path)
+        if not isinstance(target, str) or state.pinned:  # an operator decided since
+            state.pending_switch = None
+            save_state(state, self.state_path)
+            return
+        if isinstance(pending.get("failed"), str) and prev is not None:
+            log.warning("recording the interrupted switch back from %s to %s", target, prev)
+            await self._switch_back(target, prev, HookError(pending["failed"]))
+        if self.layout.current() != target:  # it never switched
             state.pending_switch = None
             save_state(state, self.state_path)
             return
         log.warning("the check of %s was interrupted: checking it again", target)
-        await self.check_health(target, previous if isinstance(previous, str) else None)
-        self.commit_switch(target, previous if isinstance(previous, str) else None)
+        await self.check_health(target, prev)
+        self.commit_switch(target, prev)
 
     async def check_health(self, target: str, previous: str | None) -> None:
         """Notify the model server and check it; on failure switch back and remember.
 
         Not on the first install: no model server can run before there is a model, and there
         is nothing to switch back to. Any exception from a hook counts as a failure; if the
-        agent is stopped before the verdict, ``state.pending_switch`` makes the next run give
-        it (see :meth:`finish_pending_switch`).
+        agent is stopped before the verdict is recorded, ``state.pending_switch`` makes the
+        next run finish it (see :meth:`finish_pending_switch`).
         """
         if self.hooks.empty or previous is None:
             return
@@ -200,9 +212,18 @@ class Agent:
             return
         except Exception as e:
             failure = e if isinstance(e, HookError) else HookError(f"hook error: {e!r}")
+        await self._switch_back(target, previous, failure)
+
+    async def _switch_back(self, target: str, previous: str, failure: HookError) -> None:
+        """Undo a failed switch and remember the failure; raises HookError. Idempotent: the
+        failure is saved first, so a stop half-way is finished by the next run."""
+        state = load_state(self.state_path)
+        state.pending_switch = {"from": previous, "to": target, "failed": str(failure)}
+        save_state(state, self.state_path)
         back = self.layout.has_version(previous)
         if back:
-            self.layout.switch(previous)
+            if self.layout.current() != previous:
+                self.layout.switch(previous)
             try:
                 await self.hooks.after_switch(previous, self.layout.version_dir(previous))
             except Exception as e:

@@ -232,3 +232,57 @@ def test_a_pidfile_that_names_no_server_fails_the_hook_cleanly(
     p = dev.agent("run", "--once", check=False)
     assert p.returncode == 6 and "does not hold a server's process id" in p.stderr, p.stderr
     assert dev.status()["current"] == "v1"
+
+
+def test_a_stop_during_the_switch_back_still_records_the_failure(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    """Killed while re-checking the previous version after v2 failed: the next run must not
+    forget that v2 failed (and switch to it again)."""
+    store, root = fleet
+    hold = tmp_path / "hold"
+    check = (f"if [ {{version}} = v1 ]; then while [ -f {hold} ]; do sleep 0.05; done; "
+             "exit 0; fi; exit 1")
+    dev = Device(cli, root, store, tmp_path / "dev", "--health-command",
+                 shlex.join(["sh", "-c", check]), "--health-timeout", "60",
+                 "--health-attempts", "1")
+    dev.agent("run", "--once")
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    hold.touch()
+    state = dev.model_dir / ".deltaship" / "state.json"
+    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
+                             str(dev.config)], env=cli.env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "failed" not in (json.loads(state.read_text()).get("pending_switch") or {}):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)  # now inside v1's check
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        hold.unlink()
+    p = dev.agent("run", "--once", check=False)
+    assert p.returncode == 6 and "v2 failed after the switch" in p.stderr, p.stderr
+    st = dev.status()
+    assert st["current"] == "v1" and st["failed_versions"] == ["v2"]
+    assert "v2" not in st["retained"]
+    assert "not retried" in dev.agent("run", "--once").stdout
+
+
+def test_a_command_hook_may_leave_a_background_process(
+        cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    """`sh -c 'server &'` returns at once; its child keeps the hook's stderr open, which must
+    not make the agent wait for it (and time the hook out)."""
+    store, root = fleet
+    dev = Device(cli, root, store, tmp_path / "dev")
+    dev.agent("run", "--once")
+    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sh", "-c", "sleep 30 &"], '
+                     'timeout = 5}]')
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    t0 = time.monotonic()
+    dev.agent("run", "--once")
+    assert time.monotonic() - t0 < 5
+    assert dev.status()["current"] == "v2"
