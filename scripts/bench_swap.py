@@ -23,9 +23,9 @@ Method (everything is a real process on loopback, one run):
    version; from the server's ``/stats``: when the swap went live (``at``), how long building
    and probing the new model took (``seconds``; it starts after the group files are mapped),
    the groups loaded, and ``extra_bytes`` (peak RSS while both versions were held, above the
-   level before). The server's resident memory (RssAnon, RssFile) is also sampled from
-   ``/proc`` every 10 ms, since freed heap may stay resident and be reused by a later swap,
-   which ``extra_bytes`` (a difference) cannot see.
+   level before). The server's resident memory (RssAnon, RssShmem, RssFile) is also sampled
+   from ``/proc`` every 10 ms, to see what stays resident after the swaps, which
+   ``extra_bytes`` (a difference) cannot see.
 6. A request is "during a swap" when its [start, end] overlaps [t_switch, at + ``--margin``]
    of any swap; latency percentiles and throughput are computed over those requests and over
    the steady window's. Every failed request (HTTP error, timeout, connection error) is counted.
@@ -269,12 +269,13 @@ class Load:
 @dataclass(frozen=True)
 class Rss:
     at: float  # perf_counter
-    anon: int  # bytes: the heap (float32 arrays)
+    anon: int  # bytes: the heap (activations, Python objects)
+    shmem: int  # bytes: the float32 weights, each in its own anonymous mapping
     file: int  # bytes: mapped group files (page cache)
 
     @property
     def total(self) -> int:
-        return self.anon + self.file
+        return self.anon + self.shmem + self.file
 
 
 def read_rss(pid: int) -> Rss:
@@ -284,8 +285,8 @@ def read_rss(pid: int) -> Rss:
             key, _, value = line.partition(":")
             if key in ("RssAnon", "RssFile", "RssShmem"):
                 fields[key] = int(value.split()[0]) * 1024
-    return Rss(time.perf_counter(), fields["RssAnon"],
-               fields["RssFile"] + fields.get("RssShmem", 0))
+    return Rss(time.perf_counter(), fields["RssAnon"], fields.get("RssShmem", 0),
+               fields["RssFile"])
 
 
 @dataclass
@@ -484,14 +485,15 @@ def table(ours: Result, naive: Result, file_bytes: int) -> list[str]:
         row("server's `extra_bytes`: first swap / median / max",
             lambda r: f"{mib(r.extra[0])} ({r.extra[0] / copy:.0%} of a model copy) / "
                       f"{mib(statistics.median(r.extra))} / {mib(max(r.extra))}"),
-        row("sampled RSS before the first switch (heap + mapped files)",
+        row("sampled RSS before the first switch (heap + float32 weights + mapped files)",
             lambda r: f"{mib(r.rss_before.total)} ({mib(r.rss_before.anon)} + "
-                      f"{mib(r.rss_before.file)})"),
+                      f"{mib(r.rss_before.shmem)} + {mib(r.rss_before.file)})"),
         row("sampled peak RSS during the swaps, above that",
             lambda r: f"+{mib(r.rss_peak - r.rss_before.total)} "
                       f"({(r.rss_peak - r.rss_before.total) / copy:.0%} of a model copy)"),
-        row("sampled RSS after the last swap, above that (heap / mapped files)",
+        row("sampled RSS after the last swap, above that (heap / float32 weights / files)",
             lambda r: f"{signed_mib(r.rss_after.anon - r.rss_before.anon)} / "
+                      f"{signed_mib(r.rss_after.shmem - r.rss_before.shmem)} / "
                       f"{signed_mib(r.rss_after.file - r.rss_before.file)}"),
         row("failed requests (of all sent)", lambda r: f"**{len(r.failures)}** of {r.total}"),
         row("CPU used by other processes on the machine meanwhile",
@@ -544,10 +546,11 @@ def report(cmd: str, s: Settings, ours: Result, naive: Result, file_bytes: int) 
         "are mapped; *switch → live* covers everything (noticing the switch, mapping, "
         "converting, probing). `extra_bytes` is the server's own figure: peak RSS while the "
         "new model was built and probed (both versions held), above the level just before. "
-        "The server fixes glibc's mmap threshold at 1 MiB so that the arrays of a dropped "
-        "version go back to the OS (before that fix, resident memory grew by hundreds of MiB "
-        "over six swaps and `extra_bytes` under-reported every swap after the first); the "
-        "sampled rows check it. They read the server's `/proc/PID/status` (RssAnon = heap, "
+        "The server keeps each float32 weight array in its own anonymous mapping, so the "
+        "arrays of a dropped version go back to the OS (when they came from the malloc heap, "
+        "resident memory grew by hundreds of MiB over six swaps and `extra_bytes` "
+        "under-reported every swap after the first); the sampled rows check it. They read "
+        "the server's `/proc/PID/status` (RssAnon = heap, RssShmem = float32 weights, "
         "RssFile = mapped group files) every 10 ms during the run.",
         "",
         *table(ours, naive, file_bytes),
