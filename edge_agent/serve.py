@@ -294,9 +294,10 @@ def _raise_open_file_limit() -> None:
     """Before Python 3.13 every mapped group file keeps a descriptor: allow as many as we may
     (a model with thousands of expert groups exceeds the usual soft limit of 1024)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
+    want = 1 << 20 if hard == resource.RLIM_INFINITY else hard  # macOS: no infinite soft
+    if soft != resource.RLIM_INFINITY and want > soft:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> None:
