@@ -97,8 +97,13 @@ wait_for "the agent to install v2" 's["current"] == "v2" and "v2" in (s["last_re
 grep -E "plan for v2|switched to v2" "$work/agent.log" | sed 's/^[0-9-]* [0-9:,]* //'
 echo "the server now answers with: $(served)"
 python - "http://127.0.0.1:$sport/stats" <<'PY'
-import json, sys, urllib.request
-s = json.load(urllib.request.urlopen(sys.argv[1]))["swaps"][-1]
+import json, sys, time, urllib.request
+for _ in range(100):  # the record is written just after the swap goes live
+    swaps = json.load(urllib.request.urlopen(sys.argv[1]))["swaps"]
+    if swaps:
+        break
+    time.sleep(0.05)
+s = swaps[-1]
 print(f"hot swap {s['from']} -> {s['to']}: {len(s['groups_loaded'])} groups loaded "
       f"({', '.join(s['groups_loaded'])}), {s['groups_shared']} shared, "
       f"{s['seconds'] * 1000:.0f} ms, {s['extra_bytes'] / 2**20:.1f} MiB extra memory")

@@ -57,6 +57,14 @@ class ModelServer:
                 raise AssertionError(f"server still serves {self.get('/version')[1]}")
             time.sleep(0.05)
 
+    def wait_swaps(self, n: int, timeout: float = 30) -> list[dict[str, Any]]:
+        """The first ``n`` swap records (written just after a swap goes live)."""
+        deadline = time.monotonic() + timeout
+        while len(swaps := self.stats()["swaps"]) < n:
+            assert time.monotonic() < deadline, f"only {len(swaps)} swaps recorded"
+            time.sleep(0.02)
+        return list(swaps[:n])
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

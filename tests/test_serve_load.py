@@ -109,6 +109,7 @@ def test_updates_and_rollbacks_under_load_drop_no_request(
             time.sleep(0.5)
         finally:
             load.stop()
+        server.wait_swaps(len(expected_changes))
         stats = server.stats()
 
     assert load.failures == []
@@ -160,7 +161,7 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
         dev.agent("run", "--once")
         ours.wait_version("v2")
         naive.wait_version("v2")
-        swap, naive_swap = ours.stats()["swaps"][0], naive.stats()["swaps"][0]
+        swap, naive_swap = ours.wait_swaps(1)[0], naive.wait_swaps(1)[0]
         full_private = ours.stats()["model_private_bytes"]
         # Seen from outside the server: the group files its process has mapped.
         mapped, naive_mapped = _mapped(ours, dev.model_dir), _mapped(naive, dev.model_dir)
