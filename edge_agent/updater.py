@@ -48,7 +48,7 @@ from .retry import RetryPolicy, RetryState
 from .state import AgentState, load_state, save_state
 from .transport import Source, open_source
 
-__all__ = ["Agent", "CycleResult", "run_forever"]
+__all__ = ["Agent", "CycleResult", "next_poll_delay", "run_forever"]
 
 log = logging.getLogger("deltaship.agent")
 MANIFEST_COPY = "manifest.json"
@@ -382,6 +382,21 @@ def _record(agent: Agent, result: CycleResult | None, error: DeltashipError | No
     save_state(state, agent.state_path)
 
 
+MAX_RETRY_AFTER = 3600.0  # a store cannot park a device for longer than this
+
+
+def next_poll_delay(interval: float, backoff: float | None, retry_after: float | None) -> float:
+    """Seconds until the next poll after a transport failure (pure).
+
+    The retry backoff while it lasts, else the (jittered) poll interval; never sooner than the
+    store's Retry-After, capped at :data:`MAX_RETRY_AFTER`.
+    """
+    delay = backoff if backoff is not None else interval
+    if retry_after is not None and retry_after > delay:
+        delay = min(retry_after, max(delay, MAX_RETRY_AFTER))
+    return delay
+
+
 async def run_forever(
     cfg: AgentConfig, *, once: bool = False, retry: RetryPolicy | None = None
 ) -> int:
@@ -416,9 +431,9 @@ async def run_forever(
                 if once:
                     raise  # the command line prints it: one line on stderr
                 log.error("update failed: %s", e)
-                wait = (failures.failed(e, e.retry_after) if isinstance(e, TransportError)
-                        else None)
-                delay = wait if wait is not None else delay
+                if isinstance(e, TransportError):
+                    delay = next_poll_delay(delay, failures.failed(e, e.retry_after),
+                                            e.retry_after)
             else:
                 _record(agent, result, None)
                 log.info("%s", result.message)

@@ -1,10 +1,11 @@
-"""Which version a manual rollback goes to: a pure function of the switch history."""
+"""Pure decisions of the agent: where a manual rollback goes, when the next poll comes."""
 
 from __future__ import annotations
 
 import pytest
 
 from edge_agent.state import AgentState, live_stack, rollback_target
+from edge_agent.updater import next_poll_delay
 
 
 def up(a: str | None, b: str) -> dict[str, object]:
@@ -44,3 +45,16 @@ def test_rollback_target_skips_failed_and_missing_versions() -> None:
     retained = {"v1", "v3", "v4"}.__contains__
     assert rollback_target(state, "v4", retained) == "v1"  # v3 failed, v2 is gone
     assert rollback_target(state, "v1", {"v1"}.__contains__) is None
+
+
+@pytest.mark.parametrize(("interval", "backoff", "retry_after", "delay"), [
+    (300.0, 2.0, None, 2.0),  # backing off
+    (300.0, None, None, 300.0),  # out of tries: the next poll
+    (300.0, 2.0, 42.0, 42.0),  # the store asks for more than the backoff
+    (30.0, None, 120.0, 120.0),  # ...or more than the interval
+    (300.0, 60.0, 10**6, 3600.0),  # but cannot park the device for more than an hour
+    (300.0, None, 10.0, 300.0),  # a shorter Retry-After does not make polls faster
+])
+def test_next_poll_delay(interval: float, backoff: float | None, retry_after: float | None,
+                         delay: float) -> None:
+    assert next_poll_delay(interval, backoff, retry_after) == delay
