@@ -324,6 +324,14 @@ def rollback(to_version: str | None, config_path: Path | None) -> None:
         _rollback(cfg, to_version)
 
 
+def _notify_server(agent: Agent, version: str, done: str) -> None:
+    """Run the hooks and health check for ``version``, which stays live either way."""
+    try:
+        asyncio.run(agent.hooks.after_switch(version, agent.layout.version_dir(version)))
+    except HookError as e:
+        raise HookError(f"{done}, but the model server is not healthy on it: {e}") from e
+
+
 def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
     agent = Agent(cfg)
     state = load_state(agent.state_path)
@@ -343,11 +351,8 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
                           "from": current, "to": to_version, "reason": "rollback"})
     save_state(state, agent.state_path)
     click.echo(f"rolled back {current} -> {to_version}; pinned until `deltaship-agent resume`")
-    try:  # tell the model server, like after any switch; the operator's choice stands
-        asyncio.run(agent.hooks.after_switch(to_version, agent.layout.version_dir(to_version)))
-    except HookError as e:
-        raise HookError(f"rolled back to {to_version}, but the model server is not healthy on "
-                        f"it: {e}") from e
+    # Tell the model server, like after any switch; the operator's choice stands.
+    _notify_server(agent, to_version, f"rolled back to {to_version}")
 
 
 @main.command()
@@ -389,11 +394,7 @@ def verify(repair: bool, config_path: Path | None) -> None:
     with model_dir_lock(cfg.state_dir):
         asyncio.run(repair_version(agent, current, bad))
     click.echo(f"{current}: repaired {', '.join(bad)}")
-    try:  # a server mapping the damaged files must reload them
-        asyncio.run(agent.hooks.after_switch(current, agent.layout.version_dir(current)))
-    except HookError as e:
-        raise HookError(f"repaired {current}, but the model server is not healthy on it: "
-                        f"{e}") from e
+    _notify_server(agent, current, f"repaired {current}")  # it maps the damaged files
 
 
 @main.command()

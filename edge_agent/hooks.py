@@ -129,9 +129,9 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             said = " ".join(text.split())[:200]
             raise HookError(f"{hook.method} {url} answered HTTP {resp.status}"
                             + (f": {said}" if said else ""))
-        if hook.expect_version and _reported_version(text, version) != version:
-            raise HookError(f"{url} reports version {_reported_version(text, version)}, "
-                            f"not {version}")
+        reported = _reported_version(text, version) if hook.expect_version else version
+        if reported != version:
+            raise HookError(f"{url} reports version {reported}, not {version}")
     elif hook.kind == "command":
         argv = [_fill(a, version, path) for a in hook.argv]
         env = {**os.environ, "DELTASHIP_VERSION": version, "DELTASHIP_PATH": str(path)}

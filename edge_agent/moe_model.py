@@ -128,7 +128,9 @@ class MoEModel:
                 converted[file] = previous.converted[file]
             else:
                 converted[file] = _convert(group)
-        arrays = {name: converted[_group_of(weights, name)][name] for name in weights.tensors}
+        arrays = {name: converted[file][name] for file, group in weights.groups.items()
+                  for name, tensor in group.tensors.items()
+                  if weights.tensors.get(name) is tensor}  # the group the weight map names
         model = cls(weights, config, MappingProxyType(arrays), MappingProxyType(converted))
         model._check_shapes()
         return model
@@ -271,14 +273,6 @@ def _number(doc: dict[str, Any], key: str, default: float, kind: type, where: Pa
         raise ModelError(f"{where / 'config.json'}: {key} must be a positive "
                          f"{'integer' if kind is int else 'number'}, not {value!r}")
     return kind(value)
-
-
-def _group_of(weights: Weights, name: str) -> str:
-    tensor = weights.tensors[name]
-    for file, group in weights.groups.items():
-        if group.tensors.get(name) is tensor:
-            return file
-    raise ModelError(f"{name} is in no group file")  # load_version guarantees it is
 
 
 def _tensor(tensors: Mapping[str, Tensor], name: str) -> Tensor:

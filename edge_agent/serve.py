@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -103,10 +104,10 @@ class ModelServer:
         self.requests = 0
         self.swaps: list[Swap] = []
         self._opened = False
-        # What _prepare measured for the version it built, by name only: a version refused or
-        # abandoned while loading must not stay in memory. LiveModel calls _went_live right
-        # after the _prepare of the weights it publishes.
-        self._measured: tuple[str, str, list[str], int, float, int] | None = None
+        # What _prepare measured (its start time and the swap record without its times), by
+        # name only: a version refused or abandoned while loading must not stay in memory.
+        # LiveModel calls _went_live right after the _prepare of the weights it publishes.
+        self._measured: tuple[float, Swap] | None = None
         self.live = LiveModel.open(cfg.model_dir, poll_interval=cfg.poll_interval,
                                    loader=map_group, check=self._prepare,
                                    reuse=not cfg.full_reload)
@@ -130,20 +131,20 @@ class ModelServer:
         rss, peak = _memory()
         if previous is not None:
             loaded = model.changed_groups(None if self.cfg.full_reload else previous)
-            self._measured = (weights.version, previous.version, loaded,
-                              len(model.converted) - len(loaded), started,
-                              (peak if peak_reset else rss) - rss_before)
+            self._measured = (started, Swap(previous.version, weights.version, loaded,
+                                            len(model.converted) - len(loaded), 0.0, 0.0,
+                                            (peak if peak_reset else rss) - rss_before))
         return model
 
     def _went_live(self, weights: Weights) -> None:
         measured, self._measured = self._measured, None
-        if measured is None or measured[0] != weights.version:
+        if measured is None or measured[1].target != weights.version:
             return
-        _, source, loaded, shared, started, extra = measured
-        self.swaps.append(Swap(source, weights.version, loaded, shared,
-                               time.monotonic() - started, time.time(), extra))
-        log.info("serving %s (was %s): %d groups loaded, %d shared", weights.version, source,
-                 len(loaded), shared)
+        started, swap = measured
+        swap = dataclasses.replace(swap, seconds=time.monotonic() - started, at=time.time())
+        self.swaps.append(swap)
+        log.info("serving %s (was %s): %d groups loaded, %d shared", swap.target, swap.source,
+                 len(swap.groups_loaded), swap.groups_shared)
 
     # -- handlers --------------------------------------------------------------------------
 

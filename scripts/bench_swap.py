@@ -40,7 +40,6 @@ Usage: scripts/bench_swap.py [--quick] [--layers 4 --experts 8 --hidden 1024 --f
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import os
@@ -62,14 +61,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import modelgen  # noqa: E402
 from _bench_report import write_section  # noqa: E402
+from loadgen import Load, Request  # noqa: E402
 
 from edge_agent.layout import DeviceLayout  # noqa: E402
 
@@ -198,75 +196,6 @@ def serving(model_dir: Path, work: Path, s: Settings, *extra: str) -> Iterator[S
 
 
 @dataclass(frozen=True)
-class Request:
-    start: float  # perf_counter
-    end: float
-    version: str | None  # None: failed
-
-    @property
-    def latency(self) -> float:
-        return self.end - self.start
-
-
-@dataclass
-class Load:
-    """``clients`` closed-loop clients posting /v1/forward until stopped, in their own thread."""
-
-    url: str
-    prompts: Sequence[Sequence[int]]
-    clients: int
-    requests: list[Request] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    first_seen: dict[str, float] = field(default_factory=dict)  # version -> perf_counter
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=120)
-
-    def wait_for(self, version: str, timeout: float) -> None:
-        deadline = time.perf_counter() + timeout
-        while version not in self.first_seen:
-            if time.perf_counter() > deadline:
-                raise SystemExit(f"no response from {version} within {timeout:g} s")
-            time.sleep(0.005)
-
-    async def _main(self) -> None:
-        conn = aiohttp.TCPConnector(limit=self.clients)
-        timeout = aiohttp.ClientTimeout(total=60)
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-            await asyncio.gather(*(self._client(session, i) for i in range(self.clients)))
-
-    async def _client(self, session: aiohttp.ClientSession, i: int) -> None:
-        n = i
-        while not self._stop.is_set():
-            tokens = list(self.prompts[n % len(self.prompts)])
-            n += 1
-            start = time.perf_counter()
-            version: str | None = None
-            try:
-                async with session.post(self.url + "/v1/forward", json={"tokens": tokens}) as r:
-                    body = await r.json()
-                    if r.status == 200:
-                        version = body["version"]
-                    else:
-                        self.failures.append(f"client {i}: HTTP {r.status} {body}")
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as e:
-                self.failures.append(f"client {i}: {type(e).__name__}: {e}")
-            end = time.perf_counter()
-            self.requests.append(Request(start, end, version))
-            if version is not None and version not in self.first_seen:
-                self.first_seen[version] = end
-
-
-@dataclass(frozen=True)
 class Rss:
     at: float  # perf_counter
     anon: int  # bytes: the heap (activations, Python objects)
@@ -390,7 +319,8 @@ def measure_mode(mode: str, extra: Sequence[str], model_dir: Path, work: Path, s
             for version in targets:
                 layout.switch(version)
                 switches.append(to_perf(time.time()))
-                load.wait_for(version, timeout=120)
+                if not load.wait_for(version, timeout=120):
+                    raise SystemExit(f"no response from {version} within 120 s")
                 time.sleep(s.gap)
             cpu1 = (time.perf_counter(), *cpu_ticks(pids))
         finally:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from .conftest import BIN, Cli
 
@@ -73,68 +68,6 @@ class ModelServer:
         finally:
             self._log.close()
         return code
-
-
-@dataclass
-class Answer:
-    client: int
-    prompt: int
-    version: str
-    logits_sha256: str
-    header_version: str
-
-
-@dataclass
-class Load:
-    """``clients`` concurrent clients posting /v1/forward in a loop until stopped."""
-
-    url: str
-    prompts: Sequence[Sequence[int]]
-    clients: int = 32
-    answers: list[Answer] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Load:
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(timeout=60)
-
-    def per_client(self) -> dict[int, list[Answer]]:
-        out: dict[int, list[Answer]] = {}
-        for a in self.answers:
-            out.setdefault(a.client, []).append(a)
-        return out
-
-    async def _main(self) -> None:
-        conn = aiohttp.TCPConnector(limit=self.clients)
-        timeout = aiohttp.ClientTimeout(total=30)
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-            await asyncio.gather(*(self._client(session, i) for i in range(self.clients)))
-
-    async def _client(self, session: aiohttp.ClientSession, i: int) -> None:
-        n = i
-        while not self._stop.is_set():
-            prompt = n % len(self.prompts)
-            n += 1
-            try:
-                async with session.post(self.url + "/v1/forward",
-                                        json={"tokens": list(self.prompts[prompt])}) as r:
-                    body = await r.json()
-                    if r.status != 200:
-                        self.failures.append(f"client {i}: HTTP {r.status} {body}")
-                        continue
-                    self.answers.append(Answer(i, prompt, body["version"],
-                                               body["logits_sha256"],
-                                               r.headers["X-Deltaship-Version"]))
-            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-                self.failures.append(f"client {i}: {type(e).__name__}: {e}")
 
 
 def is_subsequence(seen: Sequence[str], timeline: Sequence[str]) -> bool:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -84,6 +85,21 @@ def test_a_hanging_hook_is_timed_out(cli: Cli, fleet: tuple[str, Path], release_
     assert dev.status()["current"] == "v1"
 
 
+def _kill_agent_when(cli: Cli, dev: Device, ready: Callable[[], bool]) -> None:
+    """Run `run --once` as a process and SIGKILL it shortly after ``ready()`` holds."""
+    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
+                             str(dev.config)], env=cli.env(), stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_an_interrupted_health_check_is_finished_by_the_next_run(
         cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
         tmp_path: Path) -> None:
@@ -97,18 +113,9 @@ def test_an_interrupted_health_check_is_finished_by_the_next_run(
     dev.agent("run", "--once")
     _release(cli, store, moe_family.v2, "v2", release_key)
     hold.touch()
-    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
-                             str(dev.config)], env=cli.env(), stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while os.readlink(dev.live) != "versions/v2":
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        time.sleep(0.2)
-        proc.kill()  # SIGKILL while the health check runs
-        proc.wait()
+    try:  # SIGKILL while the health check runs
+        _kill_agent_when(cli, dev, lambda: os.readlink(dev.live) == "versions/v2")
     finally:
-        proc.kill()
         hold.unlink()
     assert dev.status()["current"] == "v2"  # live, but not committed
     p = dev.agent("run", "--once", check=False)
@@ -250,18 +257,10 @@ def test_a_stop_during_the_switch_back_still_records_the_failure(
     _release(cli, store, moe_family.v2, "v2", release_key)
     hold.touch()
     state = dev.model_dir / ".deltaship" / "state.json"
-    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
-                             str(dev.config)], env=cli.env(), stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while "failed" not in (json.loads(state.read_text()).get("pending_switch") or {}):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.02)
-        time.sleep(0.3)  # now inside v1's check
-        proc.kill()
-        proc.wait()
+    try:  # SIGKILL inside v1's check
+        _kill_agent_when(cli, dev, lambda: "failed" in (
+            json.loads(state.read_text()).get("pending_switch") or {}))
     finally:
-        proc.kill()
         hold.unlink()
     p = dev.agent("run", "--once", check=False)
     assert p.returncode == 6 and "v2 failed after the switch" in p.stderr, p.stderr

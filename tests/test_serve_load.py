@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from loadgen import Load
 
 from edge_agent.layout import DeviceLayout
 from edge_agent.serve import load_reference
 
-from ._model_server import Load, ModelServer, is_subsequence, serving
+from ._model_server import ModelServer, is_subsequence, serving
 from .conftest import Cli, modelgen
 from .test_agent_e2e import Device, _release
 
@@ -78,7 +79,7 @@ def test_updates_and_rollbacks_under_load_drop_no_request(
     expected_changes: dict[tuple[str, str], list[str]] = {}
     with serving(cli, dev.model_dir) as server:
         _with_hooks(dev, server)
-        load = Load(server.url, PROMPTS).start()
+        load = Load(server.url, PROMPTS, clients=32).start()
         try:
             time.sleep(0.5)
             previous = "v1"
