@@ -96,6 +96,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class _QuietObserverShutdown(logging.Filter):
+    """Drop watchdog's ERROR for an inotify event that arrives while its observer stops.
+
+    watchdog 7 logs "InotifyEmitter.queue_events() called when the thread is inactive" when
+    the agent writes into the model directory just as `LiveModel.close()` stops the
+    observer. Nothing is lost (the model is closing), so it must not read as an error in a
+    model server's log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "called when the thread is inactive" not in record.getMessage()
+
+
+logging.getLogger("watchdog.observers.inotify").addFilter(_QuietObserverShutdown())
+
 CURRENT = "current"
 WEIGHT_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
