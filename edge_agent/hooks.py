@@ -18,7 +18,9 @@ Notify requests default to POST, health requests to GET (``method`` overrides). 
 object body, or else the version as a whole word anywhere in the body (``v2`` does not match
 ``v20``).
 ``{version}`` and ``{path}`` (the version directory) are substituted in URLs, bodies and
-arguments. Every hook and check has a timeout; a hook that hangs is a failed hook. The update
+arguments. A signal goes only to a process owned by the pid file's owner (a stale pid file,
+whose pid now names another user's process or none, fails the hook). Every hook and check has
+a timeout; a hook that hangs is a failed hook. The update
 loop decides what a failure means (switch back, remember the version as failed). Hooks run
 after every switch except a device's first install (no model server can run before there is a
 model, and there is nothing to switch back to), and after a manual ``deltaship-agent rollback``.
@@ -165,9 +167,30 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             if pid < 2 or pid == os.getpid():  # 0, -1 and 1 signal groups or init
                 raise HookError(f"{hook.pidfile} does not hold a server's process id "
                                 f"({text[:20]!r})")
+            _check_owner(pid, hook.pidfile)
             os.kill(pid, _signal_number(hook.signal))
         except OSError as e:
             raise HookError(f"cannot signal the process in {hook.pidfile}: {e}") from e
+
+
+def _check_owner(pid: int, pidfile: str) -> None:
+    """Refuse a pid that belongs to another user than the pid file's: a recycled pid.
+
+    A server writes its own pid file, so the two owners agree; after the server dies its
+    pid may go to any process, and an agent running as root would signal it. (Wall-clock
+    comparisons cannot tell: edge boards without a real-time clock step their clock at boot.)
+    Where /proc is missing (not Linux), the pid is trusted as before.
+    """
+    try:
+        running_as = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        raise HookError(f"{pidfile} is stale: no process {pid} (is the server running?)") from None
+    except OSError:
+        return
+    owner = os.stat(pidfile).st_uid
+    if running_as != owner:
+        raise HookError(f"{pidfile} is stale: process {pid} belongs to uid {running_as}, the "
+                        f"file to uid {owner}, so it is not the server (is the server running?)")
 
 
 _FIELDS = set(Hook.__dataclass_fields__)

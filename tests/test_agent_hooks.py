@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+
+from edge_agent.hooks import HookError, Hooks, parse_hooks
 
 from .conftest import BIN, Cli, MoEFamily
 from .test_agent_e2e import Device, _raw, _release
@@ -239,6 +242,42 @@ def test_a_pidfile_that_names_no_server_fails_the_hook_cleanly(
     p = dev.agent("run", "--once", check=False)
     assert p.returncode == 6 and "does not hold a server's process id" in p.stderr, p.stderr
     assert dev.status()["current"] == "v1"
+
+
+def _signal_hook(pidfile: Path) -> Hooks:
+    return parse_hooks({"notify": [{"kind": "signal", "pidfile": str(pidfile)}]})
+
+
+def test_a_stale_pidfile_naming_a_dead_process_is_one_clear_error(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "server.pid").write_text(f"{dead.pid}\n")
+    with pytest.raises(HookError, match=rf"server.pid is stale: no process {dead.pid} "):
+        asyncio.run(_signal_hook(tmp_path / "server.pid").after_switch("v2", tmp_path))
+
+
+def test_a_recycled_pid_of_another_user_is_never_signalled(tmp_path: Path) -> None:
+    # The server died and its pid went to another user's process: an agent running as root
+    # would signal it. The pid file's owner and the process's owner must agree.
+    if os.geteuid() == 0:
+        proc = subprocess.Popen(["sleep", "60"], user=65534)  # nobody
+        other = proc.pid
+    else:
+        proc = None
+        other = next((int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                      and int(p.name) > 1 and p.stat().st_uid != os.geteuid()), 0)
+        if not other:
+            pytest.skip("no process of another user to point the pid file at")
+    try:
+        (tmp_path / "server.pid").write_text(f"{other}\n")
+        with pytest.raises(HookError, match=rf"stale: process {other} belongs to uid "):
+            asyncio.run(_signal_hook(tmp_path / "server.pid").after_switch("v2", tmp_path))
+        if proc is not None:
+            assert proc.poll() is None  # not signalled (SIGHUP would have ended `sleep`)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 def test_a_stop_during_the_switch_back_still_records_the_failure(
