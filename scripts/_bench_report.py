@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import re
 from pathlib import Path
 
@@ -24,3 +26,13 @@ def write_section(path: Path, name: str, body: str) -> None:
     text = pattern.sub(lambda m: block, text) if pattern.search(text) else (
         text.rstrip("\n") + "\n\n" + block)
     path.write_text(text)
+
+
+def intro(title: str, cmd: str, machine: str | None = None) -> list[str]:
+    """A section's first lines: its title, the command that produced it and, with ``machine``
+    (extra words, or ""), the machine it ran on."""
+    lines = [f"## {title}", "", "Produced by:", "", f"    {cmd}", ""]
+    if machine is not None:
+        lines += [f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}{machine}", ""]
+    return lines

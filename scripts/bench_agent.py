@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import modelgen  # noqa: E402
-from _bench_report import write_section  # noqa: E402
+from _bench_report import intro, write_section  # noqa: E402
 
 from tests._faulty_http import FaultyServer  # noqa: E402
 
@@ -200,12 +200,7 @@ def main() -> None:
     big, poll, largest = big_runs(args.work, args.big_gb)
     bound = 256 * 2**20 + 4 * largest
     lines = [
-        "## Edge agent (`scripts/bench_agent.py`)",
-        "",
-        "Produced by:",
-        "",
-        f"    {cmd}",
-        "",
+        *intro("Edge agent (`scripts/bench_agent.py`)", cmd),
         "A real `deltaship-agent run --once` process per update, against a real HTTP server over"
         " a local store; downloaded bytes are counted at the server: the bodies of every"
         " `objects/` request (patches, full objects, files and the signed release index, which"

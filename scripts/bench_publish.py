@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import modelgen  # noqa: E402
-from _bench_report import write_section  # noqa: E402
+from _bench_report import intro, write_section  # noqa: E402
 
 from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group  # noqa: E402
 from publisher.grouping import assign_groups  # noqa: E402
@@ -237,16 +236,9 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
     found = re.search(r"v(\d+\.\d+\.\d+)", banner)
     zstd_version = found.group(1) if found else banner.strip()
     lines = [
-        "## Release path (`scripts/bench_publish.py`)",
-        "",
-        "Produced by:",
-        "",
-        f"    {cmd}",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, zstd CLI {zstd_version}, deltaship workers: {workers},"
-        " zstd level 3 for tensor data.",
-        "",
+        *intro("Release path (`scripts/bench_publish.py`)", cmd,
+               f", zstd CLI {zstd_version}, deltaship workers: {workers}, zstd level 3 for "
+               "tensor data."),
         "### Bytes a device downloads, and time",
         "",
         "*ours* = what a device at the old version downloads from `deltaship-publish release`"

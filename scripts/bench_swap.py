@@ -43,31 +43,27 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
-import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
 import modelgen  # noqa: E402
-from _bench_report import write_section  # noqa: E402
+from _bench_report import intro, write_section  # noqa: E402
 from loadgen import Load, Request  # noqa: E402
+from serveproc import ServeProcess  # noqa: E402
 
 from edge_agent.layout import DeviceLayout  # noqa: E402
 
@@ -149,46 +145,13 @@ def group_files(version_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- server, clients
 
 
-class Server:
-    """``deltaship-agent serve`` in its own process; stopped with SIGTERM."""
-
-    def __init__(self, model_dir: Path, work: Path, s: Settings, *extra: str) -> None:
-        self.pidfile = work / f"serve-{os.getpid()}-{id(self)}.pid"
-        self.log = work / f"serve-{id(self)}.log"
-        self._log = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(BIN / "deltaship-agent"), "serve", "--model-dir", str(model_dir), "--port", "0",
-             "--pidfile", str(self.pidfile), "--threads", str(s.threads),
-             "--poll-interval", str(s.poll_interval), *extra],
-            stdout=subprocess.PIPE, stderr=self._log, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        found = re.search(r"http://\S+", line)
-        if not found:
-            self.stop()
-            raise SystemExit(f"the server did not start: {line!r}\n{self.log.read_text()}")
-        self.url = found[0]
-
-    def get(self, path: str) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            doc: dict[str, Any] = json.loads(r.read())
-            return doc
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        finally:
-            self._log.close()
-
-
 @contextmanager
-def serving(model_dir: Path, work: Path, s: Settings, *extra: str) -> Iterator[Server]:
-    server = Server(model_dir, work, s, *extra)
+def serving(model_dir: Path, work: Path, s: Settings, *extra: str) -> Iterator[ServeProcess]:
+    """``deltaship-agent serve`` on ``model_dir`` with the benchmark's threads and polling."""
+    tag = "full-reload" if "--full-reload" in extra else "ours"
+    server = ServeProcess(model_dir, work / f"serve-{tag}.pid", work / f"serve-{tag}.log",
+                          "--threads", str(s.threads), "--poll-interval", str(s.poll_interval),
+                          *extra)
     try:
         yield server
     finally:
@@ -326,7 +289,7 @@ def measure_mode(mode: str, extra: Sequence[str], model_dir: Path, work: Path, s
         finally:
             load.stop()
             sampler.stop()
-        stats = server.get("/stats")
+        stats = server.get("/stats")[1]
     swaps = stats["swaps"]
     if [w["to"] for w in swaps] != targets:
         raise SystemExit(f"{mode}: the server swapped {[w['to'] for w in swaps]}, not {targets}")
@@ -437,16 +400,8 @@ def report(cmd: str, s: Settings, ours: Result, naive: Result, file_bytes: int) 
     names = [f"v{k}" for k in range(1, s.versions + 2)]
     chain = " → ".join(names if len(names) <= 4 else [*names[:2], "...", names[-1]])
     lines = [
-        "## Hot swap under load (`scripts/bench_swap.py`)",
-        "",
-        "Produced by:",
-        "",
-        f"    {cmd}",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}; the clients run in the benchmark process, on the same "
-        "cores as the server.",
-        "",
+        *intro("Hot swap under load (`scripts/bench_swap.py`)", cmd,
+               "; the clients run in the benchmark process, on the same cores as the server."),
         f"Model: generated Mixtral-style MoE, bf16, {c.layers} layers x {c.experts} experts, "
         f"hidden {c.hidden}, ffn {c.ffn}, vocab {c.vocab}: {file_bytes / MB:.0f} MB of bf16 "
         f"group files, {ours.private / MB:.0f} MB once converted to float32, so a model copy "

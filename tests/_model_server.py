@@ -3,44 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import re
-import signal
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .conftest import BIN, Cli
+from serveproc import ServeProcess
+
+from .conftest import Cli
 
 
-class ModelServer:
-    """``deltaship-agent serve`` in its own process; stopped with SIGTERM."""
+class ModelServer(ServeProcess):
+    """The server on ``model_dir``, polling every 0.5 s; helpers to wait for its swaps."""
 
     def __init__(self, cli: Cli, model_dir: Path, *extra: object) -> None:
-        self.pidfile = model_dir.parent / f"{model_dir.name}-server-{id(self)}.pid"
-        self.log = model_dir.parent / f"{model_dir.name}-server-{id(self)}.log"
-        self._log = open(self.log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [str(BIN / "deltaship-agent"), "serve", "--model-dir", str(model_dir), "--port", "0",
-             "--pidfile", str(self.pidfile), "--poll-interval", "0.5", *map(str, extra)],
-            env=cli.env(), stdout=subprocess.PIPE, stderr=self._log, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        found = re.search(r"http://\S+", line)
-        if not found:
-            self.stop()
-            raise AssertionError(f"server did not start: {line!r}\n{self.log.read_text()}")
-        self.url = found[0]
-
-    def get(self, path: str) -> tuple[int, dict[str, Any]]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        name = f"{model_dir.name}-server-{id(self)}"
+        super().__init__(model_dir, model_dir.parent / f"{name}.pid",
+                         model_dir.parent / f"{name}.log", "--poll-interval", "0.5",
+                         *map(str, extra), env=cli.env())
 
     def stats(self) -> dict[str, Any]:
         return self.get("/stats")[1]
@@ -59,15 +39,6 @@ class ModelServer:
             assert time.monotonic() < deadline, f"only {len(swaps)} swaps recorded"
             time.sleep(0.02)
         return list(swaps[:n])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=20)
-        finally:
-            self._log.close()
-        return code
 
 
 def is_subsequence(seen: Sequence[str], timeline: Sequence[str]) -> bool:

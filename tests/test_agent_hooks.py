@@ -71,21 +71,44 @@ def test_failing_health_check_switches_back_and_is_not_retried(
     assert _raw(dev.live) == _raw(moe_family.v2)
 
 
-def test_a_hanging_hook_is_timed_out(cli: Cli, fleet: tuple[str, Path], release_key: Path,
-                                     moe_family: MoEFamily, tmp_path: Path) -> None:
+def _update_with_hook(cli: Cli, fleet: tuple[str, Path], release_key: Path,
+                      moe_family: MoEFamily, tmp_path: Path,
+                      hooks: str) -> tuple[Device, subprocess.CompletedProcess[str], float]:
+    """Install v1, configure ``hooks``, release v2 and update: the device, the agent's run
+    and how long it took."""
     store, root = fleet
     dev = Device(cli, root, store, tmp_path / "dev")
     dev.agent("run", "--once")
-    # A wrapper script whose child hangs: the timeout kills the whole process group (killing
-    # only the shell would leave its child holding the pipe, and the agent waiting).
-    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sh", "-c", "sleep 60; exit 0"], '
-                     'timeout = 1}]')
+    _with_hooks(dev, hooks)
     _release(cli, store, moe_family.v2, "v2", release_key)
     t0 = time.monotonic()
     p = dev.agent("run", "--once", check=False)
-    assert time.monotonic() - t0 < 20  # two timeouts of 1 s: the update, then the switch back
+    return dev, p, time.monotonic() - t0
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def test_a_hanging_hook_is_timed_out(cli: Cli, fleet: tuple[str, Path], release_key: Path,
+                                     moe_family: MoEFamily, tmp_path: Path) -> None:
+    # A wrapper script whose child hangs: the timeout kills the whole process group (killing
+    # only the shell would leave its child holding the pipe, and the agent waiting).
+    hang, child = 600, tmp_path / "child.pid"
+    dev, p, took = _update_with_hook(
+        cli, fleet, release_key, moe_family, tmp_path,
+        f'notify = [{{kind = "command", argv = ["sh", "-c", "sleep {hang} & echo $! >> {child}; '
+        'wait"], timeout = 1}]')
+    assert took < hang  # returned long before the hang would have ended
     assert p.returncode == 6 and "did not finish within 1 s" in p.stderr
     assert dev.status()["current"] == "v1"
+    # Both runs of the hook (the update, then the switch back) left no child behind.
+    children = [int(pid) for pid in child.read_text().split()]
+    assert len(children) == 2 and not any(map(_running, children))
 
 
 def _kill_agent_when(cli: Cli, dev: Device, ready: Callable[[], bool]) -> None:
@@ -314,13 +337,10 @@ def test_a_command_hook_may_leave_a_background_process(
         tmp_path: Path) -> None:
     """`sh -c 'server &'` returns at once; its child keeps the hook's stderr open, which must
     not make the agent wait for it (and time the hook out)."""
-    store, root = fleet
-    dev = Device(cli, root, store, tmp_path / "dev")
-    dev.agent("run", "--once")
-    _with_hooks(dev, 'notify = [{kind = "command", argv = ["sh", "-c", "sleep 30 &"], '
-                     'timeout = 5}]')
-    _release(cli, store, moe_family.v2, "v2", release_key)
-    t0 = time.monotonic()
-    dev.agent("run", "--once")
-    assert time.monotonic() - t0 < 5
+    timeout = 20
+    dev, p, took = _update_with_hook(
+        cli, fleet, release_key, moe_family, tmp_path,
+        f'notify = [{{kind = "command", argv = ["sh", "-c", "sleep 60 &"], timeout = {timeout}}}]')
+    assert p.returncode == 0, p.stderr
+    assert took < timeout  # waiting for the child would have run into the hook's timeout
     assert dev.status()["current"] == "v2"
