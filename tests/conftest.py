@@ -6,10 +6,12 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -30,11 +32,33 @@ S3_ENV = {
 }
 
 
+def _atomic_conditional_puts() -> None:
+    """Give moto's server S3's guarantee for racing conditional PUTs.
+
+    S3 applies a PUT with If-Match / If-None-Match atomically: of writers racing with the same
+    precondition exactly one succeeds and the others get 412 (or 409). moto 5 checks the
+    precondition and then writes without a lock (`S3Response.put_object`), so two racers can
+    both win (seen once in CI, `test_racing_conditional_puts_one_wins[s3]`). Serializing that
+    one handler makes the test server keep the guarantee our manifest writes rely on.
+    """
+    from moto.s3.responses import S3Response
+
+    original = S3Response.put_object
+    lock = threading.Lock()
+
+    def put_object(self: S3Response) -> Any:
+        with lock:
+            return original(self)
+
+    S3Response.put_object = put_object  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server over real HTTP on 127.0.0.1, for the whole session."""
     for k, v in S3_ENV.items():
         os.environ.setdefault(k, v)
+    _atomic_conditional_puts()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
