@@ -25,13 +25,13 @@ import click
 from click.core import ParameterSource
 
 from manifest.cli_errors import exit_on_errors
-from manifest.errors import DeltashipError, LocalError, NotFoundError
+from manifest.errors import DeltashipError, HookError, LocalError, NotFoundError
 from manifest.metadata import format_time
-from manifest.stores import write_atomic
+from manifest.storage.atomic import write_atomic
 from manifest.trust import verify_root
 
 from .config import AgentConfig, default_config_path, load_config, save_config
-from .hooks import HookError, parse_hooks
+from .hooks import parse_hooks
 from .lock import model_dir_lock
 from .state import load_state, rollback_target, save_state
 from .updater import Agent, run_forever

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from manifest.errors import LocalError
-from manifest.stores import write_atomic
+from manifest.storage.atomic import write_atomic
 
 __all__ = ["AgentConfig", "default_config_path", "load_config", "save_config"]
 

@@ -41,15 +41,9 @@ from typing import Any
 
 import aiohttp
 
-from manifest.errors import DeltashipError, LocalError
+from manifest.errors import HookError, LocalError
 
-__all__ = ["HookError", "Hooks", "parse_hooks"]
-
-
-class HookError(DeltashipError):
-    """A notification hook or the health check failed: the new version is not healthy."""
-
-    exit_code = 6
+__all__ = ["Hooks", "parse_hooks"]
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from manifest.constants import WEIGHT_INDEX_FILE as WEIGHT_INDEX
 from manifest.errors import DeltashipError, ModelError
 from manifest.safetensors_format import SafetensorsFile
 
@@ -113,7 +114,6 @@ class _QuietObserverShutdown(logging.Filter):
 logging.getLogger("watchdog.observers.inotify").addFilter(_QuietObserverShutdown())
 
 CURRENT = "current"
-WEIGHT_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 MAX_WEIGHT_INDEX_SIZE = 64 << 20
 

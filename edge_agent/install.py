@@ -15,13 +15,13 @@ from pathlib import Path
 import zstandard
 
 from manifest.container import apply_container
-from manifest.errors import FormatError, HashMismatchError
+from manifest.download_plan import GroupStep
+from manifest.errors import FormatError, HashMismatchError, disk_errors
 from manifest.metadata import FileEntry, ObjectRef
 from manifest.safetensors_format import SafetensorsFile
 from manifest.trust import StreamVerifier
 
-from .layout import DeviceLayout, disk_errors
-from .planner import GroupStep
+from .layout import DeviceLayout
 
 __all__ = ["check_download", "install_file", "install_group"]
 

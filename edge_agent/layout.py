@@ -21,23 +21,21 @@ fsynced before it got its name; ``current`` only ever points at such a directory
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from manifest.errors import DiskFullError, LocalError
+from manifest.constants import WEIGHT_INDEX_FILE as INDEX_FILE
+from manifest.errors import LocalError, disk_errors
 from manifest.metadata import ReleaseIndex
-from manifest.stores import fsync_dir, write_atomic
+from manifest.storage.atomic import fsync_dir, write_atomic
 
-__all__ = ["DeviceLayout", "disk_errors", "hash_file", "weight_index"]
+__all__ = ["DeviceLayout", "hash_file", "weight_index"]
 
-INDEX_FILE = "model.safetensors.index.json"
 STALE_TMP_SECONDS = 600  # a temp file this old belongs to no live writer
 
 
@@ -57,20 +55,6 @@ def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
     doc = {"metadata": {"total_size": total, "deltaship_version": index.version},
            "weight_map": weight_map}
     return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
-
-
-@contextlib.contextmanager
-def disk_errors(what: Path) -> Iterator[None]:
-    """Turn ENOSPC/EDQUOT raised inside into :class:`DiskFullError` naming the disk."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(
-                f"no space left on the disk holding {what}: free some space; the live "
-                "model is untouched"
-            ) from e
-        raise
 
 
 class DeviceLayout:

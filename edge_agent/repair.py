@@ -6,8 +6,9 @@ import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from manifest.download_plan import GroupStep
+
 from .install import install_file, install_group
-from .planner import GroupStep
 from .transport import open_source
 from .updater import Agent
 

@@ -54,7 +54,7 @@ from aiohttp import web
 from threadpoolctl import threadpool_limits
 
 from manifest.errors import LocalError
-from manifest.stores import write_atomic
+from manifest.storage.atomic import write_atomic
 
 from .hotswap import LiveModel, Weights, load_version, map_group
 from .moe_model import MoEModel

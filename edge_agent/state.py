@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from manifest.errors import LocalError
-from manifest.stores import write_atomic
+from manifest.storage.atomic import write_atomic
 
 __all__ = ["AgentState", "live_stack", "load_state", "rollback_target", "save_state"]
 

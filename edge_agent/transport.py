@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import errno
 import functools
 import hashlib
 import logging
@@ -51,14 +50,17 @@ import aiohttp
 
 from manifest.errors import (
     DeltashipError,
-    DiskFullError,
     FormatError,
     HashMismatchError,
     LocalError,
+    MissingKeyError,
     OversizeError,
+    RangeNotSatisfiableError,
+    RetryableError,
     StoreConfigError,
     TransportError,
     UntrustedDataError,
+    disk_full,
 )
 
 from .retry import RetryPolicy, RetryState
@@ -85,16 +87,6 @@ FLUSH_SECONDS = 0.5  # ...or seconds since the last write (slow links)
 DEFAULT_RETRY = RetryPolicy()
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
-
-
-class MissingKeyError(TransportError):
-    """The store lacks a key (HTTP 404/410, S3 NoSuchKey, no such file).
-
-    A key that the signed manifest or index names but the store lacks is the store's fault: a
-    release still being uploaded, a CDN not yet filled, a broken mirror. It may heal, so it is a
-    ``TransportError`` ("retry later", exit code 4), not ``NotFoundError`` (the user's mistake).
-    It is raised at once: the update loop's next poll is the retry.
-    """
 
 
 class Source(Protocol):
@@ -157,18 +149,6 @@ def open_source(
         f"unsupported store URL {url!r}: use s3://bucket/prefix, https://host/prefix, "
         "file:///path or a directory"
     )
-
-
-class _Retryable(TransportError):
-    """One failed try of a request; the retry loop decides whether to try again."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _RangeNotSatisfiable(_Retryable):
-    """HTTP 416: the partial file is not shorter than the object. Start again from zero."""
 
 
 @dataclass
@@ -234,7 +214,7 @@ class _Source:
         while True:
             try:
                 return await attempt(state)
-            except _Retryable as e:
+            except RetryableError as e:
                 delay = state.failed(e, e.retry_after)
                 if delay is None:
                     gave_up = TransportError(
@@ -305,11 +285,11 @@ class _Source:
                                 best = out.size
                                 state.progress()
                             await self._throttle(len(chunk))
-            except _RangeNotSatisfiable:
+            except RangeNotSatisfiableError:
                 await asyncio.to_thread(dest.unlink, missing_ok=True)
                 raise
             if out.size < length:
-                raise _Retryable(f"GET {where} ended after {out.size} of {length} bytes")
+                raise RetryableError(f"GET {where} ended after {out.size} of {length} bytes")
 
         try:
             await self._retrying(attempt)
@@ -323,7 +303,7 @@ def _check_body(body: _Body, have: int, length: int, where: str) -> int:
     """Where the body starts writing into the partial file; refuses a wrong declared length."""
     if body.start != have:
         if body.start != 0:
-            raise _Retryable(f"GET {where} asked for bytes {have}- and got {body.start}-")
+            raise RetryableError(f"GET {where} asked for bytes {have}- and got {body.start}-")
         log.warning("%s: the store ignored the Range request and sent the whole object: "
                     "downloading it again from byte 0 (discarding %d bytes); a store that "
                     "supports Range would resume", where, have)
@@ -371,9 +351,7 @@ class _PartialFile:
 
 
 def _disk_error(e: OSError, path: Path) -> LocalError:
-    if e.errno == errno.ENOSPC:
-        return DiskFullError(f"no space left on the disk holding {path}: free some, then retry")
-    return LocalError(f"cannot write {path}: {e.strerror or e}")
+    return disk_full(e, path) or LocalError(f"cannot write {path}: {e.strerror or e}")
 
 
 def _open_at(path: Path, start: int) -> int:
@@ -439,7 +417,7 @@ def _retry_after(value: str | None) -> float | None:
 def _content_range(value: str, where: str) -> tuple[int, int | None]:
     m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", value.strip())
     if m is None:
-        raise _Retryable(f"GET {where} answered with a malformed Content-Range {value!r}")
+        raise RetryableError(f"GET {where} answered with a malformed Content-Range {value!r}")
     return int(m[1]), None if m[2] == "*" else int(m[2])
 
 
@@ -483,9 +461,9 @@ class HttpSource(_Source):
                                    f"{_one_line(e)}; check the URL, the CA certificates and "
                                    "the device clock") from e
         except aiohttp.ClientConnectorError as e:
-            raise _Retryable(f"cannot reach {where}: {_one_line(e)}") from e
+            raise RetryableError(f"cannot reach {where}: {_one_line(e)}") from e
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise _Retryable(f"GET {where} failed: {_one_line(e)}") from e
+            raise RetryableError(f"GET {where} failed: {_one_line(e)}") from e
         done = False
         try:
             yield _http_body(resp, where)
@@ -509,9 +487,9 @@ def _http_body(resp: aiohttp.ClientResponse, where: str) -> _Body | None:
         raise MissingKeyError(f"{where} is missing from the store (HTTP {status}): the store is "
                               "incomplete or still being published; retry later")
     elif status == 416:
-        raise _RangeNotSatisfiable(f"GET {where}: range not satisfiable (HTTP 416)")
+        raise RangeNotSatisfiableError(f"GET {where}: range not satisfiable (HTTP 416)")
     elif status in (408, 429) or status >= 500:
-        raise _Retryable(f"GET {where} failed: HTTP {status} {resp.reason or ''}".rstrip(),
+        raise RetryableError(f"GET {where} failed: HTTP {status} {resp.reason or ''}".rstrip(),
                          _retry_after(resp.headers.get("Retry-After")))
     elif status in (401, 403):
         raise StoreConfigError(f"access to {where} denied (HTTP {status}): the store must be "
@@ -523,7 +501,7 @@ def _http_body(resp: aiohttp.ClientResponse, where: str) -> _Body | None:
         try:
             return await resp.content.read(n)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise _Retryable(f"GET {where} broke off: {_one_line(e)}") from e
+            raise RetryableError(f"GET {where} broke off: {_one_line(e)}") from e
 
     return _Body(start, total, resp.headers.get("ETag"), read)
 
@@ -599,10 +577,10 @@ class S3Source(_Source):
                 "(or AWS_PROFILE)"
             )
         if isinstance(e, bx.EndpointConnectionError | bx.ConnectionError):
-            return _Retryable(f"cannot reach the store at {self.endpoint} for {where}: "
+            return RetryableError(f"cannot reach the store at {self.endpoint} for {where}: "
                               f"{_one_line(e)}")
         if not isinstance(e, bx.ClientError):
-            return _Retryable(f"GET {where} failed: {_one_line(e)}")
+            return RetryableError(f"GET {where} failed: {_one_line(e)}")
         code = str(e.response.get("Error", {}).get("Code", ""))
         meta = e.response.get("ResponseMetadata", {})
         status = int(meta.get("HTTPStatusCode", 0))
@@ -615,14 +593,14 @@ class S3Source(_Source):
             return MissingKeyError(f"{where} is missing from the store ({code or 404}): the "
                                    "store is incomplete or still being published; retry later")
         if code == "InvalidRange" or status == 416:
-            return _RangeNotSatisfiable(f"GET {where}: range not satisfiable ({code})")
+            return RangeNotSatisfiableError(f"GET {where}: range not satisfiable ({code})")
         if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId",
                                      "SignatureDoesNotMatch"):
             return StoreConfigError(f"access to {where} denied ({code}): check the S3 "
                                     "credentials and the bucket policy")
         if status >= 500 or status in (0, 408, 429) or code in ("SlowDown", "RequestTimeout"):
             retry_after = _retry_after(meta.get("HTTPHeaders", {}).get("retry-after"))
-            return _Retryable(f"GET {where} failed: {code or status}", retry_after)
+            return RetryableError(f"GET {where} failed: {code or status}", retry_after)
         return StoreConfigError(f"S3 refused GET {where}: {code} "
                                 f"{e.response.get('Error', {}).get('Message', '')}".rstrip())
 
@@ -640,7 +618,7 @@ def _s3_body(r: GetObjectOutputTypeDef, where: str) -> _Body:
         try:
             return await asyncio.to_thread(stream.read, n)
         except (bx.BotoCoreError, OSError) as e:
-            raise _Retryable(f"GET {where} broke off: {_one_line(e)}") from e
+            raise RetryableError(f"GET {where} broke off: {_one_line(e)}") from e
 
     return _Body(start, total, r.get("ETag"), read)
 
@@ -685,18 +663,19 @@ class LocalSource(_Source):
         except PermissionError as e:
             raise StoreConfigError(f"cannot read {where}: permission denied") from e
         except OSError as e:
-            raise _Retryable(f"cannot read {where}: {e.strerror or e}") from e
+            raise RetryableError(f"cannot read {where}: {e.strerror or e}") from e
         try:
             size = os.fstat(f.fileno()).st_size
             if start and start >= size:
-                raise _RangeNotSatisfiable(f"{where} has only {size} bytes, not more than {start}")
+                raise RangeNotSatisfiableError(
+                    f"{where} has only {size} bytes, not more than {start}")
             f.seek(start)
 
             async def read(n: int) -> bytes:
                 try:
                     return await asyncio.to_thread(f.read, n)
                 except OSError as e:
-                    raise _Retryable(f"cannot read {where}: {e.strerror or e}") from e
+                    raise RetryableError(f"cannot read {where}: {e.strerror or e}") from e
 
             yield _Body(start, size, None, read)
         finally:

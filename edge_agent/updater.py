@@ -22,10 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from manifest.download_plan import Plan, make_plan, wanted_groups
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
     HashMismatchError,
+    HookError,
     LocalError,
     TransportError,
 )
@@ -39,11 +41,10 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig
-from .hooks import HookError, parse_hooks
+from .hooks import parse_hooks
 from .install import check_download, install_file, install_group
 from .layout import DeviceLayout, hash_file
 from .lock import model_dir_lock
-from .planner import Plan, make_plan, wanted_groups
 from .retry import RetryPolicy, RetryState
 from .state import AgentState, load_state, save_state
 from .transport import Source, open_source

@@ -9,7 +9,6 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -17,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .errors import DeltashipError, DiskFullError
+from .errors import DeltashipError, disk_full
 
 __all__ = ["exit_on_errors"]
 
@@ -39,10 +38,10 @@ def exit_on_errors(prog: str) -> Callable[[F], F]:
             except DeltashipError as e:
                 fail(e)
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                full = disk_full(e, e.filename or "the working directory")
+                if full is None:
                     raise
-                where = f" ({e.filename})" if e.filename else ""
-                fail(DiskFullError(f"no space left on device{where}: free some space"))
+                fail(full)
             except KeyboardInterrupt:
                 click.echo(f"{prog}: interrupted", err=True)
                 sys.exit(130)

@@ -13,8 +13,13 @@
     │   ├── MixAndMatchError      documents that do not belong together
     │   ├── UnsafeNameError       a group or file name that could escape its directory
     │   └── FormatError           a malformed document or patch container
-    ├── TransportError            the store could not be reached or failed: retry later
-    ├── ConflictError             someone else changed the store first: re-run
+    ├── TransportError            the store could not be reached, failed, or lacks a key: retry
+    │   │                         later (exit 4)
+    │   ├── MissingKeyError       the store lacks a key (HTTP 404/410, S3 NoSuchKey, no file)
+    │   └── RetryableError        one failed try of a request; the retry loop decides
+    │       └── RangeNotSatisfiableError  HTTP 416: restart the download from byte 0
+    ├── ConflictError             someone else changed the store first: re-run (exit 5)
+    ├── HookError                 a hook or health check failed after a switch (exit 6)
     └── LocalError                bad local input or configuration: the user must act
         ├── ModelError            a missing or malformed model directory / safetensors file
         │   └── SafetensorsError  a safetensors file that breaks the spec
@@ -25,12 +30,18 @@
         ├── AlreadyExistsError    refusing to overwrite (released version, key file, root)
         └── DiskFullError         no space left on the local disk
 
-Third-party exceptions are translated into these at one boundary (the store adapters, the key
-loader) with ``raise ... from e``; the command-line layers print ``str(error)`` as one line and
-exit with :attr:`DeltashipError.exit_code`.
+Third-party exceptions are translated into these at one boundary (the storage layer, the key
+loader) with ``raise ... from e``; a full disk or an exceeded quota (ENOSPC, EDQUOT) is
+translated by :func:`disk_errors` / :func:`disk_full` only. The command-line layers print
+``str(error)`` as one line and exit with :attr:`DeltashipError.exit_code`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
 
 __all__ = [
     "AlreadyExistsError",
@@ -40,13 +51,17 @@ __all__ = [
     "ExpiredError",
     "FormatError",
     "HashMismatchError",
+    "HookError",
     "KeyFileError",
     "LocalError",
+    "MissingKeyError",
     "MixAndMatchError",
     "ModelError",
     "NotFoundError",
     "OversizeError",
+    "RangeNotSatisfiableError",
     "ReplayError",
+    "RetryableError",
     "SafetensorsError",
     "SignatureError",
     "StoreConfigError",
@@ -54,6 +69,8 @@ __all__ = [
     "TrustError",
     "UnsafeNameError",
     "UntrustedDataError",
+    "disk_errors",
+    "disk_full",
 ]
 
 
@@ -108,10 +125,39 @@ class TransportError(DeltashipError):
     retry_after: float | None = None  # seconds the store asked us to wait (HTTP Retry-After)
 
 
+class MissingKeyError(TransportError):
+    """The store lacks a key (HTTP 404/410, S3 NoSuchKey, no such file).
+
+    The storage layer raises this for every missing key, on both sides. A key that a signed
+    document names but the store lacks is the store's fault (a release still being uploaded, a
+    CDN not yet filled, a broken mirror): it may heal, so "retry later", exit 4. Callers that
+    know a missing key is the user's mistake (``revert --to`` a version never released, a store
+    never initialised) translate it into :class:`NotFoundError` or :class:`StoreConfigError`.
+    """
+
+
+class RetryableError(TransportError):
+    """One failed try of a request; the retry loop decides whether to try again."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RangeNotSatisfiableError(RetryableError):
+    """HTTP 416: the partial file is not shorter than the object. Start again from zero."""
+
+
 class ConflictError(DeltashipError):
     """The store changed under us (a concurrent release); re-run to build on the new state."""
 
     exit_code = 5
+
+
+class HookError(DeltashipError):
+    """A notification hook or the health check failed: the new version is not healthy."""
+
+    exit_code = 6
 
 
 class LocalError(DeltashipError):
@@ -155,3 +201,27 @@ class AlreadyExistsError(LocalError):
 
 class DiskFullError(LocalError):
     pass
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(e: OSError, where: str | os.PathLike[str]) -> DiskFullError | None:
+    """The :class:`DiskFullError` for a full disk or exceeded quota, else None."""
+    if e.errno not in _DISK_FULL:
+        return None
+    what = "quota exceeded" if e.errno == errno.EDQUOT else "no space left"
+    return DiskFullError(f"{what} on the disk holding {os.fspath(where)}: free some space, "
+                         "then retry")
+
+
+@contextlib.contextmanager
+def disk_errors(where: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn ENOSPC/EDQUOT raised inside into :class:`DiskFullError` naming ``where``."""
+    try:
+        yield
+    except OSError as e:
+        full = disk_full(e, where)
+        if full is None:
+            raise
+        raise full from e

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+from .constants import WEIGHT_INDEX_FILE, object_key
 from .errors import FormatError, UnsafeNameError
 from .signing import PublicKey
 
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 SPEC_VERSION = 1
-WEIGHT_INDEX_FILE = "model.safetensors.index.json"  # written by devices, never shipped
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
 _HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
@@ -150,7 +150,7 @@ class ObjectRef:
 
     @property
     def key(self) -> str:
-        return f"objects/{self.sha256}"
+        return object_key(self.sha256)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ObjectRef:

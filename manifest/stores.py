@@ -9,11 +9,9 @@ third-party exception is translated here into the tree of :mod:`manifest.errors`
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +20,14 @@ from urllib.parse import urlparse
 
 from .errors import (
     ConflictError,
-    DiskFullError,
     NotFoundError,
     OversizeError,
     StoreConfigError,
     TransportError,
 )
+from .storage.atomic import atomic_output, write_atomic
 
-__all__ = ["LocalStore", "S3Store", "Store", "StoreOptions", "open_store", "write_atomic"]
+__all__ = ["LocalStore", "S3Store", "Store", "StoreOptions", "open_store"]
 
 
 class Store(Protocol):
@@ -78,38 +76,6 @@ def open_store(url: str, options: StoreOptions | None = None) -> Store:
     )
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
-    """Unique temp file in the same directory, write, fsync, rename, fsync the directory."""
-    path = os.fspath(path)
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = ""
-        fsync_dir(d)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"no space left on the disk holding {d}") from e
-        raise
-    finally:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class LocalStore:
     """A directory with the store layout; the embedded default and the simplest mirror."""
 
@@ -153,25 +119,9 @@ class LocalStore:
         self._require_root()
         p = self._path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                while block := src.read(1 << 22):
-                    out.write(block)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, p)
-            tmp = ""
-            fsync_dir(str(p.parent))
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise DiskFullError(f"no space left on the disk holding {self.root}") from e
-            raise
-        finally:
-            if tmp:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        with atomic_output(p) as out, open(path, "rb") as src:
+            while block := src.read(1 << 22):
+                out.write(block)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:

@@ -12,13 +12,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manifest.constants import WEIGHT_INDEX_FILE as INDEX_NAME
 from manifest.errors import ModelError, UnsafeNameError
 from manifest.metadata import check_file_path
 from manifest.safetensors_format import SafetensorsFile, TensorInfo
 
 __all__ = ["INDEX_NAME", "ModelDir", "SourceTensor", "open_model"]
 
-INDEX_NAME = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

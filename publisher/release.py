@@ -21,6 +21,7 @@ from typing import Any
 
 import zstandard
 
+from manifest.download_plan import download_cost
 from manifest.errors import AlreadyExistsError, ConflictError, KeyFileError, TrustError
 from manifest.metadata import (
     FileEntry,
@@ -389,23 +390,6 @@ def _upload(
     finally:
         bar.close()
     return sum(1 for s in sizes if s), sum(sizes)
-
-
-def download_cost(index: ReleaseIndex, base: ReleaseIndex | None) -> int:
-    """Bytes a device holding ``base`` (None: nothing) downloads to reach ``index``."""
-    have_groups = {g.sha256 for g in base.groups} if base else set()
-    have_files = {f.sha256 for f in base.files} if base else set()
-    total = 0
-    for g in index.groups:
-        if g.sha256 in have_groups:
-            continue
-        options = [g.full.length]
-        options += [p.object.length for p in g.patches if p.base_sha256 in have_groups]
-        total += min(options)
-    for f in index.files:
-        if f.sha256 not in have_files:
-            total += f.object.length
-    return total
 
 
 def _summarise(

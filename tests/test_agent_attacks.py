@@ -18,6 +18,7 @@ against moto's S3 server.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import threading
@@ -30,8 +31,8 @@ from typing import Any
 import boto3
 import pytest
 
-from edge_agent.planner import make_plan
 from manifest.canonical import canonical_json
+from manifest.download_plan import download_cost, make_plan
 from manifest.errors import FormatError
 from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 from manifest.signing import SigningKey
@@ -484,6 +485,19 @@ def test_plan_fetches_identical_files_once() -> None:
     assert plan.download_bytes == 4
     plan = make_plan(_plan_index([("LICENSE", a, sha(b"o1")), ("copy", a, sha(b"o1"))]), {a})
     assert [s.have for s in plan.files] == [True, True]
+
+
+def test_plan_fetches_identical_groups_once() -> None:
+    """Two groups with the same content (identically initialised experts) share one full
+    object: one download, and the publisher's summary counts it once too."""
+    g = GroupEntry("g0", "g0.safetensors", sha(b"same"), 10, (), ObjectRef(sha(b"full"), 5,
+                                                                          "dspatch"))
+    index = ReleaseIndex("v9", now_utc(), (g, dataclasses.replace(g, name="g1",
+                                                                 file="g1.safetensors")), ())
+    plan = make_plan(index, set())
+    assert [s.kind for s in plan.groups] == ["full", "have"]
+    assert plan.download_bytes == 5 == download_cost(index, None)
+    assert download_cost(index, index) == 0
 
 
 def test_plan_refuses_an_object_shared_by_two_contents() -> None:

@@ -17,7 +17,8 @@ from typing import ClassVar
 
 import pytest
 
-from edge_agent.hooks import HookError, Hooks, parse_hooks
+from edge_agent.hooks import Hooks, parse_hooks
+from manifest.errors import HookError
 
 from .conftest import BIN, Cli, MoEFamily
 from .test_agent_e2e import Device, _raw, _release

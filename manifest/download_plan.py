@@ -1,4 +1,8 @@
-"""Pure planning: the cheapest way to obtain each wanted group and file of a release.
+"""The one cost model: the cheapest way for a device to obtain each group and file of a release.
+
+Pure (no I/O): the caller passes the sha256 of the content it holds. The agent's planner runs
+it on what is on disk; the publisher's release summary on what a device holding a base release
+holds (:func:`download_cost`), so both report the same bytes.
 
 For each group: already present locally (same content hash, from any retained version), a
 patch from content the device holds, or the full object. Costs are download bytes; ties go to
@@ -7,8 +11,9 @@ the step that needs no download. No I/O here: the caller passes what it has on d
 Every object is downloaded by at most one step: the update loop downloads each step's object
 to ``downloads/<sha256>`` and deletes it once that step is installed, so two steps sharing an
 object would race on the same file. Files with the same content (two identical
-``LICENSE``-style files) are fetched once, the later ones marked ``have`` (the first one's
-install provides the content before the version is built). Two groups, or a group and a file,
+``LICENSE``-style files, or two groups such as identically initialised experts) are fetched
+once, the later ones marked ``have`` (the first one's install provides the content before the
+version is built). Two groups, or a group and a file,
 can never legitimately share an object (each object rebuilds exactly one content: its target
 sha256 is inside it), so an index that says so is refused before anything is downloaded.
 """
@@ -20,10 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from manifest.errors import FormatError
-from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
+from .errors import FormatError
+from .metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 
-__all__ = ["FileStep", "GroupStep", "Plan", "make_plan", "wanted_groups"]
+__all__ = ["FileStep", "GroupStep", "Plan", "content_of", "download_cost", "make_plan",
+           "wanted_groups"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +98,18 @@ def wanted_groups(index: ReleaseIndex, include: Iterable[str]) -> list[GroupEntr
 
 
 def make_plan(index: ReleaseIndex, have: set[str], include: Iterable[str] = ()) -> Plan:
-    """``have``: sha256 of every verified object on the device."""
+    """``have``: sha256 of every verified object on the device.
+
+    Content that appears twice in the index (two groups or two files with the same sha256) is
+    fetched once: the later entries are ``have``.
+    """
     steps = []
+    planned = set(have)
     for g in wanted_groups(index, include):
-        if g.sha256 in have:
+        if g.sha256 in planned:
             steps.append(GroupStep(g, "have"))
             continue
+        planned.add(g.sha256)
         usable = [p for p in g.patches if p.base_sha256 in have]
         best = min(usable, key=lambda p: p.object.length, default=None)
         if best is not None and best.object.length < g.full.length:
@@ -105,7 +117,6 @@ def make_plan(index: ReleaseIndex, have: set[str], include: Iterable[str] = ()) 
         else:
             steps.append(GroupStep(g, "full", g.full))
     files = []
-    planned = set(have)
     for f in index.files:
         files.append(FileStep(f, f.sha256 in planned))
         planned.add(f.sha256)
@@ -125,3 +136,15 @@ def _check_objects_unshared(plan: Plan) -> None:
                 f"release index {plan.version} lists object {ref.sha256[:16]}... for both "
                 f"{other} and {what}: one object cannot rebuild two different contents"
             )
+
+
+def content_of(index: ReleaseIndex | None) -> set[str]:
+    """The sha256 of every group and file a device holding ``index`` (None: nothing) has."""
+    if index is None:
+        return set()
+    return {g.sha256 for g in index.groups} | {f.sha256 for f in index.files}
+
+
+def download_cost(index: ReleaseIndex, base: ReleaseIndex | None) -> int:
+    """Bytes a device holding ``base`` (None: nothing) downloads to reach ``index``."""
+    return make_plan(index, content_of(base)).download_bytes
