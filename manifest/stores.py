@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 from .errors import (
     ConflictError,
-    NotFoundError,
+    MissingKeyError,
     OversizeError,
     StoreConfigError,
     TransportError,
@@ -101,7 +101,7 @@ class LocalStore:
             with open(self._path(key), "rb") as f:
                 data = f.read(max_size + 1)
         except FileNotFoundError as e:
-            raise NotFoundError(f"{self.url}/{key} does not exist") from e
+            raise MissingKeyError(f"{self.url}/{key} is missing from the store") from e
         if len(data) > max_size:
             raise OversizeError(f"{self.url}/{key} is larger than its {max_size}-byte cap")
         return data, hashlib.sha256(data).hexdigest()
@@ -162,7 +162,7 @@ class LocalStore:
                 while block := src.read(1 << 22):
                     out.write(block)
         except FileNotFoundError as e:
-            raise NotFoundError(f"{self.url}/{key} does not exist") from e
+            raise MissingKeyError(f"{self.url}/{key} is missing from the store") from e
 
 
 class S3Store:
@@ -227,7 +227,7 @@ class S3Store:
                 "create it or fix --store"
             )
         if code in ("NoSuchKey", "404", "NotFound"):
-            return NotFoundError(f"{where} does not exist")
+            return MissingKeyError(f"{where} is missing from the store")
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (
             409, 412,
         ):
@@ -261,7 +261,7 @@ class S3Store:
         try:
             with self._errors(key):
                 self._client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except NotFoundError:
+        except MissingKeyError:
             return False
         return True
 

@@ -16,7 +16,13 @@ from typing import Any
 
 from manifest.canonical import canonical_json, loads_object
 from manifest.container import apply_container
-from manifest.errors import FormatError, HashMismatchError, NotFoundError, StoreConfigError
+from manifest.errors import (
+    FormatError,
+    HashMismatchError,
+    MissingKeyError,
+    NotFoundError,
+    StoreConfigError,
+)
 from manifest.metadata import (
     GroupEntry,
     Manifest,
@@ -92,7 +98,7 @@ class Repository:
         if self._root is None:
             try:
                 data = self.store.get(ROOT_KEY, MAX_ROOT_SIZE)
-            except NotFoundError as e:
+            except MissingKeyError as e:
                 raise StoreConfigError(
                     f"{self.store.url} has no trust root: run `deltaship-publish init` first"
                 ) from e
@@ -103,7 +109,7 @@ class Repository:
         """The verified current manifest and its ETag, or (None, None) before the first release."""
         try:
             data, etag = self.store.get_with_etag(MANIFEST_KEY, MAX_MANIFEST_SIZE)
-        except NotFoundError:
+        except MissingKeyError:
             return None, None
         return verify_manifest(data, self.root(), now=self.now, grace=_PUBLISHER_GRACE), etag
 
@@ -119,7 +125,7 @@ class Repository:
         key = f"{RELEASES_PREFIX}{version}.json"
         try:
             return ReleaseRecord.from_bytes(self.store.get(key, 64 * 1024), key)
-        except NotFoundError as e:
+        except MissingKeyError as e:
             raise NotFoundError(
                 f"version {version!r} was never released to {self.store.url}"
             ) from e

@@ -9,7 +9,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from manifest.errors import ConflictError, NotFoundError, OversizeError, StoreConfigError
+from manifest.errors import ConflictError, MissingKeyError, OversizeError, StoreConfigError
 from manifest.stores import LocalStore, Store, StoreOptions, open_store
 
 
@@ -25,7 +25,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
 
 def test_get_put_list_exists(store: Store, tmp_path: Path) -> None:
     assert not store.exists("objects/a")
-    with pytest.raises(NotFoundError):
+    with pytest.raises(MissingKeyError):
         store.get("objects/a", 100)
     store.put("objects/a", b"hello")
     src = tmp_path / "f"
