@@ -34,7 +34,23 @@ from manifest.errors import LocalError, disk_errors
 from manifest.metadata import ReleaseIndex
 from manifest.storage.atomic import fsync_dir, write_atomic
 
-__all__ = ["DeviceLayout", "hash_file", "weight_index"]
+__all__ = [
+    "CURRENT_LINK",
+    "META_DIR",
+    "OBJECTS_DIR",
+    "STATE_FILE",
+    "VERSIONS_DIR",
+    "DeviceLayout",
+    "hash_file",
+    "weight_index",
+]
+
+# The names under MODEL_DIR, spelled here only (docs/FORMAT.md describes them).
+CURRENT_LINK = "current"  # symlink to versions/<V>: what serving code loads
+VERSIONS_DIR = "versions"
+OBJECTS_DIR = "objects"
+META_DIR = ".deltaship"  # the agent's private files
+STATE_FILE = "state.json"
 
 STALE_TMP_SECONDS = 600  # a temp file this old belongs to no live writer
 
@@ -60,10 +76,10 @@ def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
 class DeviceLayout:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.objects = root / "objects"
-        self.versions = root / "versions"
-        self.current_link = root / "current"
-        self.meta = root / ".deltaship"
+        self.objects = root / OBJECTS_DIR
+        self.versions = root / VERSIONS_DIR
+        self.current_link = root / CURRENT_LINK
+        self.meta = root / META_DIR
         self.indexes = self.meta / "indexes"
         self.downloads = self.meta / "downloads"
         self.staging = self.meta / "staging"
@@ -184,7 +200,7 @@ class DeviceLayout:
         with disk_errors(self.root):
             tmp = self.root / f".current.tmp-{os.getpid()}"
             tmp.unlink(missing_ok=True)
-            os.symlink(os.path.join("versions", version), tmp)
+            os.symlink(os.path.join(VERSIONS_DIR, version), tmp)
             os.replace(tmp, self.current_link)
             fsync_dir(str(self.root))
 
