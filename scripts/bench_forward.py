@@ -22,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 import modelgen  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from edge_agent.hotswap import load_version  # noqa: E402
-from edge_agent.moe_model import MoEModel  # noqa: E402
+from edge_agent.serving import load_version  # noqa: E402
+from edge_agent.serving.moe_model import MoEModel  # noqa: E402
 
 PASSES = 100
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.serve import load_reference
+from edge_agent.serving.server import load_reference
 
 from ._model_server import ModelServer, serving
 from .conftest import BIN, Cli, MoEFamily, modelgen
