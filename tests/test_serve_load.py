@@ -13,14 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from loadgen import Load
 
+from devtools import modelgen
+from devtools.loadgen import Load
 from edge_agent.layout import CURRENT_LINK, VERSIONS_DIR, DeviceLayout
 from edge_agent.serving.server import load_reference
 from manifest.constants import WEIGHT_INDEX_FILE
 
 from ._model_server import ModelServer, is_subsequence, serving
-from .conftest import Cli, modelgen
+from .conftest import Cli
 from .test_agent_e2e import Device, _release
 
 # 32 busy clients: keep the timing-calibrated SIGKILL trials off this worker (scripts/test.sh
