@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.serving.dtypes import to_float32
 from manifest import safetensors_format
 from manifest.constants import WEIGHT_INDEX_FILE
 from manifest.errors import SafetensorsError
@@ -81,19 +82,12 @@ def f32_to_bf16_bits(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:
     return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
 
 
-def bf16_bits_to_f32(bits: npt.NDArray[np.uint16]) -> F32:
-    """Widen BF16 bit patterns (``uint16``) to float32 exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
 def decode_f32(raw: bytes, dtype: str) -> F32:
-    """Decode little-endian tensor bytes of a float dtype to a float32 array."""
-    if dtype == "BF16":
-        return bf16_bits_to_f32(np.frombuffer(raw, dtype="<u2"))
-    if dtype == "F16":
-        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+    """Decode little-endian tensor bytes of a float dtype to a new float32 array (exactly)."""
     if dtype == "F32":
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if dtype in ("BF16", "F16"):
+        return to_float32(raw, dtype, (len(raw) // 2,))
     raise ValueError(f"not a supported float dtype: {dtype}")
 
 
