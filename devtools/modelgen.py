@@ -197,7 +197,7 @@ def shard_names(shards: int) -> list[str]:
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
     """Write ``model.safetensors.index.json``."""
     write_json(out_dir / WEIGHT_INDEX_FILE, {"metadata": {"total_size": total_size},
-                                      "weight_map": weight_map})  # fmt: skip
+                                             "weight_map": weight_map})  # fmt: skip
 
 
 def copy_aux_files(src_dir: Path, out_dir: Path, skip: set[str]) -> None:
