@@ -440,8 +440,8 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
       deltaship-agent init ... --notify-signal /run/deltaship-serve.pid \
           --health-url http://127.0.0.1:8000/healthz --health-expect-version
     """
-    from .serve import ServeConfig
-    from .serve import serve as run_server
+    from .serving.server import ServeConfig
+    from .serving.server import serve as run_server
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s deltaship-agent serve: %(message)s", stream=sys.stderr)

@@ -1,4 +1,4 @@
-"""A strict safetensors reader and a canonical writer of headers.
+"""A strict safetensors reader and a canonical writer.
 
 The reader parses only the header and then hands out byte ranges: tensor data is read with
 ``os.pread`` by whoever needs it, so a file of any size costs a few kilobytes of memory. Every
@@ -12,6 +12,10 @@ rule of the format is checked (see docs/FORMAT.md and ../shared/FIELD.md §3):
   the last ends exactly at the end of the file.
 
 Dtypes are only element widths here: BF16 and F8 tensors are raw little-endian bytes.
+
+The writer (:func:`build_header` for the header alone, :func:`write_safetensors` for a whole
+file) lays tensors out back to back in the given order after a compact JSON header padded with
+spaces to a multiple of 8: the bytes are a pure function of the input.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import SafetensorsError
+from .storage.atomic import atomic_output
 
 __all__ = [
     "DTYPE_WIDTHS",
     "MAX_HEADER_SIZE",
     "SafetensorsFile",
+    "TensorData",
     "TensorInfo",
     "build_header",
     "parse_header",
+    "write_safetensors",
 ]
 
 MAX_HEADER_SIZE = 100_000_000
@@ -248,3 +255,38 @@ def build_header(
     raw = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, infos
+
+
+Buffer = bytes | bytearray | memoryview
+TensorData = Buffer | Iterable[Buffer]
+"""A tensor's little-endian bytes: at once, or as chunks in order (read once, while writing)."""
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Sequence[tuple[str, str, tuple[int, ...], TensorData]],
+    metadata: Mapping[str, str] | None = None,
+) -> list[TensorInfo]:
+    """Write ``(name, dtype, shape, data)`` tensors to ``path`` atomically, in the given order.
+
+    The header is :func:`build_header`'s. Chunked data is streamed to the file as it comes, so
+    a file of any size is written with one chunk in memory at a time. Raises ``ValueError`` when
+    a tensor's data is not exactly its shape's byte length (``path`` is then left as it was).
+    Returns the tensors with their offsets.
+    """
+    prefix, infos = build_header(((n, d, tuple(s)) for n, d, s, _ in tensors), metadata)
+    with atomic_output(path) as f:
+        f.write(prefix)
+        for info, (*_, data) in zip(infos, tensors, strict=True):
+            chunks = (data,) if isinstance(data, bytes | bytearray | memoryview) else data
+            written = 0
+            for chunk in chunks:
+                written += memoryview(chunk).nbytes
+                if written > info.nbytes:
+                    break
+                f.write(chunk)
+            if written != info.nbytes:
+                got = "more" if written > info.nbytes else str(written)
+                raise ValueError(f"tensor {info.name!r}: {info.dtype} {list(info.shape)} takes "
+                                 f"{info.nbytes} bytes, its data has {got}")
+    return infos

@@ -27,14 +27,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from devtools import modelgen
+from devtools.bench_report import intro, write_section
+from devtools.faulty_http import FaultyServer
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
-
-import modelgen  # noqa: E402
-from _bench_report import intro, write_section  # noqa: E402
-
-from tests._faulty_http import FaultyServer  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MB = 1e6

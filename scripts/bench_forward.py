@@ -9,21 +9,16 @@ setting; the demo's model shape (4 layers x 8 experts, hidden 256, vocab 4000), 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
+from threadpoolctl import threadpool_limits
 
-import modelgen  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
-
-from edge_agent.hotswap import load_version  # noqa: E402
-from edge_agent.moe_model import MoEModel  # noqa: E402
+from devtools import modelgen
+from edge_agent.serving import load_version
+from edge_agent.serving.moe_model import MoEModel
 
 PASSES = 100
 

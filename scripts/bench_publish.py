@@ -30,16 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from devtools import modelgen
+from devtools.bench_report import intro, write_section
+from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group
+from publisher.grouping import assign_groups
+from publisher.model_dir import open_model
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
-
-import modelgen  # noqa: E402
-from _bench_report import intro, write_section  # noqa: E402
-
-from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group  # noqa: E402
-from publisher.grouping import assign_groups  # noqa: E402
-from publisher.model_dir import open_model  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MB = 1e6
@@ -267,7 +264,7 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
         "Targets (issue 2): ours at most 0.5x zstd-19 patch-from on dense fine-tunes and at most"
         " 0.8x on partial expert updates; patch-set time no worse than zstd-3 patch-from.",
         "",
-        "The fine-tunes are generated (`scripts/modelgen.py`): an AdamW-like step of the given"
+        "The fine-tunes are generated (`devtools/modelgen.py`): an AdamW-like step of the given"
         " learning rate on every float tensor (fp32 MiniLM: lr 1e-5; MoE: lr 3.5e-4, tuned so"
         " the bf16 delta matches FIELD.md's real checkpoint); the bf16 MiniLM pair is the fp32"
         " pair cast to bf16.",

@@ -5,7 +5,7 @@ docs/BENCHMARKS.md.
 Method (everything is a real process on loopback, one run):
 
 1. Generate a Mixtral-style MoE (bf16) and K successive versions, each training 2 experts (and
-   every router) of the one before (``scripts/modelgen.py``). Publish them all with the real
+   every router) of the one before (``devtools/modelgen.py``). Publish them all with the real
    ``deltaship-publish`` into a ``file://`` store, and let a real ``deltaship-agent run --once``
    install each one (``--keep K+1``, so all stay retained). Switching between installed versions
    is then the agent's own atomic switch of ``current`` (``DeviceLayout.switch``).
@@ -56,16 +56,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtools import modelgen
+from devtools.bench_report import intro, write_section
+from devtools.loadgen import Load, Request
+from devtools.serveproc import ServeProcess
+from edge_agent.layout import VERSIONS_DIR, DeviceLayout
+from manifest.constants import WEIGHT_INDEX_FILE
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT))
-
-import modelgen  # noqa: E402
-from _bench_report import intro, write_section  # noqa: E402
-from loadgen import Load, Request  # noqa: E402
-from serveproc import ServeProcess  # noqa: E402
-
-from edge_agent.layout import DeviceLayout  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MB = 1e6
@@ -138,7 +136,7 @@ def install_all(work: Path, models: Sequence[Path]) -> Path:
 
 
 def group_files(version_dir: Path) -> list[Path]:
-    index = json.loads((version_dir / "model.safetensors.index.json").read_text())
+    index = json.loads((version_dir / WEIGHT_INDEX_FILE).read_text())
     return [version_dir / f for f in sorted(set(index["weight_map"].values()))]
 
 
@@ -296,7 +294,7 @@ def measure_mode(mode: str, extra: Sequence[str], model_dir: Path, work: Path, s
     windows = [(t, to_perf(w["at"]) + s.margin) for t, w in zip(switches, swaps, strict=True)]
     done = [r for r in load.requests if r.version is not None]
     during = [r for r in done if any(r.start < b and r.end > a for a, b in windows)]
-    v = model_dir / "versions"
+    v = model_dir / VERSIONS_DIR
     return Result(
         mode=mode,
         steady=[r for r in done if r.start >= t0 and r.end <= t1],
@@ -406,7 +404,7 @@ def report(cmd: str, s: Settings, ours: Result, naive: Result, file_bytes: int) 
         f"hidden {c.hidden}, ffn {c.ffn}, vocab {c.vocab}: {file_bytes / MB:.0f} MB of bf16 "
         f"group files, {ours.private / MB:.0f} MB once converted to float32, so a model copy "
         f"(mapped files + float32 arrays) is {copy / MiB:.0f} MiB. {s.versions} successive "
-        "versions each train 2 experts and every router further (`scripts/modelgen.py`), are "
+        "versions each train 2 experts and every router further (`devtools/modelgen.py`), are "
         "published with `deltaship-publish` to a `file://` store and installed by "
         "`deltaship-agent run --once`, all retained; each swap is the agent's atomic switch of "
         "`current` (`DeviceLayout.switch`) between two installed versions.",
@@ -504,7 +502,7 @@ def main() -> None:
         model_dir = install_all(work, models)
         print(f"published and installed in {time.perf_counter() - t:.1f} s", flush=True)
         shutil.rmtree(work / "models")  # the device directory is all the servers need
-        file_bytes = sum(p.stat().st_size for p in group_files(model_dir / "versions" / "v1"))
+        file_bytes = sum(p.stat().st_size for p in group_files(model_dir / VERSIONS_DIR / "v1"))
         rng = random.Random(s.model.seed)
         prompts = [[rng.randrange(s.model.vocab) for _ in range(s.prompt_tokens)]
                    for _ in range(16)]

@@ -38,11 +38,11 @@ store="s3://models/moe-demo"
 echo "store: $store at $AWS_ENDPOINT_URL"
 
 step "Generating a small Mixtral-style MoE model (bf16) and its next versions"
-python scripts/modelgen.py moe "$work/v1" --layers 4 --experts 8 --hidden 256 --ffn 512 --vocab 4000
-python scripts/modelgen.py train-experts "$work/v1" "$work/v2" --expert 1:3 --expert 2:6
-python scripts/modelgen.py diverge "$work/v2" "$work/v3" \
+python -m devtools.modelgen moe "$work/v1" --layers 4 --experts 8 --hidden 256 --ffn 512 --vocab 4000
+python -m devtools.modelgen train-experts "$work/v1" "$work/v2" --expert 1:3 --expert 2:6
+python -m devtools.modelgen diverge "$work/v2" "$work/v3" \
     --tensor model.layers.2.block_sparse_moe.gate.weight  # a training run that diverged
-python scripts/modelgen.py finetune "$work/v2" "$work/v4"
+python -m devtools.modelgen finetune "$work/v2" "$work/v4"
 deltaship-publish inspect "$work/v1" >"$work/groups.txt"
 head -8 "$work/groups.txt"
 echo "  ..."
@@ -73,7 +73,7 @@ print(json.dumps(json.load(u.urlopen(u.Request(sys.argv[1], data=sys.argv[2].enc
 echo "POST /v1/forward {\"tokens\": [1, 2, 3]} -> $(curl_json "http://127.0.0.1:$sport/v1/forward" '{"tokens": [1, 2, 3]}')"
 
 step "8 clients send requests for the rest of the demo; the agent runs as a service"
-python scripts/loadgen.py "http://127.0.0.1:$sport" --clients 8 --summary "$work/load.json" \
+python -m devtools.loadgen "http://127.0.0.1:$sport" --clients 8 --summary "$work/load.json" \
     >"$work/load.out" 2>&1 &
 load_pid=$!
 pids+=($load_pid)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from serveproc import ServeProcess
+from devtools.serveproc import ServeProcess
 
 from .conftest import Cli
 

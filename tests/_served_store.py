@@ -1,6 +1,6 @@
 """A store directory served over plain HTTP to real agent processes (tests only).
 
-:class:`ServedStore` runs a :class:`tests._faulty_http.FaultyServer` on its own event loop in a
+:class:`ServedStore` runs a :class:`devtools.faulty_http.FaultyServer` on its own event loop in a
 daemon thread, so that tests can start ``deltaship-agent`` subprocesses against it while they
 keep reading the server's request log. In front of the server sits :class:`WireCounter`, a
 TCP proxy that counts every byte in both directions (headers included) and every connection:
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests._faulty_http import Faults, FaultyServer, Served
+from devtools.faulty_http import Faults, FaultyServer, Served
 
 T = TypeVar("T")
 

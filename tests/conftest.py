@@ -17,10 +17,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import modelgen  # noqa: E402
+from devtools import modelgen
 
 BIN = Path(sys.executable).parent
 logging.getLogger("werkzeug").setLevel(logging.WARNING)

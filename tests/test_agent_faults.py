@@ -6,7 +6,7 @@
 * SIGKILL at seeded random instants of ``deltaship-agent run --once`` (download, apply, switch,
   clean-up), the crash invariants checked from outside right after every kill, then a restart
   that must end on the complete, verified release.
-* A fault-injecting HTTP server (:mod:`tests._faulty_http`): 500s, 503 + Retry-After, resets
+* A fault-injecting HTTP server (:mod:`devtools.faulty_http`): 500s, 503 + Retry-After, resets
   and truncations mid-body, Range ignored, and a server that never recovers.
 * A full disk: a small tmpfs (as root, or in a user namespace), the pre-download free-space
   check and a real ENOSPC in the middle of a download.
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import modelgen
 import pytest
 
+from devtools import modelgen
+from devtools.faulty_http import Faults, Served
 from tests._agent_checks import (
     BIN,
     Dev,
@@ -46,7 +47,6 @@ from tests._agent_checks import (
     leftovers,
     store_releases,
 )
-from tests._faulty_http import Faults, Served
 from tests._served_store import ServedStore
 
 from .conftest import MoEFamily

@@ -1,4 +1,4 @@
-"""In-process hot-swap (edge_agent/hotswap.py) and the float32 helpers (edge_agent/dtypes.py).
+"""In-process hot-swap (edge_agent/serving/live.py, weights.py) and the float32 helpers (dtypes.py).
 
 Versions are built on disk by the agent's own DeviceLayout (objects, hard-linked version
 directories, atomic switch of ``current``), with data that encodes the version that last changed
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.dtypes import to_float32
-from edge_agent.hotswap import LiveModel, Tensor, Weights, map_group, read_group
 from edge_agent.layout import DeviceLayout
+from edge_agent.serving import LiveModel, Tensor, Weights, map_group, read_group, to_float32
+from manifest.constants import WEIGHT_INDEX_FILE
 from manifest.errors import ModelError
 from manifest.metadata import GroupEntry, ObjectRef, ReleaseIndex, TensorEntry
 from manifest.safetensors_format import SafetensorsFile, build_header
@@ -220,7 +220,7 @@ def _missing(agent: FakeAgent) -> str:
 
 def _bad_index(agent: FakeAgent) -> str:
     version = agent.release(7, lambda g: group_file(g, 7))
-    index = agent.layout.version_dir(version) / "model.safetensors.index.json"
+    index = agent.layout.version_dir(version) / WEIGHT_INDEX_FILE
     doc = json.loads(index.read_text())
     doc["weight_map"]["model.lm_head.extra"] = "lm_head.safetensors"
     index.write_text(json.dumps(doc))
@@ -237,7 +237,7 @@ def test_broken_version_keeps_the_old_snapshot(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broken = breaks(agent)
-    caplog.set_level(logging.INFO, logger="edge_agent.hotswap")
+    caplog.set_level(logging.INFO, logger="edge_agent.serving.live")
     with LiveModel.open(agent.layout.root, poll_interval=0.02) as live:
         agent.switch(broken)
         wait_for(lambda: live.last_error is not None)

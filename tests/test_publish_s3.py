@@ -112,7 +112,7 @@ def test_release_story(cli: Cli, bucket: str, release_key: Path, moe_family: MoE
 
 def test_f32_checkpoint_loads_with_official_library(cli: Cli, bucket: str, release_key: Path,
                                                      tmp_path: Path) -> None:
-    import modelgen
+    from devtools import modelgen
 
     cfg = modelgen.MoEConfig(layers=1, experts=2, hidden=32, ffn=64, vocab=64, dtype="F32",
                              shards=2)
@@ -172,7 +172,7 @@ def test_revert(cli: Cli, bucket: str, release_key: Path, moe_family: MoEFamily,
 
 def test_concurrent_releases_exactly_one_wins(cli: Cli, bucket: str, release_key: Path,
                                               moe_family: MoEFamily, tmp_path: Path) -> None:
-    import modelgen
+    from devtools import modelgen
 
     store_url = f"s3://{bucket}/race"
     cli.publish("init", "--store", store_url, "--key", release_key)

@@ -1,4 +1,4 @@
-"""The strict safetensors reader and the canonical header writer (manifest/safetensors_format.py).
+"""The strict safetensors reader and the canonical writer (manifest/safetensors_format.py).
 
 Table-driven malformed files, one row per class of problem, each of which must raise a
 SafetensorsError naming the file and the problem; then property tests against the official
@@ -29,6 +29,7 @@ from manifest.safetensors_format import (
     SafetensorsFile,
     build_header,
     parse_header,
+    write_safetensors,
 )
 
 from ._st_helpers import NUMPY_DTYPES, entry, random_array, raw_file, write_raw_tensors
@@ -380,3 +381,55 @@ def test_dtype_widths_match_official_dtype_names(tmp_path: Path) -> None:
         write_raw_tensors(str(path), [("t", dtype, (3,), bytes(3 * width))])
         with safe_open(str(path), framework="numpy") as ref:
             assert ref.get_slice("t").get_dtype() == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# write_safetensors: round trip through our reader and the official library, any chunking
+
+any_tensors = st.dictionaries(
+    names, st.tuples(st.sampled_from(sorted(DTYPE_WIDTHS)), shapes), min_size=0, max_size=6
+)
+
+
+@PROPS
+@given(any_tensors, metadatas, st.data())
+def test_write_safetensors_round_trip(
+    spec: dict[str, tuple[str, tuple[int, ...]]], metadata: dict[str, str] | None,
+    data: st.DataObject,
+) -> None:
+    expected: dict[str, bytes] = {}
+    tensors: list[tuple[str, str, tuple[int, ...], Any]] = []
+    for name, (dtype, shape) in spec.items():
+        n = DTYPE_WIDTHS[dtype] * int(np.prod(shape))
+        raw = expected[name] = data.draw(st.binary(min_size=n, max_size=n))
+        cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=3)))
+        chunks = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
+        # the bytes at once, or streamed as chunks (empty ones included)
+        tensors.append((name, dtype, shape, raw if data.draw(st.booleans()) else iter(chunks)))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "written.safetensors")
+        infos = write_safetensors(path, tensors, metadata)
+        prefix, again = build_header(((n, dt, sh) for n, dt, sh, _ in tensors), metadata)
+        with open(path, "rb") as fh:
+            assert fh.read() == prefix + b"".join(expected[n] for n, *_ in tensors)
+        assert infos == again
+        with SafetensorsFile(path) as f:
+            assert f.metadata == (metadata or {})
+            assert sorted((t.name, t.dtype, t.shape) for t in f.tensors.values()) == sorted(
+                (n, dt, sh) for n, dt, sh, _ in tensors)
+            for name, t in f.tensors.items():
+                assert f.read(t) == expected[name]
+        with safe_open(path, framework="numpy") as ref:
+            assert (ref.metadata() or {}) == (metadata or {})
+            assert sorted(ref.keys()) == sorted(spec)
+        assert os.listdir(d) == ["written.safetensors"]
+
+
+@pytest.mark.parametrize("data", [b"\0" * 7, [b"\0" * 4, b"\0" * 5], [b"\0" * 8, b"\0"]],
+                         ids=["short", "long", "extra chunk"])
+def test_write_safetensors_refuses_data_of_the_wrong_length(tmp_path: Path, data: Any) -> None:
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match=r"tensor 't': F32 \[2\] takes 8 bytes, its data has"):
+        write_safetensors(path, [("t", "F32", (2,), data)])
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["t.safetensors"]

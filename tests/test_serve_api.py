@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.serve import load_reference
+from devtools import modelgen
+from edge_agent.serving.server import load_reference
 
 from ._model_server import ModelServer, serving
-from .conftest import BIN, Cli, MoEFamily, modelgen
+from .conftest import BIN, Cli, MoEFamily
 from .test_agent_e2e import Device, _release
 
 

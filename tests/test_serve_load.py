@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from loadgen import Load
 
-from edge_agent.layout import DeviceLayout
-from edge_agent.serve import load_reference
+from devtools import modelgen
+from devtools.loadgen import Load
+from edge_agent.layout import CURRENT_LINK, VERSIONS_DIR, DeviceLayout
+from edge_agent.serving.server import load_reference
+from manifest.constants import WEIGHT_INDEX_FILE
 
 from ._model_server import ModelServer, is_subsequence, serving
-from .conftest import Cli, modelgen
+from .conftest import Cli
 from .test_agent_e2e import Device, _release
 
 # 32 busy clients: keep the timing-calibrated SIGKILL trials off this worker (scripts/test.sh
@@ -51,8 +53,8 @@ def _sha(p: Path) -> str:
 
 def _changed_groups(model_dir: Path, a: str, b: str) -> list[str]:
     """Group files whose bytes differ between two retained versions (hashed, not by inode)."""
-    va, vb = model_dir / "versions" / a, model_dir / "versions" / b
-    files = set(json.loads((vb / "model.safetensors.index.json").read_text())["weight_map"]
+    va, vb = model_dir / VERSIONS_DIR / a, model_dir / VERSIONS_DIR / b
+    files = set(json.loads((vb / WEIGHT_INDEX_FILE).read_text())["weight_map"]
                 .values())
     return sorted(f for f in files if _sha(va / f) != _sha(vb / f))
 
@@ -174,10 +176,11 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
             ours.wait_version(v)
         time.sleep(0.5)
         rss_at_end = ours.stats()["rss_bytes"]
-    model_bytes = sum(f.stat().st_size for f in (dev.model_dir / "current").glob("*.safetensors"))
+    live = dev.model_dir / CURRENT_LINK
+    model_bytes = sum(f.stat().st_size for f in live.glob("*.safetensors"))
     copy = model_bytes + full_private  # mapped bf16 files + their float32 conversion
     changed = _changed_groups(dev.model_dir, "v1", "v2")
-    changed_bytes = sum((dev.model_dir / "current" / f).stat().st_size for f in changed)
+    changed_bytes = sum((live / f).stat().st_size for f in changed)
     assert swap["groups_loaded"] == changed and len(changed) == 4  # 2 experts + 2 routers
     groups = _group_files(dev)
     assert sorted(f for v, f in mapped) == groups  # each group mapped once
@@ -197,7 +200,7 @@ def test_a_two_expert_swap_costs_two_experts_of_memory_not_a_second_model(
 
 def _mapped(server: ModelServer, model_dir: Path) -> list[tuple[str, str]]:
     """(version, group file) of every file of the model directory the server has mapped."""
-    prefix = str(model_dir / "versions") + "/"
+    prefix = str(model_dir / VERSIONS_DIR) + "/"
     found = set()
     for line in Path(f"/proc/{server.proc.pid}/maps").read_text().splitlines():
         path = line.split(maxsplit=5)[-1] if len(line.split()) >= 6 else ""
@@ -208,7 +211,7 @@ def _mapped(server: ModelServer, model_dir: Path) -> list[tuple[str, str]]:
 
 
 def _group_files(dev: Device) -> list[str]:
-    index = json.loads((dev.live / "model.safetensors.index.json").read_text())
+    index = json.loads((dev.live / WEIGHT_INDEX_FILE).read_text())
     return sorted(set(index["weight_map"].values()))
 
 

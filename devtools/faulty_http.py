@@ -1,4 +1,4 @@
-"""A real HTTP server over a store directory that fails on demand (tests only).
+"""A real HTTP server over a store directory that fails on demand (tests and benchmarks).
 
 ``FaultyServer(root, prefix)`` serves ``root/<key>`` at ``/<prefix>/<key>`` on 127.0.0.1 with a
 strong ETag (the file's sha256), If-None-Match (304) and one ``bytes=N-`` or ``bytes=N-M`` range
