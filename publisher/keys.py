@@ -14,12 +14,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from manifest.errors import AlreadyExistsError, KeyFileError
+from manifest.errors import AlreadyExistsError, KeyFileError, TrustError
+from manifest.metadata import Root
 from manifest.signing import PublicKey, SigningKey
 
-__all__ = ["generate_key_files", "load_public_key", "load_signing_key"]
+__all__ = [
+    "check_signers",
+    "generate_key_files",
+    "load_public_key",
+    "load_signing_key",
+    "load_signing_keys",
+]
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -100,3 +108,29 @@ def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
     if len(public) != 32:
         raise KeyFileError(f"{path}: the public key must be 32 bytes")
     return PublicKey(public, str(doc.get("name", "")))
+
+
+def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
+    """The keys given with ``--key`` (at least one)."""
+    if not paths:
+        raise KeyFileError("no signing key given: pass --key FILE (made by `keygen`)")
+    return [load_signing_key(p) for p in paths]
+
+
+def check_signers(
+    root: Root, keys: Sequence[SigningKey], role_name: str, paths: Sequence[Path]
+) -> None:
+    """Check that ``keys`` (read from ``paths``) can sign for ``role_name``: all listed in the
+    trust root's role, and enough of them for its threshold."""
+    role = root.roles[role_name]
+    for key, path in zip(keys, paths, strict=True):
+        if key.keyid not in role.keyids:
+            raise TrustError(
+                f"key {path} (id {key.keyid[:16]}) is not one of the trust root's {role_name!r} "
+                "keys: use a key the store was initialised with"
+            )
+    if len({k.keyid for k in keys}) < role.threshold:
+        raise TrustError(
+            f"the trust root needs {role.threshold} {role_name!r} signatures; "
+            f"{len(keys)} key(s) given: pass more --key options"
+        )
