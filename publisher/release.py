@@ -22,6 +22,7 @@ the start (a concurrent release makes exactly one of them fail), then the releas
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -123,7 +124,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
         if not cfg.dry_run:
             uploads = objects_to_upload(chosen, files)
             uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
-            publish(repo, state, version, signed_index, keys, now + cfg.manifest_expires)
+            publish(repo, state, version, signed_index, keys, now, cfg.manifest_expires)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     timings = Timings(time.monotonic() - t0, encode_seconds)
@@ -134,13 +135,13 @@ def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreS
     """The verified store; refuses a ``version`` it already holds before reading any base."""
     manifest, etag = repo.manifest()
     records = tuple(repo.releases())
-    state = StoreState(repo.store.url, repo.root(), manifest, etag, records, ())
+    state = StoreState(repo.store.url, repo.root(), manifest, etag, records, bases=())
     if state.has_version(version):
         raise AlreadyExistsError(
             f"version {version!r} is already released to {state.url}: pick a new version"
         )
     bases = tuple(repo.index(p) for p in base_pointers(manifest, records, deltas_from))
-    return StoreState(state.url, state.root, manifest, etag, records, bases)
+    return dataclasses.replace(state, bases=bases)
 
 
 def hash_model_groups(
@@ -235,14 +236,13 @@ def upload(
 
 def publish(
     repo: Repository, state: StoreState, version: str, signed_index: bytes,
-    keys: Sequence[SigningKey], expires: datetime,
+    keys: Sequence[SigningKey], now: datetime, expires: timedelta,
 ) -> None:
     """Write the index object, then make it current, then record it (see the module doc)."""
-    now = repo.now
     index_ref = ObjectRef(hashlib.sha256(signed_index).hexdigest(), len(signed_index), "json")
     repo.store.put(index_ref.key, signed_index)
     manifest = Manifest(
-        state.next_sequence, expires, now, ReleasePointer(version, index_ref), "release"
+        state.next_sequence, now + expires, now, ReleasePointer(version, index_ref), "release"
     )
     repo.put_manifest(sign_document(manifest.to_dict(), list(keys)), state.etag)
     repo.put_release(ReleaseRecord(version, state.next_sequence, now, index_ref))
