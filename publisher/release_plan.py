@@ -2,7 +2,8 @@
 
 ::
 
-    StoreState, hashed groups  --plan_encoding-->   EncodePlan  (reuse what a base holds,
+    manifest, records          --base_pointers-->   the releases patches start from
+    hashed groups, bases       --plan_encoding-->   EncodePlan  (reuse what a base holds,
                                                                  encode the rest)
     EncodePlan, encode results --choose_objects-->  ChosenObjects (a patch only if smaller
                                                                    than the full object)
