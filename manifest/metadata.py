@@ -1,22 +1,38 @@
-"""Typed signed documents: the trust root, the manifest and the release index.
+"""Typed documents: the trust root, the manifest, the release index and the release pointer.
 
 Each class validates in ``from_dict`` and serialises with ``to_dict``; fields this version does
 not know are kept in ``unrecognized`` and written back, so newer publishers can add fields that
-older devices tolerate. Every signed document carries ``_type`` and ``spec_version``. The wire
-form is an envelope ``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``; see
-docs/FORMAT.md.
+older devices tolerate. Every document carries ``_type`` and ``spec_version``. The signed ones
+travel in an envelope ``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``; the
+release pointer (``releases/<version>.json``) is unsigned canonical JSON. See docs/FORMAT.md.
+
+The entries of an index (:mod:`manifest.entries`) and the field rules (times, names, versions)
+are re-exported here, so ``from manifest.metadata import X`` reaches every format class.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any
 
-from .constants import WEIGHT_INDEX_FILE, object_key
-from .errors import FormatError, UnsafeNameError
+from ._fields import (
+    HEX64,
+    SPEC_VERSION,
+    FieldReader,
+    check_file_path,
+    check_group_name,
+    check_header,
+    check_version,
+    format_time,
+    parse_list,
+    parse_time,
+)
+from .canonical import canonical_json, loads_object
+from .constants import WEIGHT_INDEX_FILE
+from .entries import FileEntry, GroupEntry, ObjectRef, PatchRef, TensorEntry
+from .errors import FormatError, OversizeError, UnsafeNameError
 from .signing import PublicKey
 
 __all__ = [
@@ -28,264 +44,16 @@ __all__ = [
     "PatchRef",
     "ReleaseIndex",
     "ReleasePointer",
+    "ReleaseRecord",
     "Role",
     "Root",
     "TensorEntry",
     "check_file_path",
     "check_group_name",
+    "check_version",
     "format_time",
     "parse_time",
 ]
-
-SPEC_VERSION = 1
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
-_HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
-_GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
-_PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}\Z")
-_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
-
-T = TypeVar("T")
-
-
-def format_time(t: datetime) -> str:
-    return t.astimezone(UTC).strftime(_TIME_FORMAT)
-
-
-def parse_time(s: object, where: str) -> datetime:
-    if not isinstance(s, str):
-        raise FormatError(f"{where} must be a time string like 2026-01-31T12:00:00Z")
-    try:
-        return datetime.strptime(s, _TIME_FORMAT).replace(tzinfo=UTC)
-    except ValueError as e:
-        raise FormatError(f"{where} is not a time like 2026-01-31T12:00:00Z: {s!r}") from e
-
-
-def check_group_name(name: str) -> str:
-    """Group names become file names on devices: a conservative alphabet, no dot-dot."""
-    if not isinstance(name, str) or not _GROUP_NAME.match(name) or ".." in name:
-        raise UnsafeNameError(f"unsafe group name {name!r}")
-    return name
-
-
-def check_file_path(path: str) -> str:
-    """A relative POSIX path that cannot escape the model directory."""
-    if not isinstance(path, str) or not path or len(path) > 1024 or path.startswith("/"):
-        raise UnsafeNameError(f"unsafe file name {path!r}")
-    for part in path.split("/"):
-        if part in ("", ".", "..") or not _PATH_PART.match(part):
-            raise UnsafeNameError(f"unsafe file name {path!r}")
-    return path
-
-
-def check_version(v: object, where: str = "version") -> str:
-    if not isinstance(v, str) or not _VERSION.match(v):
-        raise FormatError(
-            f"{where} {v!r} is not a valid version (letters, digits, '.', '_', '+', '-')"
-        )
-    return v
-
-
-class _Reader:
-    """Pops typed fields from a dict; what is left over is ``unrecognized``."""
-
-    def __init__(self, d: object, where: str) -> None:
-        if not isinstance(d, dict):
-            raise FormatError(f"{where} must be a JSON object")
-        self.d: dict[str, Any] = dict(d)
-        self.where = where
-
-    def get(self, key: str, kind: type[T] | tuple[type, ...]) -> Any:
-        if key not in self.d:
-            raise FormatError(f"{self.where}: missing field {key!r}")
-        v = self.d.pop(key)
-        if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
-            raise FormatError(f"{self.where}.{key} has the wrong type")
-        return v
-
-    def count(self, key: str) -> int:
-        v: int = self.get(key, int)
-        if v < 0:
-            raise FormatError(f"{self.where}.{key} must not be negative")
-        return v
-
-    def sha256(self, key: str = "sha256") -> str:
-        v: str = self.get(key, str)
-        if not _HEX64.match(v):
-            raise FormatError(f"{self.where}.{key} is not a lowercase hex sha256")
-        return v
-
-    def optional(self, key: str, default: Any) -> Any:
-        return self.d.pop(key, default)
-
-    def rest(self) -> dict[str, Any]:
-        return self.d
-
-
-def _check_header(r: _Reader, type_name: str) -> None:
-    t = r.get("_type", str)
-    if t != type_name:
-        raise FormatError(f"{r.where} has _type {t!r}, expected {type_name!r}")
-    v = r.get("spec_version", int)
-    if v != SPEC_VERSION:
-        raise FormatError(
-            f"{r.where} has spec_version {v}; this deltaship understands {SPEC_VERSION}: upgrade"
-        )
-
-
-def _list(value: Any, where: str, parse: Callable[[Any, str], T]) -> list[T]:
-    if not isinstance(value, list):
-        raise FormatError(f"{where} must be a list")
-    return [parse(v, f"{where}[{i}]") for i, v in enumerate(value)]
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """A content-addressed object in the store: key ``objects/<sha256>``."""
-
-    sha256: str
-    length: int
-    encoding: str  # "dspatch" (a patch container) or "zstd" (one zstd frame)
-    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def key(self) -> str:
-        return object_key(self.sha256)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> ObjectRef:
-        r = _Reader(d, where)
-        enc = r.get("encoding", str)
-        if enc not in ("dspatch", "zstd"):
-            raise FormatError(f"{where}.encoding {enc!r} is unknown")
-        return cls(r.sha256(), r.count("length"), enc, r.rest())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.unrecognized, "sha256": self.sha256, "length": self.length,
-                "encoding": self.encoding}
-
-
-@dataclass(frozen=True)
-class PatchRef:
-    """A patch turning the group content ``base_sha256`` (from ``base_version``) into this one."""
-
-    base_version: str
-    base_sha256: str
-    object: ObjectRef
-    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> PatchRef:
-        r = _Reader(d, where)
-        return cls(
-            check_version(r.get("base_version", str), f"{where}.base_version"),
-            r.sha256("base_sha256"),
-            ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
-            r.rest(),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.unrecognized,
-            "base_version": self.base_version,
-            "base_sha256": self.base_sha256,
-            "object": self.object.to_dict(),
-        }
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> TensorEntry:
-        r = _Reader(d, where)
-        shape = r.get("shape", list)
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
-            raise FormatError(f"{where}.shape must be a list of non-negative integers")
-        return cls(r.get("name", str), r.get("dtype", str), tuple(shape), r.rest())
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.unrecognized, "name": self.name, "dtype": self.dtype,
-                "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class GroupEntry:
-    """One group: its canonical safetensors file, how to get it in full, and patches to it."""
-
-    name: str
-    file: str
-    sha256: str
-    length: int
-    tensors: tuple[TensorEntry, ...]
-    full: ObjectRef
-    patches: tuple[PatchRef, ...] = ()
-    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> GroupEntry:
-        r = _Reader(d, where)
-        name = check_group_name(r.get("name", str))
-        file = check_file_path(r.get("file", str))
-        if file != f"{name}.safetensors":
-            raise UnsafeNameError(f"{where}: group {name!r} has file {file!r}")
-        return cls(
-            name,
-            file,
-            r.sha256(),
-            r.count("length"),
-            tuple(_list(r.get("tensors", list), f"{where}.tensors", TensorEntry.from_dict)),
-            ObjectRef.from_dict(r.get("full", dict), f"{where}.full"),
-            tuple(_list(r.optional("patches", []), f"{where}.patches", PatchRef.from_dict)),
-            r.rest(),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.unrecognized,
-            "name": self.name,
-            "file": self.file,
-            "sha256": self.sha256,
-            "length": self.length,
-            "tensors": [t.to_dict() for t in self.tensors],
-            "full": self.full.to_dict(),
-            "patches": [p.to_dict() for p in self.patches],
-        }
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A non-tensor file of the model (config.json, tokenizer files, ...), shipped whole."""
-
-    path: str
-    sha256: str
-    length: int
-    object: ObjectRef
-    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> FileEntry:
-        r = _Reader(d, where)
-        return cls(
-            check_file_path(r.get("path", str)),
-            r.sha256(),
-            r.count("length"),
-            ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
-            r.rest(),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            **self.unrecognized,
-            "path": self.path,
-            "sha256": self.sha256,
-            "length": self.length,
-            "object": self.object.to_dict(),
-        }
 
 
 @dataclass(frozen=True)
@@ -303,15 +71,15 @@ class ReleaseIndex:
 
     @classmethod
     def from_dict(cls, d: Any) -> ReleaseIndex:
-        r = _Reader(d, "release index")
-        _check_header(r, cls.TYPE)
+        r = FieldReader(d, "release index")
+        check_header(r, cls.TYPE)
         version = check_version(r.get("version", str))
         released_at = parse_time(r.get("released_at", str), "release index released_at")
-        groups = tuple(_list(r.get("groups", list), "groups", GroupEntry.from_dict))
-        files = tuple(_list(r.get("files", list), "files", FileEntry.from_dict))
+        groups = tuple(parse_list(r.get("groups", list), "groups", GroupEntry.from_dict))
+        files = tuple(parse_list(r.get("files", list), "files", FileEntry.from_dict))
         deltas_from = tuple(
             check_version(v, "deltas_from")
-            for v in _list(r.optional("deltas_from", []), "deltas_from", lambda v, w: v)
+            for v in parse_list(r.optional("deltas_from", []), "deltas_from", lambda v, w: v)
         )
         names = [g.name for g in groups]
         if len(set(names)) != len(names):
@@ -355,25 +123,88 @@ class ReleaseIndex:
         return sum(g.length for g in self.groups)
 
 
+def _index_ref(d: Any, where: str) -> ObjectRef:
+    """``{"sha256", "length"}`` of a release index object (its encoding is implicitly JSON)."""
+    r = FieldReader(d, where)
+    return ObjectRef(r.sha256(), r.count("length"), "json", r.rest())
+
+
+def _index_dict(ref: ObjectRef) -> dict[str, Any]:
+    return {**ref.unrecognized, "sha256": ref.sha256, "length": ref.length}
+
+
 @dataclass(frozen=True)
 class ReleasePointer:
-    """The current release named by a manifest: a version and its index object."""
+    """A version and its release index object: what a manifest names as current."""
 
     version: str
     index: ObjectRef
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> ReleasePointer:
-        r = _Reader(d, where)
+        r = FieldReader(d, where)
         version = check_version(r.get("version", str), f"{where}.version")
-        ir = _Reader(r.get("index", dict), f"{where}.index")
-        return cls(version, ObjectRef(ir.sha256(), ir.count("length"), "json"))
+        return cls(version, _index_ref(r.get("index", dict), f"{where}.index"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "index": _index_dict(self.index)}
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """``releases/<version>.json`` (``_type: deltaship.release-pointer``, docs/FORMAT.md §9).
+
+    When a version was released (at which manifest sequence) and where its index is. Unsigned
+    canonical JSON: only the publisher reads it, to list releases and find their indexes, and it
+    verifies every index it names before use. Devices never read it.
+    """
+
+    TYPE = "deltaship.release-pointer"
+    MAX_SIZE = 64 * 1024
+
+    version: str
+    sequence: int
+    released_at: datetime
+    index: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def pointer(self) -> ReleasePointer:
+        return ReleasePointer(self.version, self.index)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "release pointer") -> ReleaseRecord:
+        r = FieldReader(d, where)
+        check_header(r, cls.TYPE)
+        return cls(
+            check_version(r.get("version", str), f"{where}.version"),
+            r.count("sequence"),
+            parse_time(r.get("released_at", str), f"{where} released_at"),
+            _index_ref(r.get("index", dict), f"{where}.index"),
+            r.rest(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.unrecognized,
+            "_type": self.TYPE,
+            "spec_version": SPEC_VERSION,
             "version": self.version,
-            "index": {"sha256": self.index.sha256, "length": self.index.length},
+            "sequence": self.sequence,
+            "released_at": format_time(self.released_at),
+            "index": _index_dict(self.index),
         }
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> ReleaseRecord:
+        """Parse the stored form; ``where`` (its key) names it in errors."""
+        if len(data) > cls.MAX_SIZE:
+            raise OversizeError(f"{where} is {len(data)} bytes, over its {cls.MAX_SIZE}-byte cap")
+        return cls.from_dict(loads_object(data, where), where)
+
+    def to_bytes(self) -> bytes:
+        """The stored form: canonical JSON."""
+        return canonical_json(self.to_dict())
 
 
 def _action(v: Any) -> str:
@@ -397,8 +228,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
-        r = _Reader(d, "manifest")
-        _check_header(r, cls.TYPE)
+        r = FieldReader(d, "manifest")
+        check_header(r, cls.TYPE)
         return cls(
             r.count("sequence"),
             parse_time(r.get("expires", str), "manifest expires"),
@@ -428,8 +259,8 @@ class Role:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Role:
-        r = _Reader(d, where)
-        keyids = tuple(_list(r.get("keyids", list), f"{where}.keyids", _keyid))
+        r = FieldReader(d, where)
+        keyids = tuple(parse_list(r.get("keyids", list), f"{where}.keyids", _keyid))
         threshold = r.count("threshold")
         if threshold < 1 or threshold > len(set(keyids)):
             raise FormatError(f"{where}: threshold {threshold} is not between 1 and its keys")
@@ -440,7 +271,7 @@ class Role:
 
 
 def _keyid(v: Any, where: str) -> str:
-    if not isinstance(v, str) or not _HEX64.match(v):
+    if not isinstance(v, str) or not HEX64.match(v):
         raise FormatError(f"{where} is not a key id")
     return v
 
@@ -464,13 +295,13 @@ class Root:
 
     @classmethod
     def from_dict(cls, d: Any) -> Root:
-        r = _Reader(d, "root")
-        _check_header(r, cls.TYPE)
+        r = FieldReader(d, "root")
+        check_header(r, cls.TYPE)
         version = r.count("version")
         expires = parse_time(r.get("expires", str), "root expires")
         keys: dict[str, PublicKey] = {}
         for kid, kd in r.get("keys", dict).items():
-            kr = _Reader(kd, f"root.keys.{kid}")
+            kr = FieldReader(kd, f"root.keys.{kid}")
             if kr.get("scheme", str) != "ed25519":
                 raise FormatError(f"root key {kid} uses an unknown scheme")
             try:

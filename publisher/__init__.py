@@ -1,5 +1,7 @@
 """The publisher: turns model versions into signed, per-group delta releases in a store."""
 
-from .release import ReleaseConfig, ReleaseSummary, init_store, release, revert
+from .admin import history, init_store, revert
+from .release import ReleaseConfig, release
+from .summary import ReleaseSummary
 
-__all__ = ["ReleaseConfig", "ReleaseSummary", "init_store", "release", "revert"]
+__all__ = ["ReleaseConfig", "ReleaseSummary", "history", "init_store", "release", "revert"]

@@ -18,11 +18,13 @@ import click
 from manifest.cli_errors import exit_on_errors
 from manifest.stores import StoreOptions
 
+from .admin import history, init_store, revert
 from .grouping import assign_groups, parse_pattern
 from .keys import generate_key_files
 from .model_dir import open_model
 from .progress import human_bytes
-from .release import ReleaseConfig, ReleaseSummary, history, init_store, release, revert
+from .release import ReleaseConfig, release
+from .summary import ReleaseSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 

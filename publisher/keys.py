@@ -14,12 +14,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from manifest.errors import AlreadyExistsError, KeyFileError
+from manifest.errors import AlreadyExistsError, KeyFileError, TrustError
+from manifest.metadata import Root
 from manifest.signing import PublicKey, SigningKey
 
-__all__ = ["generate_key_files", "load_public_key", "load_signing_key"]
+__all__ = [
+    "check_signers",
+    "generate_key_files",
+    "load_public_key",
+    "load_signing_key",
+    "load_signing_keys",
+]
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -70,18 +78,23 @@ def _read(path: str | os.PathLike[str], what: str) -> dict[str, object]:
     return doc
 
 
+def _key_bytes(path: str | os.PathLike[str], value: object, what: str) -> bytes:
+    """32 bytes written in hex (an ed25519 seed or public key)."""
+    try:
+        raw = bytes.fromhex(str(value))
+    except ValueError as e:
+        raise KeyFileError(f"{path}: {what} is not hex") from e
+    if len(raw) != 32:
+        raise KeyFileError(f"{path}: {what} must be 32 bytes")
+    return raw
+
+
 def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
     doc = _read(path, "private key")
     if doc.get("_type") != "deltaship.private-key" or not isinstance(doc.get("seed"), str):
         hint = " (that is the public half: pass the .key file)" if "public" in doc else ""
         raise KeyFileError(f"{path} is not a deltaship private key{hint}")
-    try:
-        seed = bytes.fromhex(str(doc["seed"]))
-    except ValueError as e:
-        raise KeyFileError(f"{path}: the seed is not hex") from e
-    if len(seed) != 32:
-        raise KeyFileError(f"{path}: the seed must be 32 bytes")
-    key = SigningKey(seed, str(doc.get("name", "")))
+    key = SigningKey(_key_bytes(path, doc["seed"], "the seed"), str(doc.get("name", "")))
     if doc.get("keyid") not in (None, key.keyid):
         raise KeyFileError(f"{path}: its keyid does not match its seed (corrupted file?)")
     return key
@@ -93,10 +106,30 @@ def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
         return load_signing_key(path).public_key
     if doc.get("_type") != "deltaship.public-key" or not isinstance(doc.get("public"), str):
         raise KeyFileError(f"{path} is not a deltaship public key")
-    try:
-        public = bytes.fromhex(str(doc["public"]))
-    except ValueError as e:
-        raise KeyFileError(f"{path}: the public key is not hex") from e
-    if len(public) != 32:
-        raise KeyFileError(f"{path}: the public key must be 32 bytes")
-    return PublicKey(public, str(doc.get("name", "")))
+    return PublicKey(_key_bytes(path, doc["public"], "the public key"), str(doc.get("name", "")))
+
+
+def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
+    """The keys given with ``--key`` (at least one)."""
+    if not paths:
+        raise KeyFileError("no signing key given: pass --key FILE (made by `keygen`)")
+    return [load_signing_key(p) for p in paths]
+
+
+def check_signers(
+    root: Root, keys: Sequence[SigningKey], role_name: str, paths: Sequence[Path]
+) -> None:
+    """Check that ``keys`` (read from ``paths``) can sign for ``role_name``: all listed in the
+    trust root's role, and enough of them for its threshold."""
+    role = root.roles[role_name]
+    for key, path in zip(keys, paths, strict=True):
+        if key.keyid not in role.keyids:
+            raise TrustError(
+                f"key {path} (id {key.keyid[:16]}) is not one of the trust root's {role_name!r} "
+                "keys: use a key the store was initialised with"
+            )
+    if len({k.keyid for k in keys}) < role.threshold:
+        raise TrustError(
+            f"the trust root needs {role.threshold} {role_name!r} signatures; "
+            f"{len(keys)} key(s) given: pass more --key options"
+        )

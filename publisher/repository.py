@@ -1,7 +1,9 @@
 """The publisher's view of a store: verified root, manifest, release history and base groups.
 
 Everything read back from the store is verified with :mod:`manifest.trust` before it is used,
-exactly as a device would, so a publisher never builds on tampered content.
+exactly as a device would, so a publisher never builds on tampered content. The documents the
+publisher writes go through here too, so every store key comes from :mod:`manifest.constants`
+or :attr:`ObjectRef.key <manifest.metadata.ObjectRef.key>`.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-from manifest.canonical import canonical_json, loads_object
+from manifest.constants import MANIFEST_KEY, RELEASES_PREFIX, ROOT_KEY, release_pointer_key
 from manifest.container import apply_container
 from manifest.errors import (
+    AlreadyExistsError,
+    ConflictError,
     FormatError,
     HashMismatchError,
     MissingKeyError,
@@ -29,10 +31,9 @@ from manifest.metadata import (
     ObjectRef,
     ReleaseIndex,
     ReleasePointer,
+    ReleaseRecord,
     Root,
     check_version,
-    format_time,
-    parse_time,
 )
 from manifest.stores import Store
 from manifest.trust import (
@@ -44,48 +45,10 @@ from manifest.trust import (
     verify_root,
 )
 
-__all__ = ["MANIFEST_KEY", "ROOT_KEY", "ReleaseRecord", "Repository"]
+__all__ = ["Repository"]
 
-ROOT_KEY = "root.json"
-MANIFEST_KEY = "manifest.json"
-RELEASES_PREFIX = "releases/"
-_POINTER_TYPE = "deltaship.release-pointer"
 # The publisher re-signs manifests: an expired one is still a valid base to build on.
 _PUBLISHER_GRACE = timedelta(days=365 * 100)
-
-
-@dataclass(frozen=True)
-class ReleaseRecord:
-    """``releases/<version>.json``: an unsigned pointer to a (signed) release index."""
-
-    version: str
-    sequence: int
-    released_at: datetime
-    pointer: ReleasePointer
-
-    def to_bytes(self) -> bytes:
-        return canonical_json(
-            {
-                "_type": _POINTER_TYPE,
-                "spec_version": 1,
-                "version": self.version,
-                "sequence": self.sequence,
-                "released_at": format_time(self.released_at),
-                "index": self.pointer.to_dict()["index"],
-            }
-        )
-
-    @classmethod
-    def from_bytes(cls, data: bytes, key: str) -> ReleaseRecord:
-        d: dict[str, Any] = loads_object(data, key)
-        if d.get("_type") != _POINTER_TYPE:
-            raise FormatError(f"{key} is not a release pointer")
-        seq = d.get("sequence")
-        if not isinstance(seq, int):
-            raise FormatError(f"{key}: sequence must be an integer")
-        version = check_version(d.get("version"))
-        pointer = ReleasePointer.from_dict({"version": version, "index": d.get("index")}, key)
-        return cls(version, seq, parse_time(d.get("released_at"), key), pointer)
 
 
 class Repository:
@@ -115,20 +78,50 @@ class Repository:
 
     def releases(self) -> list[ReleaseRecord]:
         """Every released version, oldest first."""
-        out = []
-        for key in self.store.list(RELEASES_PREFIX):
-            if key.endswith(".json"):
-                out.append(ReleaseRecord.from_bytes(self.store.get(key, 64 * 1024), key))
+        out = [
+            self._record(key)
+            for key in self.store.list(RELEASES_PREFIX)
+            if key.endswith(".json")
+        ]
         return sorted(out, key=lambda r: r.sequence)
 
     def release(self, version: str) -> ReleaseRecord:
-        key = f"{RELEASES_PREFIX}{version}.json"
+        """The record of ``version``; NotFoundError if it was never released (or cannot be)."""
+        never = f"version {version!r} was never released to {self.store.url}"
         try:
-            return ReleaseRecord.from_bytes(self.store.get(key, 64 * 1024), key)
+            key = release_pointer_key(check_version(version))
+        except FormatError as e:
+            raise NotFoundError(never) from e
+        try:
+            return self._record(key)
         except MissingKeyError as e:
-            raise NotFoundError(
-                f"version {version!r} was never released to {self.store.url}"
+            raise NotFoundError(never) from e
+
+    def _record(self, key: str) -> ReleaseRecord:
+        return ReleaseRecord.from_bytes(self.store.get(key, ReleaseRecord.MAX_SIZE), key)
+
+    def put_root(self, data: bytes) -> str:
+        """Write the first trust root; returns its URL. Refuses to replace an existing one."""
+        try:
+            self.store.put_if(ROOT_KEY, data, None)
+        except ConflictError as e:
+            raise AlreadyExistsError(
+                f"{self.store.url}/{ROOT_KEY} already exists: this store is initialised"
             ) from e
+        return f"{self.store.url}/{ROOT_KEY}"
+
+    def put_manifest(self, data: bytes, etag: str | None) -> None:
+        """Replace the manifest only if it is still the one read with ``etag``."""
+        try:
+            self.store.put_if(MANIFEST_KEY, data, etag)
+        except ConflictError as e:
+            raise ConflictError(
+                "another release or revert was published while this one ran, so this one was "
+                "not made current: re-run the command to build on the new state"
+            ) from e
+
+    def put_release(self, record: ReleaseRecord) -> None:
+        self.store.put(release_pointer_key(record.version), record.to_bytes())
 
     def index(self, pointer: ReleasePointer) -> ReleaseIndex:
         data = self.store.get(pointer.index.key, pointer.index.length)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from manifest.canonical import canonical_json, loads_object
-from manifest.errors import FormatError, UnsafeNameError
+from manifest.errors import FormatError, OversizeError, UnsafeNameError
 from manifest.metadata import (
     FileEntry,
     GroupEntry,
@@ -25,6 +25,7 @@ from manifest.metadata import (
     PatchRef,
     ReleaseIndex,
     ReleasePointer,
+    ReleaseRecord,
     Role,
     Root,
     TensorEntry,
@@ -283,10 +284,11 @@ def test_manifest_defaults_and_revert() -> None:
 
 
 def test_nothing_parses_as_a_document_of_another_type() -> None:
-    docs = {
+    docs: dict[Any, dict[str, Any]] = {
         Root: root_doc([key(1)]).to_dict(),
         Manifest: _manifest_dict(),
         ReleaseIndex: index_doc().to_dict(),
+        ReleaseRecord: _record_dict(),
     }
     for cls, d in docs.items():
         assert cls.from_dict(d).to_dict() == d
@@ -294,6 +296,79 @@ def test_nothing_parses_as_a_document_of_another_type() -> None:
             if other is not cls:
                 with raises(FormatError, f"has _type {d['_type']!r}, expected {other.TYPE!r}"):
                     other.from_dict(d)
+
+
+# --- format: release pointer (releases/<version>.json) ----------------------------------
+
+
+def _record_dict() -> dict[str, Any]:
+    return ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json")).to_dict()
+
+
+def test_record_wire_form_is_format_section_9() -> None:
+    record = ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json"))
+    assert record.to_bytes() == canonical_json({
+        "_type": "deltaship.release-pointer", "spec_version": 1, "version": "v4",
+        "sequence": 4, "released_at": "2026-03-01T12:00:00Z",
+        "index": {"sha256": hexof("a"), "length": 91234},
+    })
+    assert ReleaseRecord.from_bytes(record.to_bytes(), "releases/v4.json") == record
+    assert record.pointer == ReleasePointer("v4", record.index)
+
+
+BAD_RECORDS = [
+    pytest.param("_type", "deltaship.manifest",
+                 "r.json has _type 'deltaship.manifest', expected 'deltaship.release-pointer'",
+                 id="type"),
+    pytest.param("spec_version", 2, "r.json has spec_version 2; this deltaship understands 1",
+                 id="newer-spec-version"),
+    pytest.param("spec_version", "1", "r.json.spec_version has the wrong type",
+                 id="spec-version-string"),
+    pytest.param("version", "../v4", "r.json.version '../v4' is not a valid version",
+                 id="version-path"),
+    pytest.param("sequence", -1, "r.json.sequence must not be negative", id="sequence<0"),
+    pytest.param("sequence", True, "r.json.sequence has the wrong type", id="sequence-bool"),
+    pytest.param("released_at", "2026-03-01", "r.json released_at is not a time like",
+                 id="time"),
+    pytest.param("index", {"sha256": hexof("a")}, "r.json.index: missing field 'length'",
+                 id="index-no-length"),
+    pytest.param("index", {"sha256": "A" * 64, "length": 1},
+                 "r.json.index.sha256 is not a lowercase hex sha256", id="index-sha"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_RECORDS)
+def test_malformed_record(field: str, value: Any, message: str) -> None:
+    with raises(FormatError, message):
+        ReleaseRecord.from_bytes(canonical_json({**_record_dict(), field: value}), "r.json")
+
+
+@pytest.mark.parametrize(
+    "field", ["_type", "spec_version", "version", "sequence", "released_at", "index"]
+)
+def test_record_missing_field(field: str) -> None:
+    d = _record_dict()
+    del d[field]
+    with raises(FormatError, f"r.json: missing field {field!r}"):
+        ReleaseRecord.from_dict(d, "r.json")
+
+
+def test_record_size_cap_and_bad_json() -> None:
+    padded = {**_record_dict(), "x_pad": "x" * ReleaseRecord.MAX_SIZE}
+    with raises(OversizeError, "r.json is", "over its 65536-byte cap"):
+        ReleaseRecord.from_bytes(canonical_json(padded), "r.json")
+    with raises(FormatError, "r.json is not valid UTF-8 JSON"):
+        ReleaseRecord.from_bytes(b"{", "r.json")
+
+
+def test_index_references_keep_unknown_fields() -> None:
+    """The index reference of a manifest or a release pointer is an object reference too."""
+    d = _record_dict()
+    d["index"]["x_mirror"] = "eu"
+    assert ReleaseRecord.from_dict(d).to_dict() == d
+    m = _manifest_dict()
+    m["current"]["index"]["x_mirror"] = "eu"
+    assert Manifest.from_dict(m).to_dict() == m
 
 
 # --- canonical JSON ----------------------------------------------------------------------
@@ -476,6 +551,10 @@ pointers = st.builds(
 manifests = st.builds(
     Manifest, count, times, times, pointers, st.sampled_from(["release", "revert"]), unknown
 )
+records = st.builds(
+    ReleaseRecord, versions, count, times, st.builds(ObjectRef, hex64, count, st.just("json")),
+    unknown,
+)
 
 
 @st.composite
@@ -503,6 +582,7 @@ def roots(draw: Any) -> Root:
         pytest.param(pointers, lambda d: ReleasePointer.from_dict(d, "c"), id="ReleasePointer"),
         pytest.param(release_indexes(), ReleaseIndex.from_dict, id="ReleaseIndex"),
         pytest.param(manifests, Manifest.from_dict, id="Manifest"),
+        pytest.param(records, ReleaseRecord.from_dict, id="ReleaseRecord"),
         pytest.param(roots(), Root.from_dict, id="Root"),
     ],
 )
@@ -524,6 +604,7 @@ def test_unknown_fields_round_trip_at_top_level() -> None:
         (Root, root_doc([key(1)]).to_dict()),
         (Manifest, _manifest_dict()),
         (ReleaseIndex, index_doc().to_dict()),
+        (ReleaseRecord, _record_dict()),
     ):
         parsed = cls.from_dict({**d, **extra})
         assert dict(parsed.unrecognized) == extra

@@ -1,0 +1,129 @@
+"""How every document reads its fields: the typed field reader, times, names and versions.
+
+Shared by the entries (:mod:`manifest.entries`) and the documents (:mod:`manifest.metadata`);
+the public helpers are re-exported by :mod:`manifest.metadata`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from .errors import FormatError, UnsafeNameError
+
+__all__ = [
+    "HEX64",
+    "SPEC_VERSION",
+    "FieldReader",
+    "check_file_path",
+    "check_group_name",
+    "check_header",
+    "check_version",
+    "format_time",
+    "parse_list",
+    "parse_time",
+]
+
+SPEC_VERSION = 1
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
+HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
+_PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}\Z")
+_VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
+
+T = TypeVar("T")
+
+
+def format_time(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def parse_time(s: object, where: str) -> datetime:
+    if not isinstance(s, str):
+        raise FormatError(f"{where} must be a time string like 2026-01-31T12:00:00Z")
+    try:
+        return datetime.strptime(s, _TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError as e:
+        raise FormatError(f"{where} is not a time like 2026-01-31T12:00:00Z: {s!r}") from e
+
+
+def check_group_name(name: str) -> str:
+    """Group names become file names on devices: a conservative alphabet, no dot-dot."""
+    if not isinstance(name, str) or not _GROUP_NAME.match(name) or ".." in name:
+        raise UnsafeNameError(f"unsafe group name {name!r}")
+    return name
+
+
+def check_file_path(path: str) -> str:
+    """A relative POSIX path that cannot escape the model directory."""
+    if not isinstance(path, str) or not path or len(path) > 1024 or path.startswith("/"):
+        raise UnsafeNameError(f"unsafe file name {path!r}")
+    for part in path.split("/"):
+        if part in ("", ".", "..") or not _PATH_PART.match(part):
+            raise UnsafeNameError(f"unsafe file name {path!r}")
+    return path
+
+
+def check_version(v: object, where: str = "version") -> str:
+    if not isinstance(v, str) or not _VERSION.match(v):
+        raise FormatError(
+            f"{where} {v!r} is not a valid version (letters, digits, '.', '_', '+', '-')"
+        )
+    return v
+
+
+class FieldReader:
+    """Pops typed fields from a dict; what is left over is ``unrecognized``."""
+
+    def __init__(self, d: object, where: str) -> None:
+        if not isinstance(d, dict):
+            raise FormatError(f"{where} must be a JSON object")
+        self.d: dict[str, Any] = dict(d)
+        self.where = where
+
+    def get(self, key: str, kind: type[T] | tuple[type, ...]) -> Any:
+        if key not in self.d:
+            raise FormatError(f"{self.where}: missing field {key!r}")
+        v = self.d.pop(key)
+        if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
+            raise FormatError(f"{self.where}.{key} has the wrong type")
+        return v
+
+    def count(self, key: str) -> int:
+        v: int = self.get(key, int)
+        if v < 0:
+            raise FormatError(f"{self.where}.{key} must not be negative")
+        return v
+
+    def sha256(self, key: str = "sha256") -> str:
+        v: str = self.get(key, str)
+        if not HEX64.match(v):
+            raise FormatError(f"{self.where}.{key} is not a lowercase hex sha256")
+        return v
+
+    def optional(self, key: str, default: Any) -> Any:
+        return self.d.pop(key, default)
+
+    def rest(self) -> dict[str, Any]:
+        return self.d
+
+
+def check_header(r: FieldReader, type_name: str) -> None:
+    """A document's ``_type`` is ``type_name`` and its ``spec_version`` one we understand."""
+    t = r.get("_type", str)
+    if t != type_name:
+        raise FormatError(f"{r.where} has _type {t!r}, expected {type_name!r}")
+    v = r.get("spec_version", int)
+    if v != SPEC_VERSION:
+        raise FormatError(
+            f"{r.where} has spec_version {v}; this deltaship understands {SPEC_VERSION}: upgrade"
+        )
+
+
+def parse_list(value: Any, where: str, parse: Callable[[Any, str], T]) -> list[T]:
+    if not isinstance(value, list):
+        raise FormatError(f"{where} must be a list")
+    return [parse(v, f"{where}[{i}]") for i, v in enumerate(value)]

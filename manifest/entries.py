@@ -1,0 +1,168 @@
+"""The entries of a release index: object references, patches, tensors, groups and files.
+
+Each validates in ``from_dict`` and keeps fields it does not know in ``unrecognized`` (written
+back by ``to_dict``, and ignored by ``==``), so a newer publisher can add fields that older
+devices carry along. See docs/FORMAT.md §6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._fields import FieldReader, check_file_path, check_group_name, check_version, parse_list
+from .constants import object_key
+from .errors import FormatError, UnsafeNameError
+
+__all__ = ["FileEntry", "GroupEntry", "ObjectRef", "PatchRef", "TensorEntry"]
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A content-addressed object in the store: key ``objects/<sha256>``."""
+
+    sha256: str
+    length: int
+    encoding: str  # "dspatch" (a patch container) or "zstd" (one zstd frame)
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def key(self) -> str:
+        return object_key(self.sha256)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ObjectRef:
+        r = FieldReader(d, where)
+        enc = r.get("encoding", str)
+        if enc not in ("dspatch", "zstd"):
+            raise FormatError(f"{where}.encoding {enc!r} is unknown")
+        return cls(r.sha256(), r.count("length"), enc, r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "sha256": self.sha256, "length": self.length,
+                "encoding": self.encoding}
+
+
+@dataclass(frozen=True)
+class PatchRef:
+    """A patch turning the group content ``base_sha256`` (from ``base_version``) into this one."""
+
+    base_version: str
+    base_sha256: str
+    object: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> PatchRef:
+        r = FieldReader(d, where)
+        return cls(
+            check_version(r.get("base_version", str), f"{where}.base_version"),
+            r.sha256("base_sha256"),
+            ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
+            r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "base_version": self.base_version,
+            "base_sha256": self.base_sha256,
+            "object": self.object.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> TensorEntry:
+        r = FieldReader(d, where)
+        shape = r.get("shape", list)
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
+            raise FormatError(f"{where}.shape must be a list of non-negative integers")
+        return cls(r.get("name", str), r.get("dtype", str), tuple(shape), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "name": self.name, "dtype": self.dtype,
+                "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GroupEntry:
+    """One group: its canonical safetensors file, how to get it in full, and patches to it."""
+
+    name: str
+    file: str
+    sha256: str
+    length: int
+    tensors: tuple[TensorEntry, ...]
+    full: ObjectRef
+    patches: tuple[PatchRef, ...] = ()
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> GroupEntry:
+        r = FieldReader(d, where)
+        name = check_group_name(r.get("name", str))
+        file = check_file_path(r.get("file", str))
+        if file != f"{name}.safetensors":
+            raise UnsafeNameError(f"{where}: group {name!r} has file {file!r}")
+        return cls(
+            name,
+            file,
+            r.sha256(),
+            r.count("length"),
+            tuple(parse_list(r.get("tensors", list), f"{where}.tensors", TensorEntry.from_dict)),
+            ObjectRef.from_dict(r.get("full", dict), f"{where}.full"),
+            tuple(parse_list(r.optional("patches", []), f"{where}.patches", PatchRef.from_dict)),
+            r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "name": self.name,
+            "file": self.file,
+            "sha256": self.sha256,
+            "length": self.length,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "full": self.full.to_dict(),
+            "patches": [p.to_dict() for p in self.patches],
+        }
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A non-tensor file of the model (config.json, tokenizer files, ...), shipped whole."""
+
+    path: str
+    sha256: str
+    length: int
+    object: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> FileEntry:
+        r = FieldReader(d, where)
+        return cls(
+            check_file_path(r.get("path", str)),
+            r.sha256(),
+            r.count("length"),
+            ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
+            r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "path": self.path,
+            "sha256": self.sha256,
+            "length": self.length,
+            "object": self.object.to_dict(),
+        }
+

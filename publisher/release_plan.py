@@ -1,0 +1,230 @@
+"""The pure steps of a release: each takes typed values and returns a new frozen one.
+
+::
+
+    manifest, records          --base_pointers-->   the releases patches start from
+    hashed groups, bases       --plan_encoding-->   EncodePlan  (reuse what a base holds,
+                                                                 encode the rest)
+    EncodePlan, encode results --choose_objects-->  ChosenObjects (a patch only if smaller
+                                                                   than the full object)
+    ChosenObjects, files       --build_index-->     ReleaseIndex
+    ChosenObjects, files       --objects_to_upload--> object key -> staged file
+
+No I/O here: :mod:`publisher.release` reads the store and the model, encodes, writes and
+uploads, and passes the values between these steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from manifest.metadata import (
+    FileEntry,
+    GroupEntry,
+    Manifest,
+    ObjectRef,
+    PatchRef,
+    ReleaseIndex,
+    ReleasePointer,
+    ReleaseRecord,
+    Root,
+    TensorEntry,
+)
+
+from .encode import EncodeResult, GroupLayout
+
+__all__ = [
+    "ChosenObjects",
+    "EncodeJob",
+    "EncodePlan",
+    "HashedGroup",
+    "PatchBase",
+    "ShippedFile",
+    "StoreState",
+    "base_pointers",
+    "build_index",
+    "choose_objects",
+    "objects_to_upload",
+    "plan_encoding",
+]
+
+
+@dataclass(frozen=True)
+class StoreState:
+    """The verified store as a release finds it; ``bases`` newest first."""
+
+    url: str
+    root: Root
+    manifest: Manifest | None
+    etag: str | None  # of the manifest read: the new one replaces exactly that one
+    records: tuple[ReleaseRecord, ...]
+    bases: tuple[ReleaseIndex, ...]
+
+    @property
+    def next_sequence(self) -> int:
+        return (self.manifest.sequence if self.manifest else 0) + 1
+
+    def has_version(self, version: str) -> bool:
+        current = self.manifest.current.version if self.manifest else None
+        return version == current or any(r.version == version for r in self.records)
+
+
+def base_pointers(
+    manifest: Manifest | None, records: Sequence[ReleaseRecord], k: int
+) -> list[ReleasePointer]:
+    """The current release, then the most recent others, up to ``k`` versions."""
+    pointers: list[ReleasePointer] = []
+    if manifest is not None:
+        pointers.append(manifest.current)
+    for r in reversed(records):
+        if r.version not in {p.version for p in pointers}:
+            pointers.append(r.pointer)
+    return pointers[: max(k, 0)]
+
+
+@dataclass(frozen=True)
+class HashedGroup:
+    """A group of the new model as its canonical file, and that file's sha256."""
+
+    layout: GroupLayout
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PatchBase:
+    """What a patch is made from: a group as released in ``version``."""
+
+    version: str
+    group: GroupEntry
+
+
+@dataclass(frozen=True)
+class EncodeJob:
+    """Encode a group's content in full (``base`` None) or as a patch from ``base``."""
+
+    layout: GroupLayout
+    sha256: str
+    base: PatchBase | None
+    out_path: str
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """Per group content (sha256): objects reused from a base release, and what to encode."""
+
+    reused_full: Mapping[str, ObjectRef]
+    reused_patches: Mapping[str, tuple[PatchRef, ...]]
+    jobs: tuple[EncodeJob, ...]
+
+
+def plan_encoding(
+    groups: Sequence[HashedGroup], bases: Sequence[ReleaseIndex], staging: Path
+) -> EncodePlan:
+    """Reuse the objects of content a base already has; else a full object and one patch per
+    distinct base content of the same group name. Identical contents are encoded once."""
+    known: dict[str, GroupEntry] = {}
+    for idx in reversed(bases):  # newer entries win
+        for g in idx.groups:
+            known[g.sha256] = g
+    full: dict[str, ObjectRef] = {}
+    patches: dict[str, tuple[PatchRef, ...]] = {}
+    jobs: list[EncodeJob] = []
+    encoded: set[str] = set()
+    for group in groups:
+        layout, sha = group.layout, group.sha256
+        if sha in known:  # unchanged since a base: reuse its full object and its patches
+            full[sha] = known[sha].full
+            patches[sha] = known[sha].patches
+            continue
+        if sha in encoded:
+            continue  # two groups with identical content
+        encoded.add(sha)
+        jobs.append(EncodeJob(layout, sha, None, str(staging / f"full-{sha}")))
+        seen: set[str] = set()
+        for idx in bases:
+            bg = idx.group(layout.name)
+            if bg is None or bg.sha256 in seen:
+                continue
+            seen.add(bg.sha256)
+            out = str(staging / f"patch-{bg.sha256}-{sha}")
+            jobs.append(EncodeJob(layout, sha, PatchBase(idx.version, bg), out))
+    return EncodePlan(full, patches, tuple(jobs))
+
+
+@dataclass(frozen=True)
+class ChosenObjects:
+    """What the index references per group content, and which staged files hold new objects."""
+
+    full: Mapping[str, ObjectRef]
+    patches: Mapping[str, tuple[PatchRef, ...]]
+    new: Mapping[str, str]  # object key -> staged file of an object this release made and keeps
+    rejected: tuple[str, ...]  # staged patches no smaller than their full object
+
+
+def choose_objects(plan: EncodePlan, results: Sequence[EncodeResult]) -> ChosenObjects:
+    """Keep a patch only if it is smaller than the full object: else a device is better off
+    downloading the full object. ``results`` are those of ``plan.jobs``, in any order."""
+    jobs = {j.out_path: j for j in plan.jobs}
+    done = [(jobs[r.task.out_path], r) for r in results]
+    full = dict(plan.reused_full)
+    new: dict[str, str] = {}
+    for job, r in done:
+        if job.base is None:
+            ref = ObjectRef(r.sha256, r.length, "dspatch")
+            full[job.sha256] = ref
+            new[ref.key] = job.out_path
+    patches = {sha: list(ps) for sha, ps in plan.reused_patches.items()}
+    rejected: list[str] = []
+    for job, r in done:
+        if job.base is None:
+            continue
+        if r.length < full[job.sha256].length:
+            ref = ObjectRef(r.sha256, r.length, "dspatch")
+            patch = PatchRef(job.base.version, job.base.group.sha256, ref)
+            patches.setdefault(job.sha256, []).append(patch)
+            new[ref.key] = job.out_path
+        else:
+            rejected.append(job.out_path)
+    return ChosenObjects(
+        full, {sha: tuple(ps) for sha, ps in patches.items()}, new, tuple(rejected)
+    )
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A non-tensor file of the model; ``staged`` holds its object if this release made it."""
+
+    entry: FileEntry
+    staged: str | None
+
+
+def build_index(
+    version: str,
+    now: datetime,
+    groups: Sequence[HashedGroup],
+    chosen: ChosenObjects,
+    files: Sequence[ShippedFile],
+    bases: Sequence[ReleaseIndex],
+) -> ReleaseIndex:
+    entries = []
+    for group in groups:
+        layout, sha = group.layout, group.sha256
+        tensors = tuple(TensorEntry(i.name, i.dtype, i.shape) for i, _ in layout.tensors)
+        entries.append(GroupEntry(layout.name, layout.file, sha, layout.length, tensors,
+                                  chosen.full[sha], chosen.patches.get(sha, ())))
+    return ReleaseIndex(
+        version, now, tuple(entries), tuple(f.entry for f in files),
+        tuple(idx.version for idx in bases),
+    )
+
+
+def objects_to_upload(chosen: ChosenObjects, files: Sequence[ShippedFile]) -> dict[str, str]:
+    """Object key -> staged file of everything this release made and its index references."""
+    out = dict(chosen.new)
+    for f in files:
+        if f.staged is not None:
+            out[f.entry.object.key] = f.staged
+    return out

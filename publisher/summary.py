@@ -1,0 +1,104 @@
+"""What a release reports: per base version, what a device at that version downloads.
+
+Download bytes come from the one cost model (:func:`manifest.download_plan.download_cost`), so
+the summary counts what a device would fetch, identical contents once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from manifest.download_plan import download_cost
+from manifest.metadata import ReleaseIndex
+
+from .encode import EncodeResult
+from .release_plan import StoreState
+
+__all__ = ["BaseSummary", "ReleaseSummary", "Timings", "UploadStats", "summarise"]
+
+
+@dataclass(frozen=True)
+class UploadStats:
+    """What an upload added to the store (objects it already held are not counted)."""
+
+    objects: int = 0
+    total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    seconds: float  # the whole release
+    encode_seconds: float
+
+
+@dataclass(frozen=True)
+class BaseSummary:
+    version: str
+    download_bytes: int
+    full_bytes: int
+
+
+@dataclass(frozen=True)
+class ReleaseSummary:
+    """The release's report; ``to_dict`` is the ``--json`` output, in field order."""
+
+    version: str
+    store: str
+    dry_run: bool
+    sequence: int
+    groups_total: int
+    groups_changed: int
+    files_total: int
+    files_changed: int
+    model_bytes: int
+    full_download_bytes: int
+    bases: tuple[BaseSummary, ...]
+    uploaded_objects: int
+    uploaded_bytes: int
+    seconds: float
+    encode_seconds: float
+    codec_bytes: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["bases"] = [b.__dict__ for b in self.bases]
+        return d
+
+
+def summarise(
+    index: ReleaseIndex,
+    state: StoreState,
+    results: Sequence[EncodeResult],
+    uploaded: UploadStats,
+    timings: Timings,
+    dry_run: bool,
+) -> ReleaseSummary:
+    """Changes are counted against the latest base; downloads against every base."""
+    codec_bytes: dict[str, int] = {}
+    for r in results:
+        for k, v in r.codec_bytes.items():
+            codec_bytes[k] = codec_bytes.get(k, 0) + v
+    latest = state.bases[0] if state.bases else None
+    groups_known = {g.sha256 for g in latest.groups} if latest else set()
+    files_known = {f.sha256 for f in latest.files} if latest else set()
+    full = download_cost(index, None)
+    return ReleaseSummary(
+        version=index.version,
+        store=state.url,
+        dry_run=dry_run,
+        sequence=state.next_sequence,
+        groups_total=len(index.groups),
+        groups_changed=sum(1 for g in index.groups if g.sha256 not in groups_known),
+        files_total=len(index.files),
+        files_changed=sum(1 for f in index.files if f.sha256 not in files_known),
+        model_bytes=index.total_size + sum(f.length for f in index.files),
+        full_download_bytes=full,
+        bases=tuple(BaseSummary(b.version, download_cost(index, b), full) for b in state.bases),
+        uploaded_objects=uploaded.objects,
+        uploaded_bytes=uploaded.total_bytes,
+        seconds=round(timings.seconds, 3),
+        encode_seconds=round(timings.encode_seconds, 3),
+        codec_bytes=codec_bytes,
+    )
