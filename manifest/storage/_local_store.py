@@ -88,6 +88,7 @@ class LocalStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> None:
+        key_path(self.root, key)  # a bad key is refused before the lock is taken
         self._require_root()
         with self._lock():
             try:
