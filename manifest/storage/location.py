@@ -38,10 +38,6 @@ class StoreLocation:
     prefix: str = ""  # s3: the key prefix, without leading or trailing slashes
     path: Path | None = None  # file: the store directory, absolute
 
-    def where(self, key: str) -> str:
-        """The URL of ``key``, for messages; refuses a key that is not a store key."""
-        return f"{self.url}/{check_key(key)}"
-
 
 def parse_store_url(url: str, *, for_writing: bool = False) -> StoreLocation:
     """Parse ``url``; ``for_writing`` refuses read-only (http) stores."""
