@@ -1,4 +1,4 @@
-"""The device's download layer against real servers: a faulty HTTP server, moto's S3, directories.
+"""The agent's face of the storage layer against real servers: faulty HTTP, moto S3, directories.
 
 Nothing sleeps for real between retries: sources get a fake ``sleep`` that records the delays.
 Byte counts come from the server (what crossed the wire), not from the client.
@@ -20,22 +20,25 @@ from typing import Any
 
 import boto3
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from devtools.faulty_http import Faults, FaultyServer
-from edge_agent.retry import RetryPolicy, RetryState
-from edge_agent.transport import (
+from manifest.errors import (
+    HashMismatchError,
+    MissingKeyError,
+    OversizeError,
+    StoreConfigError,
+    TransportError,
+)
+from manifest.storage.retry import RetryPolicy, RetryState
+from manifest.storage.source import (
     BLOCK,
     READ_SIZE,
     HttpSource,
     LocalSource,
-    MissingKeyError,
     S3Source,
     Source,
     open_source,
 )
-from manifest.errors import HashMismatchError, OversizeError, StoreConfigError, TransportError
 
 MiB = 1 << 20
 
@@ -238,7 +241,7 @@ async def test_server_ignoring_range_restarts_from_zero(
     dest = tmp_path / "d"
     dest.write_bytes(data[:MiB])
     server.faults.ignore_range = True
-    with caplog.at_level(logging.WARNING, logger="edge_agent.transport"):
+    with caplog.at_level(logging.WARNING, logger="manifest.storage"):
         await http.fetch("objects/a", dest, len(data))
     assert dest.read_bytes() == data
     assert [(r.range, r.status) for r in server.requests] == [(f"bytes={MiB}-", 200)]
@@ -449,79 +452,6 @@ def test_store_urls(url: str, expected: tuple[type, str] | str) -> None:
     assert isinstance(source, expected[0]) and source.url == expected[1]
 
 
-# --- the retry policy: pure functions, no clock ------------------------------------------------
-
-DEFAULT = RetryPolicy()
-
-
-@pytest.mark.parametrize(
-    ("policy", "attempt", "retry_after", "rand", "delay"),
-    [
-        (DEFAULT, 1, None, 0.0, 0.5),
-        (DEFAULT, 2, None, 0.0, 1.0),
-        (DEFAULT, 3, None, 0.5, 2.0 * 0.75),
-        (DEFAULT, 4, None, 0.999, 4.0 * (1 - 0.4995)),
-        (DEFAULT, 9, None, 0.0, 60.0),  # 128 s capped
-        (DEFAULT, 10_000, None, 0.0, 60.0),  # no overflow
-        (DEFAULT, 0, None, 0.0, 0.5),  # treated as the first
-        (DEFAULT, 1, 3.0, 0.0, 3.0),  # Retry-After longer than the backoff wins
-        (DEFAULT, 5, 3.0, 0.0, 8.0),  # shorter: the backoff stands
-        (DEFAULT, 1, 86_400.0, 0.0, 60.0),  # capped
-        (RetryPolicy(jitter=0.0), 2, None, 0.9, 1.0),
-        (RetryPolicy(jitter=1.0), 2, None, 0.5, 0.5),
-        (RetryPolicy(base=2.0, cap=5.0), 2, None, 0.0, 4.0),
-        (RetryPolicy(base=2.0, cap=5.0), 3, None, 0.0, 5.0),
-    ],
-)
-def test_retry_delay(policy: RetryPolicy, attempt: int, retry_after: float | None, rand: float,
-                     delay: float) -> None:
-    assert policy.delay(attempt, retry_after, rand) == pytest.approx(delay)
-
-
-@given(attempt=st.integers(1, 200), rand=st.floats(0, 1, exclude_max=True),
-       retry_after=st.none() | st.floats(0, 1e9))
-def test_retry_delay_bounds(attempt: int, rand: float, retry_after: float | None) -> None:
-    d = DEFAULT.delay(attempt, retry_after, rand)
-    assert 0 <= d <= DEFAULT.cap
-    assert d <= DEFAULT.delay(attempt + 1, retry_after, 0.0)  # never shrinks with failures
-    if retry_after is not None:
-        assert d >= min(retry_after, DEFAULT.cap)
-
-
-@pytest.mark.parametrize(
-    ("policy", "events", "results"),
-    [
-        (RetryPolicy(attempts=3, jitter=0), "fff", [0.5, 1.0, None]),
-        (RetryPolicy(attempts=1), "f", [None]),
-        # bytes arrived: the budget and the backoff start again
-        (RetryPolicy(attempts=3, jitter=0), "ffpfff", [0.5, 1.0, 0.5, 1.0, None]),
-        (RetryPolicy(attempts=3, jitter=0), "fpfpfpff", [0.5, 0.5, 0.5, 0.5, 1.0]),
-    ],
-)
-def test_retry_state(policy: RetryPolicy, events: str, results: list[float | None]) -> None:
-    state = RetryState(policy, rand=lambda: 0.0)
-    out: list[float | None] = []
-    for event in events:
-        if event == "p":
-            state.progress()
-        else:
-            out.append(state.failed(OSError("boom"), None))
-    assert out == results
-    assert isinstance(state.last_error, OSError)
-
-
-def test_retry_state_passes_retry_after_on() -> None:
-    state = RetryState(RetryPolicy(jitter=0), rand=lambda: 0.0)
-    assert state.failed(OSError(), 12.0) == 12.0
-    assert state.failed(OSError(), None) == 1.0
-
-
-@pytest.mark.parametrize("kwargs", [{"attempts": 0}, {"base": -1.0}, {"jitter": 1.5}])
-def test_retry_policy_rejects_nonsense(kwargs: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
-        RetryPolicy(**kwargs)
-
-
 async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
         server: FaultyServer, tmp_path: Path) -> None:
     """The partial file is written every FLUSH_SECONDS too, not only per 1 MiB block: a
@@ -535,7 +465,7 @@ async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
     script = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
-        "from edge_agent.transport import open_source\n"
+        "from manifest.storage.source import open_source\n"
         "async def main():\n"
         f"    s = open_source({server.url!r}, max_rate=128 * 1024)\n"
         f"    await s.fetch('objects/a', Path({str(dest)!r}), {MiB})\n"

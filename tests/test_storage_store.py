@@ -1,4 +1,4 @@
-"""The storage seam, exercised for real: S3 through moto's server over HTTP, and directories."""
+"""The publisher's face of the storage layer, for real: S3 through moto's server, directories."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from manifest.errors import ConflictError, MissingKeyError, OversizeError, StoreConfigError
-from manifest.stores import LocalStore, Store, StoreOptions, open_store
+from manifest.storage.store import LocalStore, Store, StoreOptions, open_store
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -104,3 +104,20 @@ def test_store_urls(tmp_path: Path) -> None:
         open_store("s3:///prefix")
     with pytest.raises(StoreConfigError, match="does not exist"):
         open_store(str(tmp_path / "missing")).get("x", 1)
+
+
+def test_http_stores_are_read_only_and_remote_files_refused() -> None:
+    with pytest.raises(StoreConfigError, match="http\\(s\\) stores are read-only"):
+        open_store("https://cdn.example/models")
+    with pytest.raises(StoreConfigError, match="remote host"):
+        open_store("file://elsewhere/x")
+    with pytest.raises(StoreConfigError, match="use s3://bucket/prefix, file:///path"):
+        open_store("ftp://x/y")
+
+
+def test_list_refuses_prefixes_that_leave_the_store(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path))
+    assert store.list("") == [] and store.list("objects/") == []
+    for prefix in ("../", "/etc/", "a//"):
+        with pytest.raises(ValueError, match="not a store key"):
+            store.list(prefix)

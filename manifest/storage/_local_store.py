@@ -1,0 +1,120 @@
+"""The publisher's directory store: the store layout in a local directory (or a mounted one).
+
+Writes are atomic (:mod:`manifest.storage.atomic`); :meth:`LocalStore.put_if` compares and
+replaces under an exclusive ``flock`` on ``<dir>/.lock``. The ETag of a file is its SHA-256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ConflictError, MissingKeyError, OversizeError
+from ._files import file_error, key_path, missing_directory, open_regular
+from .atomic import atomic_output, write_atomic
+from .location import check_prefix
+
+__all__ = ["LocalStore"]
+
+COPY_BLOCK = 1 << 22
+
+
+class LocalStore:
+    """A directory with the store layout; the embedded default and the simplest mirror."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise missing_directory(self.root)
+
+    @contextlib.contextmanager
+    def _errors(self, key: str, writing: bool = False) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            raise file_error(e, self.root, f"{self.url}/{key}", writing=writing,
+                             retryable=False) from e
+
+    def _read(self, key: str, max_size: int | None) -> bytes:
+        """The file's bytes; at most ``max_size + 1`` of them."""
+        path = key_path(self.root, key)
+        with self._errors(key), open_regular(path, f"{self.url}/{key}") as f:
+            return f.read() if max_size is None else f.read(max_size + 1)
+
+    def get(self, key: str, max_size: int) -> bytes:
+        return self.get_with_etag(key, max_size)[0]
+
+    def get_with_etag(self, key: str, max_size: int) -> tuple[bytes, str]:
+        data = self._read(key, max_size)
+        if len(data) > max_size:
+            raise OversizeError(f"{self.url}/{key} is larger than its {max_size}-byte cap")
+        return data, hashlib.sha256(data).hexdigest()
+
+    def exists(self, key: str) -> bool:
+        return key_path(self.root, key).is_file()
+
+    def put(self, key: str, data: bytes) -> None:
+        self._require_root()
+        path = key_path(self.root, key)
+        with self._errors(key, writing=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+
+    def put_file(self, key: str, path: str) -> None:
+        self._require_root()
+        dest = key_path(self.root, key)
+        with open(path, "rb") as src, self._errors(key, writing=True):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_output(dest) as out:
+                shutil.copyfileobj(src, out, COPY_BLOCK)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with self._errors(".lock", writing=True):
+            f = open(self.root / ".lock", "a")  # noqa: SIM115 (closed below)
+        with f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def put_if(self, key: str, data: bytes, etag: str | None) -> None:
+        key_path(self.root, key)  # a bad key is refused before the lock is taken
+        self._require_root()
+        with self._lock():
+            try:
+                current: str | None = hashlib.sha256(self._read(key, None)).hexdigest()
+            except MissingKeyError:
+                current = None
+            if current != etag:
+                raise ConflictError(
+                    f"{self.url}/{key} changed since it was read (another writer went first)"
+                )
+            self.put(key, data)
+
+    def list(self, prefix: str) -> list[str]:
+        self._require_root()
+        base = self.root / check_prefix(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(
+            str(p.relative_to(self.root))
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".tmp-")
+        )
+
+    def download(self, key: str, dest: str) -> None:
+        path = key_path(self.root, key)
+        with self._errors(key):
+            src = open_regular(path, f"{self.url}/{key}")
+        with src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, COPY_BLOCK)

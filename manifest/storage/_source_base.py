@@ -1,0 +1,200 @@
+"""What every source of the agent's face shares: capped reads, resumable downloads, retries, rate.
+
+A backend implements only :meth:`SourceBase._open` (GET a key from a byte on, or None for "not
+modified") and, if it holds connections, :meth:`SourceBase.close`. Everything else is here:
+
+* :meth:`SourceBase.get_small` stops reading past its cap;
+* :meth:`SourceBase.fetch` appends to a partial file (:mod:`._partial_file`) and resumes it with
+  ``Range: bytes=N-``; objects are content-addressed and immutable, so no ``If-Range`` is
+  needed. It checks lengths, not content: the caller hashes the finished file and deletes it on
+  a mismatch;
+* a :class:`RetryableError` is retried with the source's :class:`RetryPolicy`, whose budget
+  resets whenever the partial file grows beyond its longest length yet; once the tries are
+  spent, :func:`~manifest.storage.retry.give_up` gives the final ``TransportError``;
+* ``max_rate`` caps the bytes per second of all downloads of one source together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import (
+    HashMismatchError,
+    OversizeError,
+    RangeNotSatisfiableError,
+    RetryableError,
+    UntrustedDataError,
+)
+from ._partial_file import PartialFile, fsync_file, size_of
+from .location import check_key
+from .retry import RetryPolicy, RetryState, give_up
+
+__all__ = ["READ_SIZE", "Body", "Sleep", "SourceBase"]
+
+log = logging.getLogger("manifest.storage")
+
+READ_SIZE = 256 * 1024  # the most bytes asked of a socket or file at once
+T = TypeVar("T")
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass
+class Body:
+    """An open response: where its bytes start in the object and how to read them."""
+
+    start: int  # offset of the first byte (0 when the store ignored Range)
+    total: int | None  # length of the whole object, when the store says
+    etag: str | None
+    read: Callable[[int], Awaitable[bytes]]  # at most n bytes; b"" at the end
+
+
+class _Bandwidth:
+    """A token bucket shared by all downloads of a source: ``rate`` bytes/s on average.
+
+    Each caller takes tokens for the bytes it received and sleeps off any debt, so concurrent
+    downloads share the rate. It starts empty and saves at most a quarter second of tokens.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._tokens = 0.0
+        self._last = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.rate / 4, self._tokens + (now - self._last) * self.rate) - n
+        self._last = now
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.rate)
+
+
+class SourceBase:
+    """What all sources share: capped reads, resumable downloads, retries, the rate cap."""
+
+    def __init__(self, url: str, retry: RetryPolicy, max_rate: float | None, sleep: Sleep):
+        self.url = url
+        self._retry = retry
+        self._sleep = sleep
+        self._bandwidth = _Bandwidth(max_rate) if max_rate else None
+
+    def _open(
+        self, key: str, start: int, etag: str | None
+    ) -> AbstractAsyncContextManager[Body | None]:
+        """GET ``key`` from byte ``start`` on; None when ``etag`` still matches (304)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+    def _where(self, key: str) -> str:
+        return f"{self.url}/{check_key(key)}"
+
+    async def _throttle(self, n: int) -> None:
+        if self._bandwidth is not None:
+            await self._bandwidth.take(n)
+
+    async def _retrying(self, attempt: Callable[[RetryState], Awaitable[T]]) -> T:
+        state = RetryState(self._retry)
+        while True:
+            try:
+                return await attempt(state)
+            except RetryableError as e:
+                delay = state.failed(e, e.retry_after)
+                if delay is None:
+                    raise give_up(e, state.failures) from e
+                log.warning("%s; try %d of %d in %.1f s", e, state.failures + 1,
+                            self._retry.attempts, delay)
+                await self._sleep(delay)
+
+    async def get_small(
+        self, key: str, max_size: int, etag: str | None = None
+    ) -> tuple[bytes | None, str | None]:
+        where = self._where(key)
+
+        async def attempt(state: RetryState) -> tuple[bytes | None, str | None]:
+            async with self._open(key, 0, etag) as body:
+                if body is None:
+                    return None, etag
+                if body.total is not None and body.total > max_size:
+                    raise OversizeError(f"{where} is {body.total} bytes, over its "
+                                        f"{max_size}-byte cap")
+                data = bytearray()
+                while chunk := await body.read(min(READ_SIZE, max_size + 1 - len(data))):
+                    data += chunk
+                    if len(data) > max_size:
+                        raise OversizeError(f"{where} is larger than its {max_size}-byte cap")
+                    await self._throttle(len(chunk))
+            # Stores without ETags (directories, some servers) get one from the content.
+            tag = body.etag or hashlib.sha256(data).hexdigest()
+            return (None, tag) if tag == etag else (bytes(data), tag)
+
+        return await self._retrying(attempt)
+
+    async def fetch(
+        self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = lambda n: None
+    ) -> None:
+        where = self._where(key)
+        dest = Path(dest)
+        # Progress means a partial file longer than ever before: a server that ignores Range
+        # and drops every connection at the same point cannot keep the budget full forever.
+        best = min(size_of(dest), length)
+
+        async def attempt(state: RetryState) -> None:
+            nonlocal best
+            have = size_of(dest)
+            if have > length:
+                log.warning("%s: partial file %s holds %d bytes, more than the %d expected: "
+                            "downloading it again", where, dest, have, length)
+                have = 0
+            if have == length:
+                return
+            if have:
+                log.info("%s: resuming at byte %d of %d", where, have, length)
+            try:
+                async with self._open(key, have, None) as body:
+                    assert body is not None  # no ETag sent, so no 304
+                    async with PartialFile(dest, _check_body(body, have, length, where)) as out:
+                        while chunk := await body.read(min(READ_SIZE, length - out.size + 1)):
+                            if out.size + len(chunk) > length:
+                                raise OversizeError(f"{where} sent more than the {length} bytes "
+                                                    "the index pins")
+                            await out.append(chunk)
+                            on_bytes(len(chunk))
+                            if out.size > best:
+                                best = out.size
+                                state.progress()
+                            await self._throttle(len(chunk))
+            except RangeNotSatisfiableError:
+                await asyncio.to_thread(dest.unlink, missing_ok=True)
+                raise
+            if out.size < length:
+                raise RetryableError(f"GET {where} ended after {out.size} of {length} bytes")
+
+        try:
+            await self._retrying(attempt)
+        except UntrustedDataError:
+            await asyncio.to_thread(dest.unlink, missing_ok=True)
+            raise
+        await asyncio.to_thread(fsync_file, dest)
+
+
+def _check_body(body: Body, have: int, length: int, where: str) -> int:
+    """Where the body starts writing into the partial file; refuses a wrong declared length."""
+    if body.start != have:
+        if body.start != 0:
+            raise RetryableError(f"GET {where} asked for bytes {have}- and got {body.start}-")
+        log.warning("%s: the store ignored the Range request and sent the whole object: "
+                    "downloading it again from byte 0 (discarding %d bytes); a store that "
+                    "supports Range would resume", where, have)
+    if body.total is not None and body.total != length:
+        error = OversizeError if body.total > length else HashMismatchError
+        raise error(f"{where} is {body.total} bytes, the index pins {length}")
+    return body.start

@@ -1,0 +1,109 @@
+"""The agent's face of the storage layer: a read-only, async :class:`Source`.
+
+A :class:`Source` reads the store layout of docs/FORMAT.md §1 (keys such as ``manifest.json`` or
+``objects/<sha256>``, relative to the store's prefix). :func:`open_source` picks the backend
+from the URL (:mod:`manifest.storage.location`): :class:`HttpSource` (``http(s)://host/prefix``:
+plain GETs, for a CDN or a public bucket), :class:`S3Source` (``s3://bucket/prefix``: boto3 in
+worker threads) or :class:`LocalSource` (``file:///path`` or a directory). The shared logic
+(capped reads, resumable downloads, retries, the bandwidth cap) is in :mod:`._source_base`.
+
+Everything streams and every limit is enforced while streaming: :meth:`Source.get_small` stops
+reading past its cap, :meth:`Source.fetch` past the length the signed index pins. ``fetch``
+appends to a partial file that survives restarts and resumes it with a range request.
+
+Errors, from :mod:`manifest.errors`, by whose fault (the full table: docs/ERRORS.md):
+
+* ``TransportError``: the store could not be reached or failed (refused or reset connections,
+  timeouts, bodies cut short, HTTP 408/429/5xx), once the retry budget is spent: retry later.
+  :class:`MissingKeyError` (a ``TransportError``) when the store lacks a key; it is raised at
+  once, without retries.
+* ``OversizeError`` / ``HashMismatchError``: the store declared or sent more than the cap, or
+  another length than the index pins. The partial file is deleted.
+* ``StoreConfigError``: a bad URL, a missing bucket or directory, an unknown AWS profile, missing
+  or refused credentials (HTTP 401/403). ``DiskFullError`` / ``LocalError``: the partial file
+  could not be written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import MissingKeyError
+from ._http_source import HttpSource
+from ._local_source import LocalSource
+from ._partial_file import BLOCK, FLUSH_SECONDS
+from ._s3_source import S3Source
+from ._source_base import READ_SIZE, Sleep
+from .location import parse_store_url
+from .retry import DEFAULT_RETRY, RetryPolicy
+
+__all__ = [
+    "BLOCK",
+    "DEFAULT_RETRY",
+    "FLUSH_SECONDS",
+    "READ_SIZE",
+    "HttpSource",
+    "LocalSource",
+    "MissingKeyError",
+    "S3Source",
+    "Source",
+    "open_source",
+]
+
+
+class Source(Protocol):
+    url: str
+
+    async def get_small(
+        self, key: str, max_size: int, etag: str | None = None
+    ) -> tuple[bytes | None, str | None]:
+        """The whole object, refused past ``max_size`` bytes while streaming, and its ETag.
+
+        With ``etag``, a conditional GET: ``(None, etag)`` when the object is unchanged.
+        """
+        ...
+
+    async def fetch(
+        self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = ...
+    ) -> None:
+        """Download exactly ``length`` bytes into ``dest``, resuming a partial file; fsync.
+
+        ``on_bytes`` gets the size of every chunk received, restarts included (wire bytes).
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_source(
+    url: str,
+    *,
+    endpoint_url: str | None = None,
+    profile: str | None = None,
+    region: str | None = None,
+    max_rate: float | None = None,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    timeout: float = 30,
+    sleep: Sleep = asyncio.sleep,
+) -> Source:
+    """``s3://bucket/prefix``, ``http(s)://host/prefix``, ``file:///path`` or a directory.
+
+    ``endpoint_url``, ``profile`` and ``region`` are for S3 (None: from the AWS environment);
+    ``max_rate`` caps bytes per second over all downloads of the source; ``timeout`` bounds
+    connecting and each wait for data; ``sleep`` waits between retries (tests pass a fake).
+    """
+    if max_rate is not None and max_rate <= 0:
+        raise ValueError(f"max_rate must be positive, not {max_rate}")
+    location = parse_store_url(url)
+    if location.kind == "s3":
+        return S3Source(location.bucket, location.prefix, endpoint_url=endpoint_url,
+                        profile=profile, region=region, retry=retry, max_rate=max_rate,
+                        timeout=timeout, sleep=sleep)
+    if location.kind == "http":
+        return HttpSource(location.url, retry=retry, max_rate=max_rate, timeout=timeout,
+                          sleep=sleep)
+    assert location.path is not None
+    return LocalSource(location.path, retry=retry, max_rate=max_rate, sleep=sleep)
