@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.state import AgentState, live_stack, rollback_target
-from edge_agent.updater import next_poll_delay
+from edge_agent.service import next_poll_delay
+from edge_agent.state import AgentState, SwitchEvent, live_stack, rollback_target
+
+AT = "2026-11-30T00:00:00Z"
 
 
-def up(a: str | None, b: str) -> dict[str, object]:
-    return {"event": "switch", "from": a, "to": b}
+def up(a: str | None, b: str) -> SwitchEvent:
+    return SwitchEvent.switch(AT, a, b)
 
 
-def back(a: str, b: str, reason: str = "rollback") -> dict[str, object]:
-    return {"event": "switch", "from": a, "to": b, "reason": reason}
+def back(a: str, b: str, reason: str = "rollback") -> SwitchEvent:
+    return SwitchEvent.switch(AT, a, b, reason)
 
 
 @pytest.mark.parametrize(("history", "stack"), [
@@ -33,9 +35,9 @@ def back(a: str, b: str, reason: str = "rollback") -> dict[str, object]:
     # history older than the cap: the first switch's "from" starts the stack
     ([up("v7", "v8")], ["v7", "v8"]),
     # other events are ignored
-    ([{"event": "install", "to": "v9"}, up(None, "v1")], ["v1"]),
+    ([SwitchEvent(AT, "install", None, "v9"), up(None, "v1")], ["v1"]),
 ])
-def test_live_stack(history: list[dict[str, object]], stack: list[str]) -> None:
+def test_live_stack(history: list[SwitchEvent], stack: list[str]) -> None:
     assert live_stack(history) == stack
 
 
