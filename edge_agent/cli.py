@@ -1,8 +1,9 @@
 """``deltaship-agent``: keep a device's model at the release its trusted manifest names.
 
-Maps flags and the TOML configuration onto :class:`edge_agent.config.AgentConfig`, runs the
-update loop, and turns every :class:`manifest.errors.DeltashipError` into one line on stderr
-and its exit code.
+Only maps flags and the TOML configuration onto :class:`edge_agent.config.AgentConfig`, calls
+the service loop (:mod:`edge_agent.service`) or an operator command (:mod:`edge_agent.operator`),
+prints what it returns, and turns every :class:`manifest.errors.DeltashipError` into one line
+on stderr and its exit code.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
     cfg = _load(config_path)
     code = asyncio.run(run_forever(cfg, once=once))
     if once:
-        click.echo(Operator(cfg).status().last_result or "")
+        click.echo(Operator(cfg).status().state.last_result or "")
     sys.exit(code)
 
 
@@ -198,7 +199,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
 
 def _status_text(report: StatusReport) -> dict[str, Any]:
     info = report.to_dict()
-    plan, last = report.plan, report.last_update
+    plan, last = report.state.plan, report.state.last_update
     if plan:
         info["plan"] = (f"{plan.version}: {plan.download_bytes} bytes to download "
                         f"(full {plan.full_bytes})")

@@ -23,49 +23,32 @@ from manifest.trust import verify_root
 
 from .config import AgentConfig, save_config
 from .repair import repair_version
-from .state import ROLLBACK, PlanRecord, SwitchEvent, UpdateRecord, rollback_target
+from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
 
 __all__ = ["Operator", "RollbackResult", "StatusReport", "VerifyResult"]
 
 
+# The saved state's fields `status` shows, in the order it shows them.
+_STATUS_FIELDS = ("pinned", "failed_versions", "highest_sequence", "last_check", "last_result",
+                  "last_error", "bytes_last_update", "bytes_total", "plan", "last_update")
+
+
 @dataclass(frozen=True)
 class StatusReport:
     device_id: str
-    current: str | None
+    current: str | None  # None: nothing installed (or `current` names no directory)
     retained: list[str]
-    pinned: str | None
-    failed_versions: list[str]
-    highest_sequence: int
-    last_check: str | None
-    last_result: str | None
-    last_error: str | None
-    bytes_last_update: int
-    bytes_total: int
-    plan: PlanRecord | None  # the update in progress
-    last_update: UpdateRecord | None
+    state: AgentState  # as last saved (pin, failures, last check, plan in progress, ...)
     store: str
     model_dir: str
 
     def to_dict(self) -> dict[str, Any]:
         """``status --json``: these keys, in this order."""
-        return {
-            "device_id": self.device_id,
-            "current": self.current,
-            "retained": self.retained,
-            "pinned": self.pinned,
-            "failed_versions": self.failed_versions,
-            "highest_sequence": self.highest_sequence,
-            "last_check": self.last_check,
-            "last_result": self.last_result,
-            "last_error": self.last_error,
-            "bytes_last_update": self.bytes_last_update,
-            "bytes_total": self.bytes_total,
-            "plan": None if self.plan is None else self.plan.to_dict(),
-            "last_update": None if self.last_update is None else self.last_update.to_dict(),
-            "store": self.store,
-            "model_dir": self.model_dir,
-        }
+        saved = self.state.to_dict()
+        return {"device_id": self.device_id, "current": self.current, "retained": self.retained,
+                **{k: saved[k] for k in _STATUS_FIELDS},
+                "store": self.store, "model_dir": self.model_dir}
 
 
 @dataclass(frozen=True)
@@ -109,23 +92,8 @@ class Operator:
         running cycle: the state file is always whole)."""
         layout = self.agent.layout
         state = layout.read_state()
-        return StatusReport(
-            device_id=state.device_id or self.cfg.device_id,
-            current=layout.live_version(),
-            retained=layout.retained(),
-            pinned=state.pinned,
-            failed_versions=list(state.failed_versions),
-            highest_sequence=state.highest_sequence,
-            last_check=state.last_check,
-            last_result=state.last_result,
-            last_error=state.last_error,
-            bytes_last_update=state.bytes_last_update,
-            bytes_total=state.bytes_total,
-            plan=state.plan,
-            last_update=state.last_update,
-            store=self.cfg.store,
-            model_dir=str(self.cfg.model_dir),
-        )
+        return StatusReport(state.device_id or self.cfg.device_id, layout.live_version(),
+                            layout.retained(), state, self.cfg.store, str(self.cfg.model_dir))
 
     def rollback(self, to: str | None = None) -> RollbackResult:
         """Switch to a retained version (re-verified first) and pin the device there; works

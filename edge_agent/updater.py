@@ -5,13 +5,24 @@ highest sequence seen, fetch and verify the release index, plan, check free spac
 what is missing (several at once, resumable), install and verify every object, build the
 version directory, switch ``current`` atomically, keep ``keep`` previous versions and remove
 what nothing references. "Nothing new", "retry later" and "refuse" are decided here; parsers
-and verifiers only say what is wrong.
+and verifiers only say what is wrong. (The service loop that paces cycles: ``service.py``.)
+
+A cycle holds the model directory's lock and ONE :class:`~edge_agent.state.AgentState`, loaded
+when it starts and saved at named commit points, each where a restart must see what happened:
+
+* "manifest verified": the new highest sequence and ETag (replay protection);
+* "plan made", "installed": the plan in progress, then the bytes it downloaded;
+* "switch pending": saved before ``current`` moves, so a restart gives the switch's verdict;
+* "switch failed", "switched back": a failed check, saved before switching back;
+* "switch done": the verdict, the history entry and the last update; the plan is forgotten;
+* "cycle recorded": the outcome (or error) of the cycle, for ``status``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,10 +74,9 @@ class CycleResult:
 
 
 class Agent:
-    """The update loop of one device. A cycle (or an operator command) holds the device's lock
-    and ONE :class:`AgentState`, loaded once (:meth:`holding_state`) and saved at named commit
-    points (:meth:`commit`): "manifest verified", "plan made", "installed", "switch pending",
-    "switch failed", "switched back", "switch done", "cycle recorded"."""
+    """The update loop of one device. A cycle (or an operator command,
+    :mod:`edge_agent.operator`) holds the device's lock and its state (:meth:`holding_state`)
+    and saves it at named commit points (:meth:`commit`)."""
 
     def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow) -> None:
         self.cfg = cfg
@@ -106,8 +116,6 @@ class Agent:
 
     def local_index(self, version: str, root: Root) -> ReleaseIndex:
         """A retained version's saved index, re-verified against the pinned root."""
-        import hashlib
-
         data = self.layout.load_index_bytes(version)
         pointer = ReleasePointer(
             version, ObjectRef(hashlib.sha256(data).hexdigest(), len(data), "json")

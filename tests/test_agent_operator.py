@@ -85,7 +85,8 @@ def test_rollback_goes_back_one_version_at_a_time_and_pins(dev: Device) -> None:
         "at": "2026-03-01T12:00:00Z", "event": "switch", "from": "v2", "to": "v1",
         "reason": "rollback"}
     report = op.status()
-    assert (report.current, report.pinned, report.retained) == ("v1", "v1", ["v1", "v2", "v3"])
+    assert (report.current, report.state.pinned, report.retained) == ("v1", "v1",
+                                                                       ["v1", "v2", "v3"])
     assert report.to_dict()["pinned"] == "v1" and report.device_id == "dev-1"
 
     assert op.resume() == "v1"
