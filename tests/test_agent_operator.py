@@ -149,3 +149,17 @@ def test_status_of_a_fresh_device(dev: Device) -> None:
         "failed_versions": [], "highest_sequence": 0, "last_check": None, "last_result": None,
         "last_error": None, "bytes_last_update": 0, "bytes_total": 0, "plan": None,
         "last_update": None, "store": dev.cfg.store, "model_dir": str(dev.cfg.model_dir)}
+
+
+def test_an_agent_holds_one_state_and_saves_it_only_at_commit_points(dev: Device) -> None:
+    agent = dev.operator().agent
+    with pytest.raises(RuntimeError, match="no agent state is held"):
+        agent.state  # noqa: B018
+    with agent.holding_state() as state:
+        assert agent.state is state
+        state.pinned = "v1"
+        assert dev.layout.read_state().pinned is None  # not saved before a commit point
+        agent.commit("test")
+        assert dev.layout.read_state().pinned == "v1"
+    with pytest.raises(RuntimeError):
+        agent.state  # noqa: B018
