@@ -84,6 +84,8 @@ def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
 
 
 class DeviceLayout:
+    """``MODEL_DIR`` (``root``): every path under it, and every change to it."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = root / OBJECTS_DIR
@@ -110,8 +112,9 @@ class DeviceLayout:
             for p in self.root.glob(".current.tmp-*"):
                 p.unlink(missing_ok=True)
             # Temp files of write_atomic that a crash left behind: the index ones (up to
-            # 16 MiB each) are only written by a cycle, which holds the lock; state.json is
-            # also written outside it, so only stale ones go there.
+            # 16 MiB each) are only written by a cycle, which holds the lock; next to
+            # state.json, `init` pins root.json before it takes the lock, so only stale
+            # ones go there.
             for p in self.indexes.glob(".tmp-*"):
                 p.unlink(missing_ok=True)
             for p in self.meta.glob(".tmp-*"):
