@@ -1,7 +1,7 @@
 """``deltaship-agent``: keep a device's model at the release its trusted manifest names.
 
 Only maps flags and the TOML configuration onto :class:`edge_agent.config.AgentConfig`, calls
-the service loop (:mod:`edge_agent.service`) or an operator command (:mod:`edge_agent.operator`),
+the service loop (:mod:`edge_agent.service`) or an operator command (:mod:`edge_agent.operations`),
 prints what it returns, and turns every :class:`manifest.errors.DeltashipError` into one line
 on stderr and its exit code.
 """
@@ -26,7 +26,7 @@ from manifest.errors import DeltashipError
 
 from .config import AgentConfig, default_config_path, load_config
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
-from .operator import Operator, StatusReport
+from .operations import Operator, StatusReport
 from .service import run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])

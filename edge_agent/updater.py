@@ -75,7 +75,7 @@ class CycleResult:
 
 class Agent:
     """The update loop of one device. A cycle (or an operator command,
-    :mod:`edge_agent.operator`) holds the device's lock and its state (:meth:`holding_state`)
+    :mod:`edge_agent.operations`) holds the device's lock and its state (:meth:`holding_state`)
     and saves it at named commit points (:meth:`commit`)."""
 
     def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow) -> None:

@@ -1,4 +1,4 @@
-"""Operator commands as library calls (edge_agent.operator): rollback, resume, status, verify.
+"""Operator commands as library calls (edge_agent.operations): rollback, resume, status, verify.
 
 A device is laid out in-process by the agent's own DeviceLayout: signed release indexes from
 the in-memory repository simulator, objects, hard-linked versions, a pinned root and a state
@@ -17,7 +17,7 @@ import pytest
 
 from edge_agent.config import AgentConfig
 from edge_agent.layout import DeviceLayout
-from edge_agent.operator import Operator
+from edge_agent.operations import Operator
 from edge_agent.state import PendingSwitch, SwitchEvent
 from manifest.errors import HashMismatchError, HookError, NotFoundError
 from manifest.metadata import GroupEntry, ObjectRef, ReleaseIndex, TensorEntry
