@@ -1,8 +1,9 @@
 """``deltaship-agent``: keep a device's model at the release its trusted manifest names.
 
-Maps flags and the TOML configuration onto :class:`edge_agent.config.AgentConfig`, runs the
-update loop, and turns every :class:`manifest.errors.DeltashipError` into one line on stderr
-and its exit code.
+Only maps flags and the TOML configuration onto :class:`edge_agent.config.AgentConfig`, calls
+the service loop (:mod:`edge_agent.service`) or an operator command (:mod:`edge_agent.operations`),
+prints what it returns, and turns every :class:`manifest.errors.DeltashipError` into one line
+on stderr and its exit code.
 """
 
 from __future__ import annotations
@@ -11,30 +12,22 @@ import asyncio
 import json
 import logging
 import os
-import shlex
-import signal
 import sys
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import click
 from click.core import ParameterSource
 
 from manifest.cli_errors import exit_on_errors
-from manifest.errors import DeltashipError, HookError, LocalError, NotFoundError
-from manifest.metadata import format_time
-from manifest.storage.atomic import write_atomic
-from manifest.trust import verify_root
+from manifest.errors import DeltashipError
 
-from .config import AgentConfig, default_config_path, load_config, save_config
-from .hooks import parse_hooks
-from .lock import model_dir_lock
-from .state import load_state, rollback_target, save_state
-from .updater import Agent, run_forever
+from .config import AgentConfig, default_config_path, load_config
+from .hook_flags import TIMING_FLAGS, hooks_from_flags
+from .operations import Operator, StatusReport
+from .service import run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -88,74 +81,6 @@ def main() -> None:
 
     Serving code loads MODEL_DIR/current (a symlink switched atomically).
     """
-
-
-def _hooks_from_flags(notify_http: tuple[str, ...], notify_body: str | None,
-                      notify_command: tuple[str, ...], notify_signal: tuple[str, ...],
-                      hook_timeout: float, health_url: str | None, health_command: str | None,
-                      health_expect_version: bool, health_timeout: float, health_attempts: int,
-                      health_interval: float) -> dict[str, object]:
-    """The ``[hooks]`` table that init's --notify-* and --health-* flags describe, validated."""
-
-    def url(flag: str, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise LocalError(f"{flag} {value!r}: not an http:// or https:// URL")
-        return value
-
-    def argv(flag: str, value: str) -> list[str]:
-        try:
-            words = shlex.split(value)
-        except ValueError as e:
-            raise LocalError(f"{flag} {value!r}: {e}") from e
-        if not words:
-            raise LocalError(f"{flag}: the command is empty")
-        return words
-
-    def signal_hook(value: str) -> dict[str, object]:
-        pidfile, _, name = value.rpartition(":") if ":" in value else (value, "", "HUP")
-        name = name.upper().removeprefix("SIG")
-        if not pidfile or f"SIG{name}" not in signal.Signals.__members__:
-            raise LocalError(f"--notify-signal {value!r}: expected PIDFILE or PIDFILE:SIGNAL "
-                             "with a signal name such as HUP or USR1")
-        return {"kind": "signal", "pidfile": str(Path(pidfile).absolute()), "signal": name,
-                "timeout": hook_timeout}
-
-    ctx = click.get_current_context()
-    given = {p for p in ("hook_timeout", "health_timeout", "health_attempts", "health_interval")
-             if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
-    has_health = health_url is not None or health_command is not None
-    if health_url is not None and health_command is not None:
-        raise LocalError("--health-url and --health-command exclude each other: choose one")
-    if notify_body is not None and not notify_http:
-        raise LocalError("--notify-body needs --notify-http")
-    if health_expect_version and health_url is None:
-        raise LocalError("--health-expect-version needs --health-url")
-    if given - {"hook_timeout"} and not has_health:
-        flag = sorted(given - {"hook_timeout"})[0].replace("_", "-")
-        raise LocalError(f"--{flag} needs --health-url or --health-command")
-    if "hook_timeout" in given and not (notify_http or notify_command or notify_signal):
-        raise LocalError("--hook-timeout needs --notify-http, --notify-command or --notify-signal")
-
-    body = {"body": notify_body} if notify_body else {}
-    notify: list[dict[str, object]] = [
-        *({"kind": "http", "url": url("--notify-http", u), **body, "timeout": hook_timeout}
-          for u in notify_http),
-        *({"kind": "command", "argv": argv("--notify-command", c), "timeout": hook_timeout}
-          for c in notify_command),
-        *(signal_hook(s) for s in notify_signal),
-    ]
-    table: dict[str, object] = {"notify": notify} if notify else {}
-    check = {"timeout": health_timeout, "attempts": health_attempts, "interval": health_interval}
-    if health_url is not None:
-        expect = {"expect_version": True} if health_expect_version else {}
-        table["health"] = {"kind": "http", "url": url("--health-url", health_url), **expect,
-                           **check}
-    elif health_command is not None:
-        table["health"] = {"kind": "command", "argv": argv("--health-command", health_command),
-                           **check}
-    parse_hooks(table)
-    return table
 
 
 @main.command()
@@ -227,24 +152,17 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
     flags do not cover (another order or method, a timeout per hook), edit the [hooks] table of
     the configuration file.
     """
-    hooks = _hooks_from_flags(**hook_flags)
-    try:
-        root_bytes = trust.read_bytes()
-    except OSError as e:
-        raise LocalError(f"cannot read the trust root {trust}: {e.strerror}") from e
-    verify_root(root_bytes, now=datetime.now(UTC))
-    model_dir = model_dir.absolute()
-    cfg = AgentConfig(store=store, model_dir=model_dir, device_id=_device_id(device_id),
-                      interval=interval, include=include, endpoint_url=endpoint_url,
-                      max_rate=max_rate, keep=keep, expiry_grace=expiry_grace, hooks=hooks)
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(cfg.trust_path, root_bytes)
+    ctx = click.get_current_context()
+    given = {p for p in TIMING_FLAGS
+             if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
+    hooks = hooks_from_flags(given, **hook_flags)
+    cfg = AgentConfig(store=store, model_dir=model_dir.absolute(),
+                      device_id=_device_id(device_id), interval=interval, include=include,
+                      endpoint_url=endpoint_url, max_rate=max_rate, keep=keep,
+                      expiry_grace=expiry_grace, hooks=hooks)
     path = config_path or default_config_path()
-    save_config(cfg, path)
-    state = load_state(cfg.state_dir / "state.json")
-    state.device_id = cfg.device_id
-    save_state(state, cfg.state_dir / "state.json")
-    click.echo(f"configuration written to {path}\ntrust root pinned at {cfg.trust_path}\n"
+    pinned = Operator(cfg).init(trust, path)
+    click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
                f"device id {cfg.device_id}; start with `deltaship-agent run`")
 
 
@@ -260,8 +178,7 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
     cfg = _load(config_path)
     code = asyncio.run(run_forever(cfg, once=once))
     if once:
-        state = load_state(cfg.state_dir / "state.json")
-        click.echo(state.last_result or "")
+        click.echo(Operator(cfg).status().state.last_result or "")
     sys.exit(code)
 
 
@@ -272,42 +189,26 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
 def status(as_json: bool, config_path: Path | None) -> None:
     """Current and retained versions, pin, failed versions, last check and error, the plan in
     progress and what the last update downloaded."""
-    cfg = _load(config_path)
-    agent = Agent(cfg)
-    state = load_state(agent.state_path)
-    info: dict[str, Any] = {
-        "device_id": state.device_id or cfg.device_id,
-        "current": agent.layout.current() if agent.layout.current_link.exists() else None,
-        "retained": agent.layout.retained() if agent.layout.versions.is_dir() else [],
-        "pinned": state.pinned,
-        "failed_versions": state.failed_versions,
-        "highest_sequence": state.highest_sequence,
-        "last_check": state.last_check,
-        "last_result": state.last_result,
-        "last_error": state.last_error,
-        "bytes_last_update": state.bytes_last_update,
-        "bytes_total": state.bytes_total,
-        "plan": state.plan,
-        "last_update": state.last_update,
-        "store": cfg.store,
-        "model_dir": str(cfg.model_dir),
-    }
+    report = Operator(_load(config_path)).status()
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    plan = info["plan"]
+    for k, v in _status_text(report).items():
+        click.echo(f"{k.replace('_', ' '):<18} {v if v not in (None, []) else '-'}")
+
+
+def _status_text(report: StatusReport) -> dict[str, Any]:
+    info = report.to_dict()
+    plan, last = report.state.plan, report.state.last_update
     if plan:
-        info["plan"] = (f"{plan['version']}: {plan['download_bytes']} bytes to download "
-                        f"(full {plan['full_bytes']})")
-    last = info["last_update"]
+        info["plan"] = (f"{plan.version}: {plan.download_bytes} bytes to download "
+                        f"(full {plan.full_bytes})")
     if last:
         info["last_update"] = (
-            f"{last.get('from') or 'nothing'} -> {last.get('version')} at {last.get('at')}: "
-            f"{last.get('downloaded_bytes', 0)} bytes downloaded (full "
-            f"{last.get('full_bytes', 0)}), {last.get('groups_changed', 0)} of "
-            f"{last.get('groups', 0)} groups changed")
-    for k, v in info.items():
-        click.echo(f"{k.replace('_', ' '):<18} {v if v not in (None, []) else '-'}")
+            f"{last.from_ or 'nothing'} -> {last.version} at {last.at}: "
+            f"{last.downloaded_bytes} bytes downloaded (full {last.full_bytes}), "
+            f"{last.groups_changed} of {last.groups} groups changed")
+    return info
 
 
 @main.command()
@@ -319,40 +220,11 @@ def status(as_json: bool, config_path: Path | None) -> None:
 @_errors
 def rollback(to_version: str | None, config_path: Path | None) -> None:
     """Switch to a retained version (re-verified) and pin the device there; works offline."""
-    cfg = _load(config_path)
-    with model_dir_lock(cfg.state_dir):
-        _rollback(cfg, to_version)
-
-
-def _notify_server(agent: Agent, version: str, done: str) -> None:
-    """Run the hooks and health check for ``version``, which stays live either way."""
-    try:
-        asyncio.run(agent.hooks.after_switch(version, agent.layout.version_dir(version)))
-    except HookError as e:
-        raise HookError(f"{done}, but the model server is not healthy on it: {e}") from e
-
-
-def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
-    agent = Agent(cfg)
-    state = load_state(agent.state_path)
-    current = agent.layout.current()
-    if to_version is None:
-        to_version = rollback_target(state, current, agent.layout.has_version)
-        if to_version is None:
-            raise NotFoundError("no previous version is retained on this device")
-    if not agent.layout.has_version(to_version):
-        raise NotFoundError(f"version {to_version} is not retained on this device "
-                            f"(retained: {', '.join(agent.layout.retained()) or 'none'})")
-    agent.verify_version(to_version, agent.root())
-    agent.layout.switch(to_version)
-    state.pinned = to_version
-    state.pending_switch = None  # the operator's decision replaces any unfinished check
-    state.history.append({"at": format_time(datetime.now(UTC)), "event": "switch",
-                          "from": current, "to": to_version, "reason": "rollback"})
-    save_state(state, agent.state_path)
-    click.echo(f"rolled back {current} -> {to_version}; pinned until `deltaship-agent resume`")
-    # Tell the model server, like after any switch; the operator's choice stands.
-    _notify_server(agent, to_version, f"rolled back to {to_version}")
+    result = Operator(_load(config_path)).rollback(to_version)
+    click.echo(f"rolled back {result.previous} -> {result.version}; "
+               "pinned until `deltaship-agent resume`")
+    if result.unhealthy is not None:
+        raise result.unhealthy
 
 
 @main.command()
@@ -360,14 +232,7 @@ def _rollback(cfg: AgentConfig, to_version: str | None) -> None:
 @_errors
 def resume(config_path: Path | None) -> None:
     """Unpin the device and forget failed versions: follow the store again."""
-    cfg = _load(config_path)
-    path = cfg.state_dir / "state.json"
-    with model_dir_lock(cfg.state_dir):
-        state = load_state(path)
-        was = state.pinned
-        state.pinned = None
-        state.failed_versions = []
-        save_state(state, path)
+    was = Operator(_load(config_path)).resume()
     click.echo(f"resumed (was pinned at {was})" if was else "resumed (was not pinned)")
 
 
@@ -377,24 +242,18 @@ def resume(config_path: Path | None) -> None:
 @_errors
 def verify(repair: bool, config_path: Path | None) -> None:
     """Re-hash the live version against its signed index."""
-    cfg = _load(config_path)
-    agent = Agent(cfg)
-    current = agent.layout.current()
-    if current is None:
-        raise NotFoundError("no version is installed yet")
-    bad = agent.damaged(current, agent.root())
-    if not bad:
+    result = Operator(_load(config_path)).verify(repair)
+    current = result.version
+    if not result.damaged:
         click.echo(f"{current}: every file matches its signed sha256")
         return
-    if not repair:
-        click.echo(f"{current}: damaged: {', '.join(bad)}", err=True)
-        raise DeltashipError(f"{len(bad)} damaged file(s): run `deltaship-agent verify --repair`")
-    from .repair import repair_version
-
-    with model_dir_lock(cfg.state_dir):
-        asyncio.run(repair_version(agent, current, bad))
-    click.echo(f"{current}: repaired {', '.join(bad)}")
-    _notify_server(agent, current, f"repaired {current}")  # it maps the damaged files
+    if not result.repaired:
+        click.echo(f"{current}: damaged: {', '.join(result.damaged)}", err=True)
+        raise DeltashipError(f"{len(result.damaged)} damaged file(s): run "
+                             "`deltaship-agent verify --repair`")
+    click.echo(f"{current}: repaired {', '.join(result.damaged)}")
+    if result.unhealthy is not None:  # the server maps the replaced files
+        raise result.unhealthy
 
 
 @main.command()

@@ -29,7 +29,7 @@ def default_config_path() -> Path:
 @dataclass(frozen=True)
 class AgentConfig:
     store: str
-    model_dir: Path
+    model_dir: Path  # its contents: edge_agent.layout.DeviceLayout
     device_id: str = ""
     interval: float = 300.0  # seconds between polls (jittered)
     include: tuple[str, ...] = ()  # fnmatch patterns of group names; empty: every group
@@ -39,14 +39,6 @@ class AgentConfig:
     expiry_grace: float = 0.0  # seconds a manifest may be past its expiry (bad clocks)
     downloads: int = 4  # concurrent downloads
     hooks: dict[str, object] = field(default_factory=dict)  # the [hooks] table (edge_agent.hooks)
-
-    @property
-    def state_dir(self) -> Path:
-        return self.model_dir / ".deltaship"
-
-    @property
-    def trust_path(self) -> Path:
-        return self.state_dir / "root.json"
 
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",

@@ -1,4 +1,4 @@
-"""The device's model directory on disk, and the only code that changes it.
+"""The device's model directory on disk: the only code that names a path under it or changes it.
 
 ::
 
@@ -9,6 +9,7 @@
       objects/<sha256>             verified content: group files and other files (read-only)
       .deltaship/
         state.json, root.json      agent state and the pinned trust root
+        manifest.json, lock        the last verified manifest; held by the one writer
         indexes/<V>.json           the signed release index of each retained version
         downloads/<sha256>         store objects being downloaded (kept across restarts)
         staging/, tmp/             half-built versions and patch outputs (cleared on start)
@@ -27,17 +28,23 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
+from manifest.constants import MANIFEST_KEY, ROOT_KEY
 from manifest.constants import WEIGHT_INDEX_FILE as INDEX_FILE
 from manifest.errors import LocalError, disk_errors
 from manifest.metadata import ReleaseIndex
 from manifest.storage.atomic import fsync_dir, write_atomic
 
+from .lock import model_dir_lock
+from .state import AgentState
+
 __all__ = [
     "CURRENT_LINK",
     "META_DIR",
     "OBJECTS_DIR",
+    "STALE_TMP_SECONDS",
     "STATE_FILE",
     "VERSIONS_DIR",
     "DeviceLayout",
@@ -51,6 +58,9 @@ VERSIONS_DIR = "versions"
 OBJECTS_DIR = "objects"
 META_DIR = ".deltaship"  # the agent's private files
 STATE_FILE = "state.json"
+PINNED_ROOT_FILE = ROOT_KEY  # the trust root `init` pinned, named as in the store
+MANIFEST_COPY_FILE = MANIFEST_KEY  # the last verified manifest, named as in the store
+LOCK_FILE = "lock"
 
 STALE_TMP_SECONDS = 600  # a temp file this old belongs to no live writer
 
@@ -74,6 +84,8 @@ def weight_index(index: ReleaseIndex, groups: set[str]) -> bytes:
 
 
 class DeviceLayout:
+    """``MODEL_DIR`` (``root``): every path under it, and every change to it."""
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.objects = root / OBJECTS_DIR
@@ -84,6 +96,10 @@ class DeviceLayout:
         self.downloads = self.meta / "downloads"
         self.staging = self.meta / "staging"
         self.tmp = self.meta / "tmp"
+        self.state_file = self.meta / STATE_FILE
+        self.root_file = self.meta / PINNED_ROOT_FILE
+        self.manifest_copy = self.meta / MANIFEST_COPY_FILE
+        self.lock_file = self.meta / LOCK_FILE
 
     def prepare(self) -> None:
         """Create the directories; drop half-built work a crash may have left behind."""
@@ -96,14 +112,79 @@ class DeviceLayout:
             for p in self.root.glob(".current.tmp-*"):
                 p.unlink(missing_ok=True)
             # Temp files of write_atomic that a crash left behind: the index ones (up to
-            # 16 MiB each) are only written by a cycle, which holds the lock; state.json is
-            # also written outside it, so only stale ones go there.
+            # 16 MiB each) are only written by a cycle, which holds the lock; next to
+            # state.json, `init` pins root.json before it takes the lock, so only stale
+            # ones go there.
             for p in self.indexes.glob(".tmp-*"):
                 p.unlink(missing_ok=True)
             for p in self.meta.glob(".tmp-*"):
                 with contextlib.suppress(FileNotFoundError):
                     if time.time() - p.stat().st_mtime > STALE_TMP_SECONDS:
                         p.unlink(missing_ok=True)
+
+    # -- the agent's own files -------------------------------------------------------------
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """One writer at a time (the service's cycles and operator commands)."""
+        return model_dir_lock(self.lock_file, self.root)
+
+    def read_state(self) -> AgentState:
+        """The saved agent state; a fresh one when there is none yet."""
+        try:
+            data = self.state_file.read_bytes()
+        except FileNotFoundError:
+            return AgentState()
+        except OSError as e:
+            raise LocalError(
+                f"agent state {self.state_file} is unreadable ({e}): fix or remove it"
+            ) from e
+        return AgentState.from_json(data, str(self.state_file))
+
+    def write_state(self, state: AgentState) -> None:
+        self.meta.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.state_file, state.to_json())
+
+    def pin_root(self, data: bytes) -> None:
+        """Pin the trust root (``init``): every manifest and index is verified against it."""
+        with disk_errors(self.root):
+            self.meta.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.root_file, data)
+
+    def read_root(self) -> bytes:
+        try:
+            return self.root_file.read_bytes()
+        except FileNotFoundError as e:
+            raise LocalError(
+                f"no pinned trust root at {self.root_file}: run `deltaship-agent init`"
+            ) from e
+
+    def has_manifest(self) -> bool:
+        return self.manifest_copy.is_file()
+
+    def load_manifest(self) -> bytes:
+        return self.manifest_copy.read_bytes()
+
+    def save_manifest(self, data: bytes) -> None:
+        """Keep the last verified manifest, to re-check its expiry when the store says 304."""
+        with disk_errors(self.root):
+            write_atomic(self.manifest_copy, data)
+
+    # -- downloads (kept across restarts: the transport resumes them) ------------------------
+
+    def download_path(self, sha256: str) -> Path:
+        """Where the store object ``sha256`` is downloaded to."""
+        return self.downloads / sha256
+
+    def discard_download(self, sha256: str) -> None:
+        self.download_path(sha256).unlink(missing_ok=True)
+
+    def partial_download_bytes(self) -> int:
+        """Bytes already downloaded (they count towards the space an update needs)."""
+        return sum(p.stat().st_size for p in self.downloads.iterdir())
+
+    def clear_downloads(self) -> None:
+        for p in self.downloads.iterdir():
+            p.unlink(missing_ok=True)
 
     # -- objects ---------------------------------------------------------------------------
 
@@ -140,10 +221,15 @@ class DeviceLayout:
     def version_dir(self, version: str) -> Path:
         return self.versions / version
 
+    def _index_path(self, version: str) -> Path:
+        return self.indexes / f"{version}.json"
+
     def has_version(self, version: str) -> bool:
-        return self.version_dir(version).is_dir() and (self.indexes / f"{version}.json").is_file()
+        return self.version_dir(version).is_dir() and self._index_path(version).is_file()
 
     def retained(self) -> list[str]:
+        if not self.versions.is_dir():  # nothing installed yet
+            return []
         return sorted(p.name for p in self.versions.iterdir() if p.is_dir())
 
     def current(self) -> str | None:
@@ -153,18 +239,17 @@ class DeviceLayout:
             return None
         return Path(target).name
 
-    def save_manifest(self, data: bytes) -> None:
-        """Keep the last verified manifest, to re-check its expiry when the store says 304."""
-        with disk_errors(self.root):
-            write_atomic(self.meta / "manifest.json", data)
+    def live_version(self) -> str | None:
+        """The version ``current`` names, if it names one that exists (for ``status``)."""
+        return self.current() if self.current_link.exists() else None
 
     def save_index(self, version: str, data: bytes) -> None:
         with disk_errors(self.root):
-            write_atomic(self.indexes / f"{version}.json", data)
+            write_atomic(self._index_path(version), data)
 
     def load_index_bytes(self, version: str) -> bytes:
         try:
-            return (self.indexes / f"{version}.json").read_bytes()
+            return self._index_path(version).read_bytes()
         except FileNotFoundError as e:
             raise LocalError(f"version {version} has no saved release index") from e
 
@@ -210,7 +295,29 @@ class DeviceLayout:
             trash = Path(tempfile.mkdtemp(prefix="gc.", dir=self.staging))
             os.rename(d, trash / version)
             shutil.rmtree(trash, ignore_errors=True)
-        (self.indexes / f"{version}.json").unlink(missing_ok=True)
+        self._index_path(version).unlink(missing_ok=True)
+
+    def damaged_files(self, version: str, expected: Iterable[tuple[str, str]]) -> list[str]:
+        """The names of ``expected`` (name, sha256) that ``versions/<V>`` lacks or holds with
+        other content, re-hashed from disk."""
+        vdir = self.version_dir(version)
+        return [name for name, sha256 in expected
+                if not (vdir / name).is_file() or hash_file(vdir / name) != sha256]
+
+    def replace_file(self, version: str, name: str, sha256: str) -> None:
+        """Put the object ``sha256`` at ``name`` in ``versions/<V>`` (``verify --repair``).
+
+        A new hard link renamed over the damaged file: a reader sees the old file or the new
+        one, never a missing or half-written file.
+        """
+        vdir = self.version_dir(version)
+        dest = vdir / name
+        with disk_errors(self.root):
+            tmp = vdir / f".repair-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.link(self.object_path(sha256), tmp)
+            os.replace(tmp, dest)
+            fsync_dir(str(dest.parent))
 
     def referenced_objects(self) -> set[str]:
         refs: set[str] = set()
@@ -221,7 +328,7 @@ class DeviceLayout:
         return refs
 
     def collect_garbage(self) -> int:
-        """Remove objects no retained version links to, and stale downloads; bytes freed."""
+        """Remove the objects no retained version links to; bytes freed."""
         live_inodes = self.referenced_objects()
         freed = 0
         for p in self.objects.iterdir():

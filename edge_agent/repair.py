@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 from manifest.download_plan import GroupStep
@@ -19,7 +18,7 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
     """Re-fetch each damaged file in full, verify it, and relink it into the version."""
     root = agent.root()
     index = agent.local_index(version, root)
-    vdir = agent.layout.version_dir(version)
+    layout = agent.layout
     source = open_source(agent.cfg.store, endpoint_url=agent.cfg.endpoint_url,
                          max_rate=agent.cfg.max_rate)
     sem = asyncio.Semaphore(1)
@@ -28,22 +27,19 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
             for name in bad:
                 group = next((g for g in index.groups if g.file == name), None)
                 if group is not None:
-                    agent.layout.remove_object(group.sha256)
+                    layout.remove_object(group.sha256)
                     obj = await agent.download(source, sem, group.full, group.name, _ignore)
                     step = GroupStep(group, "full", group.full)
-                    await asyncio.to_thread(install_group, agent.layout, step, obj, ex)
-                    sha = group.sha256
+                    await asyncio.to_thread(install_group, layout, step, obj, ex)
+                    sha, fetched = group.sha256, group.full.sha256
                 else:
                     entry = next(f for f in index.files if f.path == name)
-                    agent.layout.remove_object(entry.sha256)
+                    layout.remove_object(entry.sha256)
                     obj = await agent.download(source, sem, entry.object, name, _ignore)
-                    await asyncio.to_thread(install_file, agent.layout, entry, obj)
-                    sha = entry.sha256
-                obj.unlink(missing_ok=True)
-                tmp = vdir / f".repair-{os.getpid()}"
-                tmp.unlink(missing_ok=True)
-                os.link(agent.layout.object_path(sha), tmp)
-                os.replace(tmp, vdir / name)  # atomic: readers see the old or the new file
+                    await asyncio.to_thread(install_file, layout, entry, obj)
+                    sha, fetched = entry.sha256, entry.object.sha256
+                layout.discard_download(fetched)
+                layout.replace_file(version, name, sha)
         agent.verify_version(version, root)
     finally:
         await source.close()

@@ -1,22 +1,243 @@
-"""The agent's durable state (``<model-dir>/.deltaship/state.json``), written atomically.
+"""The agent's durable state as typed records: JSON bytes in, JSON bytes out, no I/O.
 
 It holds what must survive a restart or a power cut: the highest manifest sequence ever
 verified (replay protection), the manifest's ETag, whether an operator pinned the device, the
-versions that failed and must not be retried, and what the last check did.
+versions that failed and must not be retried, the plan in progress, a switch whose verdict is
+pending, the last update and the history of switches. Where it lives is
+:class:`edge_agent.layout.DeviceLayout`'s business; the update loop loads it once per cycle and
+saves it at named commit points (:meth:`edge_agent.updater.Agent.commit`).
+
+The file is one JSON object whose shape does not change between versions of the agent: every
+record reads what older agents wrote (a missing field takes its default) and keeps the fields
+it does not know in ``unrecognized``, written back as they were. A wrong type is a
+:class:`~manifest.errors.LocalError` that names the file.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from manifest.download_plan import Plan
 from manifest.errors import LocalError
-from manifest.storage.atomic import write_atomic
 
-__all__ = ["AgentState", "live_stack", "load_state", "rollback_target", "save_state"]
+__all__ = [
+    "HISTORY_KEPT",
+    "AgentState",
+    "FilePlan",
+    "GroupPlan",
+    "PendingSwitch",
+    "PlanRecord",
+    "SwitchEvent",
+    "UpdateRecord",
+    "live_stack",
+    "rollback_target",
+]
+
+HISTORY_KEPT = 50  # switch events a saved state keeps (the newest)
+ROLLBACK = "rollback"  # the reason of an operator's switch
+HEALTH_FAILED = "health check failed"  # the reason of a switch back after a failed check
+
+
+class _Malformed(ValueError):
+    pass
+
+
+class _Fields:
+    """Pops typed fields from a JSON object; what is left over is ``unrecognized``."""
+
+    def __init__(self, d: object, where: str) -> None:
+        if not isinstance(d, dict):
+            raise _Malformed(f"{where} is not a JSON object")
+        self.d: dict[str, Any] = dict(d)
+        self.where = where
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        """The value of ``key``; a missing key gives ``default`` (none: required); ``null`` is
+        accepted only where the default is None."""
+        if key not in self.d:
+            if default is ...:
+                raise _Malformed(f"{self.where}: missing field {key!r}")
+            return default
+        v = self.d.pop(key)
+        if v is None and default is None:
+            return None
+        if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
+            raise _Malformed(f"{self.where}.{key} has the wrong type")
+        return v
+
+    def strings(self, key: str) -> list[str]:
+        v = self.take(key, list, [])
+        if not all(isinstance(s, str) for s in v):
+            raise _Malformed(f"{self.where}.{key} must be a list of strings")
+        return list(v)
+
+    def rest(self) -> dict[str, Any]:
+        return self.d
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    kind: str  # "have", "patch" or "full"
+    bytes: int
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> GroupPlan:
+        r = _Fields(d, where)
+        return cls(r.take("kind", str), r.take("bytes", int, 0), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "kind": self.kind, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    bytes: int
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> FilePlan:
+        r = _Fields(d, where)
+        return cls(r.take("bytes", int, 0), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """What the update in progress downloads (``status`` shows it until the switch)."""
+
+    version: str
+    download_bytes: int
+    full_bytes: int
+    groups: Mapping[str, GroupPlan] = field(default_factory=dict)
+    files: Mapping[str, FilePlan] = field(default_factory=dict)
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, plan: Plan) -> PlanRecord:
+        return cls(
+            plan.version, plan.download_bytes, plan.full_bytes,
+            {s.group.name: GroupPlan(s.kind, s.download) for s in plan.groups},
+            {s.file.path: FilePlan(s.download) for s in plan.files},
+        )
+
+    @property
+    def groups_changed(self) -> int:
+        return sum(1 for g in self.groups.values() if g.kind != "have")
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> PlanRecord:
+        r = _Fields(d, where)
+        groups, files = r.take("groups", dict, {}), r.take("files", dict, {})
+        return cls(
+            r.take("version", str), r.take("download_bytes", int, 0), r.take("full_bytes", int, 0),
+            {k: GroupPlan.from_dict(v, f"{where}.groups.{k}") for k, v in groups.items()},
+            {k: FilePlan.from_dict(v, f"{where}.files.{k}") for k, v in files.items()},
+            r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "version": self.version,
+            "download_bytes": self.download_bytes,
+            "full_bytes": self.full_bytes,
+            "groups": {k: g.to_dict() for k, g in self.groups.items()},
+            "files": {k: f.to_dict() for k, f in self.files.items()},
+        }
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """The last update that went live, and what it downloaded."""
+
+    version: str
+    from_: str | None
+    at: str
+    downloaded_bytes: int = 0
+    planned_bytes: int = 0
+    full_bytes: int = 0
+    groups_changed: int = 0
+    groups: int = 0
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> UpdateRecord:
+        r = _Fields(d, where)
+        return cls(
+            r.take("version", str), r.take("from", str, None), r.take("at", str, ""),
+            downloaded_bytes=r.take("downloaded_bytes", int, 0),
+            planned_bytes=r.take("planned_bytes", int, 0),
+            full_bytes=r.take("full_bytes", int, 0),
+            groups_changed=r.take("groups_changed", int, 0),
+            groups=r.take("groups", int, 0),
+            unrecognized=r.rest(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "version": self.version, "from": self.from_, "at": self.at,
+            "downloaded_bytes": self.downloaded_bytes, "planned_bytes": self.planned_bytes,
+            "full_bytes": self.full_bytes, "groups_changed": self.groups_changed,
+            "groups": self.groups,
+        }
+
+
+@dataclass(frozen=True)
+class PendingSwitch:
+    """A switch whose hooks and health check have not given their verdict yet.
+
+    Saved before ``current`` moves; a restart finishes the check (or switches back) first.
+    ``failed``: the check failed and the switch back was under way.
+    """
+
+    from_: str | None
+    to: str
+    failed: str | None = None
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> PendingSwitch:
+        r = _Fields(d, where)
+        return cls(r.take("from", str, None), r.take("to", str), r.take("failed", str, None),
+                   r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        failed = {} if self.failed is None else {"failed": self.failed}
+        return {**self.unrecognized, "from": self.from_, "to": self.to, **failed}
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    """One entry of the history: ``current`` moved from ``from_`` to ``to``."""
+
+    at: str
+    event: str  # "switch"
+    from_: str | None
+    to: str | None
+    reason: str | None = None  # None (an update), ROLLBACK or HEALTH_FAILED
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def switch(cls, at: str, from_: str | None, to: str, reason: str | None = None) -> SwitchEvent:
+        return cls(at, "switch", from_, to, reason)
+
+    @classmethod
+    def from_dict(cls, d: object, where: str) -> SwitchEvent:
+        r = _Fields(d, where)
+        return cls(r.take("at", str, ""), r.take("event", str), r.take("from", str, None),
+                   r.take("to", str, None), r.take("reason", str, None), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        reason = {} if self.reason is None else {"reason": self.reason}
+        return {**self.unrecognized, "at": self.at, "event": self.event, "from": self.from_,
+                "to": self.to, **reason}
 
 
 @dataclass
@@ -31,34 +252,89 @@ class AgentState:
     last_error: str | None = None
     bytes_last_update: int = 0
     bytes_total: int = 0
-    plan: dict[str, Any] | None = None
-    # The last update that went live: {"version", "from", "at", "downloaded_bytes",
-    # "planned_bytes", "full_bytes", "groups_changed", "groups"}.
-    last_update: dict[str, Any] | None = None
-    # A switch whose hooks and health check have not given their verdict yet: {"from", "to"}.
-    # Saved before `current` moves; a restart finishes the check (or switches back) first.
-    pending_switch: dict[str, Any] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)  # installs and switches
+    plan: PlanRecord | None = None
+    last_update: UpdateRecord | None = None
+    pending_switch: PendingSwitch | None = None
+    history: list[SwitchEvent] = field(default_factory=list)
+    unrecognized: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # -- transitions -----------------------------------------------------------------------
+
+    def mark_failed(self, version: str) -> None:
+        if version not in self.failed_versions:
+            self.failed_versions.append(version)
+
+    def finish_update(self, target: str, previous: str | None, at: str) -> None:
+        """``target`` went live (its check passed): record it and forget the plan."""
+        self.history.append(SwitchEvent.switch(at, previous, target))
+        plan = self.plan if self.plan is not None and self.plan.version == target else None
+        self.last_update = UpdateRecord(
+            target, previous, at,
+            downloaded_bytes=self.bytes_last_update if plan else 0,
+            planned_bytes=plan.download_bytes if plan else 0,
+            full_bytes=plan.full_bytes if plan else 0,
+            groups_changed=plan.groups_changed if plan else 0,
+            groups=len(plan.groups) if plan else 0,
+        )
+        self.plan = None
+        self.pending_switch = None
+
+    # -- JSON ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> AgentState:
+        """Parse a saved state; ``where`` (its path) names it in the error."""
+        try:
+            r = _Fields(json.loads(data), "state")
+            plan, last, pending = (r.take(k, dict, None)
+                                   for k in ("plan", "last_update", "pending_switch"))
+            history = r.take("history", list, [])
+            return cls(
+                device_id=r.take("device_id", str, ""),
+                highest_sequence=r.take("highest_sequence", int, 0),
+                manifest_etag=r.take("manifest_etag", str, None),
+                pinned=r.take("pinned", str, None),
+                failed_versions=r.strings("failed_versions"),
+                last_check=r.take("last_check", str, None),
+                last_result=r.take("last_result", str, None),
+                last_error=r.take("last_error", str, None),
+                bytes_last_update=r.take("bytes_last_update", int, 0),
+                bytes_total=r.take("bytes_total", int, 0),
+                plan=None if plan is None else PlanRecord.from_dict(plan, "plan"),
+                last_update=None if last is None else UpdateRecord.from_dict(last, "last_update"),
+                pending_switch=(None if pending is None
+                                else PendingSwitch.from_dict(pending, "pending_switch")),
+                history=[SwitchEvent.from_dict(h, f"history[{i}]") for i, h in enumerate(history)],
+                unrecognized=r.rest(),
+            )
+        except ValueError as e:  # bad UTF-8 or JSON, or _Malformed
+            raise LocalError(f"agent state {where} is unreadable ({e}): fix or remove it") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "device_id": self.device_id,
+            "highest_sequence": self.highest_sequence,
+            "manifest_etag": self.manifest_etag,
+            "pinned": self.pinned,
+            "failed_versions": list(self.failed_versions),
+            "last_check": self.last_check,
+            "last_result": self.last_result,
+            "last_error": self.last_error,
+            "bytes_last_update": self.bytes_last_update,
+            "bytes_total": self.bytes_total,
+            "plan": None if self.plan is None else self.plan.to_dict(),
+            "last_update": None if self.last_update is None else self.last_update.to_dict(),
+            "pending_switch": (None if self.pending_switch is None
+                               else self.pending_switch.to_dict()),
+            "history": [h.to_dict() for h in self.history[-HISTORY_KEPT:]],
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
 
 
-def load_state(path: Path) -> AgentState:
-    try:
-        doc = json.loads(path.read_text("utf-8"))
-    except FileNotFoundError:
-        return AgentState()
-    except (OSError, ValueError) as e:
-        raise LocalError(f"agent state {path} is unreadable ({e}): fix or remove it") from e
-    known = AgentState.__dataclass_fields__
-    return AgentState(**{k: v for k, v in doc.items() if k in known})
-
-
-def save_state(state: AgentState, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state.history = state.history[-50:]
-    write_atomic(path, json.dumps(asdict(state), indent=2, sort_keys=True).encode() + b"\n")
-
-
-def live_stack(history: list[dict[str, Any]]) -> list[str]:
+def live_stack(history: Sequence[SwitchEvent]) -> list[str]:
     """The versions a rollback goes back through, oldest first (pure).
 
     An update pushes the version it switched to; a rollback, or a switch back after a failed
@@ -67,16 +343,15 @@ def live_stack(history: list[dict[str, Any]]) -> list[str]:
     """
     stack: list[str] = []
     for h in history:
-        frm, to = h.get("from"), h.get("to")
-        if h.get("event") != "switch" or not isinstance(to, str):
+        if h.event != "switch" or h.to is None:
             continue
-        if h.get("reason") in ("rollback", "health check failed") and to in stack:
-            del stack[len(stack) - stack[::-1].index(to):]
+        if h.reason in (ROLLBACK, HEALTH_FAILED) and h.to in stack:
+            del stack[len(stack) - stack[::-1].index(h.to):]
             continue
-        if not stack and isinstance(frm, str):
-            stack.append(frm)
-        if not stack or stack[-1] != to:
-            stack.append(to)
+        if not stack and h.from_ is not None:
+            stack.append(h.from_)
+        if not stack or stack[-1] != h.to:
+            stack.append(h.to)
     return stack
 
 

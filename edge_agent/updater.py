@@ -5,31 +5,39 @@ highest sequence seen, fetch and verify the release index, plan, check free spac
 what is missing (several at once, resumable), install and verify every object, build the
 version directory, switch ``current`` atomically, keep ``keep`` previous versions and remove
 what nothing references. "Nothing new", "retry later" and "refuse" are decided here; parsers
-and verifiers only say what is wrong.
+and verifiers only say what is wrong. (The service loop that paces cycles: ``service.py``.)
+
+A cycle holds the model directory's lock and ONE :class:`~edge_agent.state.AgentState`, loaded
+when it starts and saved at named commit points, each where a restart must see what happened:
+
+* "manifest verified": the new highest sequence and ETag (replay protection);
+* "plan made", "installed": the plan in progress, then the bytes it downloaded;
+* "switch pending": saved before ``current`` moves, so a restart gives the switch's verdict;
+* "switch failed", "switched back": a failed check, saved before switching back;
+* "switch done": the verdict, the history entry and the last update; the plan is forgotten;
+* "cycle recorded": the outcome (or error) of the cycle, for ``status``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import random
-import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from manifest.constants import MANIFEST_KEY
 from manifest.download_plan import Plan, make_plan, wanted_groups
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
     HashMismatchError,
     HookError,
-    LocalError,
-    TransportError,
 )
 from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
 from manifest.trust import (
@@ -43,16 +51,13 @@ from manifest.trust import (
 from .config import AgentConfig
 from .hooks import parse_hooks
 from .install import check_download, install_file, install_group
-from .layout import DeviceLayout, hash_file
-from .lock import model_dir_lock
-from .retry import RetryPolicy, RetryState
-from .state import AgentState, load_state, save_state
-from .transport import Source, open_source
+from .layout import DeviceLayout
+from .state import HEALTH_FAILED, AgentState, PendingSwitch, PlanRecord, SwitchEvent
+from .transport import Source
 
-__all__ = ["Agent", "CycleResult", "next_poll_delay", "run_forever"]
+__all__ = ["Agent", "CycleResult"]
 
 log = logging.getLogger("deltaship.agent")
-MANIFEST_COPY = "manifest.json"
 SPACE_MARGIN = 16 * 1024 * 1024
 
 
@@ -69,29 +74,48 @@ class CycleResult:
 
 
 class Agent:
+    """The update loop of one device. A cycle (or an operator command,
+    :mod:`edge_agent.operations`) holds the device's lock and its state (:meth:`holding_state`)
+    and saves it at named commit points (:meth:`commit`)."""
+
     def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow) -> None:
         self.cfg = cfg
         self.now = now
         self.layout = DeviceLayout(cfg.model_dir)
-        self.state_path = cfg.state_dir / "state.json"
         self.grace = timedelta(seconds=cfg.expiry_grace)
         self.hooks = parse_hooks(dict(cfg.hooks))
+        self._state: AgentState | None = None
+
+    # -- the state a cycle or command holds ------------------------------------------------
+
+    @contextlib.contextmanager
+    def holding_state(self) -> Iterator[AgentState]:
+        """Hold the model directory's lock and its state, loaded once, until the block ends."""
+        with self.layout.lock():
+            self._state = self.layout.read_state()
+            try:
+                yield self._state
+            finally:
+                self._state = None
+
+    @property
+    def state(self) -> AgentState:
+        if self._state is None:
+            raise RuntimeError("no agent state is held: use Agent.holding_state()")
+        return self._state
+
+    def commit(self, point: str) -> None:
+        """Save the held state: ``point`` names what a restart (or a kill) must see."""
+        log.debug("saving the agent state: %s", point)
+        self.layout.write_state(self.state)
 
     # -- trust -----------------------------------------------------------------------------
 
     def root(self) -> Root:
-        try:
-            data = self.cfg.trust_path.read_bytes()
-        except FileNotFoundError as e:
-            raise LocalError(
-                f"no pinned trust root at {self.cfg.trust_path}: run `deltaship-agent init`"
-            ) from e
-        return verify_root(data, now=self.now(), grace=self.grace)
+        return verify_root(self.layout.read_root(), now=self.now(), grace=self.grace)
 
     def local_index(self, version: str, root: Root) -> ReleaseIndex:
         """A retained version's saved index, re-verified against the pinned root."""
-        import hashlib
-
         data = self.layout.load_index_bytes(version)
         pointer = ReleasePointer(
             version, ObjectRef(hashlib.sha256(data).hexdigest(), len(data), "json")
@@ -101,20 +125,35 @@ class Agent:
     # -- one cycle -------------------------------------------------------------------------
 
     async def cycle(self, source: Source) -> CycleResult:
-        with model_dir_lock(self.cfg.state_dir):
-            return await self._cycle(source)
+        """One update cycle; its outcome (or failure) is recorded in the state."""
+        with self.holding_state():
+            try:
+                result = await self._cycle(source)
+            except DeltashipError as e:
+                try:
+                    self._record("failed", e)
+                except DeltashipError as why:  # a full disk: keep the cycle's own error
+                    log.warning("could not record the failure: %s", why)
+                raise
+            self._record(result.message, None)
+            return result
+
+    def _record(self, result: str, error: DeltashipError | None) -> None:
+        self.state.last_check = format_time(self.now())
+        self.state.last_result = result
+        self.state.last_error = str(error) if error else None
+        self.commit("cycle recorded")
 
     async def _cycle(self, source: Source) -> CycleResult:
         self.layout.prepare()
-        state = load_state(self.state_path)
+        state = self.state
         if state.pending_switch is not None:
             await self.finish_pending_switch(state.pending_switch)
-            state = load_state(self.state_path)
         root = self.root()
-        etag = state.manifest_etag if (self.cfg.state_dir / MANIFEST_COPY).is_file() else None
-        data, new_etag = await source.get_small(MANIFEST_COPY, MAX_MANIFEST_SIZE, etag)
+        etag = state.manifest_etag if self.layout.has_manifest() else None
+        data, new_etag = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, etag)
         if data is None:  # unchanged since we last verified it: check it again (expiry)
-            data = (self.cfg.state_dir / MANIFEST_COPY).read_bytes()
+            data = self.layout.load_manifest()
         manifest = verify_manifest(
             data, root, now=self.now(), min_sequence=state.highest_sequence, grace=self.grace
         )
@@ -122,7 +161,7 @@ class Agent:
             self.layout.save_manifest(data)
             state.highest_sequence = manifest.sequence
             state.manifest_etag = new_etag
-            save_state(state, self.state_path)
+            self.commit("manifest verified")
         target = manifest.current.version
         current = self.layout.current()
         if state.pinned:
@@ -147,10 +186,9 @@ class Agent:
             )
             assert ibytes is not None
             index = verify_index(ibytes, manifest.current, root)
-            downloaded = await self.install(source, index, ibytes, state)
-        state = load_state(self.state_path)
-        state.pending_switch = {"from": current, "to": target}
-        save_state(state, self.state_path)
+            downloaded = await self.install(source, index, ibytes)
+        state.pending_switch = PendingSwitch(current, target)
+        self.commit("switch pending")
         self.layout.switch(target)
         log.info("switched to %s (was %s)", target, current or "nothing")
         await self.check_health(target, current)
@@ -158,45 +196,31 @@ class Agent:
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
                            downloaded)
 
+    # -- the verdict on a switch -----------------------------------------------------------
+
     def commit_switch(self, target: str, previous: str | None) -> None:
         """The new version passed its checks: record it, forget the plan, prune."""
-        state = load_state(self.state_path)
-        at = format_time(self.now())
-        state.history.append({"at": at, "event": "switch", "from": previous, "to": target})
-        plan = state.plan if state.plan and state.plan.get("version") == target else None
-        groups = plan.get("groups", {}) if plan else {}
-        state.last_update = {
-            "version": target, "from": previous, "at": at,
-            "downloaded_bytes": state.bytes_last_update if plan else 0,
-            "planned_bytes": plan.get("download_bytes", 0) if plan else 0,
-            "full_bytes": plan.get("full_bytes", 0) if plan else 0,
-            "groups_changed": sum(1 for g in groups.values() if g.get("kind") != "have"),
-            "groups": len(groups),
-        }
-        state.plan = None
-        state.pending_switch = None
-        save_state(state, self.state_path)
-        self.prune(target, previous=previous)
+        self.state.finish_update(target, previous, format_time(self.now()))
+        self.commit("switch done")
+        self.prune(target)
 
-    async def finish_pending_switch(self, pending: dict[str, Any]) -> None:
+    async def finish_pending_switch(self, pending: PendingSwitch) -> None:
         """A previous run stopped before its switch's verdict was recorded: finish it now."""
-        target, previous = pending.get("to"), pending.get("from")
-        prev = previous if isinstance(previous, str) else None
-        state = load_state(self.state_path)
-        if not isinstance(target, str) or state.pinned:  # an operator decided since
-            state.pending_switch = None
-            save_state(state, self.state_path)
+        target, previous = pending.to, pending.from_
+        if self.state.pinned:  # an operator decided since
+            self.state.pending_switch = None
+            self.commit("pending switch dropped: pinned")
             return
-        if isinstance(pending.get("failed"), str) and prev is not None:
-            log.warning("recording the interrupted switch back from %s to %s", target, prev)
-            await self._switch_back(target, prev, HookError(pending["failed"]))
+        if pending.failed is not None and previous is not None:
+            log.warning("recording the interrupted switch back from %s to %s", target, previous)
+            await self._switch_back(target, previous, HookError(pending.failed))
         if self.layout.current() != target:  # it never switched
-            state.pending_switch = None
-            save_state(state, self.state_path)
+            self.state.pending_switch = None
+            self.commit("pending switch dropped: never switched")
             return
         log.warning("the check of %s was interrupted: checking it again", target)
-        await self.check_health(target, prev)
-        self.commit_switch(target, prev)
+        await self.check_health(target, previous)
+        self.commit_switch(target, previous)
 
     async def check_health(self, target: str, previous: str | None) -> None:
         """Notify the model server and check it; on failure switch back and remember.
@@ -218,9 +242,9 @@ class Agent:
     async def _switch_back(self, target: str, previous: str, failure: HookError) -> None:
         """Undo a failed switch and remember the failure; raises HookError. Idempotent: the
         failure is saved first, so a stop half-way is finished by the next run."""
-        state = load_state(self.state_path)
-        state.pending_switch = {"from": previous, "to": target, "failed": str(failure)}
-        save_state(state, self.state_path)
+        state = self.state
+        state.pending_switch = PendingSwitch(previous, target, failed=str(failure))
+        self.commit("switch failed")
         back = self.layout.has_version(previous)
         if back:
             if self.layout.current() != previous:
@@ -229,37 +253,34 @@ class Agent:
                 await self.hooks.after_switch(previous, self.layout.version_dir(previous))
             except Exception as e:
                 log.error("the previous version %s is not healthy either: %s", previous, e)
-        state = load_state(self.state_path)
-        if target not in state.failed_versions:
-            state.failed_versions.append(target)
+        state.mark_failed(target)
         if back:
-            state.history.append({"at": format_time(self.now()), "event": "switch",
-                                  "from": target, "to": previous,
-                                  "reason": "health check failed"})
+            state.history.append(SwitchEvent.switch(format_time(self.now()), target, previous,
+                                                    HEALTH_FAILED))
         state.plan = None
         state.pending_switch = None
-        save_state(state, self.state_path)
+        self.commit("switched back")
         if not back:
             raise HookError(f"{target} failed after the switch ({failure}), and {previous} is "
                             "no longer on this device to switch back to: fix the model server "
                             "or release a fixed version") from failure
-        self.prune(previous, previous=None)  # the failed version's files go
+        self.prune(previous)  # the failed version's files go
         raise HookError(
             f"{target} failed after the switch ({failure}); switched back to "
             f"{previous} and will not retry {target} until a newer release or "
             "`deltaship-agent resume`"
         ) from failure
 
-    async def install(
-        self, source: Source, index: ReleaseIndex, index_bytes: bytes, state: AgentState
-    ) -> int:
+    # -- installing a release --------------------------------------------------------------
+
+    async def install(self, source: Source, index: ReleaseIndex, index_bytes: bytes) -> int:
         plan = make_plan(index, self.layout.object_shas(), self.cfg.include)
         log.info("plan for %s: download %d bytes (full download: %d) for %d groups, %d files",
                  index.version, plan.download_bytes, plan.full_bytes,
                  sum(1 for s in plan.groups if s.kind != "have"),
                  sum(1 for s in plan.files if not s.have))
-        state.plan = plan.to_dict()
-        save_state(state, self.state_path)
+        self.state.plan = PlanRecord.of(plan)
+        self.commit("plan made")
         self.check_space(plan)
         counted = [0]
 
@@ -278,14 +299,14 @@ class Agent:
                 obj = await self.download(source, sem, step.object, step.group.name, on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_group, self.layout, step, obj, ex)
-                obj.unlink(missing_ok=True)
+                self.layout.discard_download(step.object.sha256)
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file
                 obj = await self.download(source, sem, entry.object, entry.path, on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_file, self.layout, entry, obj)
-                obj.unlink(missing_ok=True)
+                self.layout.discard_download(entry.object.sha256)
 
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]
             tasks += [file_task(i) for i, s in enumerate(plan.files) if not s.have]
@@ -294,31 +315,38 @@ class Agent:
         files = {s.file.path: s.file.sha256 for s in plan.files}
         self.layout.save_index(index.version, index_bytes)
         self.layout.build_version(index, groups, files)
-        state = load_state(self.state_path)
-        state.bytes_last_update = counted[0]
-        state.bytes_total += counted[0]
-        save_state(state, self.state_path)
+        self.state.bytes_last_update = counted[0]
+        self.state.bytes_total += counted[0]
+        self.commit("installed")
         return counted[0]
 
     async def download(
         self, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
         on_bytes: Callable[[int], None],
     ) -> Path:
-        dest = self.layout.downloads / ref.sha256
+        """Fetch (or finish fetching) the store object ``ref`` and check it; a bad one is
+        discarded, so that it is fetched anew."""
+        dest = self.layout.download_path(ref.sha256)
         async with sem:
             await source.fetch(ref.key, dest, ref.length, on_bytes)
-        await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
+        try:
+            await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
+        except Exception:  # not a cancellation: the download may be good
+            self.layout.discard_download(ref.sha256)
+            raise
         return dest
 
     def check_space(self, plan: Plan) -> None:
-        partial = sum(p.stat().st_size for p in self.layout.downloads.iterdir())
-        need = plan.download_bytes - partial + plan.output_bytes + SPACE_MARGIN
+        need = plan.download_bytes - self.layout.partial_download_bytes() + plan.output_bytes
+        need += SPACE_MARGIN
         free = self.layout.free_bytes()
         if need > free:
             raise DiskFullError(
                 f"the update to {plan.version} needs {need // 2**20} MiB of free disk space in "
                 f"{self.cfg.model_dir}, {free // 2**20} MiB are free: free some space"
             )
+
+    # -- retained versions -----------------------------------------------------------------
 
     def verify_version(self, version: str, root: Root) -> list[str]:
         """Re-hash a retained version against its signed index; raises on damage."""
@@ -331,36 +359,28 @@ class Agent:
         return bad
 
     def damaged(self, version: str, root: Root) -> list[str]:
+        """The files of a retained version that differ from its signed index."""
         index = self.local_index(version, root)
-        vdir = self.layout.version_dir(version)
-        bad = []
-        for g in wanted_groups(index, self.cfg.include):
-            p = vdir / g.file
-            if not p.is_file() or hash_file(p) != g.sha256:
-                bad.append(g.file)
-        for f in index.files:
-            p = vdir / f.path
-            if not p.is_file() or hash_file(p) != f.sha256:
-                bad.append(f.path)
-        return bad
+        expected = [(g.file, g.sha256) for g in wanted_groups(index, self.cfg.include)]
+        expected += [(f.path, f.sha256) for f in index.files]
+        return self.layout.damaged_files(version, expected)
 
-    def prune(self, current: str, previous: str | None) -> None:
-        """Keep the current version and the ``keep`` most recent others; drop the rest."""
-        state = load_state(self.state_path)
-        order = [h["to"] for h in state.history if h.get("event") == "switch"]
+    def prune(self, current: str) -> None:
+        """Keep the current version, the ``keep`` most recent others and the pinned one; drop
+        the rest, the objects nothing links to and the downloads."""
+        order = [h.to for h in self.state.history if h.event == "switch" and h.to is not None]
         recent: list[str] = []
         for v in reversed(order):
             if v != current and v not in recent and self.layout.has_version(v):
                 recent.append(v)
         keep = {current, *recent[: self.cfg.keep]}
-        if state.pinned:
-            keep.add(state.pinned)
+        if self.state.pinned:
+            keep.add(self.state.pinned)
         for v in self.layout.retained():
             if v not in keep:
                 self.layout.remove_version(v)
         self.layout.collect_garbage()
-        for p in self.layout.downloads.iterdir():
-            p.unlink(missing_ok=True)
+        self.layout.clear_downloads()
 
 
 async def _gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:
@@ -373,76 +393,3 @@ async def _gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:
             t.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         raise
-
-
-def _record(agent: Agent, result: CycleResult | None, error: DeltashipError | None) -> None:
-    state = load_state(agent.state_path)
-    state.last_check = format_time(agent.now())
-    state.last_result = result.message if result else "failed"
-    state.last_error = str(error) if error else None
-    save_state(state, agent.state_path)
-
-
-MAX_RETRY_AFTER = 3600.0  # a store cannot park a device for longer than this
-
-
-def next_poll_delay(interval: float, backoff: float | None, retry_after: float | None) -> float:
-    """Seconds until the next poll after a transport failure (pure).
-
-    The retry backoff while it lasts, else the (jittered) poll interval; never sooner than the
-    store's Retry-After, capped at :data:`MAX_RETRY_AFTER`.
-    """
-    delay = backoff if backoff is not None else interval
-    if retry_after is not None and retry_after > delay:
-        delay = min(retry_after, max(delay, MAX_RETRY_AFTER))
-    return delay
-
-
-async def run_forever(
-    cfg: AgentConfig, *, once: bool = False, retry: RetryPolicy | None = None
-) -> int:
-    """The service loop; returns the exit code. SIGTERM/SIGINT stop it between steps."""
-    agent = Agent(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    policy = retry or RetryPolicy()
-    failures = RetryState(policy)
-    source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, max_rate=cfg.max_rate)
-    try:
-        while not stop.is_set():
-            delay = cfg.interval * random.uniform(0.8, 1.2)
-            task = asyncio.ensure_future(agent.cycle(source))
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if task not in done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                log.info("stopped")
-                return 0
-            stopper.cancel()
-            try:
-                result = task.result()
-            except DeltashipError as e:
-                try:
-                    _record(agent, None, e)
-                except DeltashipError as why:  # a full disk: keep the cycle's own error
-                    log.warning("could not record the failure: %s", why)
-                if once:
-                    raise  # the command line prints it: one line on stderr
-                log.error("update failed: %s", e)
-                if isinstance(e, TransportError):
-                    delay = next_poll_delay(delay, failures.failed(e, e.retry_after),
-                                            e.retry_after)
-            else:
-                _record(agent, result, None)
-                log.info("%s", result.message)
-                failures = RetryState(policy)
-                if once:
-                    return 0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-        return 0
-    finally:
-        await source.close()

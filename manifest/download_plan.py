@@ -23,7 +23,6 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import FormatError
 from .metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
@@ -77,17 +76,6 @@ class Plan:
         return sum(s.group.length for s in self.groups if s.kind != "have") + sum(
             s.file.length for s in self.files if not s.have
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "download_bytes": self.download_bytes,
-            "full_bytes": self.full_bytes,
-            "groups": {
-                s.group.name: {"kind": s.kind, "bytes": s.download} for s in self.groups
-            },
-            "files": {s.file.path: {"bytes": s.download} for s in self.files},
-        }
 
 
 def wanted_groups(index: ReleaseIndex, include: Iterable[str]) -> list[GroupEntry]:

@@ -28,11 +28,11 @@ from typing import Any
 from safetensors import deserialize, safe_open
 
 from edge_agent.config import load_config, save_config
-from edge_agent.layout import STALE_TMP_SECONDS
+from edge_agent.layout import META_DIR, STALE_TMP_SECONDS
+from manifest.constants import WEIGHT_INDEX_FILE as INDEX
 from manifest.safetensors_format import SafetensorsFile
 
 BIN = Path(sys.executable).parent
-INDEX = "model.safetensors.index.json"
 
 
 def agent_env() -> dict[str, str]:
@@ -135,7 +135,7 @@ class Dev:
 
     @property
     def meta(self) -> Path:
-        return self.model_dir / ".deltaship"
+        return self.model_dir / META_DIR
 
     def remove(self) -> None:
         shutil.rmtree(self.model_dir, ignore_errors=True)
@@ -205,13 +205,13 @@ def check_layout(model_dir: Path, releases: dict[str, Release],
     assert target == f"versions/{version}", f"current -> {target}"
     assert version in allowed, f"current is {version}, expected one of {allowed}"
     assert (versions / version).is_dir(), f"current -> {target}, which does not exist"
-    assert (model_dir / ".deltaship" / "indexes" / f"{version}.json").is_file()
+    assert (model_dir / META_DIR / "indexes" / f"{version}.json").is_file()
     return version
 
 
 def leftovers(model_dir: Path) -> list[str]:
     """What a finished update should not leave: partial work, temp files, orphan objects."""
-    meta = model_dir / ".deltaship"
+    meta = model_dir / META_DIR
     out = [str(p.relative_to(model_dir)) for d in ("downloads", "staging", "tmp")
            for p in (meta / d).iterdir()] if meta.is_dir() else []
     out += [p.name for p in model_dir.glob(".current.tmp-*")]

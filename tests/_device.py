@@ -11,6 +11,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+from manifest.constants import MANIFEST_KEY, WEIGHT_INDEX_FILE
 from manifest.container import apply_container
 from manifest.metadata import ReleaseIndex, Root
 from manifest.safetensors_format import SafetensorsFile
@@ -21,7 +22,7 @@ from manifest.trust import verify_index, verify_manifest, verify_root
 def current_index(store: Store, root_bytes: bytes) -> tuple[Root, ReleaseIndex]:
     now = datetime.now(UTC)
     root = verify_root(root_bytes, now=now)
-    manifest = verify_manifest(store.get("manifest.json", 65536), root, now=now)
+    manifest = verify_manifest(store.get(MANIFEST_KEY, 65536), root, now=now)
     data = store.get(manifest.current.index.key, manifest.current.index.length)
     return root, verify_index(data, manifest.current, root)
 
@@ -68,7 +69,7 @@ def materialise(
         (out / fe.path).write_bytes(data)
         fetched["file"] += fe.object.length
     weight_map = {t.name: g.file for g in index.groups for t in g.tensors}
-    (out / "model.safetensors.index.json").write_text(
+    (out / WEIGHT_INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": index.total_size}, "weight_map": weight_map})
     )
     return fetched

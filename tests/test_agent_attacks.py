@@ -31,7 +31,9 @@ from typing import Any
 import boto3
 import pytest
 
+from edge_agent.layout import DeviceLayout
 from manifest.canonical import canonical_json
+from manifest.constants import WEIGHT_INDEX_FILE
 from manifest.download_plan import download_cost, make_plan
 from manifest.errors import FormatError
 from manifest.metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
@@ -187,7 +189,7 @@ def test_tampered_object_is_refused_and_fetched_again(scene: Scene, kind: str) -
 
     scene.attack(obj[:16], *TAMPER_NEEDLES[kind])
     # The bad bytes are not kept as a partial download: the next try starts clean.
-    assert not (scene.dev.model_dir / ".deltaship" / "downloads" / obj).exists()
+    assert not DeviceLayout(scene.dev.model_dir).download_path(obj).exists()
     # Once the store is repaired the same device updates normally.
     shutil.copy(scene.genuine(f"objects/{obj}"), path)
     scene.dev.update("v2")
@@ -562,4 +564,4 @@ def test_harness_clean_release_installs(scene: Scene) -> None:
     objects = {p.name for p in (scene.dev.model_dir / "objects").iterdir()}
     assert scene.pub.content["v1"] | scene.pub.content["v2"] <= objects
     for p in (scene.dev.model_dir / "current").iterdir():
-        assert p.name == "model.safetensors.index.json" or p.stat().st_nlink >= 2, p
+        assert p.name == WEIGHT_INDEX_FILE or p.stat().st_nlink >= 2, p

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from manifest.constants import WEIGHT_INDEX_FILE
+
 from ._agent_checks import raw_tensors
 from .conftest import Cli, MoEFamily
 
@@ -17,7 +19,7 @@ _raw = raw_tensors  # every tensor's bytes, through our strict reader
 
 def _official(model_dir: Path) -> dict[str, tuple[str, list[int]]]:
     """Every tensor of a device copy, opened through its index with the official library."""
-    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    index = json.loads((model_dir / WEIGHT_INDEX_FILE).read_text())
     out = {}
     for name, file in index["weight_map"].items():
         with safe_open(model_dir / file, framework="numpy") as st:

@@ -18,6 +18,7 @@ from typing import ClassVar
 import pytest
 
 from edge_agent.hooks import Hooks, parse_hooks
+from edge_agent.layout import DeviceLayout
 from manifest.errors import HookError
 
 from .conftest import BIN, Cli, MoEFamily
@@ -319,7 +320,7 @@ def test_a_stop_during_the_switch_back_still_records_the_failure(
     dev.agent("run", "--once")
     _release(cli, store, moe_family.v2, "v2", release_key)
     hold.touch()
-    state = dev.model_dir / ".deltaship" / "state.json"
+    state = DeviceLayout(dev.model_dir).state_file
     try:  # SIGKILL inside v1's check
         _kill_agent_when(cli, dev, lambda: "failed" in (
             json.loads(state.read_text()).get("pending_switch") or {}))

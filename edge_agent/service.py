@@ -1,0 +1,84 @@
+"""The service: run update cycles until stopped, and decide when the next one comes.
+
+A cycle (:meth:`edge_agent.updater.Agent.cycle`) records its own outcome in the agent state;
+this loop only paces the cycles (the poll interval with jitter, the retry policy's backoff
+after a transport failure, the store's Retry-After) and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+
+from manifest.errors import DeltashipError, TransportError
+
+from .config import AgentConfig
+from .retry import RetryPolicy, RetryState
+from .transport import open_source
+from .updater import Agent
+
+__all__ = ["MAX_RETRY_AFTER", "next_poll_delay", "run_forever"]
+
+log = logging.getLogger("deltaship.agent")
+
+MAX_RETRY_AFTER = 3600.0  # a store cannot park a device for longer than this
+
+
+def next_poll_delay(interval: float, backoff: float | None, retry_after: float | None) -> float:
+    """Seconds until the next poll after a transport failure (pure).
+
+    The retry backoff while it lasts, else the (jittered) poll interval; never sooner than the
+    store's Retry-After, capped at :data:`MAX_RETRY_AFTER`.
+    """
+    delay = backoff if backoff is not None else interval
+    if retry_after is not None and retry_after > delay:
+        delay = min(retry_after, max(delay, MAX_RETRY_AFTER))
+    return delay
+
+
+async def run_forever(
+    cfg: AgentConfig, *, once: bool = False, retry: RetryPolicy | None = None
+) -> int:
+    """The service loop; returns the exit code. SIGTERM/SIGINT stop it between steps."""
+    agent = Agent(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    policy = retry or RetryPolicy()
+    failures = RetryState(policy)
+    source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, max_rate=cfg.max_rate)
+    try:
+        while not stop.is_set():
+            delay = cfg.interval * random.uniform(0.8, 1.2)
+            task = asyncio.ensure_future(agent.cycle(source))
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if task not in done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.info("stopped")
+                return 0
+            stopper.cancel()
+            try:
+                result = task.result()
+            except DeltashipError as e:  # the cycle recorded it in the state
+                if once:
+                    raise  # the command line prints it: one line on stderr
+                log.error("update failed: %s", e)
+                if isinstance(e, TransportError):
+                    delay = next_poll_delay(delay, failures.failed(e, e.retry_after),
+                                            e.retry_after)
+            else:
+                log.info("%s", result.message)
+                failures = RetryState(policy)
+                if once:
+                    return 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        return 0
+    finally:
+        await source.close()
