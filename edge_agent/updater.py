@@ -40,6 +40,7 @@ from manifest.errors import (
     HookError,
 )
 from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
+from manifest.storage.source import Source
 from manifest.trust import (
     MAX_INDEX_SIZE,
     MAX_MANIFEST_SIZE,
@@ -53,7 +54,6 @@ from .hooks import parse_hooks
 from .install import check_download, install_file, install_group
 from .layout import DeviceLayout
 from .state import HEALTH_FAILED, AgentState, PendingSwitch, PlanRecord, SwitchEvent
-from .transport import Source
 
 __all__ = ["Agent", "CycleResult"]
 

@@ -10,6 +10,7 @@ __all__ = [
     "OBJECTS_PREFIX",
     "RELEASES_PREFIX",
     "ROOT_KEY",
+    "SINGLE_WEIGHTS_FILE",
     "WEIGHT_INDEX_FILE",
     "object_key",
     "release_pointer_key",
@@ -21,6 +22,7 @@ RELEASES_PREFIX = "releases/"  # releases/<version>.json: the (unsigned) release
 OBJECTS_PREFIX = "objects/"  # objects/<sha256>: immutable, content-addressed objects
 # The weight map of a sharded model: read by the publisher, written by devices, never shipped.
 WEIGHT_INDEX_FILE = "model.safetensors.index.json"
+SINGLE_WEIGHTS_FILE = "model.safetensors"  # the one file of an unsharded checkpoint
 
 
 def object_key(sha256: str) -> str:

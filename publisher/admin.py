@@ -8,7 +8,7 @@ from pathlib import Path
 
 from manifest.errors import AlreadyExistsError, TrustError
 from manifest.metadata import Manifest, Role, Root
-from manifest.stores import StoreOptions, open_store
+from manifest.storage.store import StoreOptions, open_store
 from manifest.trust import sign_document
 
 from .keys import check_signers, load_signing_keys

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from manifest.cli_errors import exit_on_errors
-from manifest.stores import StoreOptions
+from manifest.storage.store import StoreOptions
 
 from .admin import history, init_store, revert
 from .grouping import assign_groups, parse_pattern

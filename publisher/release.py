@@ -48,7 +48,7 @@ from manifest.metadata import (
 )
 from manifest.safetensors_format import SafetensorsFile
 from manifest.signing import SigningKey
-from manifest.stores import Store, StoreOptions, open_store
+from manifest.storage.store import Store, StoreOptions, open_store
 from manifest.trust import sign_document
 
 from .encode import EncodeResult, EncodeTask, encode_all, hash_groups, layout_group

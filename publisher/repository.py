@@ -35,7 +35,7 @@ from manifest.metadata import (
     Root,
     check_version,
 )
-from manifest.stores import Store
+from manifest.storage.store import Store
 from manifest.trust import (
     MAX_MANIFEST_SIZE,
     MAX_ROOT_SIZE,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.config import load_config, save_config
+from edge_agent.layout import DeviceLayout
 from manifest.canonical import loads_object
 from manifest.signing import SigningKey
 from manifest.trust import sign_document
@@ -271,14 +272,14 @@ class Device:
         assert self.current() == version, p.stdout
 
     def current(self) -> str | None:
-        link = self.model_dir / "current"
-        return Path(os.readlink(link)).name if link.is_symlink() else None
+        return DeviceLayout(self.model_dir).current()
 
     def state(self) -> dict[str, Any]:
-        return json.loads((self.model_dir / ".deltaship" / "state.json").read_text())  # type: ignore[no-any-return]
+        return json.loads(DeviceLayout(self.model_dir).state_file.read_text())  # type: ignore[no-any-return]
 
     def snapshot(self, around: Path | None = None) -> Snapshot:
-        copy = self.model_dir / ".deltaship" / "manifest.json"
+        layout = DeviceLayout(self.model_dir)
+        copy = layout.manifest_copy
         outside = {}
         if around is not None:  # everything next to the model dir (the store, the config)
             mine = self.model_dir.relative_to(around).parts[0]
@@ -286,10 +287,9 @@ class Device:
                        if Path(k).parts[0] != mine}
         return Snapshot(
             current=self.current(),
-            live=tree((self.model_dir / "current").resolve()),
-            versions=sorted(p.name for p in (self.model_dir / "versions").iterdir()),
-            objects={p.name: sha(p.read_bytes())
-                     for p in (self.model_dir / "objects").iterdir()},
+            live=tree(layout.current_link.resolve()),
+            versions=sorted(p.name for p in layout.versions.iterdir()),
+            objects={p.name: sha(p.read_bytes()) for p in layout.objects.iterdir()},
             manifest_copy=copy.read_bytes() if copy.is_file() else None,
             highest_sequence=int(self.state()["highest_sequence"]),
             top=sorted(p.name for p in self.model_dir.iterdir()),

@@ -15,7 +15,7 @@ from manifest.constants import MANIFEST_KEY, WEIGHT_INDEX_FILE
 from manifest.container import apply_container
 from manifest.metadata import ReleaseIndex, Root
 from manifest.safetensors_format import SafetensorsFile
-from manifest.stores import Store
+from manifest.storage.store import Store
 from manifest.trust import verify_index, verify_manifest, verify_root
 
 

@@ -290,7 +290,7 @@ def test_agent_update_swaps_only_changed_groups(
         w2 = live.snapshot()
 
     def shas(version: str) -> dict[str, str]:
-        index = json.loads((dev.model_dir / f".deltaship/indexes/{version}.json").read_text())
+        index = json.loads(DeviceLayout(dev.model_dir).load_index_bytes(version))
         return {g["file"]: g["sha256"] for g in index["signed"]["groups"]}
 
     changed = {f for f, sha in shas("v2").items() if shas("v1")[f] != sha}

@@ -10,7 +10,7 @@ import pytest
 from manifest.constants import MANIFEST_KEY, ROOT_KEY
 from manifest.errors import AlreadyExistsError, ConflictError, FormatError, NotFoundError
 from manifest.metadata import ObjectRef, ReleaseRecord
-from manifest.stores import open_store
+from manifest.storage.store import open_store
 from publisher.repository import Repository
 
 from ._signed_docs import NOW, hexof

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from manifest.stores import StoreOptions, open_store
+from manifest.storage.store import StoreOptions, open_store
 
 from ._agent_checks import raw_tensors
 from ._device import current_index, group_files, materialise

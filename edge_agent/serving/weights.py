@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from manifest.constants import WEIGHT_INDEX_FILE
+from manifest.constants import SINGLE_WEIGHTS_FILE, WEIGHT_INDEX_FILE
 from manifest.errors import ModelError
 from manifest.safetensors_format import SafetensorsFile
 
@@ -71,7 +71,6 @@ __all__ = [
     "read_group",
 ]
 
-SINGLE_FILE = "model.safetensors"  # a plain one-file checkpoint directory has only this
 MAX_WEIGHT_INDEX_SIZE = 64 << 20
 
 _NUMPY_DTYPES: Mapping[str, str] = {
@@ -194,10 +193,10 @@ def load_version(
 
 def _read_weight_index(version_dir: Path) -> tuple[str | None, dict[str, str]]:
     path = version_dir / WEIGHT_INDEX_FILE
-    single = version_dir / SINGLE_FILE
+    single = version_dir / SINGLE_WEIGHTS_FILE
     if not path.exists() and single.is_file():
         with SafetensorsFile(single) as st:  # a plain one-file checkpoint
-            return None, dict.fromkeys(st.tensors, SINGLE_FILE)
+            return None, dict.fromkeys(st.tensors, SINGLE_WEIGHTS_FILE)
     with open(path, "rb") as f:
         raw = f.read(MAX_WEIGHT_INDEX_SIZE + 1)
     if len(raw) > MAX_WEIGHT_INDEX_SIZE:
