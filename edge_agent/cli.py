@@ -34,9 +34,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES = """\b
 Exit codes: 0 success (or up to date); 1 other error; 2 bad local input or configuration;
 3 the store sent data that failed verification (nothing was installed); 4 the store could not
-be reached; 5 another process changed the same thing; 6 a hook or the health check failed after
-a switch (after an update the agent switched back to the previous version; after a rollback the
-rollback stands). The live model is never touched by a failed update."""
+be reached, failed, or lacks an object it should hold (retry later); 5 another process changed
+the same thing; 6 a hook or the health check failed after a switch (after an update the agent
+switched back to the previous version; after a rollback the rollback stands). The live model
+is never touched by a failed update. Details: docs/ERRORS.md."""
 
 
 _errors = exit_on_errors("deltaship-agent")

@@ -31,7 +31,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES = """\b
 Exit codes: 0 success; 1 other error; 2 bad local input or configuration (model, key,
 store URL, credentials, bucket); 3 the store returned data that failed verification;
-4 the store could not be reached; 5 a concurrent release changed the store first (re-run)."""
+4 the store could not be reached, failed, or lacks an object it should hold (retry later);
+5 a concurrent release changed the store first (re-run). Details: docs/ERRORS.md."""
 
 
 def _now() -> datetime:
