@@ -7,8 +7,6 @@ index's sha256 before it is committed to ``objects/``.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import zstandard
 
 from manifest.container import apply_container
 from manifest.download_plan import GroupStep
-from manifest.errors import FormatError, HashMismatchError, disk_errors
+from manifest.errors import FormatError, HashMismatchError
 from manifest.metadata import FileEntry, ObjectRef
 from manifest.safetensors_format import SafetensorsFile
 from manifest.trust import StreamVerifier
@@ -39,9 +37,8 @@ def install_group(
     layout: DeviceLayout, step: GroupStep, obj: Path, executor: ThreadPoolExecutor | None
 ) -> None:
     g = step.group
-    tmp = layout.new_tmp()
-    try:
-        with disk_errors(layout.root), open(tmp, "wb") as out:
+    with layout.staged_object() as tmp:
+        with open(tmp, "wb") as out:
             if step.kind == "patch":
                 assert step.base_sha256 is not None
                 with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
@@ -53,25 +50,19 @@ def install_group(
                 f"group {g.name}: the patched file's sha256 differs from the release index"
             )
         layout.commit_object(tmp, g.sha256)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:
     """Decompress a zstd-coded file, capped at its declared length, and check its sha256."""
-    tmp = layout.new_tmp()
     v = StreamVerifier(entry.sha256, entry.length, f"file {entry.path}")
-    try:
-        with disk_errors(layout.root), open(obj, "rb") as src, open(tmp, "wb") as out:
-            reader = zstandard.ZstdDecompressor().stream_reader(src)
-            while block := reader.read(1 << 20):
-                v.update(block)  # raises as soon as the output passes the declared length
-                out.write(block)
+    with layout.staged_object() as tmp:
+        try:
+            with open(obj, "rb") as src, open(tmp, "wb") as out:
+                reader = zstandard.ZstdDecompressor().stream_reader(src)
+                while block := reader.read(1 << 20):
+                    v.update(block)  # raises as soon as the output passes the declared length
+                    out.write(block)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"file {entry.path}: corrupt zstd data ({e})") from e
         v.finish()
         layout.commit_object(tmp, entry.sha256)
-    except zstandard.ZstdError as e:
-        raise FormatError(f"file {entry.path}: corrupt zstd data ({e})") from e
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

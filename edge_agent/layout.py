@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from manifest.constants import MANIFEST_KEY, ROOT_KEY
@@ -197,10 +197,18 @@ class DeviceLayout:
     def object_shas(self) -> set[str]:
         return {p.name for p in self.objects.iterdir() if len(p.name) == 64}
 
-    def new_tmp(self) -> Path:
+    @contextlib.contextmanager
+    def staged_object(self) -> Iterator[Path]:
+        """A new empty file under ``tmp/`` to build content in; pass it to
+        :meth:`commit_object` once verified. Removed at the end if it was not committed."""
         fd, name = tempfile.mkstemp(dir=self.tmp)
         os.close(fd)
-        return Path(name)
+        tmp = Path(name)
+        try:
+            with disk_errors(self.root):
+                yield tmp
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def commit_object(self, tmp: Path, sha256: str) -> Path:
         """Make a verified temp file the object ``sha256`` (fsync, read-only, rename)."""

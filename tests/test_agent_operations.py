@@ -43,9 +43,9 @@ class Device:
         data = f"weights of {version}".encode()
         sha = hashlib.sha256(data).hexdigest()
         if not self.layout.has_object(sha):
-            tmp = self.layout.new_tmp()
-            tmp.write_bytes(data)
-            self.layout.commit_object(tmp, sha)
+            with self.layout.staged_object() as tmp:
+                tmp.write_bytes(data)
+                self.layout.commit_object(tmp, sha)
         group = GroupEntry("g", "g.safetensors", sha, len(data),
                            (TensorEntry("g.weight", "BF16", (4,)),), ObjectRef(sha, 9, "dspatch"))
         index = ReleaseIndex(version, NOW, (group,), ())

@@ -70,9 +70,9 @@ class FakeAgent:
             data = content(g) if content else group_file(g, tag(version, g))
             sha = hashlib.sha256(data).hexdigest()
             if not self.layout.has_object(sha):
-                tmp = self.layout.new_tmp()
-                tmp.write_bytes(data)
-                self.layout.commit_object(tmp, sha)
+                with self.layout.staged_object() as tmp:
+                    tmp.write_bytes(data)
+                    self.layout.commit_object(tmp, sha)
             tensors = (TensorEntry(f"model.{g}.w", "F32", (4, 8)),
                        TensorEntry(f"model.{g}.b", "BF16", (8,)))
             entries.append(GroupEntry(g, f"{g}.safetensors", sha, len(data), tensors,
