@@ -314,12 +314,19 @@ def test_sigkill_at_random_instants(world: World, sc: KillScenario, tmp_path: Pa
     golden.remove()
 
     lo, hi = 0.85 * t_noop, t_full + 0.05
+    lo_start = lo
     kills, trials, phases, runs = 0, 0, Counter[str](), 0
     mark = world.served.mark()
     started = time.monotonic()
-    while kills < sc.kills:
+    def mid_work() -> int:
+        return sum(n for p, n in phases.items() if p != "starting")
+
+    # Until enough kills landed, half of them in the middle of the work: a busy machine (shared
+    # CI) starts slower than calibrated, so kills before start-up ends do not count toward that.
+    while kills < sc.kills or mid_work() < sc.kills // 2:
         trials += 1
-        assert trials <= 3 * sc.kills, f"only {kills} kills landed in {trials} trials"
+        assert trials <= 3 * sc.kills, (f"only {kills} kills ({mid_work()} mid-work) landed in "
+                                        f"{trials} trials: {dict(phases)}")
         dev = world.device(template, tmp_path / f"t{trials}", **settings)
         ctx = f"seed {SEED}, scenario {sc.name}, trial {trials}"
         for attempt in range(2 if rng.random() < 0.2 else 1):  # sometimes kill the restart too
@@ -343,8 +350,11 @@ def test_sigkill_at_random_instants(world: World, sc: KillScenario, tmp_path: Pa
                 phase = _phase(dev, old, target)
                 phases[phase] += 1
                 if phase == "starting" and attempt == 0:
-                    # Start-up took longer than calibrated (a busy machine): aim later.
-                    lo = min(max(lo, delay), hi - 0.05)
+                    # Start-up took longer than calibrated (a busy machine): aim later, and
+                    # widen the window when start-up now takes most of it.
+                    lo = max(lo, delay)
+                    if lo > hi - 0.05:
+                        hi = lo + max(0.1, hi - lo_start)
             finally:
                 if proc.stderr:
                     proc.stderr.close()
@@ -374,7 +384,7 @@ def test_sigkill_at_random_instants(world: World, sc: KillScenario, tmp_path: Pa
               "with Range")
     assert kills >= sc.kills
     # Kills must have landed in the middle of the work, not only before or after it.
-    assert sum(n for p, n in phases.items() if p != "starting") >= sc.kills // 2, phases
+    assert mid_work() >= sc.kills // 2, phases
 
 
 # -- 3. a faulty HTTP store ----------------------------------------------------------------
