@@ -20,19 +20,28 @@ __all__ = [
     "check_file_path",
     "check_group_name",
     "check_header",
+    "check_repository_id",
     "check_version",
     "format_time",
     "parse_list",
     "parse_time",
 ]
 
-SPEC_VERSION = 1
+# 2: the root, the manifest and the release index carry the store's ``repository_id``
+# (docs/FORMAT.md §2). Documents of an older spec_version are refused with what to do.
+SPEC_VERSION = 2
+_OLDER_SPEC = {
+    1: "an older format whose documents do not name their repository: re-initialise the store "
+       "with this deltaship (`deltaship-publish init` on a new prefix), release again and pin "
+       "the new trust root on devices",
+}
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.
 HEX64 = re.compile(r"^[0-9a-f]{64}\Z")
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
 _PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}\Z")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
+_REPOSITORY_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 T = TypeVar("T")
 
@@ -72,6 +81,13 @@ def check_version(v: object, where: str = "version") -> str:
         raise FormatError(
             f"{where} {v!r} is not a valid version (letters, digits, '.', '_', '+', '-')"
         )
+    return v
+
+
+def check_repository_id(v: object, where: str) -> str:
+    """A repository id: 32 lowercase hex digits (128 random bits chosen by ``init``)."""
+    if not isinstance(v, str) or not _REPOSITORY_ID.match(v):
+        raise FormatError(f"{where} {v!r} is not a repository id (32 lowercase hex digits)")
     return v
 
 
@@ -117,6 +133,8 @@ def check_header(r: FieldReader, type_name: str) -> None:
     if t != type_name:
         raise FormatError(f"{r.where} has _type {t!r}, expected {type_name!r}")
     v = r.get("spec_version", int)
+    if v in _OLDER_SPEC:
+        raise FormatError(f"{r.where} has spec_version {v}, {_OLDER_SPEC[v]}")
     if v != SPEC_VERSION:
         raise FormatError(
             f"{r.where} has spec_version {v}; this deltaship understands {SPEC_VERSION}: upgrade"

@@ -3,8 +3,10 @@
 Each class validates in ``from_dict`` and serialises with ``to_dict``; fields this version does
 not know are kept in ``unrecognized`` and written back, so newer publishers can add fields that
 older devices tolerate. Every document carries ``_type`` and ``spec_version``. The signed ones
-travel in an envelope ``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``; the
-release pointer (``releases/<version>.json``) is unsigned canonical JSON. See docs/FORMAT.md.
+carry the ``repository_id`` of the store they belong to (fixed in the first trust root, checked
+by :mod:`manifest.trust`) and travel in an envelope
+``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``; the release pointer
+(``releases/<version>.json``) is unsigned canonical JSON. See docs/FORMAT.md.
 
 The entries of an index (:mod:`manifest.entries`) and the field rules (times, names, versions)
 are re-exported here, so ``from manifest.metadata import X`` reaches every format class.
@@ -24,6 +26,7 @@ from ._fields import (
     check_file_path,
     check_group_name,
     check_header,
+    check_repository_id,
     check_version,
     format_time,
     parse_list,
@@ -50,6 +53,7 @@ __all__ = [
     "TensorEntry",
     "check_file_path",
     "check_group_name",
+    "check_repository_id",
     "check_version",
     "format_time",
     "parse_time",
@@ -68,11 +72,14 @@ class ReleaseIndex:
     files: tuple[FileEntry, ...]
     deltas_from: tuple[str, ...] = ()
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    repository_id: str = field(kw_only=True)  # the store's, as in its trust root
 
     @classmethod
     def from_dict(cls, d: Any) -> ReleaseIndex:
         r = FieldReader(d, "release index")
         check_header(r, cls.TYPE)
+        repository_id = check_repository_id(r.get("repository_id", str),
+                                            "release index repository_id")
         version = check_version(r.get("version", str))
         released_at = parse_time(r.get("released_at", str), "release index released_at")
         groups = tuple(parse_list(r.get("groups", list), "groups", GroupEntry.from_dict))
@@ -97,13 +104,15 @@ class ReleaseIndex:
         tensor_names = [t.name for g in groups for t in g.tensors]
         if len(set(tensor_names)) != len(tensor_names):
             raise FormatError("release index lists a tensor in two groups")
-        return cls(version, released_at, groups, files, deltas_from, r.rest())
+        return cls(version, released_at, groups, files, deltas_from, r.rest(),
+                   repository_id=repository_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.unrecognized,
             "_type": self.TYPE,
             "spec_version": SPEC_VERSION,
+            "repository_id": self.repository_id,
             "version": self.version,
             "released_at": format_time(self.released_at),
             "deltas_from": list(self.deltas_from),
@@ -225,11 +234,14 @@ class Manifest:
     current: ReleasePointer
     action: str = "release"  # "release" or "revert"
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    repository_id: str = field(kw_only=True)  # the store's, as in its trust root
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
         r = FieldReader(d, "manifest")
         check_header(r, cls.TYPE)
+        repository_id = check_repository_id(r.get("repository_id", str),
+                                            "manifest repository_id")
         return cls(
             r.count("sequence"),
             parse_time(r.get("expires", str), "manifest expires"),
@@ -237,6 +249,7 @@ class Manifest:
             ReleasePointer.from_dict(r.get("current", dict), "manifest.current"),
             _action(r.optional("action", "release")),
             r.rest(),
+            repository_id=repository_id,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +257,7 @@ class Manifest:
             **self.unrecognized,
             "_type": self.TYPE,
             "spec_version": SPEC_VERSION,
+            "repository_id": self.repository_id,
             "sequence": self.sequence,
             "expires": format_time(self.expires),
             "published_at": format_time(self.published_at),
@@ -281,7 +295,9 @@ class Root:
     """The trust root (``_type: deltaship.root``): keys and which of them sign what.
 
     Role ``root`` signs the root itself (and, later, its successor); role ``release`` signs
-    manifests and release indexes.
+    manifests and release indexes. ``repository_id`` names the store: chosen at random by
+    ``init`` in version 1 and carried unchanged by every later version (whatever its keys), so
+    a document signed for another store with the same keys is told apart.
     """
 
     TYPE = "deltaship.root"
@@ -292,11 +308,13 @@ class Root:
     keys: Mapping[str, PublicKey]
     roles: Mapping[str, Role]
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    repository_id: str = field(kw_only=True)
 
     @classmethod
     def from_dict(cls, d: Any) -> Root:
         r = FieldReader(d, "root")
         check_header(r, cls.TYPE)
+        repository_id = check_repository_id(r.get("repository_id", str), "root repository_id")
         version = r.count("version")
         expires = parse_time(r.get("expires", str), "root expires")
         keys: dict[str, PublicKey] = {}
@@ -322,13 +340,14 @@ class Root:
             missing = [k for k in roles[name].keyids if k not in keys]
             if missing:
                 raise FormatError(f"root role {name!r} names unknown key {missing[0]}")
-        return cls(version, expires, keys, roles, r.rest())
+        return cls(version, expires, keys, roles, r.rest(), repository_id=repository_id)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.unrecognized,
             "_type": self.TYPE,
             "spec_version": SPEC_VERSION,
+            "repository_id": self.repository_id,
             "version": self.version,
             "expires": format_time(self.expires),
             "keys": {

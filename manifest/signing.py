@@ -15,7 +15,9 @@ import nacl.signing
 
 from .canonical import canonical_json
 
-__all__ = ["PublicKey", "SigningKey", "key_id"]
+__all__ = ["SIGNATURE_BYTES", "PublicKey", "SigningKey", "key_id"]
+
+SIGNATURE_BYTES = 64  # an ed25519 signature
 
 
 def key_id(public: bytes) -> str:
@@ -34,9 +36,15 @@ class PublicKey:
         return key_id(self.public)
 
     def verify(self, signed: dict[str, Any], signature_hex: str) -> bool:
+        return self.verify_bytes(canonical_json(signed), signature_hex)
+
+    def verify_bytes(self, message: bytes, signature_hex: str) -> bool:
+        """Check a signature of ``message`` (the canonical JSON of a ``signed`` object)."""
+        if len(signature_hex) != 2 * SIGNATURE_BYTES:
+            return False
         try:
             sig = bytes.fromhex(signature_hex)
-            nacl.signing.VerifyKey(self.public).verify(canonical_json(signed), sig)
+            nacl.signing.VerifyKey(self.public).verify(message, sig)
         except (
             ValueError, TypeError, nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError
         ):

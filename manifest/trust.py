@@ -3,6 +3,12 @@
 Nothing here does I/O or reads the clock: callers pass the bytes they fetched, what they already
 trust, and "now". The agent's update loop decides what to do with each error (retry, fall back,
 refuse); this module only says what is wrong. Size caps are checked before anything is parsed.
+
+A document's ``signed`` part is canonicalised once, whatever the number of signatures, and only
+the first signature entry of each key id is checked (docs/FORMAT.md §2): a manifest stuffed with
+signatures costs no more to refuse than a normal one. Every manifest and release index must name
+the ``repository_id`` of the trust root it is verified against (a store's documents are never
+accepted by a device of another store that shares its keys).
 """
 
 from __future__ import annotations
@@ -58,19 +64,28 @@ def _open_envelope(data: bytes, what: str, cap: int) -> tuple[dict[str, Any], li
 
 
 def _check_threshold(
-    root: Root, role_name: str, signed: dict[str, Any], signatures: list[Any], what: str
+    root: Root, role_name: str, body: bytes, signatures: list[Any], what: str
 ) -> None:
+    """A threshold of ``role_name``'s keys signed ``body`` (the canonical ``signed`` part).
+
+    Only the first entry of each key id is checked: later ones by the same key id are ignored
+    (they can neither add a signature nor cost a verification).
+    """
     role = root.roles[role_name]
     valid: set[str] = set()
     unknown: set[str] = set()
     bad: set[str] = set()
+    seen: set[str] = set()
     for s in signatures:
         if not isinstance(s, dict) or not isinstance(s.get("keyid"), str):
             raise FormatError(f"{what} has a malformed signature entry")
         kid, sig = s["keyid"], s.get("sig")
+        if kid in seen:
+            continue
+        seen.add(kid)
         if kid not in role.keyids:
             unknown.add(kid)
-        elif isinstance(sig, str) and root.keys[kid].verify(signed, sig):
+        elif isinstance(sig, str) and root.keys[kid].verify_bytes(body, sig):
             valid.add(kid)
         else:
             bad.add(kid)
@@ -86,6 +101,15 @@ def _check_threshold(
         f"{what} has {len(valid)} valid signature(s) of {role.threshold} required "
         f"from the trust root's {role_name!r} keys{reason}"
     )
+
+
+def _check_repository(repository_id: str, root: Root, what: str) -> None:
+    if repository_id != root.repository_id:
+        raise MixAndMatchError(
+            f"{what} belongs to repository {repository_id}, not to the trusted root's "
+            f"repository {root.repository_id}: the store serves another store's documents "
+            "(signed with the same key)"
+        )
 
 
 def _check_expiry(expires: datetime, now: datetime, grace: timedelta, what: str) -> None:
@@ -110,13 +134,15 @@ def verify_root(
     """
     signed, signatures = _open_envelope(data, "trust root", MAX_ROOT_SIZE)
     root = Root.from_dict(signed)
+    body = canonical_json(signed)
     if trusted is not None:
-        _check_threshold(trusted, "root", signed, signatures, "new trust root (old keys)")
+        _check_threshold(trusted, "root", body, signatures, "new trust root (old keys)")
         if root.version != trusted.version + 1:
             raise ReplayError(
                 f"trust root version {root.version} does not follow trusted {trusted.version}"
             )
-    _check_threshold(root, "root", signed, signatures, "trust root")
+        _check_repository(root.repository_id, trusted, "new trust root")
+    _check_threshold(root, "root", body, signatures, "trust root")
     _check_expiry(root.expires, now, grace, "trust root")
     return root
 
@@ -129,10 +155,12 @@ def verify_manifest(
     min_sequence: int = 0,
     grace: timedelta = timedelta(0),
 ) -> Manifest:
-    """Verify the manifest: release-role threshold, sequence not below ``min_sequence``, expiry."""
+    """Verify the manifest: release-role threshold, the root's repository, sequence not below
+    ``min_sequence``, expiry."""
     signed, signatures = _open_envelope(data, "manifest", MAX_MANIFEST_SIZE)
-    _check_threshold(root, "release", signed, signatures, "manifest")
+    _check_threshold(root, "release", canonical_json(signed), signatures, "manifest")
     manifest = Manifest.from_dict(signed)
+    _check_repository(manifest.repository_id, root, "manifest")
     if manifest.sequence < min_sequence:
         raise ReplayError(
             f"manifest sequence {manifest.sequence} is older than {min_sequence} already seen: "
@@ -142,26 +170,30 @@ def verify_manifest(
     return manifest
 
 
-def verify_index(data: bytes, pointer: ReleasePointer, root: Root) -> ReleaseIndex:
-    """Verify a release index against the manifest's pointer: length, sha256, signature, version."""
+def verify_index(
+    data: bytes, pointer: ReleasePointer, root: Root, *, named_by: str = "the manifest"
+) -> ReleaseIndex:
+    """Verify a release index against the pointer that names it (``named_by``, for messages):
+    length, sha256, signature, the root's repository, version."""
     if len(data) > MAX_INDEX_SIZE:
         raise OversizeError(f"release index is {len(data)} bytes, over its cap {MAX_INDEX_SIZE}")
     if len(data) != pointer.index.length:
         raise HashMismatchError(
-            f"release index is {len(data)} bytes, the manifest pins {pointer.index.length}"
+            f"release index is {len(data)} bytes, {named_by} pins {pointer.index.length}"
         )
     digest = hashlib.sha256(data).hexdigest()
     if digest != pointer.index.sha256:
         raise HashMismatchError(
-            f"release index sha256 {digest[:16]}... differs from the manifest's "
+            f"release index sha256 {digest[:16]}... differs from {named_by}'s "
             f"{pointer.index.sha256[:16]}..."
         )
     signed, signatures = _open_envelope(data, "release index", MAX_INDEX_SIZE)
-    _check_threshold(root, "release", signed, signatures, "release index")
+    _check_threshold(root, "release", canonical_json(signed), signatures, "release index")
     index = ReleaseIndex.from_dict(signed)
+    _check_repository(index.repository_id, root, "release index")
     if index.version != pointer.version:
         raise MixAndMatchError(
-            f"release index is for version {index.version!r} but the manifest names "
+            f"release index is for version {index.version!r} but {named_by} names "
             f"{pointer.version!r}"
         )
     return index

@@ -115,17 +115,25 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
     --trust root.json`); everything they install must be signed by THRESHOLD of these keys.
     Refuses to overwrite an existing root.
     """
-    url, data, root = init_store(store_url, keys, threshold, _now(),
-                                 expires=timedelta(days=expires_days),
-                                 options=StoreOptions(endpoint_url))
+    result = init_store(store_url, keys, threshold, _now(),
+                        expires=timedelta(days=expires_days), options=StoreOptions(endpoint_url))
+    url, data, root = result.url, result.data, result.root
+    for other in result.shared_with:  # warnings: stderr, one line each
+        shared = sorted(set(other.keyids) & set(root.keys))
+        click.echo(f"deltaship-publish: warning: key {shared[0][:16]} also signs {other.url} "
+                   f"(repository {other.repository_id}); devices tell the two stores apart only "
+                   "by repository id: prefer one key per store", err=True)
     if out_file is not None:
         out_file.write_bytes(data)
     if as_json:
-        click.echo(json.dumps({"root": url, "keyids": list(root.keys), "threshold": threshold,
+        click.echo(json.dumps({"root": url, "repository_id": root.repository_id,
+                               "keyids": list(root.keys), "threshold": threshold,
                                "expires": root.to_dict()["expires"],
-                               "copy": str(out_file) if out_file else None}))
+                               "copy": str(out_file) if out_file else None,
+                               "key_shared_with": [o.url for o in result.shared_with]}))
         return
     click.echo(f"trust root v{root.version} written to {url}")
+    click.echo(f"  repository id: {root.repository_id}")
     click.echo(f"  keys: {len(root.keys)}, threshold: {threshold}, expires {root.expires:%Y-%m-%d}")
     where = out_file or url
     click.echo(f"devices pin this root: copy {where} to each device and run\n"

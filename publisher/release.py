@@ -36,6 +36,7 @@ from pathlib import Path
 
 import zstandard
 
+from manifest.constants import release_pointer_key
 from manifest.errors import AlreadyExistsError
 from manifest.metadata import (
     FileEntry,
@@ -54,6 +55,7 @@ from manifest.trust import sign_document
 from .encode import EncodeResult, EncodeTask, encode_all, hash_groups, layout_group
 from .grouping import GroupRule, assign_groups, parse_pattern
 from .keys import check_signers, load_signing_keys
+from .known_stores import KnownStores
 from .model_dir import ModelDir, open_model
 from .progress import Progress
 from .release_plan import (
@@ -93,6 +95,7 @@ class ReleaseConfig:
     manifest_expires: timedelta = timedelta(days=30)
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool | None = None
+    known_stores: Path | None = None  # the list of stores this machine signs (None: default)
 
 
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
@@ -118,13 +121,15 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             for path in chosen.rejected:  # free the disk before the next step writes to it
                 os.unlink(path)
             files = ship_files(model, state.bases, staging, cfg.level)
-        index = build_index(version, now, groups, chosen, files, state.bases)
+        index = build_index(version, now, groups, chosen, files, state.bases,
+                            state.root.repository_id)
         signed_index = sign_document(index.to_dict(), keys)
         uploaded = UploadStats()
         if not cfg.dry_run:
             uploads = objects_to_upload(chosen, files)
             uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
             publish(repo, state, version, signed_index, keys, now, cfg.manifest_expires)
+            KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     timings = Timings(time.monotonic() - t0, encode_seconds)
@@ -140,7 +145,11 @@ def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreS
         raise AlreadyExistsError(
             f"version {version!r} is already released to {state.url}: pick a new version"
         )
-    bases = tuple(repo.index(p) for p in base_pointers(manifest, records, deltas_from))
+    bases = tuple(
+        repo.index(p, "the manifest" if manifest and p == manifest.current
+                   else release_pointer_key(p.version))
+        for p in base_pointers(manifest, records, deltas_from)
+    )
     return dataclasses.replace(state, bases=bases)
 
 
@@ -242,7 +251,8 @@ def publish(
     index_ref = ObjectRef(hashlib.sha256(signed_index).hexdigest(), len(signed_index), "json")
     repo.store.put(index_ref.key, signed_index)
     manifest = Manifest(
-        state.next_sequence, now + expires, now, ReleasePointer(version, index_ref), "release"
+        state.next_sequence, now + expires, now, ReleasePointer(version, index_ref), "release",
+        repository_id=state.root.repository_id,
     )
     repo.put_manifest(sign_document(manifest.to_dict(), list(keys)), state.etag)
     repo.put_release(ReleaseRecord(version, state.next_sequence, now, index_ref))

@@ -208,6 +208,7 @@ def build_index(
     chosen: ChosenObjects,
     files: Sequence[ShippedFile],
     bases: Sequence[ReleaseIndex],
+    repository_id: str,
 ) -> ReleaseIndex:
     entries = []
     for group in groups:
@@ -217,7 +218,7 @@ def build_index(
                                   chosen.full[sha], chosen.patches.get(sha, ())))
     return ReleaseIndex(
         version, now, tuple(entries), tuple(f.entry for f in files),
-        tuple(idx.version for idx in bases),
+        tuple(idx.version for idx in bases), repository_id=repository_id,
     )
 
 

@@ -1,7 +1,10 @@
 """The publisher's view of a store: verified root, manifest, release history and base groups.
 
 Everything read back from the store is verified with :mod:`manifest.trust` before it is used,
-exactly as a device would, so a publisher never builds on tampered content. The documents the
+exactly as a device would (signatures, and the store's own ``repository_id`` from its root), so
+a publisher never builds on tampered content or on another store's documents. Release pointers
+are unsigned: each must name the version of its key, and the index it names is verified before
+use. The documents the
 publisher writes go through here too, so every store key comes from :mod:`manifest.constants`
 or :attr:`ObjectRef.key <manifest.metadata.ObjectRef.key>`.
 """
@@ -22,6 +25,7 @@ from manifest.errors import (
     FormatError,
     HashMismatchError,
     MissingKeyError,
+    MixAndMatchError,
     NotFoundError,
     StoreConfigError,
 )
@@ -98,7 +102,15 @@ class Repository:
             raise NotFoundError(never) from e
 
     def _record(self, key: str) -> ReleaseRecord:
-        return ReleaseRecord.from_bytes(self.store.get(key, ReleaseRecord.MAX_SIZE), key)
+        """The pointer at ``key``, which must name the version its key names (it is unsigned:
+        a pointer copied over another one must not pass for that release)."""
+        record = ReleaseRecord.from_bytes(self.store.get(key, ReleaseRecord.MAX_SIZE), key)
+        if key != release_pointer_key(record.version):
+            raise MixAndMatchError(
+                f"{self.store.url}/{key} names version {record.version!r}: the (unsigned) "
+                "release pointer was altered or copied from another release; restore or remove it"
+            )
+        return record
 
     def put_root(self, data: bytes) -> str:
         """Write the first trust root; returns its URL. Refuses to replace an existing one."""
@@ -123,9 +135,10 @@ class Repository:
     def put_release(self, record: ReleaseRecord) -> None:
         self.store.put(release_pointer_key(record.version), record.to_bytes())
 
-    def index(self, pointer: ReleasePointer) -> ReleaseIndex:
+    def index(self, pointer: ReleasePointer, named_by: str = "the manifest") -> ReleaseIndex:
+        """The verified index ``pointer`` names (``named_by`` says where it comes from)."""
         data = self.store.get(pointer.index.key, pointer.index.length)
-        return verify_index(data, pointer, self.root())
+        return verify_index(data, pointer, self.root(), named_by=named_by)
 
     def fetch_object(self, ref: ObjectRef, dest: str, what: str) -> None:
         """Download an object to ``dest`` and check its length and sha256."""

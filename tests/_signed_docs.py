@@ -32,6 +32,8 @@ from manifest.signing import SigningKey
 from manifest.trust import sign_document
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+REPO_ID = "5e1ec7ed" * 4  # the repository id of the simulated store
+OTHER_REPO_ID = "0badc0de" * 4  # another store's
 
 
 def key(n: int) -> SigningKey:
@@ -78,6 +80,7 @@ def root_doc(
     root_threshold: int = 1,
     release_threshold: int = 1,
     expires: datetime = NOW + timedelta(days=365),
+    repository_id: str = REPO_ID,
 ) -> Root:
     release_keys = root_keys if release_keys is None else release_keys
     keys = {k.keyid: k.public_key for k in [*root_keys, *release_keys]}
@@ -89,6 +92,7 @@ def root_doc(
             "root": Role(tuple(k.keyid for k in root_keys), root_threshold),
             "release": Role(tuple(k.keyid for k in release_keys), release_threshold),
         },
+        repository_id=repository_id,
     )
 
 
@@ -118,6 +122,7 @@ def index_doc(version: str = "1.0", **kw: Any) -> ReleaseIndex:
         kw.get("groups", (group("layers.0"), group("layers.1", 2))),
         kw.get("files", (file_entry("config.json"), file_entry("tokenizer/vocab.txt", 2))),
         kw.get("deltas_from", ("0.9",)),
+        repository_id=kw.get("repository_id", REPO_ID),
     )
 
 
@@ -130,6 +135,7 @@ class Repo:
     root_threshold: int = 1
     release_threshold: int = 1
     sequence: int = 0
+    repository_id: str = REPO_ID
 
     def __post_init__(self) -> None:
         self.root = root_doc(
@@ -137,6 +143,7 @@ class Repo:
             self.release_keys,
             root_threshold=self.root_threshold,
             release_threshold=self.release_threshold,
+            repository_id=self.repository_id,
         )
         self.root_bytes = sign_document(self.root.to_dict(), self.root_keys)
 
@@ -157,13 +164,15 @@ class Repo:
             self.sequence += 1
             sequence = self.sequence
         return Manifest(
-            sequence, expires or NOW + timedelta(days=30), NOW, pointer, "release"
+            sequence, expires or NOW + timedelta(days=30), NOW, pointer, "release",
+            repository_id=self.repository_id,
         )
 
     def publish(
         self, version: str = "1.0", **index_kw: Any
     ) -> tuple[bytes, bytes, ReleasePointer]:
         """Sign an index and a manifest pointing at it: (manifest bytes, index bytes, pointer)."""
+        index_kw.setdefault("repository_id", self.repository_id)
         index_bytes = self.sign_index(index_doc(version, **index_kw))
         pointer = self.pointer(index_bytes, version)
         manifest_bytes = sign_document(self.manifest_doc(pointer).to_dict(), self.release_keys)

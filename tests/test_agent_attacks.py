@@ -474,6 +474,7 @@ def _plan_index(files: list[tuple[str, str, str]], groups: int = 0) -> ReleaseIn
                          ObjectRef(sha(b"full"), 5, "dspatch")) for i in range(groups)),
         tuple(FileEntry(path, content, 3, ObjectRef(obj, 2, "zstd"))
               for path, content, obj in files),
+        repository_id="0" * 32,
     )
 
 
@@ -495,7 +496,8 @@ def test_plan_fetches_identical_groups_once() -> None:
     g = GroupEntry("g0", "g0.safetensors", sha(b"same"), 10, (), ObjectRef(sha(b"full"), 5,
                                                                           "dspatch"))
     index = ReleaseIndex("v9", now_utc(), (g, dataclasses.replace(g, name="g1",
-                                                                 file="g1.safetensors")), ())
+                                                                 file="g1.safetensors")), (),
+                         repository_id="0" * 32)
     plan = make_plan(index, set())
     assert [s.kind for s in plan.groups] == ["full", "have"]
     assert plan.download_bytes == 5 == download_cost(index, None)

@@ -48,7 +48,7 @@ class Device:
                 self.layout.commit_object(tmp, sha)
         group = GroupEntry("g", "g.safetensors", sha, len(data),
                            (TensorEntry("g.weight", "BF16", (4,)),), ObjectRef(sha, 9, "dspatch"))
-        index = ReleaseIndex(version, NOW, (group,), ())
+        index = ReleaseIndex(version, NOW, (group,), (), repository_id=self.repo.repository_id)
         self.layout.save_index(version, self.repo.sign_index(index))
         self.layout.build_version(index, {"g"}, {})
 

@@ -77,7 +77,8 @@ class FakeAgent:
                        TensorEntry(f"model.{g}.b", "BF16", (8,)))
             entries.append(GroupEntry(g, f"{g}.safetensors", sha, len(data), tensors,
                                       ObjectRef(sha, len(data), "dspatch")))
-        index = ReleaseIndex(f"v{version}", datetime.now(UTC), tuple(entries), ())
+        index = ReleaseIndex(f"v{version}", datetime.now(UTC), tuple(entries), (),
+                             repository_id="0" * 32)
         self.layout.build_version(index, set(GROUPS), {})
         return index.version
 

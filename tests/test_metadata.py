@@ -35,7 +35,18 @@ from manifest.metadata import (
 )
 from manifest.signing import SigningKey
 
-from ._signed_docs import NOW, Repo, file_entry, group, hexof, index_doc, key, root_doc
+from ._signed_docs import (
+    NOW,
+    OTHER_REPO_ID,
+    REPO_ID,
+    Repo,
+    file_entry,
+    group,
+    hexof,
+    index_doc,
+    key,
+    root_doc,
+)
 
 
 def raises(exc: type[Exception], *fragments: str) -> Any:
@@ -170,8 +181,18 @@ BAD_INDEXES = [
                  id="wrong-type"),
     pytest.param(_drop("_type"), FormatError, "release index: missing field '_type'",
                  id="no-type"),
-    pytest.param(_top("spec_version", 2), FormatError, "release index has spec_version 2",
-                 id="spec-version-2"),
+    pytest.param(_top("spec_version", 3), FormatError,
+                 "release index has spec_version 3; this deltaship understands 2: upgrade",
+                 id="spec-version-3"),
+    pytest.param(_top("spec_version", 1), FormatError,
+                 "release index has spec_version 1, an older format whose documents do not name "
+                 "their repository: re-initialise the store", id="spec-version-1"),
+    pytest.param(_drop("repository_id"), FormatError,
+                 "release index: missing field 'repository_id'", id="no-repository-id"),
+    pytest.param(_top("repository_id", "A" * 32), FormatError,
+                 "release index repository_id 'AAAA", id="repository-id-upper"),
+    pytest.param(_top("repository_id", "ab" * 32), FormatError,
+                 "is not a repository id (32 lowercase hex digits)", id="repository-id-long"),
     pytest.param(_top("spec_version", "1"), FormatError,
                  "release index.spec_version has the wrong type", id="spec-version-string"),
     pytest.param(_drop("groups"), FormatError, "missing field 'groups'", id="no-groups"),
@@ -308,7 +329,7 @@ def _record_dict() -> dict[str, Any]:
 def test_record_wire_form_is_format_section_9() -> None:
     record = ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json"))
     assert record.to_bytes() == canonical_json({
-        "_type": "deltaship.release-pointer", "spec_version": 1, "version": "v4",
+        "_type": "deltaship.release-pointer", "spec_version": 2, "version": "v4",
         "sequence": 4, "released_at": "2026-03-01T12:00:00Z",
         "index": {"sha256": hexof("a"), "length": 91234},
     })
@@ -320,8 +341,10 @@ BAD_RECORDS = [
     pytest.param("_type", "deltaship.manifest",
                  "r.json has _type 'deltaship.manifest', expected 'deltaship.release-pointer'",
                  id="type"),
-    pytest.param("spec_version", 2, "r.json has spec_version 2; this deltaship understands 1",
+    pytest.param("spec_version", 3, "r.json has spec_version 3; this deltaship understands 2",
                  id="newer-spec-version"),
+    pytest.param("spec_version", 1, "r.json has spec_version 1, an older format",
+                 id="older-spec-version"),
     pytest.param("spec_version", "1", "r.json.spec_version has the wrong type",
                  id="spec-version-string"),
     pytest.param("version", "../v4", "r.json.version '../v4' is not a valid version",
@@ -490,6 +513,7 @@ def test_accepted_group_names_are_plain_file_names(name: str) -> None:
 
 hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
 count = st.integers(0, 2**63)
+repository_ids = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
 versions = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,20}", fullmatch=True)
 group_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,20}", fullmatch=True)
 path_parts = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_. -]{0,12}", fullmatch=True)
@@ -541,6 +565,7 @@ def release_indexes(draw: Any) -> ReleaseIndex:
     return ReleaseIndex(
         draw(versions), draw(times), tuple(unique_groups), tuple(files),
         tuple(draw(st.lists(versions, max_size=3))), draw(unknown),
+        repository_id=draw(repository_ids),
     )
 
 
@@ -549,7 +574,8 @@ pointers = st.builds(
     st.builds(ObjectRef, hex64, count, st.just("json")),
 )
 manifests = st.builds(
-    Manifest, count, times, times, pointers, st.sampled_from(["release", "revert"]), unknown
+    Manifest, count, times, times, pointers, st.sampled_from(["release", "revert"]), unknown,
+    repository_id=repository_ids,
 )
 records = st.builds(
     ReleaseRecord, versions, count, times, st.builds(ObjectRef, hex64, count, st.just("json")),
@@ -568,7 +594,8 @@ def roots(draw: Any) -> Root:
     for name in ("root", "release", *draw(st.lists(group_names, max_size=2))):
         chosen = draw(st.lists(st.sampled_from(ids), min_size=1, unique=True))
         roles[name] = Role(tuple(chosen), draw(st.integers(1, len(chosen))))
-    return Root(draw(count), draw(times), keys, roles, draw(unknown))
+    return Root(draw(count), draw(times), keys, roles, draw(unknown),
+                repository_id=draw(repository_ids))
 
 
 @pytest.mark.parametrize(
@@ -615,7 +642,8 @@ def test_known_fields_win_over_unrecognized_on_output() -> None:
     """``unrecognized`` cannot smuggle a second value for a known field into to_dict."""
     m = Manifest.from_dict(_manifest_dict())
     forged = Manifest(m.sequence, m.expires, m.published_at, m.current, m.action,
-                      {"sequence": 10**6, "_type": "deltaship.root"})
+                      {"sequence": 10**6, "_type": "deltaship.root",
+                       "repository_id": OTHER_REPO_ID}, repository_id=m.repository_id)
     assert forged.to_dict()["sequence"] == m.sequence
     assert forged.to_dict()["_type"] == "deltaship.manifest"
 
@@ -633,7 +661,8 @@ def test_index_may_not_ship_the_weight_index_or_clash_files_with_folders() -> No
 
     def index_with(paths: list[str]) -> dict[str, object]:
         obj = {"sha256": "a" * 64, "length": 1, "encoding": "zstd"}
-        return {"_type": "deltaship.release", "spec_version": 1, "version": "v1",
+        return {"_type": "deltaship.release", "spec_version": 2, "version": "v1",
+                "repository_id": REPO_ID,
                 "released_at": "2026-01-01T00:00:00Z", "groups": [],
                 "files": [{"path": p, "sha256": "b" * 64, "length": 1, "object": obj}
                           for p in paths]}

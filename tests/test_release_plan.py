@@ -33,7 +33,7 @@ from publisher.release_plan import (
     plan_encoding,
 )
 
-from ._signed_docs import NOW, file_entry, group, hexof, key, root_doc
+from ._signed_docs import NOW, REPO_ID, file_entry, group, hexof, key, root_doc
 
 STAGING = Path("/staging")
 
@@ -47,11 +47,12 @@ def _record(version: str, sequence: int) -> ReleaseRecord:
 
 
 def _manifest(version: str, sequence: int) -> Manifest:
-    return Manifest(sequence, NOW + timedelta(days=30), NOW, _pointer(version))
+    return Manifest(sequence, NOW + timedelta(days=30), NOW, _pointer(version),
+                    repository_id=REPO_ID)
 
 
 def _index(version: str, *groups: GroupEntry) -> ReleaseIndex:
-    return ReleaseIndex(version, NOW, groups, ())
+    return ReleaseIndex(version, NOW, groups, (), repository_id=REPO_ID)
 
 
 def _hashed(name: str, c: str) -> HashedGroup:
@@ -178,7 +179,7 @@ def test_index_and_uploads() -> None:
                            {full2.key: "/staging/full-2"}, ())
     files = [ShippedFile(file_entry("config.json"), "/staging/file-x"),
              ShippedFile(file_entry("LICENSE", 2), None)]
-    index = build_index("v2", NOW, groups, chosen, files, [_index("v1")])
+    index = build_index("v2", NOW, groups, chosen, files, [_index("v1")], REPO_ID)
     assert [(g.name, g.full, g.patches) for g in index.groups] == [
         ("layers.0", full1, ()), ("layers.1", full2, (patch,))]
     assert [f.path for f in index.files] == ["config.json", "LICENSE"]

@@ -7,11 +7,14 @@ does I/O or sleeps ("now" is passed in).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from manifest.errors import (
     ExpiredError,
@@ -39,6 +42,8 @@ from manifest.trust import (
 
 from ._signed_docs import (
     NOW,
+    OTHER_REPO_ID,
+    REPO_ID,
     Repo,
     envelope,
     group,
@@ -815,8 +820,8 @@ def test_unsignable_values_in_signed_documents(value: Any, literal: bytes, messa
 def test_unknown_spec_version() -> None:
     repo = Repo()
     _, _, pointer = repo.publish()
-    signed = {**repo.manifest_doc(pointer).to_dict(), "spec_version": 2}
-    with raises(FormatError, "manifest has spec_version 2; this deltaship understands 1: upgrade"):
+    signed = {**repo.manifest_doc(pointer).to_dict(), "spec_version": 3}
+    with raises(FormatError, "manifest has spec_version 3; this deltaship understands 2: upgrade"):
         verify_manifest(sign_document(signed, [R1]), repo.root, now=NOW)
 
 
@@ -866,3 +871,157 @@ def test_unknown_fields_are_kept_and_signed(kind: str) -> None:
 def test_group_helper_is_valid() -> None:
     assert group("a").file == "a.safetensors"
     assert isinstance(Root.from_dict(root_doc([K1]).to_dict()), Root)
+
+
+# --- documents are bound to their repository (issue 9, point 1) -------------------------
+
+
+def test_another_repositorys_manifest_is_refused_naming_both_ids() -> None:
+    """Two stores with the same release key: B's manifest is valid everywhere but in A."""
+    a, b = Repo(), Repo(repository_id=OTHER_REPO_ID)
+    manifest_b, _, _ = b.publish()
+    verify_manifest(manifest_b, b.root, now=NOW)
+    with raises(MixAndMatchError, f"manifest belongs to repository {OTHER_REPO_ID}",
+                f"not to the trusted root's repository {REPO_ID}", "another store"):
+        verify_manifest(manifest_b, a.root, now=NOW, min_sequence=0)
+
+
+def test_another_repositorys_index_is_refused() -> None:
+    a, b = Repo(), Repo(repository_id=OTHER_REPO_ID)
+    _, index_b, pointer_b = b.publish()
+    with raises(MixAndMatchError, f"release index belongs to repository {OTHER_REPO_ID}",
+                REPO_ID):
+        verify_index(index_b, pointer_b, a.root)
+
+
+def test_the_repository_is_checked_before_the_sequence() -> None:
+    """B's higher sequence is refused as B's, never remembered as a replay bar for A."""
+    a, b = Repo(), Repo(repository_id=OTHER_REPO_ID, sequence=40)
+    with raises(MixAndMatchError, "belongs to repository"):
+        verify_manifest(b.publish()[0], a.root, now=NOW, min_sequence=50)
+
+
+def test_rotation_keeps_the_repository_id() -> None:
+    """A successor root may change every key but not the repository it names."""
+    same = root_doc([K3, K4], [R2], version=2, root_threshold=2)
+    assert verify_root(sign_document(same.to_dict(), [K1, K2, K3, K4]), now=NOW,
+                       trusted=TRUSTED).repository_id == TRUSTED.repository_id
+    other = root_doc([K3, K4], [R2], version=2, root_threshold=2, repository_id=OTHER_REPO_ID)
+    with raises(MixAndMatchError, f"new trust root belongs to repository {OTHER_REPO_ID}"):
+        verify_root(sign_document(other.to_dict(), [K1, K2, K3, K4]), now=NOW, trusted=TRUSTED)
+
+
+@pytest.mark.parametrize("kind", ["root", "manifest", "index"])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        pytest.param(lambda d: d.pop("repository_id"), "missing field 'repository_id'",
+                     id="missing"),
+        pytest.param(lambda d: d.update(repository_id=REPO_ID.upper()),
+                     "is not a repository id", id="uppercase"),
+        pytest.param(lambda d: d.update(repository_id=7), "has the wrong type", id="int"),
+        pytest.param(lambda d: (d.pop("repository_id"), d.update(spec_version=1)),
+                     "has spec_version 1, an older format whose documents do not name their "
+                     "repository: re-initialise the store", id="older-format"),
+    ],
+)
+def test_a_document_without_a_valid_repository_id(kind: str, edit: Callable[[dict[str, Any]],
+                                                  Any], message: str) -> None:
+    repo = Repo()
+    if kind == "root":
+        signed = repo.root.to_dict()
+        edit(signed)
+        with raises(FormatError, message):
+            verify_root(sign_document(signed, repo.root_keys), now=NOW)
+        return
+    data = _signed(kind, repo)
+    signed, _ = open_envelope(data)
+    edit(signed)
+    with raises(FormatError, message):
+        _verify_as(kind, sign_document(signed, repo.release_keys), repo)
+
+
+# --- the cost of signature junk (issue 9, point 10) -------------------------------------
+
+
+def _padded_manifest(repo: Repo, signatures: Callable[[dict[str, str]], list[Any]]) -> bytes:
+    """A manifest whose body is costly to canonicalise, with the given signature entries."""
+    _, _, pointer = repo.publish()
+    signed = {**repo.manifest_doc(pointer).to_dict(), "x_padding": [0] * 5000}
+    good = R1.sign(signed)
+    data = envelope(signed, signatures(good))
+    assert len(data) <= MAX_MANIFEST_SIZE
+    return data
+
+
+def _best_time(fn: Callable[[], Any], runs: int = 5) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _outcome(fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except SignatureError:
+        return "refused"
+    return "accepted"
+
+
+@pytest.mark.parametrize("junk", ["copies of the good signature", "bad signatures first"])
+def test_signature_junk_costs_about_one_verification(junk: str) -> None:
+    """Hundreds of signature entries by the trusted key id cost about what one does: the body
+    is canonicalised once and only the first entry of a key id is checked. (Before, every
+    entry re-canonicalised the body: about 240 times the cost of the normal manifest.)"""
+    repo = Repo()
+    normal = _padded_manifest(repo, lambda g: [g])
+    if junk == "copies of the good signature":
+        stuffed = _padded_manifest(repo, lambda g: [g] * 240)
+    else:
+        stuffed = _padded_manifest(
+            repo, lambda g: [{"keyid": g["keyid"], "sig": "00" * 64}] * 240 + [g])
+    normal_time = _best_time(lambda: verify_manifest(normal, repo.root, now=NOW))
+    stuffed_time = _best_time(lambda: _outcome(
+        lambda: verify_manifest(stuffed, repo.root, now=NOW)))
+    assert stuffed_time < 4 * normal_time, (stuffed_time, normal_time)
+    expected = "accepted" if junk.startswith("copies") else "refused"
+    assert _outcome(lambda: verify_manifest(stuffed, repo.root, now=NOW)) == expected
+
+
+def test_only_the_first_signature_of_a_key_id_counts() -> None:
+    repo = Repo()
+    data = _signed("manifest", repo)
+    signed, (good,) = open_envelope(data)
+    bad = flip_sig(good)
+    verify_manifest(envelope(signed, [good, bad, bad]), repo.root, now=NOW)
+    with raises(SignatureError, f"invalid signature by key {R1_KID}"):
+        verify_manifest(envelope(signed, [bad, good]), repo.root, now=NOW)
+    # Junk of other shapes by the trusted key id is not verified either.
+    verify_manifest(envelope(signed, [good, {"keyid": R1.keyid, "sig": "zz" * 5000}]),
+                    repo.root, now=NOW)
+    with raises(SignatureError, "invalid signature by key"):
+        verify_manifest(envelope(signed, [{"keyid": R1.keyid, "sig": "ab" * 10}]), repo.root,
+                        now=NOW)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["good-r1", "bad-r1", "good-r2", "bad-r2", "outsider"]),
+                max_size=12))
+def test_outcome_depends_on_the_first_entry_of_each_key_id(entries: list[str]) -> None:
+    """Property: with a 2-of-2 release role, a manifest verifies exactly when the first entry
+    of each of the two key ids is a good signature; repeats never change the outcome."""
+    repo = Repo(release_keys=[R1, R2], release_threshold=2)
+    signed, _ = open_envelope(_signed("manifest", repo))
+    sigs = {"good-r1": R1.sign(signed), "good-r2": R2.sign(signed),
+            "outsider": OUTSIDER.sign(signed)}
+    sigs["bad-r1"], sigs["bad-r2"] = flip_sig(sigs["good-r1"]), flip_sig(sigs["good-r2"])
+    data = envelope(signed, [sigs[e] for e in entries])
+    first = {}
+    for e in entries:
+        first.setdefault(e.split("-")[-1], e)
+    ok = first.get("r1") == "good-r1" and first.get("r2") == "good-r2"
+    assert _outcome(lambda: verify_manifest(data, repo.root, now=NOW)) == (
+        "accepted" if ok else "refused")
