@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from manifest.cli_errors import exit_on_errors
+from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
 from manifest.errors import DeltashipError
 
 from .config import AgentConfig, default_config_path, load_config
@@ -31,13 +31,9 @@ from .service import run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = """\b
-Exit codes: 0 success (or up to date); 1 other error; 2 bad local input or configuration;
-3 the store sent data that failed verification (nothing was installed); 4 the store could not
-be reached, failed, or lacks an object it should hold (retry later); 5 another process changed
-the same thing; 6 a hook or the health check failed after a switch (after an update the agent
-switched back to the previous version; after a rollback the rollback stands). The live model
-is never touched by a failed update. Details: docs/ERRORS.md."""
+EXIT_NOTES = ("3: nothing was installed. 6: after an update the agent switched back to the "
+              "previous version; after a rollback the rollback stands. The live model is never "
+              "touched by a failed update.")
 
 
 _errors = exit_on_errors("deltaship-agent")
@@ -67,7 +63,8 @@ def _device_id(explicit: str | None) -> str:
     return uuid.uuid4().hex
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="deltaship")
 def main() -> None:
     """Keep this device's model at the release its trusted manifest names.
@@ -317,4 +314,4 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
     asyncio.run(run_server(cfg, ready))
 
 
-main.help = (main.help or "") + "\n\n" + EXIT_CODES
+main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from manifest.cli_errors import exit_on_errors
+from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
 from manifest.storage.store import StoreOptions
 
 from .admin import history, init_store, revert
@@ -28,11 +28,8 @@ from .summary import ReleaseSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = """\b
-Exit codes: 0 success; 1 other error; 2 bad local input or configuration (model, key,
-store URL, credentials, bucket); 3 the store returned data that failed verification;
-4 the store could not be reached, failed, or lacks an object it should hold (retry later);
-5 a concurrent release changed the store first (re-run). Details: docs/ERRORS.md."""
+EXIT_NOTES = ("2 also covers a bad model, key, store URL, credentials or bucket; 5 here: a "
+              "concurrent release or revert changed the store first.")
 
 
 def _now() -> datetime:
@@ -54,7 +51,8 @@ def _store_options(fn: F) -> F:
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="deltaship")
 def main() -> None:
     """Publish signed, per-layer and per-expert delta releases of safetensors models.
@@ -267,4 +265,4 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
             click.echo(f"  file {f}")
 
 
-main.help = (main.help or "") + "\n\n" + EXIT_CODES
+main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)
