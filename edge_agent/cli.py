@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
-from manifest.errors import DeltashipError
+from manifest.errors import LocalError
 
 from .config import AgentConfig, default_config_path, load_config
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
@@ -239,16 +239,16 @@ def resume(config_path: Path | None) -> None:
 @_config_option
 @_errors
 def verify(repair: bool, config_path: Path | None) -> None:
-    """Re-hash the live version against its signed index."""
+    """Re-hash the live version against its signed index (exit 2 when files are damaged)."""
     result = Operator(_load(config_path)).verify(repair)
     current = result.version
     if not result.damaged:
         click.echo(f"{current}: every file matches its signed sha256")
         return
-    if not result.repaired:
-        click.echo(f"{current}: damaged: {', '.join(result.damaged)}", err=True)
-        raise DeltashipError(f"{len(result.damaged)} damaged file(s): run "
-                             "`deltaship-agent verify --repair`")
+    if not result.repaired:  # the device's own files: the operator repairs them (exit 2)
+        shown = ", ".join(result.damaged[:5]) + (", ..." if len(result.damaged) > 5 else "")
+        raise LocalError(f"{current}: {len(result.damaged)} damaged file(s) ({shown}): run "
+                         "`deltaship-agent verify --repair`")
     click.echo(f"{current}: repaired {', '.join(result.damaged)}")
     if result.unhealthy is not None:  # the server maps the replaced files
         raise result.unhealthy

@@ -110,7 +110,7 @@ MAX_EXPIRY_GRACE = 3650 * 86400.0  # ten years: beyond, expiry arithmetic leaves
 
 def _text(what: str, *, empty: bool = True) -> Rule:
     def rule(v: Any) -> str:
-        if not isinstance(v, str) or (not empty and not v.strip()):
+        if not isinstance(v, str) or (not empty and not v):
             raise _Wrong(f"must be {what}")
         return v
     return rule
@@ -134,7 +134,7 @@ def _path(v: Any) -> Path:
 
 def _patterns(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list | tuple) or not all(isinstance(p, str) and p.strip() for p in v):
-        raise _Wrong('must be a list of group-name patterns, e.g. ["layers.3.experts.*"]')
+        raise _Wrong('must be a list of non-empty group-name patterns, e.g. ["layers.3.experts.*"]')
     return tuple(v)
 
 
@@ -191,11 +191,11 @@ def _validated(doc: dict[str, Any], where: str, flags: bool = False) -> AgentCon
             wrong.append(f"{label} {'' if flags else '= '}{_shown(doc[name])}: {e}")
     if wrong:
         many = f"{len(wrong)} wrong settings: " if len(wrong) > 1 else ""
-        raise LocalError(f"{where}: {many}{'; '.join(wrong)}")
+        raise LocalError(f"{where}{': ' if where else ''}{many}{'; '.join(wrong)}")
     return AgentConfig(**values)
 
 
-def check_config(cfg: AgentConfig, where: str = "deltaship-agent init") -> AgentConfig:
+def check_config(cfg: AgentConfig, where: str = "") -> AgentConfig:
     """``cfg`` (from flags) checked against :data:`RULES`; errors name the flags."""
     doc = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) is not None}
     doc = {k: str(v) if isinstance(v, Path) else v for k, v in doc.items()}
@@ -219,7 +219,9 @@ def save_config(cfg: AgentConfig, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data, 0o644)
     except OSError as e:  # a full disk is a DiskFullError already
-        raise LocalError(f"cannot write the agent configuration {path}: {e.strerror}") from e
+        why = "a file is in the way of its directory" if isinstance(
+            e, FileExistsError | NotADirectoryError) else e.strerror
+        raise LocalError(f"cannot write the agent configuration {path}: {why}") from e
 
 
 def load_config(path: Path) -> AgentConfig:

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import click
 
 from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
+from manifest.errors import FormatError, LocalError
+from manifest.metadata import check_version
 from manifest.storage.store import StoreOptions
 
 from .admin import history, init_store, revert
@@ -30,6 +32,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_NOTES = ("2 also covers a bad model, key, store URL, credentials or bucket; 5 here: a "
               "concurrent release or revert changed the store first.")
+
+
+MAX_ROOT_DAYS = 36500  # a hundred years: far from the calendar's end (year 9999)
 
 
 def _now() -> datetime:
@@ -99,8 +104,8 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
               help="Private key to trust and sign with (repeat for several keys).")
 @click.option("--threshold", default=1, show_default=True, type=click.IntRange(min=1),
               help="How many of the keys must sign every manifest and index.")
-@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(min=1),
-              help="Lifetime of the trust root.")
+@click.option("--expires-days", default=365, show_default=True,
+              type=click.IntRange(min=1, max=MAX_ROOT_DAYS), help="Lifetime of the trust root.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a local copy of the trust root here (for devices to pin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -160,6 +165,10 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
     unchanged groups cost nothing. The summary shows, per base version, what a device at that
     version downloads.
     """
+    try:
+        check_version(version, "--version")
+    except FormatError as e:  # the user's flag, not data from the store
+        raise LocalError(str(e)) from e
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
                         StoreOptions(endpoint_url), level=level,
                         progress=False if as_json else None)
