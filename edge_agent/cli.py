@@ -24,7 +24,7 @@ from click.core import ParameterSource
 from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
 from manifest.errors import LocalError
 
-from .config import AgentConfig, default_config_path, load_config
+from .config import AgentConfig, check_config, default_config_path, load_config
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
 from .operations import Operator, StatusReport
 from .service import run_forever
@@ -154,10 +154,10 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
     given = {p for p in TIMING_FLAGS
              if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
     hooks = hooks_from_flags(given, **hook_flags)
-    cfg = AgentConfig(store=store, model_dir=model_dir.absolute(),
-                      device_id=_device_id(device_id), interval=interval, include=include,
-                      endpoint_url=endpoint_url, max_rate=max_rate, keep=keep,
-                      expiry_grace=expiry_grace, hooks=hooks)
+    cfg = check_config(AgentConfig(
+        store=store, model_dir=model_dir.absolute(), device_id=_device_id(device_id),
+        interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
+        keep=keep, expiry_grace=expiry_grace, hooks=hooks))
     path = config_path or default_config_path()
     pinned = Operator(cfg).init(trust, path)
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
