@@ -30,6 +30,7 @@ from manifest.errors import (
     UntrustedDataError,
 )
 from manifest.metadata import ReleaseIndex, Root, format_time
+from manifest.storage.atomic import write_atomic
 from manifest.storage.retry import RetryPolicy
 from manifest.storage.source import open_source
 from manifest.trust import (
@@ -237,7 +238,7 @@ def _restored_on_failure(path: Path) -> Iterator[None]:
     except BaseException:
         with contextlib.suppress(OSError):
             if before is not None:
-                path.write_bytes(before)
+                write_atomic(path, before)
             else:
                 path.unlink(missing_ok=True)
                 for d in missing:  # deepest first

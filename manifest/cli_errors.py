@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
@@ -86,7 +87,7 @@ class OneLineGroup(click.Group):
             return super().main(*args, **kwargs)
         except click.ClickException as e:
             prog = (e.ctx.find_root().info_name if isinstance(e, click.UsageError) and e.ctx
-                    else None) or self.name
+                    else None) or kwargs.get("prog_name") or os.path.basename(sys.argv[0])
             see = (f" (see `{e.ctx.command_path} --help`)"
                    if isinstance(e, click.UsageError) and e.ctx else "")
             click.echo(f"{prog}: error: {e.format_message()}{see}", err=True)
