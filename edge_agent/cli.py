@@ -21,23 +21,19 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from manifest.cli_errors import exit_on_errors
-from manifest.errors import DeltashipError
+from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
+from manifest.errors import LocalError
 
-from .config import AgentConfig, default_config_path, load_config
+from .config import AgentConfig, check_config, default_config_path, load_config
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
 from .operations import Operator, StatusReport
 from .service import run_forever
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = """\b
-Exit codes: 0 success (or up to date); 1 other error; 2 bad local input or configuration;
-3 the store sent data that failed verification (nothing was installed); 4 the store could not
-be reached, failed, or lacks an object it should hold (retry later); 5 another process changed
-the same thing; 6 a hook or the health check failed after a switch (after an update the agent
-switched back to the previous version; after a rollback the rollback stands). The live model
-is never touched by a failed update. Details: docs/ERRORS.md."""
+EXIT_NOTES = ("3: nothing was installed. 6: after an update the agent switched back to the "
+              "previous version; after a rollback the rollback stands. The live model is never "
+              "touched by a failed update.")
 
 
 _errors = exit_on_errors("deltaship-agent")
@@ -67,7 +63,8 @@ def _device_id(explicit: str | None) -> str:
     return uuid.uuid4().hex
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="deltaship")
 def main() -> None:
     """Keep this device's model at the release its trusted manifest names.
@@ -157,10 +154,10 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
     given = {p for p in TIMING_FLAGS
              if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
     hooks = hooks_from_flags(given, **hook_flags)
-    cfg = AgentConfig(store=store, model_dir=model_dir.absolute(),
-                      device_id=_device_id(device_id), interval=interval, include=include,
-                      endpoint_url=endpoint_url, max_rate=max_rate, keep=keep,
-                      expiry_grace=expiry_grace, hooks=hooks)
+    cfg = check_config(AgentConfig(
+        store=store, model_dir=model_dir.absolute(), device_id=_device_id(device_id),
+        interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
+        keep=keep, expiry_grace=expiry_grace, hooks=hooks))
     path = config_path or default_config_path()
     pinned = Operator(cfg).init(trust, path)
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
@@ -242,16 +239,16 @@ def resume(config_path: Path | None) -> None:
 @_config_option
 @_errors
 def verify(repair: bool, config_path: Path | None) -> None:
-    """Re-hash the live version against its signed index."""
+    """Re-hash the live version against its signed index (exit 2 when files are damaged)."""
     result = Operator(_load(config_path)).verify(repair)
     current = result.version
     if not result.damaged:
         click.echo(f"{current}: every file matches its signed sha256")
         return
-    if not result.repaired:
-        click.echo(f"{current}: damaged: {', '.join(result.damaged)}", err=True)
-        raise DeltashipError(f"{len(result.damaged)} damaged file(s): run "
-                             "`deltaship-agent verify --repair`")
+    if not result.repaired:  # the device's own files: the operator repairs them (exit 2)
+        shown = ", ".join(result.damaged[:5]) + (", ..." if len(result.damaged) > 5 else "")
+        raise LocalError(f"{current}: {len(result.damaged)} damaged file(s) ({shown}): run "
+                         "`deltaship-agent verify --repair`")
     click.echo(f"{current}: repaired {', '.join(result.damaged)}")
     if result.unhealthy is not None:  # the server maps the replaced files
         raise result.unhealthy
@@ -317,4 +314,4 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
     asyncio.run(run_server(cfg, ready))
 
 
-main.help = (main.help or "") + "\n\n" + EXIT_CODES
+main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

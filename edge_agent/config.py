@@ -2,20 +2,31 @@
 
 The click layer maps flags onto :class:`AgentConfig`; ``load_config`` and ``save_config`` are the
 only code that reads or writes the file. Nothing here reads the environment at import time.
+
+Every setting has one rule in :data:`RULES` (its type and range; a new field is one line
+there): ``load_config`` applies them to the file, :func:`check_config` to what ``init`` is
+about to write, and a wrong setting is a :class:`~manifest.errors.LocalError` naming every wrong
+field (``field = value: what it must be``), never a ``TypeError`` later in the update loop.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from manifest.errors import LocalError
 from manifest.storage.atomic import write_atomic
 
-__all__ = ["AgentConfig", "default_config_path", "load_config", "save_config"]
+from .hooks import parse_hooks
+
+__all__ = ["RULES", "AgentConfig", "check_config", "default_config_path", "load_config",
+           "save_config"]
 
 
 def default_config_path() -> Path:
@@ -83,6 +94,114 @@ def _toml_table(name: str, table: dict[str, object]) -> list[str]:
     return lines
 
 
+
+# -- the rules: one per setting --------------------------------------------------------------
+
+
+class _Wrong(Exception):
+    """One setting's value breaks its rule; the message says what the value must be."""
+
+
+Rule = Callable[[Any], Any]  # the value as read from TOML -> the AgentConfig value, or _Wrong
+
+MAX_INTERVAL = 365 * 86400.0  # a poll interval (seconds)
+MAX_EXPIRY_GRACE = 3650 * 86400.0  # ten years: beyond, expiry arithmetic leaves the calendar
+
+
+def _text(what: str, *, empty: bool = True) -> Rule:
+    def rule(v: Any) -> str:
+        if not isinstance(v, str) or (not empty and not v):
+            raise _Wrong(f"must be {what}")
+        return v
+    return rule
+
+
+def _number(what: str, lo: float, hi: float, *, whole: bool = False) -> Rule:
+    kind = "a whole number" if whole else "a number"
+    limits = f"from {lo:.0f} to {hi:.0f}"
+
+    def rule(v: Any) -> float | int:
+        ok = isinstance(v, int) if whole else isinstance(v, int | float)
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or not lo <= v <= hi:
+            raise _Wrong(f"must be {kind} {limits} ({what})")
+        return v if whole else float(v)
+    return rule
+
+
+def _path(v: Any) -> Path:
+    return Path(_text("a directory path", empty=False)(v))
+
+
+def _patterns(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(p, str) and p.strip() for p in v):
+        raise _Wrong('must be a list of non-empty group-name patterns, e.g. ["layers.3.experts.*"]')
+    return tuple(v)
+
+
+def _hooks(v: Any) -> dict[str, object]:
+    if not isinstance(v, dict):
+        raise _Wrong("must be a table ([hooks]: see edge_agent/hooks.py)")
+    try:
+        parse_hooks(v)
+    except LocalError as e:
+        raise _Wrong(f"is wrong: {e}") from e
+    return v
+
+
+RULES: dict[str, Rule] = {
+    "store": _text("a store URL or path", empty=False),
+    "model_dir": _path,
+    "device_id": _text("text"),
+    "interval": _number("seconds", 1, MAX_INTERVAL),
+    "include": _patterns,
+    "endpoint_url": _text("a URL", empty=False),
+    "max_rate": _number("bytes per second", 1, 1e15),
+    "keep": _number("versions", 0, 1000, whole=True),
+    "expiry_grace": _number("seconds", 0, MAX_EXPIRY_GRACE),
+    "downloads": _number("at once", 1, 64, whole=True),
+    "hooks": _hooks,
+}
+
+
+def _shown(v: Any) -> str:
+    try:
+        text = _toml_value(v)
+    except TypeError:
+        text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _validated(doc: dict[str, Any], where: str, flags: bool = False) -> AgentConfig:
+    """``doc`` as an :class:`AgentConfig`, or one LocalError naming every wrong setting."""
+    wrong: list[str] = []
+    known = {f.name: f for f in fields(AgentConfig)}
+    for name in sorted(set(doc) - set(known)):
+        wrong.append(f"unknown setting {name!r}")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        label = f"--{name.replace('_', '-')}" if flags else name
+        if name not in doc:
+            if f.default is MISSING and f.default_factory is MISSING:
+                wrong.append(f"missing setting {name!r}")
+            continue
+        rule = RULES.get(name, lambda v: v)
+        try:
+            values[name] = rule(doc[name])
+        except _Wrong as e:
+            wrong.append(f"{label} {'' if flags else '= '}{_shown(doc[name])}: {e}")
+    if wrong:
+        many = f"{len(wrong)} wrong settings: " if len(wrong) > 1 else ""
+        raise LocalError(f"{where}{': ' if where else ''}{many}{'; '.join(wrong)}")
+    return AgentConfig(**values)
+
+
+def check_config(cfg: AgentConfig, where: str = "") -> AgentConfig:
+    """``cfg`` (from flags) checked against :data:`RULES`; errors name the flags."""
+    doc = {f.name: getattr(cfg, f.name) for f in fields(cfg) if getattr(cfg, f.name) is not None}
+    doc = {k: str(v) if isinstance(v, Path) else v for k, v in doc.items()}
+    return _validated(doc, where, flags=True)
+
+
 def save_config(cfg: AgentConfig, path: Path) -> None:
     lines = ["# deltaship-agent configuration (written by `deltaship-agent init`)"]
     for f in fields(cfg):
@@ -96,26 +215,27 @@ def save_config(cfg: AgentConfig, path: Path) -> None:
         data = ("\n".join(lines) + "\n").encode()
     except UnicodeEncodeError as e:
         raise LocalError(f"cannot write {path}: a setting is not valid UTF-8 text") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, data, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data, 0o644)
+    except OSError as e:  # a full disk is a DiskFullError already
+        why = "a file is in the way of its directory" if isinstance(
+            e, FileExistsError | NotADirectoryError) else e.strerror
+        raise LocalError(f"cannot write the agent configuration {path}: {why}") from e
 
 
 def load_config(path: Path) -> AgentConfig:
     try:
-        doc = tomllib.loads(path.read_text("utf-8"))
+        text = path.read_bytes().decode("utf-8")
+        doc = tomllib.loads(text)
     except FileNotFoundError as e:
         raise LocalError(
             f"no agent configuration at {path}: run `deltaship-agent init` first"
         ) from e
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise LocalError(f"cannot read the agent configuration {path}: {e}") from e
-    known = {f.name for f in fields(AgentConfig)}
-    unknown = set(doc) - known
-    if unknown:
-        raise LocalError(f"{path}: unknown setting {sorted(unknown)[0]!r}")
-    try:
-        doc["model_dir"] = Path(doc["model_dir"])
-        doc["include"] = tuple(doc.get("include", ()))
-        return AgentConfig(**doc)
-    except (KeyError, TypeError) as e:
-        raise LocalError(f"{path}: incomplete or malformed configuration ({e})") from e
+    except OSError as e:
+        raise LocalError(f"cannot read the agent configuration {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise LocalError(f"{path}: not a TOML file (not UTF-8 text at byte {e.start})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise LocalError(f"{path}: not valid TOML: {e}") from e
+    return _validated(doc, str(path))

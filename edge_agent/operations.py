@@ -11,22 +11,48 @@ stands when the check fails (the result carries the failure, as ``unhealthy``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from manifest.errors import HookError, LocalError, NotFoundError
-from manifest.metadata import format_time
-from manifest.trust import verify_root
+from manifest.constants import MANIFEST_KEY
+from manifest.download_plan import check_include
+from manifest.errors import (
+    DeltashipError,
+    HookError,
+    LocalError,
+    NotFoundError,
+    TrustError,
+    UntrustedDataError,
+)
+from manifest.metadata import ReleaseIndex, Root, format_time
+from manifest.storage.atomic import write_atomic
+from manifest.storage.retry import RetryPolicy
+from manifest.storage.source import open_source
+from manifest.trust import (
+    MAX_INDEX_SIZE,
+    MAX_MANIFEST_SIZE,
+    verify_index,
+    verify_manifest,
+    verify_root,
+)
 
-from .config import AgentConfig, save_config
+from .config import AgentConfig, check_config, save_config
 from .repair import repair_version
 from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
 
 __all__ = ["Operator", "RollbackResult", "StatusReport", "VerifyResult"]
+
+log = logging.getLogger("deltaship.agent")
+
+# `init` looks at the store once, briefly: an unreachable store is checked by every `run`.
+_INIT_PROBE = RetryPolicy(attempts=1)
+_INIT_PROBE_TIMEOUT = 5.0
 
 
 # The saved state's fields `status` shows, in the order it shows them.
@@ -73,19 +99,64 @@ class Operator:
 
     def init(self, trust: Path, config_path: Path) -> Path:
         """Pin the trust root ``trust`` (verified first), write the configuration to
-        ``config_path`` and record the device id; returns where the root is pinned."""
+        ``config_path`` and record the device id; returns where the root is pinned.
+
+        Everything is checked before anything is written: the settings, the root, and (when the
+        store answers at once) that every ``include`` pattern matches a group of the current
+        release. The configuration and the pinned root are written as a pair: the
+        configuration first, the root last; if anything fails after the configuration was
+        written, it is put back as it was, so a failed ``init`` leaves neither.
+        """
+        check_config(self.cfg)
         try:
             root_bytes = trust.read_bytes()
         except OSError as e:
             raise LocalError(f"cannot read the trust root {trust}: {e.strerror}") from e
-        verify_root(root_bytes, now=self.agent.now())
+        try:
+            root = verify_root(root_bytes, now=self.agent.now())
+        except UntrustedDataError as e:  # a local file: the user gave the wrong one
+            raise TrustError(f"{trust} is not a usable trust root: {e}") from e
+        self._check_include_at_store(root)
         layout = self.agent.layout
-        layout.pin_root(root_bytes)
-        save_config(self.cfg, config_path)
-        with self.agent.holding_state() as state:
-            state.device_id = self.cfg.device_id
-            self.agent.commit("device id")
+        with _restored_on_failure(config_path):
+            save_config(self.cfg, config_path)
+            try:
+                with self.agent.holding_state() as state:
+                    state.device_id = self.cfg.device_id
+                    self.agent.commit("device id")
+                    layout.pin_root(root_bytes)  # last: a failed init pins nothing
+            except OSError as e:  # a full disk is a DiskFullError already
+                raise LocalError(f"cannot write the model directory {self.cfg.model_dir}: "
+                                 f"{e.strerror}") from e
         return layout.root_file
+
+    def _check_include_at_store(self, root: Root) -> None:
+        """Refuse ``include`` patterns that match no group of the store's current release,
+        if the store answers at once (else the first `run` refuses them)."""
+        if not self.cfg.include:
+            return
+        try:
+            index = asyncio.run(self._current_index(root))
+        except (DeltashipError, OSError) as e:  # e.g. no release yet: `run` checks each time
+            log.info("could not check --include against the store now: %s", e)
+            return
+        check_include(index, self.cfg.include, fix="fix --include")
+
+    async def _current_index(self, root: Root) -> ReleaseIndex:
+        cfg = self.cfg
+        source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, retry=_INIT_PROBE,
+                             timeout=_INIT_PROBE_TIMEOUT)
+        try:
+            data, _ = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, None)
+            assert data is not None
+            manifest = verify_manifest(data, root, now=self.agent.now(), grace=self.agent.grace)
+            pointer = manifest.current
+            ibytes, _ = await source.get_small(pointer.index.key,
+                                               min(pointer.index.length, MAX_INDEX_SIZE))
+            assert ibytes is not None
+            return verify_index(ibytes, pointer, root)
+        finally:
+            await source.close()
 
     def status(self) -> StatusReport:
         """What the device runs and what the agent last did (read without waiting for a
@@ -154,3 +225,22 @@ class Operator:
             failure.__cause__ = e
             return failure
         return None
+
+
+@contextlib.contextmanager
+def _restored_on_failure(path: Path) -> Iterator[None]:
+    """If the block fails, put ``path`` back as it was (its content, or no file and none of
+    the directories the block created for it)."""
+    before = path.read_bytes() if path.is_file() else None
+    missing = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if before is not None:
+                write_atomic(path, before)
+            else:
+                path.unlink(missing_ok=True)
+                for d in missing:  # deepest first
+                    d.rmdir()
+        raise

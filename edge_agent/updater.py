@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from manifest.constants import MANIFEST_KEY
-from manifest.download_plan import Plan, make_plan, wanted_groups
+from manifest.download_plan import Plan, check_include, make_plan, wanted_groups
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
@@ -167,6 +167,8 @@ class Agent:
         if state.pinned:
             return CycleResult("pinned", current, f"pinned at {state.pinned} by an operator; "
                                f"the store offers {target} (run `deltaship-agent resume`)")
+        if current == target and self.cfg.include:  # `include` may have changed since
+            check_include(self.local_index(target, root), self.cfg.include)
         if current == target and target in state.failed_versions:
             raise HookError(f"{target} is live but failed its health check, and there was no "
                             "previous version to switch back to: fix the model server, then "

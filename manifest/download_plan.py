@@ -24,11 +24,11 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .errors import FormatError
+from .errors import FormatError, LocalError
 from .metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 
-__all__ = ["FileStep", "GroupStep", "Plan", "content_of", "download_cost", "make_plan",
-           "wanted_groups"]
+__all__ = ["FileStep", "GroupStep", "Plan", "check_include", "content_of", "download_cost",
+           "make_plan", "wanted_groups"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,27 @@ class Plan:
         )
 
 
+def check_include(index: ReleaseIndex, include: Iterable[str],
+                  fix: str = "fix `include` in the agent configuration") -> None:
+    """Every ``include`` pattern matches a group of ``index``; else a LocalError (a device's
+    configuration, fixed by its operator) naming the patterns and the groups that exist."""
+    names = [g.name for g in index.groups]
+    unmatched = [p for p in include if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        raise LocalError(
+            f"include pattern(s) {', '.join(map(repr, unmatched))} match no group of release "
+            f"{index.version} (its groups: {shown or 'none'}): {fix}"
+        )
+
+
 def wanted_groups(index: ReleaseIndex, include: Iterable[str]) -> list[GroupEntry]:
+    """The groups of ``index`` the ``include`` patterns select (none: every group); a pattern
+    that selects nothing is refused (:func:`check_include`), never an empty model."""
     patterns = list(include)
     if not patterns:
         return list(index.groups)
+    check_include(index, patterns)
     return [g for g in index.groups if any(fnmatch.fnmatchcase(g.name, p) for p in patterns)]
 
 

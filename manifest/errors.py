@@ -44,6 +44,7 @@ import os
 from collections.abc import Iterator
 
 __all__ = [
+    "EXIT_CODES",
     "AlreadyExistsError",
     "ConflictError",
     "DeltashipError",
@@ -72,6 +73,19 @@ __all__ = [
     "disk_errors",
     "disk_full",
 ]
+
+# The one table of exit codes: both command lines render it into their --help; README.md and
+# docs/ERRORS.md repeat it word for word (tests/test_hardening_config.py compares them).
+EXIT_CODES: dict[int, str] = {
+    0: "success (the agent: up to date or updated)",
+    1: "a bug, or anything unexpected (with a traceback)",
+    2: "local input or configuration: the user must act",
+    3: "untrusted data from the store: not used",
+    4: "transport: the store is unreachable, failing, or lacks a key; retry later",
+    5: "conflict: the store changed first; re-run",
+    6: "a hook or health check failed; the agent switched back",
+    130: "interrupted (Ctrl-C)",
+}
 
 
 class DeltashipError(Exception):

@@ -113,7 +113,7 @@ def _check_repository(repository_id: str, root: Root, what: str) -> None:
 
 
 def _check_expiry(expires: datetime, now: datetime, grace: timedelta, what: str) -> None:
-    if now > expires + grace:
+    if now - grace > expires:  # not expires + grace: that overflows for the year 9999
         raise ExpiredError(
             f"{what} expired at {expires:%Y-%m-%d %H:%M:%S}Z (now {now:%Y-%m-%d %H:%M:%S}Z): "
             "the publisher must re-sign it, or the device clock is wrong"

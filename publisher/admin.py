@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from manifest.constants import release_pointer_key
-from manifest.errors import AlreadyExistsError, MixAndMatchError, TrustError
+from manifest.errors import AlreadyExistsError, LocalError, MixAndMatchError, TrustError
 from manifest.metadata import Manifest, Role, Root
 from manifest.storage.store import StoreOptions, open_store
 from manifest.trust import sign_document
@@ -53,8 +53,13 @@ def init_store(
     if not 1 <= threshold <= len(ids):
         raise TrustError(f"--threshold {threshold} must be between 1 and the {len(ids)} key(s)")
     role = Role(tuple(ids), threshold)
+    try:
+        expiry = now + expires
+    except OverflowError as e:
+        raise LocalError(f"a trust root expiring {expires.days} days from now would expire "
+                         "after the year 9999: choose fewer days") from e
     root = Root(
-        1, now + expires, {k.keyid: k.public_key for k in keys}, {"root": role, "release": role},
+        1, expiry, {k.keyid: k.public_key for k in keys}, {"root": role, "release": role},
         repository_id=new_repository_id(),
     )
     data = sign_document(root.to_dict(), keys)
@@ -105,8 +110,12 @@ class HistoryEntry:
 def history(
     store_url: str, now: datetime, options: StoreOptions | None = None
 ) -> tuple[list[HistoryEntry], Manifest | None]:
-    """Every release, oldest first, and the current manifest (None before the first)."""
+    """Every release, oldest first, and the current manifest (None before the first).
+
+    A store without a trust root is not a store with no releases yet: it is a mistyped URL or
+    a store never initialised (StoreConfigError, exit 2)."""
     repo = Repository(open_store(store_url, options), now)
+    repo.root()
     manifest, _ = repo.manifest()
     current = manifest.current.version if manifest else None
     entries = [

@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 import click
 
-from manifest.cli_errors import exit_on_errors
+from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
+from manifest.errors import FormatError, LocalError
+from manifest.metadata import check_version
 from manifest.storage.store import StoreOptions
 
 from .admin import history, init_store, revert
@@ -28,11 +30,11 @@ from .summary import ReleaseSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-EXIT_CODES = """\b
-Exit codes: 0 success; 1 other error; 2 bad local input or configuration (model, key,
-store URL, credentials, bucket); 3 the store returned data that failed verification;
-4 the store could not be reached, failed, or lacks an object it should hold (retry later);
-5 a concurrent release changed the store first (re-run). Details: docs/ERRORS.md."""
+EXIT_NOTES = ("2 also covers a bad model, key, store URL, credentials or bucket; 5 here: a "
+              "concurrent release or revert changed the store first.")
+
+
+MAX_ROOT_DAYS = 36500  # a hundred years: far from the calendar's end (year 9999)
 
 
 def _now() -> datetime:
@@ -54,7 +56,8 @@ def _store_options(fn: F) -> F:
     )(fn)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="deltaship")
 def main() -> None:
     """Publish signed, per-layer and per-expert delta releases of safetensors models.
@@ -101,8 +104,8 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
               help="Private key to trust and sign with (repeat for several keys).")
 @click.option("--threshold", default=1, show_default=True, type=click.IntRange(min=1),
               help="How many of the keys must sign every manifest and index.")
-@click.option("--expires-days", default=365, show_default=True, type=click.IntRange(min=1),
-              help="Lifetime of the trust root.")
+@click.option("--expires-days", default=365, show_default=True,
+              type=click.IntRange(min=1, max=MAX_ROOT_DAYS), help="Lifetime of the trust root.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a local copy of the trust root here (for devices to pin).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -170,6 +173,10 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
     unchanged groups cost nothing. The summary shows, per base version, what a device at that
     version downloads.
     """
+    try:
+        check_version(version, "--version")
+    except FormatError as e:  # the user's flag, not data from the store
+        raise LocalError(str(e)) from e
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
                         StoreOptions(endpoint_url), level=level,
                         progress=False if as_json else None)
@@ -275,4 +282,4 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
             click.echo(f"  file {f}")
 
 
-main.help = (main.help or "") + "\n\n" + EXIT_CODES
+main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

@@ -178,3 +178,38 @@ def test_init_flag_errors_are_one_line(cli: Cli, root_json: Path, flags: list[st
     assert p.stderr.startswith("deltaship-agent: error: ") and message in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert not (cli.cwd / "agent.toml").exists() and not (cli.cwd / "dev").exists()
+
+
+# --- the rule table --------------------------------------------------------------------------
+
+
+def test_every_setting_has_a_rule() -> None:
+    """A new AgentConfig field needs its line in edge_agent.config.RULES (type and range)."""
+    from edge_agent.config import RULES
+
+    assert set(RULES) == {f.name for f in dataclasses.fields(AgentConfig)}
+
+
+def test_defaults_pass_the_rules(tmp_path: Path) -> None:
+    from edge_agent.config import check_config
+
+    cfg = AgentConfig(store="/srv/store", model_dir=tmp_path / "m")
+    assert check_config(cfg) == cfg
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('interval = "fast"', 'interval = "fast"'),
+    ("keep = -1", "keep = -1"),
+    ('include = "layers.0.*"', "include"),
+    ("expiry_grace = 1e12", "expiry_grace"),
+    ("downloads = 1000", "downloads = 1000"),
+])
+def test_load_config_names_the_wrong_setting(tmp_path: Path, line: str, needle: str) -> None:
+    from manifest.errors import LocalError
+
+    path = tmp_path / "agent.toml"
+    path.write_text(f'store = "/srv/store"\nmodel_dir = "/m"\n{line}\n')
+    with pytest.raises(LocalError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and needle in str(e.value)
+    assert "\n" not in str(e.value)
