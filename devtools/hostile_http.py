@@ -9,7 +9,9 @@ until :meth:`HostileServer.misbehave` gives a key pattern a :class:`Misbehaviour
 * ``headers``: add or override headers (an odd ``Content-Range``, a lying ``Content-Length``);
 * ``body``: send these bytes instead of the file's;
 * ``drip``: send the body ``n`` bytes every ``s`` seconds (a slow mirror);
-* ``redirect``: answer ``302`` with this ``Location`` (``{key}`` is replaced).
+* ``redirect``: answer ``302`` with this ``Location`` (``{key}`` is replaced);
+* ``hold_until``: send the headers, then hold the body until this wall-clock time;
+* ``times``: misbehave only on the next N matching requests.
 
 It speaks raw HTTP/1.1 over asyncio streams (``Connection: close``), so nothing between the test
 and the socket corrects a lie. Every request is logged (:class:`devtools.faulty_http.Served`).
@@ -23,6 +25,7 @@ import contextlib
 import hashlib
 import re
 import threading
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +47,7 @@ class Misbehaviour:
     body: bytes | None = None  # sent instead of the file's bytes
     drip: tuple[int, float] | None = None  # (n bytes, every s seconds)
     redirect: str | None = None  # 302 to this Location ({key} replaced)
+    hold_until: float | None = None  # wall-clock time (time.time()) before the body is sent
     times: int | None = None  # only the next N matching requests (None: all)
 
 
@@ -104,6 +108,7 @@ class HostileServer:
             writer.transport.abort()
 
     async def _answer(self, path: str, log: Served, writer: asyncio.StreamWriter) -> None:
+        path = path.split("?", 1)[0]
         key = path.removeprefix(f"/{self.prefix}/")
         file = self.root / key
         if ".." in key.split("/") or not file.is_file() or path == key:
@@ -137,11 +142,13 @@ class HostileServer:
             headers.update(what.headers)
             body = what.body if what.body is not None else body
         await self._send(writer, log, status, headers, body,
-                         what.drip if what is not None else None)
+                         what.drip if what is not None else None,
+                         what.hold_until if what is not None else None)
 
     async def _send(self, writer: asyncio.StreamWriter, log: Served, status: int,
                     headers: dict[str, str], body: bytes,
-                    drip: tuple[int, float] | None = None) -> None:
+                    drip: tuple[int, float] | None = None,
+                    hold_until: float | None = None) -> None:
         log.status = status
         lower = {k.lower() for k in headers}
         head = {"Connection": "close", **headers}
@@ -151,6 +158,8 @@ class HostileServer:
         text += "".join(f"{k}: {v}\r\n" for k, v in head.items()) + "\r\n"
         writer.write(text.encode("latin-1"))
         await writer.drain()
+        if hold_until is not None:
+            await asyncio.sleep(max(0.0, hold_until - time.time()))
         step, every = drip or (len(body) or 1, 0.0)
         for i in range(0, len(body), step):
             if drip and i:

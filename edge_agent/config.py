@@ -39,6 +39,11 @@ class AgentConfig:
     expiry_grace: float = 0.0  # seconds a manifest may be past its expiry (bad clocks)
     downloads: int = 4  # concurrent downloads
     hooks: dict[str, object] = field(default_factory=dict)  # the [hooks] table (edge_agent.hooks)
+    # Slow or hostile stores (manifest.storage.TransferLimits; docs/ERRORS.md "Slow stores"):
+    document_deadline: float = 300.0  # seconds one try of the manifest or an index may take
+    min_rate: float = 1024.0  # bytes/s over rate_window below which a transfer is abandoned
+    rate_window: float = 60.0  # seconds
+    allow_redirect_hosts: tuple[str, ...] = ()  # hosts an HTTP store may redirect to
 
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
@@ -116,6 +121,7 @@ def load_config(path: Path) -> AgentConfig:
     try:
         doc["model_dir"] = Path(doc["model_dir"])
         doc["include"] = tuple(doc.get("include", ()))
+        doc["allow_redirect_hosts"] = tuple(doc.get("allow_redirect_hosts", ()))
         return AgentConfig(**doc)
     except (KeyError, TypeError) as e:
         raise LocalError(f"{path}: incomplete or malformed configuration ({e})") from e
