@@ -47,6 +47,13 @@ _config_option = click.option(
 )
 
 
+_wait_option = click.option(
+    "--wait", default=30.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0),
+    help="Wait at most this long for an update in progress (the model directory's lock), then "
+    "give up (exit 5) naming the process that holds it.",
+)
+
+
 def _load(config_path: Path | None) -> AgentConfig:
     return load_config(config_path or default_config_path())
 
@@ -136,11 +143,30 @@ def main() -> None:
 @click.option("--health-interval", default=1.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(min=0),
               help="Pause between health-check attempts.")
+@click.option("--document-deadline", default=300.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="The longest one try of fetching the manifest or a release index may take "
+              "(then retried, at most 6 tries).")
+@click.option("--min-rate", default=1024.0, show_default=True, metavar="BYTES/S",
+              type=click.FloatRange(min=0, min_open=True),
+              help="A transfer slower than this on average over --rate-window is abandoned and "
+              "retried (downloads resume where they stopped).")
+@click.option("--rate-window", default=60.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="The sliding window over which --min-rate is judged.")
+@click.option("--allow-redirect-host", "allow_redirect_hosts", multiple=True,
+              metavar="HOST[:PORT]",
+              help="An HTTP store may redirect to this host (e.g. a CDN); by default only "
+              "redirects within the store's own scheme, host and port are followed. Repeat for "
+              "several.")
+@_wait_option
 @_config_option
 @_errors
 def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interval: float,
          include: tuple[str, ...], endpoint_url: str | None, max_rate: float | None, keep: int,
-         expiry_grace: float, config_path: Path | None, **hook_flags: Any) -> None:
+         expiry_grace: float, document_deadline: float, min_rate: float, rate_window: float,
+         allow_redirect_hosts: tuple[str, ...], wait: float, config_path: Path | None,
+         **hook_flags: Any) -> None:
     """Write the agent configuration and pin the trust root.
 
     After each switch the agent can tell the model server (--notify-*: HTTP requests, then
@@ -157,9 +183,11 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
     cfg = check_config(AgentConfig(
         store=store, model_dir=model_dir.absolute(), device_id=_device_id(device_id),
         interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
-        keep=keep, expiry_grace=expiry_grace, hooks=hooks))
+        keep=keep, expiry_grace=expiry_grace, hooks=hooks,
+        document_deadline=document_deadline, min_rate=min_rate, rate_window=rate_window,
+        allow_redirect_hosts=allow_redirect_hosts))
     path = config_path or default_config_path()
-    pinned = Operator(cfg).init(trust, path)
+    pinned = Operator(cfg, wait=wait).init(trust, path)
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
                f"device id {cfg.device_id}; start with `deltaship-agent run`")
 
@@ -214,11 +242,12 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
               help="Retained version to switch to [default: the version that was live before "
               "the current one (repeat to go further back), skipping versions that failed "
               "their health check].")
+@_wait_option
 @_config_option
 @_errors
-def rollback(to_version: str | None, config_path: Path | None) -> None:
+def rollback(to_version: str | None, wait: float, config_path: Path | None) -> None:
     """Switch to a retained version (re-verified) and pin the device there; works offline."""
-    result = Operator(_load(config_path)).rollback(to_version)
+    result = Operator(_load(config_path), wait=wait).rollback(to_version)
     click.echo(f"rolled back {result.previous} -> {result.version}; "
                "pinned until `deltaship-agent resume`")
     if result.unhealthy is not None:
@@ -226,21 +255,23 @@ def rollback(to_version: str | None, config_path: Path | None) -> None:
 
 
 @main.command()
+@_wait_option
 @_config_option
 @_errors
-def resume(config_path: Path | None) -> None:
+def resume(wait: float, config_path: Path | None) -> None:
     """Unpin the device and forget failed versions: follow the store again."""
-    was = Operator(_load(config_path)).resume()
+    was = Operator(_load(config_path), wait=wait).resume()
     click.echo(f"resumed (was pinned at {was})" if was else "resumed (was not pinned)")
 
 
 @main.command()
 @click.option("--repair", is_flag=True, help="Fetch and replace what is damaged.")
+@_wait_option
 @_config_option
 @_errors
-def verify(repair: bool, config_path: Path | None) -> None:
+def verify(repair: bool, wait: float, config_path: Path | None) -> None:
     """Re-hash the live version against its signed index (exit 2 when files are damaged)."""
-    result = Operator(_load(config_path)).verify(repair)
+    result = Operator(_load(config_path), wait=wait).verify(repair)
     current = result.version
     if not result.damaged:
         click.echo(f"{current}: every file matches its signed sha256")

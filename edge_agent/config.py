@@ -50,6 +50,11 @@ class AgentConfig:
     expiry_grace: float = 0.0  # seconds a manifest may be past its expiry (bad clocks)
     downloads: int = 4  # concurrent downloads
     hooks: dict[str, object] = field(default_factory=dict)  # the [hooks] table (edge_agent.hooks)
+    # Slow or hostile stores (manifest.storage.TransferLimits; docs/ERRORS.md "Slow stores"):
+    document_deadline: float = 300.0  # seconds one try of the manifest or an index may take
+    min_rate: float = 1024.0  # bytes/s over rate_window below which a transfer is abandoned
+    rate_window: float = 60.0  # seconds
+    allow_redirect_hosts: tuple[str, ...] = ()  # hosts an HTTP store may redirect to
 
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
@@ -138,6 +143,12 @@ def _patterns(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _hosts(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list | tuple) or not all(isinstance(h, str) and h.strip() for h in v):
+        raise _Wrong('must be a list of host names, e.g. ["cdn.example.com", "mirror:8443"]')
+    return tuple(v)
+
+
 def _hooks(v: Any) -> dict[str, object]:
     if not isinstance(v, dict):
         raise _Wrong("must be a table ([hooks]: see edge_agent/hooks.py)")
@@ -160,6 +171,10 @@ RULES: dict[str, Rule] = {
     "expiry_grace": _number("seconds", 0, MAX_EXPIRY_GRACE),
     "downloads": _number("at once", 1, 64, whole=True),
     "hooks": _hooks,
+    "document_deadline": _number("seconds", 1, MAX_INTERVAL),
+    "min_rate": _number("bytes per second", 1, 1e15),
+    "rate_window": _number("seconds", 1, 86400),
+    "allow_redirect_hosts": _hosts,
 }
 
 

@@ -124,9 +124,10 @@ class DeviceLayout:
 
     # -- the agent's own files -------------------------------------------------------------
 
-    def lock(self) -> contextlib.AbstractContextManager[None]:
-        """One writer at a time (the service's cycles and operator commands)."""
-        return model_dir_lock(self.lock_file, self.root)
+    def lock(self, wait: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """One writer at a time (the service's cycles and operator commands); ``wait``: the
+        most seconds to wait for another holder (None: as long as it takes)."""
+        return model_dir_lock(self.lock_file, self.root, wait)
 
     def read_state(self) -> AgentState:
         """The saved agent state; a fresh one when there is none yet."""

@@ -32,7 +32,7 @@ from manifest.errors import (
 from manifest.metadata import ReleaseIndex, Root, format_time
 from manifest.storage.atomic import write_atomic
 from manifest.storage.retry import RetryPolicy
-from manifest.storage.source import open_source
+from manifest.storage.source import TransferLimits, open_source
 from manifest.trust import (
     MAX_INDEX_SIZE,
     MAX_MANIFEST_SIZE,
@@ -46,7 +46,7 @@ from .repair import repair_version
 from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
 
-__all__ = ["Operator", "RollbackResult", "StatusReport", "VerifyResult"]
+__all__ = ["DEFAULT_WAIT", "Operator", "RollbackResult", "StatusReport", "VerifyResult"]
 
 log = logging.getLogger("deltaship.agent")
 
@@ -92,10 +92,18 @@ class VerifyResult:
     unhealthy: HookError | None = None  # after the repair, the model server failed its check
 
 
+DEFAULT_WAIT = 30.0  # seconds a command waits for a running cycle (the lock), then gives up
+
+
 class Operator:
-    def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow) -> None:
+    """``wait``: the most seconds a command that changes the device waits for the model
+    directory's lock (an update cycle in progress); then ``ConflictError`` (exit 5)."""
+
+    def __init__(self, cfg: AgentConfig, now: Callable[[], datetime] = utcnow,
+                 wait: float | None = DEFAULT_WAIT) -> None:
         self.cfg = cfg
         self.agent = Agent(cfg, now)
+        self.wait = wait
 
     def init(self, trust: Path, config_path: Path) -> Path:
         """Pin the trust root ``trust`` (verified first), write the configuration to
@@ -121,7 +129,7 @@ class Operator:
         with _restored_on_failure(config_path):
             save_config(self.cfg, config_path)
             try:
-                with self.agent.holding_state() as state:
+                with self.agent.holding_state(self.wait) as state:
                     state.device_id = self.cfg.device_id
                     self.agent.commit("device id")
                     layout.pin_root(root_bytes)  # last: a failed init pins nothing
@@ -144,8 +152,10 @@ class Operator:
 
     async def _current_index(self, root: Root) -> ReleaseIndex:
         cfg = self.cfg
+        limits = TransferLimits(timeout=_INIT_PROBE_TIMEOUT,
+                                document_deadline=_INIT_PROBE_TIMEOUT)
         source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, retry=_INIT_PROBE,
-                             timeout=_INIT_PROBE_TIMEOUT)
+                             limits=limits, allow_redirect_hosts=cfg.allow_redirect_hosts)
         try:
             data, _ = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, None)
             assert data is not None
@@ -171,7 +181,7 @@ class Operator:
         offline. ``to`` None: the version live before the current one (repeated rollbacks go
         further back), skipping versions that failed their health check."""
         agent, layout = self.agent, self.agent.layout
-        with agent.holding_state() as state:
+        with agent.holding_state(self.wait) as state:
             current = layout.current()
             if to is None:
                 to = rollback_target(state, current, layout.has_version)
@@ -193,7 +203,7 @@ class Operator:
 
     def resume(self) -> str | None:
         """Unpin the device and forget failed versions; returns the version it was pinned at."""
-        with self.agent.holding_state() as state:
+        with self.agent.holding_state(self.wait) as state:
             was = state.pinned
             state.pinned = None
             state.failed_versions = []
@@ -210,7 +220,7 @@ class Operator:
         bad = agent.damaged(current, agent.root())
         if not bad or not repair:
             return VerifyResult(current, tuple(bad))
-        with agent.layout.lock():
+        with agent.layout.lock(self.wait):
             asyncio.run(repair_version(agent, current, bad))
         unhealthy = self._check_server(current, f"repaired {current}")
         return VerifyResult(current, tuple(bad), repaired=True, unhealthy=unhealthy)

@@ -6,9 +6,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from manifest.download_plan import GroupStep
-from manifest.storage.source import open_source
 
 from .install import install_file, install_group
+from .service import open_agent_source
 from .updater import Agent
 
 __all__ = ["repair_version"]
@@ -19,8 +19,7 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
     root = agent.root()
     index = agent.local_index(version, root)
     layout = agent.layout
-    source = open_source(agent.cfg.store, endpoint_url=agent.cfg.endpoint_url,
-                         max_rate=agent.cfg.max_rate)
+    source = open_agent_source(agent.cfg)
     sem = asyncio.Semaphore(1)
     try:
         with ThreadPoolExecutor(2) as ex:

@@ -3,6 +3,14 @@
 A cycle (:meth:`edge_agent.updater.Agent.cycle`) records its own outcome in the agent state;
 this loop only paces the cycles (the poll interval with jitter, the retry policy's backoff
 after a transport failure, the store's Retry-After) and stops cleanly on SIGTERM/SIGINT.
+
+An unexpected exception in a cycle is a bug: the loop logs its traceback, records it in the
+state (``status`` shows it as the last error) and tries again after the poll interval, instead
+of dying and being restarted in a tight loop by systemd. ``run --once`` still exits 1 with the
+traceback.
+
+:func:`open_agent_source` opens the store with the configuration's transfer limits
+(:class:`manifest.storage.source.TransferLimits`) and redirect hosts, for cycles and repairs.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ import random
 import signal
 
 from manifest.errors import DeltashipError, TransportError
+from manifest.metadata import format_time
 from manifest.storage.retry import RetryPolicy, RetryState
-from manifest.storage.source import open_source
+from manifest.storage.source import Source, TransferLimits, open_source
 
 from .config import AgentConfig
 from .updater import Agent
 
-__all__ = ["MAX_RETRY_AFTER", "next_poll_delay", "run_forever"]
+__all__ = ["MAX_RETRY_AFTER", "next_poll_delay", "open_agent_source", "run_forever"]
 
 log = logging.getLogger("deltaship.agent")
 
@@ -39,6 +48,26 @@ def next_poll_delay(interval: float, backoff: float | None, retry_after: float |
     return delay
 
 
+def open_agent_source(cfg: AgentConfig) -> Source:
+    """The store as the agent reads it: the configuration's rate cap, limits and redirects."""
+    limits = TransferLimits(document_deadline=cfg.document_deadline, min_rate=cfg.min_rate,
+                            rate_window=cfg.rate_window)
+    return open_source(cfg.store, endpoint_url=cfg.endpoint_url, max_rate=cfg.max_rate,
+                       limits=limits, allow_redirect_hosts=cfg.allow_redirect_hosts)
+
+
+def _record_bug(agent: Agent, error: Exception) -> None:
+    """Record an unexpected error in the state, for ``status`` (best effort)."""
+    try:
+        with agent.holding_state(wait=30) as state:
+            state.last_check = format_time(agent.now())
+            state.last_result = "failed"
+            state.last_error = f"unexpected error (a bug; the log has the traceback): {error!r}"
+            agent.commit("cycle recorded")
+    except Exception:
+        log.exception("could not record the unexpected error in the agent state")
+
+
 async def run_forever(
     cfg: AgentConfig, *, once: bool = False, retry: RetryPolicy | None = None
 ) -> int:
@@ -50,7 +79,7 @@ async def run_forever(
         loop.add_signal_handler(sig, stop.set)
     policy = retry or RetryPolicy()
     failures = RetryState(policy)
-    source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, max_rate=cfg.max_rate)
+    source = open_agent_source(cfg)
     try:
         while not stop.is_set():
             delay = cfg.interval * random.uniform(0.8, 1.2)
@@ -72,6 +101,12 @@ async def run_forever(
                 if isinstance(e, TransportError):
                     delay = next_poll_delay(delay, failures.failed(e, e.retry_after),
                                             e.retry_after)
+            except Exception as e:  # a bug: keep the traceback, record it, wait a full interval
+                _record_bug(agent, e)
+                if once:
+                    raise  # the traceback goes to stderr
+                log.exception("unexpected error in an update cycle (a bug); next try in "
+                              "%.0f s", delay)
             else:
                 log.info("%s", result.message)
                 failures = RetryState(policy)

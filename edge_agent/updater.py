@@ -36,8 +36,10 @@ from manifest.download_plan import Plan, check_include, make_plan, wanted_groups
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
+    ExpiredError,
     HashMismatchError,
     HookError,
+    TransportError,
 )
 from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
 from manifest.storage.source import Source
@@ -89,9 +91,10 @@ class Agent:
     # -- the state a cycle or command holds ------------------------------------------------
 
     @contextlib.contextmanager
-    def holding_state(self) -> Iterator[AgentState]:
-        """Hold the model directory's lock and its state, loaded once, until the block ends."""
-        with self.layout.lock():
+    def holding_state(self, wait: float | None = None) -> Iterator[AgentState]:
+        """Hold the model directory's lock and its state, loaded once, until the block ends;
+        ``wait``: the most seconds to wait for the lock (None: as long as it takes)."""
+        with self.layout.lock(wait):
             self._state = self.layout.read_state()
             try:
                 yield self._state
@@ -152,8 +155,11 @@ class Agent:
         root = self.root()
         etag = state.manifest_etag if self.layout.has_manifest() else None
         data, new_etag = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, etag)
-        if data is None:  # unchanged since we last verified it: check it again (expiry)
-            data = self.layout.load_manifest()
+        if data is None and self.layout.has_manifest():
+            data = self.layout.load_manifest()  # unchanged since verified: check it again
+        if data is None:  # the source refuses a 304 to an unconditional GET; never trust one
+            raise TransportError(f"{source.url}/{MANIFEST_KEY} answered 'not modified' but "
+                                 "this device keeps no copy of it: retry later")
         manifest = verify_manifest(
             data, root, now=self.now(), min_sequence=state.highest_sequence, grace=self.grace
         )
@@ -189,6 +195,7 @@ class Agent:
             assert ibytes is not None
             index = verify_index(ibytes, manifest.current, root)
             downloaded = await self.install(source, index, ibytes)
+        self.check_still_valid(data, root)
         state.pending_switch = PendingSwitch(current, target)
         self.commit("switch pending")
         self.layout.switch(target)
@@ -197,6 +204,15 @@ class Agent:
         self.commit_switch(target, current)
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
                            downloaded)
+
+    def check_still_valid(self, manifest_bytes: bytes, root: Root) -> None:
+        """The manifest verified before a (maybe slow) download must still hold now."""
+        try:
+            verify_manifest(manifest_bytes, root, now=self.now(),
+                            min_sequence=self.state.highest_sequence, grace=self.grace)
+        except ExpiredError as e:
+            raise ExpiredError(f"{e} (it expired while the update was downloading; nothing was "
+                               "switched)") from e
 
     # -- the verdict on a switch -----------------------------------------------------------
 

@@ -37,6 +37,7 @@ from manifest.storage.source import (
     LocalSource,
     S3Source,
     Source,
+    TransferLimits,
     open_source,
 )
 
@@ -359,7 +360,7 @@ async def test_stalled_server_times_out_and_is_retried(server: FaultyServer, sle
                                                        tmp_path: Path) -> None:
     server.put("objects/a", b"abc")
     server.faults.stalls = [1.0]
-    source = open_source(server.url, timeout=0.2, sleep=sleep)
+    source = open_source(server.url, limits=TransferLimits(timeout=0.2), sleep=sleep)
     try:
         await source.fetch("objects/a", tmp_path / "d", 3)
     finally:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .location import StoreLocation, check_key, parse_store_url
     from .retry import DEFAULT_RETRY, RetryPolicy, RetryState
     from .s3 import S3Settings
-    from .source import HttpSource, LocalSource, S3Source, Source, open_source
+    from .source import HttpSource, LocalSource, S3Source, Source, TransferLimits, open_source
     from .store import LocalStore, S3Store, Store, StoreOptions, open_store
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Store",
     "StoreLocation",
     "StoreOptions",
+    "TransferLimits",
     "atomic_output",
     "check_key",
     "fsync_dir",
@@ -53,7 +54,8 @@ _HOME = {
     **dict.fromkeys(["StoreLocation", "check_key", "parse_store_url"], "location"),
     **dict.fromkeys(["DEFAULT_RETRY", "RetryPolicy", "RetryState"], "retry"),
     "S3Settings": "s3",
-    **dict.fromkeys(["HttpSource", "LocalSource", "S3Source", "Source", "open_source"], "source"),
+    **dict.fromkeys(["HttpSource", "LocalSource", "S3Source", "Source", "TransferLimits",
+                      "open_source"], "source"),
     **dict.fromkeys(["LocalStore", "S3Store", "Store", "StoreOptions", "open_store"], "store"),
 }
 

@@ -5,6 +5,11 @@ Read-only and credential-free. Answers are mapped by :func:`http_body` (docs/ERR
 ``RetryableError`` with the server's Retry-After; 401/403 and anything else unexpected
 ``StoreConfigError``. Refused connections, timeouts and bodies cut short are retryable; an
 untrusted TLS certificate is a ``StoreConfigError``.
+
+Redirects (301, 302, 303, 307, 308) are followed here, not by aiohttp, and only within the
+store's origin (scheme, host, port) or to the hosts of ``allow_redirect_hosts``
+(:func:`._wire.redirect_target`); a redirect elsewhere is a ``TransportError`` naming the
+target, and more than :data:`MAX_REDIRECTS` in a row a ``RetryableError``.
 """
 
 from __future__ import annotations
@@ -17,22 +22,28 @@ from urllib.parse import quote
 import aiohttp
 
 from ..errors import MissingKeyError, RangeNotSatisfiableError, RetryableError, StoreConfigError
+from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._source_base import Body, Sleep, SourceBase
-from ._wire import content_range, one_line, retry_after_seconds
+from ._wire import content_range, one_line, redirect_target, retry_after_seconds
 from .retry import DEFAULT_RETRY, RetryPolicy
 
-__all__ = ["HttpSource"]
+__all__ = ["MAX_REDIRECTS", "HttpSource"]
+
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class HttpSource(SourceBase):
     """Plain GETs under ``http(s)://host/prefix``: a web server, a CDN, a public bucket."""
 
     def __init__(self, url: str, *, retry: RetryPolicy = DEFAULT_RETRY,
-                 max_rate: float | None = None, timeout: float = 30,
+                 max_rate: float | None = None, limits: TransferLimits = DEFAULT_LIMITS,
+                 allow_redirect_hosts: tuple[str, ...] = (),
                  sleep: Sleep = asyncio.sleep) -> None:
-        super().__init__(url.rstrip("/"), retry, max_rate, sleep)
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                              sock_read=timeout)
+        super().__init__(url.rstrip("/"), retry, max_rate, sleep, limits)
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=limits.timeout,
+                                              sock_read=limits.timeout)
+        self._allowed = tuple(h.lower() for h in allow_redirect_hosts)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -57,16 +68,16 @@ class HttpSource(SourceBase):
             headers["Range"] = f"bytes={start}-"
         if etag:
             headers["If-None-Match"] = etag
-        try:
-            resp = await self._client().get(f"{self.url}/{quote(key)}", headers=headers)
-        except aiohttp.ClientConnectorCertificateError as e:
-            raise StoreConfigError(f"the TLS certificate of {where} is not trusted: "
-                                   f"{one_line(e)}; check the URL, the CA certificates and "
-                                   "the device clock") from e
-        except aiohttp.ClientConnectorError as e:
-            raise RetryableError(f"cannot reach {where}: {one_line(e)}") from e
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise RetryableError(f"GET {where} failed: {one_line(e)}") from e
+        url = f"{self.url}/{quote(key)}"
+        for _ in range(MAX_REDIRECTS + 1):
+            resp = await self._get(url, headers, where)
+            if resp.status not in REDIRECTS:
+                break
+            resp.close()
+            url = redirect_target(url, resp.headers.get("Location"), self._allowed, where)
+        else:
+            resp.close()
+            raise RetryableError(f"GET {where} was redirected more than {MAX_REDIRECTS} times")
         done = False
         try:
             yield http_body(resp, where)
@@ -76,6 +87,18 @@ class HttpSource(SourceBase):
                 resp.release()  # read to the end: the connection can be reused
             else:
                 resp.close()
+
+    async def _get(self, url: str, headers: dict[str, str], where: str) -> aiohttp.ClientResponse:
+        try:
+            return await self._client().get(url, headers=headers, allow_redirects=False)
+        except aiohttp.ClientConnectorCertificateError as e:
+            raise StoreConfigError(f"the TLS certificate of {where} is not trusted: "
+                                   f"{one_line(e)}; check the URL, the CA certificates and "
+                                   "the device clock") from e
+        except aiohttp.ClientConnectorError as e:
+            raise RetryableError(f"cannot reach {where}: {one_line(e)}") from e
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise RetryableError(f"GET {where} failed: {one_line(e)}") from e
 
 
 def http_body(resp: aiohttp.ClientResponse, where: str) -> Body | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import RangeNotSatisfiableError, RetryableError
 from ._files import file_error, key_path, open_regular
+from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._source_base import Body, Sleep, SourceBase
 from .retry import DEFAULT_RETRY, RetryPolicy
 
@@ -26,9 +27,10 @@ class LocalSource(SourceBase):
     """A directory with the store layout (``file:///path``): reads in worker threads."""
 
     def __init__(self, root: str | os.PathLike[str], *, retry: RetryPolicy = DEFAULT_RETRY,
-                 max_rate: float | None = None, sleep: Sleep = asyncio.sleep) -> None:
+                 max_rate: float | None = None, limits: TransferLimits = DEFAULT_LIMITS,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self.root = Path(root).absolute()
-        super().__init__(f"file://{self.root}", retry, max_rate, sleep)
+        super().__init__(f"file://{self.root}", retry, max_rate, sleep, limits)
 
     @asynccontextmanager
     async def _open(self, key: str, start: int, etag: str | None) -> AsyncIterator[Body | None]:

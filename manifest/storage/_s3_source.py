@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from ..errors import RetryableError
+from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._source_base import Body, Sleep, SourceBase
 from ._wire import content_range, one_line
 from .retry import DEFAULT_RETRY, RetryPolicy
@@ -31,14 +32,16 @@ class S3Source(SourceBase):
 
     Endpoint, profile and region as for :class:`manifest.storage.store.S3Store`
     (:class:`~manifest.storage.s3.S3Settings`); botocore's own retries are off: ``retry``
-    decides. ``timeout`` bounds connecting and each read.
+    decides. ``limits.timeout`` bounds connecting and each read.
     """
 
     def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None = None,
                  profile: str | None = None, region: str | None = None,
                  retry: RetryPolicy = DEFAULT_RETRY, max_rate: float | None = None,
-                 timeout: float = 30, sleep: Sleep = asyncio.sleep) -> None:
-        super().__init__(f"s3://{bucket}/{prefix}".rstrip("/"), retry, max_rate, sleep)
+                 limits: TransferLimits = DEFAULT_LIMITS,
+                 sleep: Sleep = asyncio.sleep) -> None:
+        super().__init__(f"s3://{bucket}/{prefix}".rstrip("/"), retry, max_rate, sleep, limits)
+        timeout = limits.timeout
         self.bucket = bucket
         self.prefix = prefix
         settings = S3Settings(endpoint_url=endpoint_url, profile=profile, region=region,

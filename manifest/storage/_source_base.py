@@ -11,7 +11,13 @@ modified") and, if it holds connections, :meth:`SourceBase.close`. Everything el
 * a :class:`RetryableError` is retried with the source's :class:`RetryPolicy`, whose budget
   resets whenever the partial file grows beyond its longest length yet; once the tries are
   spent, :func:`~manifest.storage.retry.give_up` gives the final ``TransportError``;
-* ``max_rate`` caps the bytes per second of all downloads of one source together.
+* ``max_rate`` caps the bytes per second of all downloads of one source together;
+* every try is paced (:mod:`._pace`, :class:`TransferLimits`): a try slower than ``min_rate``
+  over ``rate_window`` seconds, or a document try longer than ``document_deadline``, is ended
+  as a :class:`RetryableError` (the partial file keeps its bytes; a try ended as too slow does
+  not count as progress for the retry budget, so a drip cannot keep it full forever);
+* an answer that makes no sense for the request (304 to an unconditional GET, a body that does
+  not start where it was asked to) is the store's failure of one try, a ``RetryableError``.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,11 +39,12 @@ from ..errors import (
     RetryableError,
     UntrustedDataError,
 )
+from ._pace import DEFAULT_LIMITS, Pace, TransferLimits
 from ._partial_file import PartialFile, fsync_file, size_of
 from .location import check_key
 from .retry import RetryPolicy, RetryState, give_up
 
-__all__ = ["READ_SIZE", "Body", "Sleep", "SourceBase"]
+__all__ = ["READ_SIZE", "Body", "Sleep", "SourceBase", "TransferLimits"]
 
 log = logging.getLogger("manifest.storage")
 
@@ -76,14 +83,40 @@ class _Bandwidth:
             await asyncio.sleep(-self._tokens / self.rate)
 
 
+class _TooSlow(RetryableError):
+    """A try ended by its pace: too slow, or past its deadline."""
+
+
+class _Try:
+    """The pace of one try, and the timeout that ends it when the pace says so."""
+
+    def __init__(self, pace: Pace, timeout: asyncio.Timeout, bandwidth: _Bandwidth | None):
+        self._pace = pace
+        self._timeout = timeout
+        self._bandwidth = bandwidth
+        self._loop = asyncio.get_running_loop()
+
+    async def got(self, n: int) -> None:
+        """``n`` body bytes arrived: move the end of the try, then apply the rate cap."""
+        self._pace.received(n, self._loop.time())
+        if self._bandwidth is not None:
+            self._timeout.reschedule(None)  # our own cap is not the server's slowness
+            t0 = self._loop.time()
+            await self._bandwidth.take(n)
+            self._pace.paused(self._loop.time() - t0)
+        self._timeout.reschedule(self._pace.ends_at(self._loop.time()))
+
+
 class SourceBase:
     """What all sources share: capped reads, resumable downloads, retries, the rate cap."""
 
-    def __init__(self, url: str, retry: RetryPolicy, max_rate: float | None, sleep: Sleep):
+    def __init__(self, url: str, retry: RetryPolicy, max_rate: float | None, sleep: Sleep,
+                 limits: TransferLimits = DEFAULT_LIMITS):
         self.url = url
         self._retry = retry
         self._sleep = sleep
         self._bandwidth = _Bandwidth(max_rate) if max_rate else None
+        self._limits = limits
 
     def _open(
         self, key: str, start: int, etag: str | None
@@ -97,9 +130,19 @@ class SourceBase:
     def _where(self, key: str) -> str:
         return f"{self.url}/{check_key(key)}"
 
-    async def _throttle(self, n: int) -> None:
-        if self._bandwidth is not None:
-            await self._bandwidth.take(n)
+    @asynccontextmanager
+    async def _paced(self, where: str, document: bool) -> AsyncIterator[_Try]:
+        """One try of a request, ended as too slow (``_TooSlow``) when its pace says so."""
+        loop = asyncio.get_running_loop()
+        pace = Pace(self._limits, loop.time(), document)
+        timeout = asyncio.timeout_at(pace.ends_at(loop.time()))
+        try:
+            async with timeout:
+                yield _Try(pace, timeout, self._bandwidth)
+        except TimeoutError as e:
+            if not timeout.expired():
+                raise RetryableError(f"GET {where} timed out") from e
+            raise _TooSlow(f"GET {where} {pace.verdict(loop.time())}") from e
 
     async def _retrying(self, attempt: Callable[[RetryState], Awaitable[T]]) -> T:
         state = RetryState(self._retry)
@@ -120,9 +163,16 @@ class SourceBase:
         where = self._where(key)
 
         async def attempt(state: RetryState) -> tuple[bytes | None, str | None]:
-            async with self._open(key, 0, etag) as body:
+            async with self._paced(where, document=True) as pace, \
+                    self._open(key, 0, etag) as body:
                 if body is None:
+                    if etag is None:
+                        raise RetryableError(f"GET {where} answered 304 Not Modified to a "
+                                             "request that was not conditional")
                     return None, etag
+                if body.start != 0:
+                    raise RetryableError(f"GET {where} asked for the whole document and got "
+                                         f"bytes {body.start}-")
                 if body.total is not None and body.total > max_size:
                     raise OversizeError(f"{where} is {body.total} bytes, over its "
                                         f"{max_size}-byte cap")
@@ -131,7 +181,7 @@ class SourceBase:
                     data += chunk
                     if len(data) > max_size:
                         raise OversizeError(f"{where} is larger than its {max_size}-byte cap")
-                    await self._throttle(len(chunk))
+                    await pace.got(len(chunk))
             # Stores without ETags (directories, some servers) get one from the content.
             tag = body.etag or hashlib.sha256(data).hexdigest()
             return (None, tag) if tag == etag else (bytes(data), tag)
@@ -158,9 +208,13 @@ class SourceBase:
                 return
             if have:
                 log.info("%s: resuming at byte %d of %d", where, have, length)
+            grew = slow = False
             try:
-                async with self._open(key, have, None) as body:
-                    assert body is not None  # no ETag sent, so no 304
+                async with self._paced(where, document=False) as pace, \
+                        self._open(key, have, None) as body:
+                    if body is None:  # no ETag was sent: a 304 makes no sense
+                        raise RetryableError(f"GET {where} answered 304 Not Modified to a "
+                                             "request that was not conditional")
                     async with PartialFile(dest, _check_body(body, have, length, where)) as out:
                         while chunk := await body.read(min(READ_SIZE, length - out.size + 1)):
                             if out.size + len(chunk) > length:
@@ -170,11 +224,17 @@ class SourceBase:
                             on_bytes(len(chunk))
                             if out.size > best:
                                 best = out.size
-                                state.progress()
-                            await self._throttle(len(chunk))
+                                grew = True
+                            await pace.got(len(chunk))
             except RangeNotSatisfiableError:
                 await asyncio.to_thread(dest.unlink, missing_ok=True)
                 raise
+            except _TooSlow:
+                slow = True  # its bytes stay in the partial file, but it is no progress
+                raise
+            finally:
+                if grew and not slow:
+                    state.progress()
             if out.size < length:
                 raise RetryableError(f"GET {where} ended after {out.size} of {length} bytes")
 

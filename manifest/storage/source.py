@@ -34,6 +34,7 @@ from typing import Protocol
 from ..errors import MissingKeyError
 from ._http_source import HttpSource
 from ._local_source import LocalSource
+from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._partial_file import BLOCK, FLUSH_SECONDS
 from ._s3_source import S3Source
 from ._source_base import READ_SIZE, Sleep
@@ -42,6 +43,7 @@ from .retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = [
     "BLOCK",
+    "DEFAULT_LIMITS",
     "DEFAULT_RETRY",
     "FLUSH_SECONDS",
     "READ_SIZE",
@@ -50,6 +52,7 @@ __all__ = [
     "MissingKeyError",
     "S3Source",
     "Source",
+    "TransferLimits",
     "open_source",
 ]
 
@@ -86,14 +89,18 @@ def open_source(
     region: str | None = None,
     max_rate: float | None = None,
     retry: RetryPolicy = DEFAULT_RETRY,
-    timeout: float = 30,
+    limits: TransferLimits = DEFAULT_LIMITS,
+    allow_redirect_hosts: tuple[str, ...] = (),
     sleep: Sleep = asyncio.sleep,
 ) -> Source:
     """``s3://bucket/prefix``, ``http(s)://host/prefix``, ``file:///path`` or a directory.
 
     ``endpoint_url``, ``profile`` and ``region`` are for S3 (None: from the AWS environment);
-    ``max_rate`` caps bytes per second over all downloads of the source; ``timeout`` bounds
-    connecting and each wait for data; ``sleep`` waits between retries (tests pass a fake).
+    ``max_rate`` caps bytes per second over all downloads of the source; ``limits`` bound
+    connecting, each wait for data, the whole of a document and the slowest transfer rate
+    (:class:`TransferLimits`); ``allow_redirect_hosts``: hosts (``host`` or ``host:port``) an
+    HTTP store may redirect to besides its own origin; ``sleep`` waits between retries (tests
+    pass a fake).
     """
     if max_rate is not None and max_rate <= 0:
         raise ValueError(f"max_rate must be positive, not {max_rate}")
@@ -101,9 +108,10 @@ def open_source(
     if location.kind == "s3":
         return S3Source(location.bucket, location.prefix, endpoint_url=endpoint_url,
                         profile=profile, region=region, retry=retry, max_rate=max_rate,
-                        timeout=timeout, sleep=sleep)
+                        limits=limits, sleep=sleep)
     if location.kind == "http":
-        return HttpSource(location.url, retry=retry, max_rate=max_rate, timeout=timeout,
-                          sleep=sleep)
+        return HttpSource(location.url, retry=retry, max_rate=max_rate, limits=limits,
+                          allow_redirect_hosts=allow_redirect_hosts, sleep=sleep)
     assert location.path is not None
-    return LocalSource(location.path, retry=retry, max_rate=max_rate, sleep=sleep)
+    return LocalSource(location.path, retry=retry, max_rate=max_rate, limits=limits,
+                       sleep=sleep)
