@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from manifest.errors import ConflictError
+from manifest.errors import ConflictError, LocalError, disk_errors
 
 __all__ = ["model_dir_lock"]
 
@@ -34,8 +34,14 @@ def model_dir_lock(lock_file: Path, model_dir: Path, wait: float | None = None) 
 
     ``wait``: the most seconds to wait (None: no limit); then ``ConflictError``.
     """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a+") as f:
+    try:
+        with disk_errors(model_dir):
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            f = open(lock_file, "a+")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise LocalError(f"cannot use the model directory {model_dir}: "
+                         f"{e.strerror or e} ({e.filename or lock_file})") from e
+    with f:
         if not _try_lock(f):
             holder = _holder(f)
             log.warning("waiting for another deltaship-agent (%s) working on %s", holder,

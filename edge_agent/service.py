@@ -64,8 +64,8 @@ def _record_bug(agent: Agent, error: Exception) -> None:
             state.last_result = "failed"
             state.last_error = f"unexpected error (a bug; the log has the traceback): {error!r}"
             agent.commit("cycle recorded")
-    except Exception:
-        log.exception("could not record the unexpected error in the agent state")
+    except Exception as why:
+        log.warning("could not record the unexpected error in the agent state: %s", why)
 
 
 async def run_forever(

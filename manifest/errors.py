@@ -82,7 +82,8 @@ EXIT_CODES: dict[int, str] = {
     2: "local input or configuration: the user must act",
     3: "untrusted data from the store: not used",
     4: "transport: the store is unreachable, failing, or lacks a key; retry later",
-    5: "conflict: the store changed first; re-run",
+    5: "conflict: another writer changed the store first, or another agent process holds the "
+       "model directory longer than `--wait`; re-run",
     6: "a hook or health check failed; the agent switched back",
     130: "interrupted (Ctrl-C)",
 }
