@@ -279,8 +279,8 @@ def apply_container(
             if (hdr.target_sha256, hdr.target_length) != expected:
                 raise HashMismatchError(
                     f"patch container rebuilds {hdr.target_length} bytes with sha256 "
-                    f"{hdr.target_sha256[:16]}..., the release index declares {expected[1]} "
-                    f"bytes with sha256 {expected[0][:16]}..."
+                    f"{hdr.target_sha256[:16]}..., which differs from the release index "
+                    f"({expected[1]} bytes with sha256 {expected[0][:16]}...)"
                 )
             limit = expected[1]
         if (hdr.base_sha256 is None) != (base is None):

@@ -816,7 +816,7 @@ def test_a_target_other_than_declared_is_refused_before_writing(
     written: the free-space check counted the index's length."""
     digest = hashlib.sha256(patch.target).hexdigest()
     out = io.BytesIO()
-    with pytest.raises(HashMismatchError, match="release index declares"):
+    with pytest.raises(HashMismatchError, match="differs from the release index"):
         out = _apply_expecting(patch, tmp_path, patch.container,
                                (digest, len(patch.target) + delta))
     assert out.getvalue() == b""
