@@ -40,7 +40,7 @@ from pathlib import Path
 
 from manifest.constants import MANIFEST_KEY, ROOT_KEY
 from manifest.constants import WEIGHT_INDEX_FILE as INDEX_FILE
-from manifest.errors import LocalError, disk_errors
+from manifest.errors import DiskFullError, LocalError, disk_errors
 from manifest.metadata import ReleaseIndex
 from manifest.storage.atomic import fsync_dir, write_atomic
 
@@ -293,13 +293,14 @@ class DeviceLayout:
         return bad
 
     def save_stamps(self) -> None:
-        """Write the table of proven objects (dropping the ones that are gone)."""
+        """Write the table of proven objects (dropping the ones that are gone). Best effort:
+        without it the next update only re-hashes more (a full disk is reported elsewhere)."""
         table = self._stamp_table()
         present = self.object_shas()
         for sha in [k for k in table if k not in present]:
             del table[sha]
         doc = {k: list(v) for k, v in sorted(table.items())}
-        with disk_errors(self.root):
+        with contextlib.suppress(OSError, DiskFullError):
             write_atomic(self.stamps_file, json.dumps(doc, separators=(",", ":")).encode())
 
     # -- versions --------------------------------------------------------------------------
