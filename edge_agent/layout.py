@@ -278,11 +278,10 @@ class DeviceLayout:
         for sha in sorted(set(reused) | bases):
             path = self.object_path(sha)
             try:
-                now = stamp_of(path.stat())
-                if sha not in bases and table.get(sha) == now:
+                now = stamp_of(path.stat())  # taken before hashing: a change while hashing
+                if sha not in bases and table.get(sha) == now:  # moves mtime past it
                     continue
                 intact = hash_file(path) == sha
-                now = stamp_of(path.stat())  # as read (the table must not vouch for later)
             except OSError:
                 intact = False
             if intact:

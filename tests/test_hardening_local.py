@@ -11,6 +11,7 @@ model directory changed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from devtools import modelgen
 from edge_agent.layout import DeviceLayout, hash_file
 from manifest.container import MAX_CHUNK_BYTES, ContainerBuilder
 from manifest.download_plan import local_inputs, make_plan
@@ -55,8 +57,11 @@ WARNING = "deltaship-agent: "
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory: pytest.TempPathFactory, moe_family: MoEFamily) -> Published:
+    """v1, v2 (two experts trained) and v3 (one more expert trained: shares most of v2)."""
+    v3 = modelgen.train_experts(moe_family.v2, tmp_path_factory.mktemp("v3") / "v3",
+                                experts=[(0, 2)], seed=5)
     return publish(tmp_path_factory.mktemp("local-trust"),
-                   {"v1": moe_family.v1, "v2": moe_family.v2})
+                   {"v1": moe_family.v1, "v2": moe_family.v2, "v3": v3})
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +85,8 @@ class Scene:
     def layout(self) -> DeviceLayout:
         return DeviceLayout(self.dev.model_dir)
 
-    def release(self) -> None:
-        shutil.copytree(self.pub.snapshots["v2"], self.store, dirs_exist_ok=True)
+    def release(self, version: str = "v2") -> None:
+        shutil.copytree(self.pub.snapshots[version], self.store, dirs_exist_ok=True)
 
     def outside(self) -> dict[str, str]:
         """Every file next to the model directory (the store, the configuration)."""
@@ -121,12 +126,12 @@ def one_warning(p: subprocess.CompletedProcess[str], *needles: str) -> str:
     return lines[0]
 
 
-def assert_v2_intact(scene: Scene) -> None:
-    """v2 is live, every file matches the signed index (the agent's own `verify` says so),
-    and every object holds the content its name says."""
-    assert scene.dev.current() == "v2"
+def assert_intact(scene: Scene, version: str = "v2") -> None:
+    """``version`` is live, every file matches the signed index (the agent's own `verify`
+    says so), and every object holds the content its name says."""
+    assert scene.dev.current() == version
     index = current_index(scene.store)
-    live = scene.layout.version_dir("v2")
+    live = scene.layout.version_dir(version)
     for g in index["groups"]:
         assert hash_file(live / g["file"]) == g["sha256"], g["name"]
     for f in index["files"]:
@@ -135,7 +140,7 @@ def assert_v2_intact(scene: Scene) -> None:
         assert hash_file(p) == p.name, f"objects/{p.name} holds other content"
     v = scene.dev.agent("verify", "--config", scene.dev.config, check=False)
     assert v.returncode == 0, v.stderr
-    assert "v2: every file matches its signed sha256" in v.stdout
+    assert f"{version}: every file matches its signed sha256" in v.stdout
 
 
 def shared_group(index: Signed, previous: Signed) -> Signed:
@@ -166,7 +171,7 @@ def test_damaged_patch_base_falls_back_to_the_full_object(scene: Scene, keep_sta
     assert p.returncode == 0, p.stderr
     assert "updated v1 -> v2" in p.stdout
     one_warning(p, f"objects/{base}", "does not hold the content its name says")
-    assert_v2_intact(scene)
+    assert_intact(scene)
     assert not scene.layout.object_path(base).exists(), "the damaged base is still an object"
     assert tree(scene.layout.version_dir("v1")) == v1_before, "the previous version changed"
     assert scene.outside() == outside, "files outside the model dir changed"
@@ -188,7 +193,7 @@ def test_damaged_shared_group_is_fetched_again(scene: Scene) -> None:
     assert p.returncode == 0, p.stderr
     assert "updated v1 -> v2" in p.stdout
     one_warning(p, f"objects/{group['sha256']}", "does not hold the content its name says")
-    assert_v2_intact(scene)
+    assert_intact(scene)
     v1, v2 = scene.layout.version_dir("v1"), scene.layout.version_dir("v2")
     # v2's copy is a new file: v1 (the previous live version) is left exactly as it was.
     assert (v1 / group["file"]).stat().st_ino != (v2 / group["file"]).stat().st_ino
@@ -196,15 +201,27 @@ def test_damaged_shared_group_is_fetched_again(scene: Scene) -> None:
     assert scene.outside() == outside, "files outside the model dir changed"
 
 
-def test_intact_objects_are_not_rehashed_twice(scene: Scene) -> None:
-    """The cheap proof: after an update, the table in .deltaship/ vouches for every object;
-    a clone (new inodes) has no valid stamps and re-hashes, which still updates cleanly."""
-    scene.release()
+def test_edited_object_with_a_recorded_stat_is_fetched_again(scene: Scene) -> None:
+    """The cheap proof end to end: after v1 -> v2 the table in .deltaship/ vouches for every
+    object; an in-place edit of a group v3 reuses from v2 changes its mtime, so it is re-hashed,
+    found damaged and fetched again."""
+    scene.release("v2")
     scene.dev.update("v2")
-    layout = scene.layout
-    stamps = layout.stamps_file.read_text()
-    for sha in layout.object_shas():
-        assert sha in stamps, f"objects/{sha} has no recorded stat"
+    stamps = json.loads(scene.layout.stamps_file.read_text())
+    assert set(stamps) == scene.layout.object_shas(), "not every object has a recorded stat"
+    scene.release("v3")
+    group = shared_group(current_index(scene.store), current_index(scene.pub.snapshots["v2"]))
+    damage(scene.layout.object_path(group["sha256"]))
+    v2_before, outside = tree(scene.layout.version_dir("v2")), scene.outside()
+
+    p = scene.dev.run_once()
+
+    assert p.returncode == 0, p.stderr
+    assert "updated v2 -> v3" in p.stdout
+    one_warning(p, f"objects/{group['sha256']}", "does not hold the content its name says")
+    assert_intact(scene, "v3")
+    assert tree(scene.layout.version_dir("v2")) == v2_before, "the previous version changed"
+    assert scene.outside() == outside, "files outside the model dir changed"
 
 
 # -- point 6, unit: what the cheap proof covers -------------------------------------------------
