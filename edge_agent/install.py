@@ -14,7 +14,7 @@ import zstandard
 
 from manifest.container import apply_container
 from manifest.download_plan import GroupStep
-from manifest.errors import FormatError, HashMismatchError
+from manifest.errors import FormatError, HashMismatchError, OversizeError
 from manifest.metadata import FileEntry, ObjectRef
 from manifest.safetensors_format import SafetensorsFile
 from manifest.trust import StreamVerifier
@@ -36,15 +36,22 @@ def check_download(path: Path, ref: ObjectRef, what: str) -> None:
 def install_group(
     layout: DeviceLayout, step: GroupStep, obj: Path, executor: ThreadPoolExecutor | None
 ) -> None:
+    """Rebuild a group file from its downloaded object; never writes more than the index's
+    ``length`` for the group (the free-space check counted that)."""
     g = step.group
+    expected = (g.sha256, g.length)
     with layout.staged_object() as tmp:
         with open(tmp, "wb") as out:
-            if step.kind == "patch":
-                assert step.base_sha256 is not None
-                with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
-                    sha = apply_container(obj, base, out, executor=executor)
-            else:
-                sha = apply_container(obj, None, out, executor=executor)
+            try:
+                if step.kind == "patch":
+                    assert step.base_sha256 is not None
+                    with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
+                        sha = apply_container(obj, base, out, executor=executor,
+                                              expected=expected)
+                else:
+                    sha = apply_container(obj, None, out, executor=executor, expected=expected)
+            except (FormatError, HashMismatchError, OversizeError) as e:  # say which group
+                raise type(e)(f"group {g.name}: {e}") from e
         if sha != g.sha256:
             raise HashMismatchError(
                 f"group {g.name}: the patched file's sha256 differs from the release index"

@@ -11,12 +11,19 @@
         state.json, root.json      agent state and the pinned trust root
         manifest.json, lock        the last verified manifest; held by the one writer
         indexes/<V>.json           the signed release index of each retained version
+        objects.json               the stat of each object when it was last proven intact
         downloads/<sha256>         store objects being downloaded (kept across restarts)
         staging/, tmp/             half-built versions and patch outputs (cleared on start)
 
 Invariants, kept at every instant so that a crash anywhere is harmless: a file in
 ``objects/`` has the content its name says; a directory in ``versions/`` is complete and was
 fsynced before it got its name; ``current`` only ever points at such a directory.
+
+What could break the first invariant is outside the agent (an editor, a disk, an operator), so
+content is never trusted by its name alone when a new version reuses it (docs/FORMAT.md §10):
+:meth:`DeviceLayout.damaged_objects` re-hashes every patch base, and every other reused object
+unless its stat still matches the one recorded when it was last proven intact (``objects.json``;
+a missing or unreadable table only means re-hashing).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 
 from manifest.constants import MANIFEST_KEY, ROOT_KEY
 from manifest.constants import WEIGHT_INDEX_FILE as INDEX_FILE
-from manifest.errors import LocalError, disk_errors
+from manifest.errors import DiskFullError, LocalError, disk_errors
 from manifest.metadata import ReleaseIndex
 from manifest.storage.atomic import fsync_dir, write_atomic
 
@@ -61,6 +68,28 @@ STATE_FILE = "state.json"
 PINNED_ROOT_FILE = ROOT_KEY  # the trust root `init` pinned, named as in the store
 MANIFEST_COPY_FILE = MANIFEST_KEY  # the last verified manifest, named as in the store
 LOCK_FILE = "lock"
+STAMPS_FILE = "objects.json"
+
+# (st_dev, st_ino, st_size, st_mtime_ns) of an object when it was last proven intact. Not
+# st_ctime: the agent's own hard links (building, pruning versions) change it.
+Stamp = tuple[int, int, int, int]
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_stamps(data: bytes) -> dict[str, Stamp]:
+    """The saved table; whatever is malformed in it is dropped (it only saves re-hashing)."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {k: (v[0], v[1], v[2], v[3]) for k, v in doc.items()
+            if isinstance(v, list) and len(v) == 4
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
 
 STALE_TMP_SECONDS = 600  # a temp file this old belongs to no live writer
 
@@ -100,6 +129,8 @@ class DeviceLayout:
         self.root_file = self.meta / PINNED_ROOT_FILE
         self.manifest_copy = self.meta / MANIFEST_COPY_FILE
         self.lock_file = self.meta / LOCK_FILE
+        self.stamps_file = self.meta / STAMPS_FILE
+        self._stamps: dict[str, Stamp] | None = None
 
     def prepare(self) -> None:
         """Create the directories; drop half-built work a crash may have left behind."""
@@ -220,10 +251,57 @@ class DeviceLayout:
             dest = self.object_path(sha256)
             os.replace(tmp, dest)
             fsync_dir(str(self.objects))
+            self._stamp_table()[sha256] = stamp_of(dest.stat())
         return dest
 
     def remove_object(self, sha256: str) -> None:
         self.object_path(sha256).unlink(missing_ok=True)
+        self._stamp_table().pop(sha256, None)
+
+    # -- proving local objects intact (docs/FORMAT.md §10) ---------------------------------
+
+    def _stamp_table(self) -> dict[str, Stamp]:
+        if self._stamps is None:
+            try:
+                self._stamps = _read_stamps(self.stamps_file.read_bytes())
+            except OSError:
+                self._stamps = {}
+        return self._stamps
+
+    def damaged_objects(self, reused: Iterable[str], bases: Iterable[str]) -> set[str]:
+        """The objects among ``reused`` and ``bases`` that are missing or do not hold the
+        content their name says. Every base is re-hashed; a reused object only when its stat
+        differs from the one recorded when it was last proven intact. Intact ones are recorded
+        (:meth:`save_stamps` writes the table)."""
+        table = self._stamp_table()
+        bases = set(bases)
+        bad = set()
+        for sha in sorted(set(reused) | bases):
+            path = self.object_path(sha)
+            try:
+                now = stamp_of(path.stat())  # taken before hashing: a change while hashing
+                if sha not in bases and table.get(sha) == now:  # moves mtime past it
+                    continue
+                intact = hash_file(path) == sha
+            except OSError:
+                intact = False
+            if intact:
+                table[sha] = now
+            else:
+                table.pop(sha, None)
+                bad.add(sha)
+        return bad
+
+    def save_stamps(self) -> None:
+        """Write the table of proven objects (dropping the ones that are gone). Best effort:
+        without it the next update only re-hashes more (a full disk is reported elsewhere)."""
+        table = self._stamp_table()
+        present = self.object_shas()
+        for sha in [k for k in table if k not in present]:
+            del table[sha]
+        doc = {k: list(v) for k, v in sorted(table.items())}
+        with contextlib.suppress(OSError, DiskFullError):
+            write_atomic(self.stamps_file, json.dumps(doc, separators=(",", ":")).encode())
 
     # -- versions --------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
                     sha, fetched = entry.sha256, entry.object.sha256
                 layout.discard_download(fetched)
                 layout.replace_file(version, name, sha)
+        layout.save_stamps()
         agent.verify_version(version, root)
     finally:
         await source.close()

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from manifest.constants import MANIFEST_KEY
-from manifest.download_plan import Plan, check_include, make_plan, wanted_groups
+from manifest.download_plan import Plan, check_include, local_inputs, make_plan, wanted_groups
 from manifest.errors import (
     DeltashipError,
     DiskFullError,
@@ -291,8 +291,36 @@ class Agent:
 
     # -- installing a release --------------------------------------------------------------
 
+    def verified_plan(self, index: ReleaseIndex) -> Plan:
+        """Plan from local content proven intact (docs/FORMAT.md §10), not trusted by name.
+
+        Every object the plan would reuse or patch is checked (:meth:`DeviceLayout.
+        damaged_objects`); a damaged one is removed from ``objects/`` and from the planner's
+        input, which then picks the full object or a patch from another intact base, until
+        everything the plan takes from the device is proven.
+        """
+        have = self.layout.object_shas()
+        hashed: set[str] = set()
+        seen: set[str] = set()
+        while True:
+            plan = make_plan(index, have, self.cfg.include)
+            reused, bases = local_inputs(plan, have)
+            reused, bases = reused - seen - bases, bases - hashed
+            if not reused and not bases:
+                break
+            bad = self.layout.damaged_objects(reused, bases)
+            seen |= reused | bases
+            hashed |= bases
+            for sha in sorted(bad):
+                log.warning("objects/%s does not hold the content its name says: "
+                            "fetching that content again", sha)
+                self.layout.remove_object(sha)
+            have -= bad
+        self.layout.save_stamps()
+        return plan
+
     async def install(self, source: Source, index: ReleaseIndex, index_bytes: bytes) -> int:
-        plan = make_plan(index, self.layout.object_shas(), self.cfg.include)
+        plan = self.verified_plan(index)
         log.info("plan for %s: download %d bytes (full download: %d) for %d groups, %d files",
                  index.version, plan.download_bytes, plan.full_bytes,
                  sum(1 for s in plan.groups if s.kind != "have"),
@@ -333,6 +361,7 @@ class Agent:
         files = {s.file.path: s.file.sha256 for s in plan.files}
         self.layout.save_index(index.version, index_bytes)
         self.layout.build_version(index, groups, files)
+        self.layout.save_stamps()
         self.state.bytes_last_update = counted[0]
         self.state.bytes_total += counted[0]
         self.commit("installed")

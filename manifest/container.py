@@ -14,7 +14,11 @@ overlap (bytes coded against the base), and per chunk its codec and frame length
 writes the target file front to back, so it streams with memory bounded by a few chunks.
 
 A full object is a container with ``base: null``. Containers are only parsed after their
-sha256 was checked against a signed index, but parsing is strict all the same.
+sha256 was checked against a signed index, but parsing is strict all the same, and every size
+field is capped before anything is allocated or written: ``chunk_bytes`` at
+:data:`MAX_CHUNK_BYTES`, each frame at what zstd can need for its chunk, the prefix frame at the
+target's length, and the output at the length the signed index declares (the caller passes it:
+a container cannot make a device write more than its index says, whatever its own header says).
 """
 
 from __future__ import annotations
@@ -36,11 +40,29 @@ from .errors import FormatError, HashMismatchError, OversizeError, SafetensorsEr
 from .parallel import ordered_map
 from .safetensors_format import MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, parse_header
 
-__all__ = ["MAGIC", "ContainerBuilder", "ContainerHeader", "apply_container", "read_header"]
+__all__ = [
+    "MAGIC",
+    "MAX_CHUNK_BYTES",
+    "ContainerBuilder",
+    "ContainerHeader",
+    "apply_container",
+    "max_frame_length",
+    "read_header",
+]
 
 MAGIC = b"DSPATCH1"
 MAX_CONTAINER_HEADER = 16 * 1024 * 1024
+# The largest chunk a decoder accepts (publishers write 4 MiB, codecs.CHUNK_BYTES): decoding
+# holds a few chunks in memory, so this bounds a device's memory whatever a container says.
+MAX_CHUNK_BYTES = 16 * 1024 * 1024
 TYPE = "deltaship.patch"
+
+
+def max_frame_length(size: int) -> int:
+    """The longest zstd frame that can hold ``size`` bytes (zstd's ZSTD_COMPRESSBOUND, plus
+    room for a frame header and checksum)."""
+    small = (128 * 1024 - size) >> 11 if size < 128 * 1024 else 0
+    return size + (size >> 8) + small + 64
 
 
 class Writer(Protocol):
@@ -156,6 +178,10 @@ def read_header(f: IO[bytes], size: int) -> ContainerHeader:
     chunk = _int(doc.get("chunk_bytes"), "chunk_bytes")
     if chunk == 0 or chunk % 8:
         raise FormatError("patch container: chunk_bytes must be a positive multiple of 8")
+    if chunk > MAX_CHUNK_BYTES:
+        raise OversizeError(
+            f"patch container chunk_bytes {chunk} is over the cap {MAX_CHUNK_BYTES}"
+        )
     prefix = _int(doc.get("prefix"), "prefix")
     if prefix > size - 16 - n:
         raise FormatError("patch container payload is shorter than its header says")
@@ -215,6 +241,10 @@ def _plan(
                 raise FormatError(f"patch container: {codec} chunk outside the base overlap")
             if len(lens) != frame_count(codec, t.width):
                 raise FormatError(f"patch container: wrong frame count for {t.name!r}")
+            if any(n > max_frame_length(end - start) for n in lens):
+                raise OversizeError(
+                    f"patch container: a frame of {t.name!r} is longer than its chunk can need"
+                )
             if sum(lens) > payload_left:
                 raise FormatError("patch container payload is shorter than its header says")
             payload_left -= sum(lens)
@@ -231,21 +261,36 @@ def apply_container(
     *,
     executor: ThreadPoolExecutor | None = None,
     in_flight: int = 4,
+    expected: tuple[str, int] | None = None,
 ) -> str:
     """Decode a container onto ``out``, return the sha256 of what was written.
 
     The caller has verified the container's and the base file's sha256 against a signed index;
     the result is checked against the container's target sha256 and length here.
+    ``expected``: the (sha256, length) the signed index declares for the output. A container
+    whose target differs is refused before anything is written, and writing stops before the
+    output could pass that length (a device checks its free space against it).
     """
     size = os.path.getsize(container)
     with open(container, "rb") as f:
         hdr = read_header(f, size)
+        limit = hdr.target_length
+        if expected is not None:
+            if (hdr.target_sha256, hdr.target_length) != expected:
+                raise HashMismatchError(
+                    f"patch container rebuilds {hdr.target_length} bytes with sha256 "
+                    f"{hdr.target_sha256[:16]}..., which differs from the release index "
+                    f"({expected[1]} bytes with sha256 {expected[0][:16]}...)"
+                )
+            limit = expected[1]
         if (hdr.base_sha256 is None) != (base is None):
             raise FormatError("patch container and base do not match (one is missing)")
         if base is not None and base.size != hdr.base_length:
             raise FormatError("base file length differs from the patch container's base")
+        if hdr.prefix > max_frame_length(min(limit, 8 + MAX_HEADER_SIZE)):
+            raise OversizeError("patch container prefix frame is longer than its target")
         frame = f.read(hdr.prefix)
-        prefix = _decompress_capped(frame, 8 + MAX_HEADER_SIZE)
+        prefix = _decompress_capped(frame, min(limit, 8 + MAX_HEADER_SIZE))
         if len(prefix) < 8 or len(prefix) > hdr.target_length:
             raise FormatError("patch container prefix is malformed")
         (n,) = struct.unpack("<Q", prefix[:8])
@@ -269,6 +314,8 @@ def apply_container(
 
         jobs = _plan(hdr, targets, base, f, payload_left)
         for data in ordered_map(decode, jobs, executor, in_flight):
+            if written + len(data) > limit:  # the target header bounds it; never trust that
+                raise OversizeError(f"patch container output passes its {limit} bytes")
             digest.update(data)
             out.write(data)
             written += len(data)

@@ -28,7 +28,7 @@ from .errors import FormatError, LocalError
 from .metadata import FileEntry, GroupEntry, ObjectRef, ReleaseIndex
 
 __all__ = ["FileStep", "GroupStep", "Plan", "check_include", "content_of", "download_cost",
-           "make_plan", "wanted_groups"]
+           "local_inputs", "make_plan", "wanted_groups"]
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,18 @@ def make_plan(index: ReleaseIndex, have: set[str], include: Iterable[str] = ()) 
     plan = Plan(index.version, tuple(steps), tuple(files))
     _check_objects_unshared(plan)
     return plan
+
+
+def local_inputs(plan: Plan, have: set[str]) -> tuple[set[str], set[str]]:
+    """What ``plan`` takes from the device: (content it reuses as it is, patch bases).
+
+    The caller proves these intact before trusting the plan; a damaged one leaves ``have``
+    and :func:`make_plan` picks the full object (or a patch from another base) instead.
+    """
+    reused = {s.group.sha256 for s in plan.groups if s.kind == "have"}
+    reused |= {s.file.sha256 for s in plan.files if s.have}
+    bases = {s.base_sha256 for s in plan.groups if s.base_sha256 is not None}
+    return reused & have, bases
 
 
 def _check_objects_unshared(plan: Plan) -> None:

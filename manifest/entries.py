@@ -13,9 +13,31 @@ from typing import Any
 
 from ._fields import FieldReader, check_file_path, check_group_name, check_version, parse_list
 from .constants import object_key
-from .errors import FormatError, UnsafeNameError
+from .errors import FormatError, OversizeError, UnsafeNameError
 
-__all__ = ["FileEntry", "GroupEntry", "ObjectRef", "PatchRef", "TensorEntry"]
+__all__ = [
+    "MAX_CONTENT_LENGTH",
+    "MAX_GROUP_TENSORS",
+    "MAX_TENSOR_RANK",
+    "FileEntry",
+    "GroupEntry",
+    "ObjectRef",
+    "PatchRef",
+    "TensorEntry",
+]
+
+# Caps on the size fields of an index (docs/FORMAT.md §6), checked while parsing: generous for
+# any real model, but they keep a signed index from naming sizes a device cannot handle.
+MAX_CONTENT_LENGTH = 1 << 40  # bytes of one object, group file or file (1 TiB)
+MAX_GROUP_TENSORS = 1 << 16  # tensors in one group
+MAX_TENSOR_RANK = 16  # dimensions of one tensor
+
+
+def _length(r: FieldReader, key: str = "length") -> int:
+    n = r.count(key)
+    if n > MAX_CONTENT_LENGTH:
+        raise OversizeError(f"{r.where}.{key} {n} is over the cap {MAX_CONTENT_LENGTH}")
+    return n
 
 
 @dataclass(frozen=True)
@@ -37,7 +59,7 @@ class ObjectRef:
         enc = r.get("encoding", str)
         if enc not in ("dspatch", "zstd"):
             raise FormatError(f"{where}.encoding {enc!r} is unknown")
-        return cls(r.sha256(), r.count("length"), enc, r.rest())
+        return cls(r.sha256(), _length(r), enc, r.rest())
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.unrecognized, "sha256": self.sha256, "length": self.length,
@@ -85,6 +107,8 @@ class TensorEntry:
         shape = r.get("shape", list)
         if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
             raise FormatError(f"{where}.shape must be a list of non-negative integers")
+        if len(shape) > MAX_TENSOR_RANK:
+            raise OversizeError(f"{where}.shape has more than {MAX_TENSOR_RANK} dimensions")
         return cls(r.get("name", str), r.get("dtype", str), tuple(shape), r.rest())
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,12 +136,17 @@ class GroupEntry:
         file = check_file_path(r.get("file", str))
         if file != f"{name}.safetensors":
             raise UnsafeNameError(f"{where}: group {name!r} has file {file!r}")
+        sha256, length = r.sha256(), _length(r)
+        tensors = r.get("tensors", list)
+        if len(tensors) > MAX_GROUP_TENSORS:
+            raise OversizeError(f"{where}.tensors lists more than {MAX_GROUP_TENSORS} tensors")
+        entries = tuple(parse_list(tensors, f"{where}.tensors", TensorEntry.from_dict))
         return cls(
             name,
             file,
-            r.sha256(),
-            r.count("length"),
-            tuple(parse_list(r.get("tensors", list), f"{where}.tensors", TensorEntry.from_dict)),
+            sha256,
+            length,
+            entries,
             ObjectRef.from_dict(r.get("full", dict), f"{where}.full"),
             tuple(parse_list(r.optional("patches", []), f"{where}.patches", PatchRef.from_dict)),
             r.rest(),
@@ -152,7 +181,7 @@ class FileEntry:
         return cls(
             check_file_path(r.get("path", str)),
             r.sha256(),
-            r.count("length"),
+            _length(r),
             ObjectRef.from_dict(r.get("object", dict), f"{where}.object"),
             r.rest(),
         )

@@ -28,7 +28,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from manifest.codecs import BASED_CODECS, CHUNK_BYTES
-from manifest.container import MAGIC, apply_container, read_header
+from manifest.container import (
+    MAGIC,
+    MAX_CHUNK_BYTES,
+    apply_container,
+    max_frame_length,
+    read_header,
+)
 from manifest.errors import (
     FormatError,
     HashMismatchError,
@@ -690,6 +696,11 @@ def _first_chunk(doc: dict[str, Any], codecs: str | frozenset[str]) -> list[Any]
     return next(c for t in doc["tensors"] for c in t["chunks"] if c[0] in wanted)
 
 
+def _last_frames(doc: dict[str, Any]) -> list[int]:
+    frames: list[int] = [c[1] for t in doc["tensors"] for c in t["chunks"] if c[1]][-1]
+    return frames
+
+
 HEADER_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("wrong _type", _set("_type", value="deltaship.index"), "wrong _type"),
     ("spec_version 2", _set("spec_version", value=2), "spec_version"),
@@ -725,8 +736,12 @@ HEADER_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("frame count", lambda d: _first_chunk(d, DELTAS)[1].append(0), "wrong frame count"),
     ("frame length negative", lambda d: _first_chunk(d, "zstd")[1].__setitem__(0, -5),
      "frame length must be"),
-    ("frame lengths past the end", lambda d: _first_chunk(d, "zstd")[1].__setitem__(0, 10**12),
+    ("frame longer than its chunk needs",
+     lambda d: _first_chunk(d, "zstd")[1].__setitem__(0, 10**12), "longer than its chunk"),
+    ("frame lengths past the end", lambda d: _last_frames(d).__setitem__(0, _last_frames(d)[0] + 1),
      "payload is shorter"),
+    ("chunk_bytes over the cap", _set("chunk_bytes", value=MAX_CHUNK_BYTES + 8), "over the cap"),
+    ("chunk_bytes 1 GiB", _set("chunk_bytes", value=2**30), "over the cap"),
     ("frame lengths shifted", lambda d: (
         _first_chunk(d, DELTAS)[1].__setitem__(0, _first_chunk(d, DELTAS)[1][0] + 1),
         _first_chunk(d, DELTAS)[1].__setitem__(1, _first_chunk(d, DELTAS)[1][1] - 1),
@@ -772,3 +787,59 @@ def test_any_header_field_replaced_is_rejected_or_harmless(patch: Patch, tmp_pat
             assert out == patch.target, (path, value)
             outcomes["harmless"] = outcomes.get("harmless", 0) + 1
     assert outcomes["harmless"] < 0.05 * sum(outcomes.values()), outcomes
+
+
+# -- the output is bounded by what the signed index declares (issue 9, point 7) -------------
+
+
+def _apply_expecting(patch: Patch, tmp: Path, container: bytes,
+                     expected: tuple[str, int]) -> io.BytesIO:
+    path = tmp / "expected.patch"
+    path.write_bytes(container)
+    out = io.BytesIO()
+    with SafetensorsFile(patch.base_path) as b:
+        apply_container(path, b, out, expected=expected)
+    return out
+
+
+def test_output_matching_the_declared_target_is_written(patch: Patch, tmp_path: Path) -> None:
+    digest = hashlib.sha256(patch.target).hexdigest()
+    out = _apply_expecting(patch, tmp_path, patch.container, (digest, len(patch.target)))
+    assert out.getvalue() == patch.target
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 2**30], ids=["shorter", "longer", "1GiB-longer"])
+def test_a_target_other_than_declared_is_refused_before_writing(
+    patch: Patch, tmp_path: Path, delta: int
+) -> None:
+    """A container naming another target length than its index is refused with nothing
+    written: the free-space check counted the index's length."""
+    digest = hashlib.sha256(patch.target).hexdigest()
+    out = io.BytesIO()
+    with pytest.raises(HashMismatchError, match="differs from the release index"):
+        out = _apply_expecting(patch, tmp_path, patch.container,
+                               (digest, len(patch.target) + delta))
+    assert out.getvalue() == b""
+
+
+def test_a_bomb_declaring_the_index_target_is_refused_before_writing(
+    patch: Patch, tmp_path: Path
+) -> None:
+    """The container's own target is a 1 GiB tensor of zeros in 1 GiB chunks (a few kB of
+    payload): refused before any allocation or write, whatever the index declares."""
+    digest = hashlib.sha256(patch.target).hexdigest()
+    bomb = _rewrite(patch.container, _set("chunk_bytes", value=2**30))
+    out = io.BytesIO()
+    with pytest.raises(OversizeError, match="over the cap"):
+        out = _apply_expecting(patch, tmp_path, bomb, (digest, len(patch.target)))
+    assert out.getvalue() == b""
+
+
+@given(size=st.integers(0, 2 * MAX_CHUNK_BYTES), seed=st.integers(0, 2**32 - 1))
+@settings(max_examples=30, deadline=None)
+def test_max_frame_length_bounds_any_zstd_frame(size: int, seed: int) -> None:
+    """Incompressible data at every level the encoder uses fits the per-frame cap."""
+    data = np.random.default_rng(seed).bytes(min(size, 1 << 20))
+    for level in (1, 3, 19):
+        frame = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
+        assert len(frame) <= max_frame_length(len(data))

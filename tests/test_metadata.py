@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from manifest.canonical import canonical_json, loads_object
+from manifest.entries import MAX_CONTENT_LENGTH
 from manifest.errors import FormatError, OversizeError, UnsafeNameError
 from manifest.metadata import (
     FileEntry,
@@ -512,7 +513,7 @@ def test_accepted_group_names_are_plain_file_names(name: str) -> None:
 # --- round trips: from_dict(to_dict(x)) == x -----------------------------------------
 
 hex64 = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
-count = st.integers(0, 2**63)
+count = st.integers(0, MAX_CONTENT_LENGTH)
 repository_ids = st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)
 versions = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,20}", fullmatch=True)
 group_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,20}", fullmatch=True)
