@@ -180,6 +180,7 @@ class Agent:
                             "previous version to switch back to: fix the model server, then "
                             "run `deltaship-agent resume`")
         if current == target:
+            self.prune(target)  # finishes a prune a kill cut short after the switch
             return CycleResult("up-to-date", current, f"up to date at {target}")
         if target in state.failed_versions:
             return CycleResult("skipped-failed", current,

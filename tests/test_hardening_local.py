@@ -297,7 +297,7 @@ def test_planner_takes_a_verified_have_set() -> None:
     intact base or fetches the full object."""
     b1, b2, kept = "1" * 64, "2" * 64, "3" * 64
     groups = (_group("a", "a" * 64, 1000, {b1: 10, b2: 20}), _group("k", kept, 1000, {}))
-    index = ReleaseIndex("v2", datetime.now(UTC), groups, ())
+    index = ReleaseIndex("v2", datetime.now(UTC), groups, (), repository_id="0" * 32)
     plan = make_plan(index, {b1, b2, kept})
     assert local_inputs(plan, {b1, b2, kept}) == ({kept}, {b1})
     assert make_plan(index, {b2, kept}).groups[0].base_sha256 == b2
