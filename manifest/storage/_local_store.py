@@ -61,6 +61,11 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return key_path(self.root, key).is_file()
 
+    def size(self, key: str) -> int:
+        path = key_path(self.root, key)
+        with self._errors(key), open_regular(path, f"{self.url}/{key}") as f:
+            return os.fstat(f.fileno()).st_size
+
     def put(self, key: str, data: bytes) -> None:
         self._require_root()
         path = key_path(self.root, key)

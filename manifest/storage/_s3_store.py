@@ -80,6 +80,11 @@ class S3Store:
             return False
         return True
 
+    def size(self, key: str) -> int:
+        with self._errors(key):
+            r = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        return int(r["ContentLength"])
+
     def put(self, key: str, data: bytes) -> None:
         with self._errors(key):
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
