@@ -143,7 +143,7 @@ class Repository:
         if size < ref.length:
             raise HashMismatchError(f"{what} is {size} bytes in the store, the index pins "
                                     f"{ref.length}: not downloaded")
-        self.store.download(ref.key, dest)
+        self.store.download(ref.key, dest, max_size=ref.length)
         v = StreamVerifier(ref.sha256, ref.length, what)
         with open(dest, "rb") as f:
             while block := f.read(1 << 22):

@@ -21,6 +21,7 @@ import pytest
 import zstandard
 
 from manifest.constants import WEIGHT_INDEX_FILE
+from manifest.errors import OversizeError
 from manifest.metadata import ReleaseIndex
 from manifest.safetensors_format import SafetensorsFile
 from manifest.storage.store import StoreOptions, open_store
@@ -229,8 +230,8 @@ def test_oversized_base_object_on_s3_is_refused_by_its_head(
                 release_key, "--cache-dir", tmp_path / "cache", "--cache-max-bytes", "0",
                 env=env)
     s3 = boto3.client("s3", endpoint_url=cli.endpoint)
-    index = current_index(open_store(url, StoreOptions(cli.endpoint)), s3.get_object(Bucket=bucket, Key="m/root.json")
-                          ["Body"].read())[1]
+    root = s3.get_object(Bucket=bucket, Key="m/root.json")["Body"].read()
+    index = current_index(open_store(url, StoreOptions(cli.endpoint)), root)[1]
     g = next(g for g in index.groups if g.name == "layers.0.experts.1")
     key = f"m/{g.full.key}"
     body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -371,3 +372,24 @@ def test_keygen_writes_a_key_the_commands_accept(cli: Cli, env: dict[str, str],
     (tmp_path / "s").mkdir()
     p = cli.publish("init", "--store", tmp_path / "s", "--key", key, env=env)
     assert p.returncode == 0 and p.stderr == ""
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_download_stops_past_the_signed_length(kind: str, tmp_path: Path, bucket: str,
+                                               s3_endpoint: str) -> None:
+    """What `fetch_object` relies on if an object grows between its length check and the
+    download: the store stops the transfer once more than the signed length arrived."""
+    if kind == "file":
+        (tmp_path / "store").mkdir()
+        store = open_store(str(tmp_path / "store"))
+    else:
+        store = open_store(f"s3://{bucket}/m", StoreOptions(s3_endpoint))
+    data = os.urandom(3 << 20)
+    store.put("objects/x", data)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OversizeError, match="larger than its 1048576-byte cap"):
+        store.download("objects/x", str(out / "x"), max_size=1 << 20)
+    assert sum(p.stat().st_size for p in out.iterdir()) <= 1 << 20
+    store.download("objects/x", str(out / "y"), max_size=len(data))
+    assert (out / "y").read_bytes() == data

@@ -49,7 +49,10 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> list[str]: ...
 
-    def download(self, key: str, dest: str) -> None: ...
+    def download(self, key: str, dest: str, max_size: int | None = None) -> None:
+        """Write the object to ``dest``; more than ``max_size`` bytes stop the transfer with
+        :class:`~manifest.errors.OversizeError` (``dest`` then holds at most that much)."""
+        ...
 
 
 @dataclass(frozen=True)
