@@ -299,7 +299,8 @@ def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
 @click.option("--json", "as_json", is_flag=True, help="Print the group map as JSON.")
 @_errors
 def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> None:
-    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group)."""
+    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group), and
+    which other files a release ships and which hidden ones it skips."""
     rules = [parse_pattern(p) for p in patterns]
     with open_model(model_dir) as model:
         groups = assign_groups(model.tensors, rules)
@@ -307,7 +308,9 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
         if as_json:
             click.echo(json.dumps({"groups": [{"name": g, "bytes": sizes[g], "tensors": ts}
                                               for g, ts in groups.items()],
-                                   "files": model.other_files}, indent=2))
+                                   "tensor_files": model.tensor_files,
+                                   "files": model.other_files,
+                                   "skipped_files": model.skipped_files}, indent=2))
             return
         click.echo(f"{len(groups)} groups, {len(model.tensors)} tensors, "
                    f"{len(model.other_files)} other files")
@@ -315,6 +318,8 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
             click.echo(f"  {g:<40}{len(ts):>4} tensors {human_bytes(sizes[g]):>10}")
         for f in model.other_files:
             click.echo(f"  file {f}")
+        for f in model.skipped_files:
+            click.echo(f"  skipped (hidden) {f}")
 
 
 @main.group("cache")

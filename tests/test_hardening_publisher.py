@@ -185,8 +185,13 @@ def test_inspect_lists_symlinked_files(cli: Cli, env: dict[str, str], moe_family
                                        tmp_path: Path) -> None:
     snap = _hf_snapshot(moe_family.v1, tmp_path / "hf", with_subdir=False)
     p = cli.publish("inspect", snap, "--json", env=env)
-    assert json.loads(p.stdout)["files"] == ["config.json", "tokenizer.json",
-                                             "tokenizer_config.json"]
+    d = json.loads(p.stdout)
+    assert d["files"] == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert d["skipped_files"] == [".gitattributes"]
+    assert d["tensor_files"] == sorted(f.name for f in moe_family.v1.glob("*.safetensors"))
+    text = cli.publish("inspect", snap, env=env).stdout
+    assert "  file tokenizer_config.json\n" in text
+    assert "  skipped (hidden) .gitattributes\n" in text
 
 
 # --------------------------------------------------------------------------- 15: the cache
