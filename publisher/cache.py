@@ -12,7 +12,8 @@ The cache is bounded: after each release the least recently used group files are
 until it holds at most ``max_bytes`` (:data:`DEFAULT_CACHE_MAX_BYTES`). A use stamps the file's
 modification time (access times are unreliable under ``noatime``/``relatime``). Leftovers of
 a killed release (staging directories, partial downloads) untouched for a day are removed
-too. ``deltaship-publish cache clear`` empties the cache unless a release is using it.
+too. ``deltaship-publish cache clear`` empties the cache unless a release is using it; only the
+entries above are ever counted or removed, so a mistaken ``--cache-dir`` loses nothing else.
 """
 
 from __future__ import annotations
@@ -124,9 +125,17 @@ class PublisherCache:
         except OSError as e:
             raise LocalError(f"cannot use the publisher cache {self.root}: {e.strerror}") from e
 
+    def _entries(self) -> list[Path]:
+        """What the cache owns: ``groups/`` and staging directories (nothing else in
+        ``root`` is ever counted or removed, whatever directory --cache-dir names)."""
+        return [self.groups, *self._staging_dirs()]
+
+    def _staging_dirs(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("release-*") if p.is_dir() and not p.is_symlink())
+
     def usage(self) -> CacheUsage:
-        files = [p for p in self.root.rglob("*") if p.is_file() and p.name != ".lock"]
-        return CacheUsage(self.root, len(files), sum(_size(p) for p in files))
+        files = [f for e in self._entries() for f in _files(e)]
+        return CacheUsage(self.root, len(files), sum(_size(f) for f in files))
 
     def evict(self, max_bytes: int, now: float | None = None) -> CacheUsage:
         """Remove stale leftovers, then the least recently used group files until at most
@@ -144,7 +153,7 @@ class PublisherCache:
                 removed[0] += 1
                 removed[1] += size
 
-        for p in [*self.root.glob("release-*"), *self.groups.glob(".*-*")]:
+        for p in [*self._staging_dirs(), *self.groups.glob(".*-*")]:
             if now - _mtime(p) > STALE_SECONDS:
                 drop(p, _tree_size(p))
         entries = sorted((_mtime(p), _size(p), p) for p in self.groups.glob("*.safetensors"))
@@ -157,8 +166,8 @@ class PublisherCache:
         return CacheUsage(self.root, removed[0], removed[1])
 
     def clear(self) -> CacheUsage:
-        """Remove everything; refused while a release holds the cache. Returns what was
-        removed."""
+        """Remove the cached base files and any staging left over; refused while a release
+        holds the cache. Returns what was removed."""
         if not self.root.is_dir():
             return CacheUsage(self.root, 0, 0)
         with self._lock_file() as f:
@@ -168,16 +177,15 @@ class PublisherCache:
                 raise LocalError(f"a release is using the publisher cache {self.root}: "
                                  "clear it when no release runs") from e
             before = self.usage()
-            for p in self.root.iterdir():
-                if p.name == ".lock":
-                    continue
+            groups = list(self.groups.iterdir()) if self.groups.is_dir() else []
+            for p in [*groups, *self._staging_dirs()]:
                 try:
                     if p.is_dir() and not p.is_symlink():
                         shutil.rmtree(p)
                     else:
-                        p.unlink()
-                except OSError as e:
-                    raise LocalError(f"cannot remove {p}: {e.strerror}") from e
+                        p.unlink(missing_ok=True)
+                except OSError as err:
+                    raise LocalError(f"cannot remove {p}: {err.strerror}") from err
         return before
 
 
@@ -195,7 +203,11 @@ def _mtime(p: Path) -> float:
         return 0.0
 
 
-def _tree_size(p: Path) -> int:
+def _files(p: Path) -> list[Path]:
     if not p.is_dir():
-        return _size(p)
-    return sum(_size(f) for f in p.rglob("*") if f.is_file())
+        return [p] if p.is_file() else []
+    return [f for f in p.rglob("*") if f.is_file()]
+
+
+def _tree_size(p: Path) -> int:
+    return sum(_size(f) for f in _files(p))

@@ -398,3 +398,26 @@ def test_download_stops_past_the_signed_length(kind: str, tmp_path: Path, bucket
     assert sum(p.stat().st_size for p in out.iterdir()) <= 1 << 20
     store.download("objects/x", str(out / "y"), max_size=len(data))
     assert (out / "y").read_bytes() == data
+
+
+def test_cache_clear_removes_only_what_the_cache_owns(cli: Cli, env: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    """A mistaken --cache-dir (a home directory, say) loses nothing but cache entries."""
+    d = tmp_path / "not-a-cache"
+    (d / "sub").mkdir(parents=True)
+    (d / "precious.txt").write_text("keep me")
+    (d / "sub" / "notes").write_text("and me")
+    (d / "release-notes.md").write_text("and me too")  # a file, not a staging directory
+    (d / "groups").mkdir()
+    (d / "groups" / "ab.safetensors").write_bytes(b"z" * 10)
+    (d / "release-x1").mkdir()
+    (d / "release-x1" / "full-1").write_bytes(b"y" * 5)
+    keep = {p: p.read_bytes() for p in (d / "precious.txt", d / "sub" / "notes",
+                                        d / "release-notes.md")}
+    before = json.loads(cli.publish("cache", "info", "--cache-dir", d, "--json",
+                                    env=env).stdout)
+    assert (before["files"], before["bytes"]) == (2, 15)
+    out = json.loads(cli.publish("cache", "clear", "--cache-dir", d, "--json", env=env).stdout)
+    assert (out["files"], out["bytes"]) == (2, 15)
+    assert {p: p.read_bytes() for p in keep} == keep
+    assert not (d / "release-x1").exists() and not list((d / "groups").iterdir())
