@@ -187,6 +187,10 @@ def _other_files(root: Path, skip: set[str]) -> tuple[list[str], list[str]]:
             if fn.startswith("."):
                 skipped.append(rel)
             elif rel not in skip:
+                try:
+                    check_file_path(rel)
+                except UnsafeNameError as e:
+                    raise ModelError(f"{root}: cannot ship file {rel!r}: {e}") from e
                 _model_file(root, rel, "the model directory holds")
                 out.append(rel)
     return out, skipped

@@ -156,7 +156,7 @@ def test_hugging_face_cache_snapshot_ships_every_file(
     assert _tree(tmp_path / "hf") == hf_before  # the Hugging Face cache is only read
 
 
-@pytest.mark.parametrize("bad", ["dangling", "directory", "fifo"])
+@pytest.mark.parametrize("bad", ["dangling", "directory", "fifo", "unsafe-name"])
 def test_unusable_entries_are_refused_not_skipped(
     cli: Cli, env: dict[str, str], store: Path, release_key: Path, moe_family: MoEFamily,
     tmp_path: Path, bad: str,
@@ -172,9 +172,12 @@ def test_unusable_entries_are_refused_not_skipped(
         (tmp_path / "elsewhere" / "secret.txt").write_text("x")
         entry.symlink_to(tmp_path / "elsewhere")
         needles = ["'extra'", "symlink to a directory"]
-    else:
+    elif bad == "fifo":
         os.mkfifo(entry)
         needles = [str(entry), "not a regular file"]
+    else:
+        (model / "bad\\name.json").write_text("{}")
+        needles = ["cannot ship file", "unsafe file name"]
     before = _tree(store, tmp_path / "cache")
     p = _release(cli, env, store, model, "v1", release_key)
     _one_line_error(p, 2, *needles)
