@@ -42,13 +42,14 @@ def init_store(
     expires: timedelta = timedelta(days=365),
     options: StoreOptions | None = None,
     known: KnownStores | None = None,
+    insecure_key_permissions: bool = False,
 ) -> InitResult:
     """Write a version-1 trust root, with a new repository id, signed by ``key_paths``.
 
     Records the store in ``known`` (default: this user's list) and names the other known
     stores whose roots list one of the same keys.
     """
-    keys = load_signing_keys(key_paths)
+    keys = load_signing_keys(key_paths, insecure_permissions=insecure_key_permissions)
     ids = list(dict.fromkeys(k.keyid for k in keys))
     if not 1 <= threshold <= len(ids):
         raise TrustError(f"--threshold {threshold} must be between 1 and the {len(ids)} key(s)")
@@ -74,9 +75,10 @@ def init_store(
 def revert(
     store_url: str, to_version: str, key_paths: tuple[Path, ...], now: datetime, *,
     expires: timedelta = timedelta(days=30), options: StoreOptions | None = None,
+    insecure_key_permissions: bool = False,
 ) -> Manifest:
     """Make an older release current again under a higher sequence number."""
-    keys = load_signing_keys(key_paths)
+    keys = load_signing_keys(key_paths, insecure_permissions=insecure_key_permissions)
     repo = Repository(open_store(store_url, options), now)
     root = repo.root()
     check_signers(root, keys, "release", key_paths)

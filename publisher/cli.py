@@ -21,6 +21,7 @@ from manifest.metadata import check_version
 from manifest.storage.store import StoreOptions
 
 from .admin import history, init_store, revert
+from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir, parse_size
 from .grouping import assign_groups, parse_pattern
 from .keys import generate_key_files
 from .model_dir import open_model
@@ -35,6 +36,29 @@ EXIT_NOTES = ("2 also covers a bad model, key, store URL, credentials or bucket;
 
 
 MAX_ROOT_DAYS = 36500  # a hundred years: far from the calendar's end (year 9999)
+
+
+def _insecure_key_option(fn: F) -> F:
+    return click.option(
+        "--insecure-key-permissions", is_flag=True,
+        help="Use a private key file that group or others can read (refused by default, as "
+        "ssh does: `chmod 600` it instead).",
+    )(fn)
+
+
+def _cache_dir_option(fn: F) -> F:
+    return click.option(
+        "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+        help="Where base versions are cached (default $XDG_CACHE_HOME/deltaship/publisher, "
+        "else ~/.cache/deltaship/publisher).",
+    )(fn)
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
 
 
 def _now() -> datetime:
@@ -108,10 +132,12 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
               type=click.IntRange(min=1, max=MAX_ROOT_DAYS), help="Lifetime of the trust root.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a local copy of the trust root here (for devices to pin).")
+@_insecure_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
 def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], threshold: int,
-         expires_days: int, out_file: Path | None, as_json: bool) -> None:
+         expires_days: int, out_file: Path | None, insecure_key_permissions: bool,
+         as_json: bool) -> None:
     """Write the trust root (trusted keys, threshold, version, expiry) to a new store.
 
     The root is signed by every --key. Devices pin a copy of it (`deltaship-agent init
@@ -119,7 +145,8 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
     Refuses to overwrite an existing root.
     """
     result = init_store(store_url, keys, threshold, _now(),
-                        expires=timedelta(days=expires_days), options=StoreOptions(endpoint_url))
+                        expires=timedelta(days=expires_days), options=StoreOptions(endpoint_url),
+                        insecure_key_permissions=insecure_key_permissions)
     url, data, root = result.url, result.data, result.root
     for other in result.shared_with:  # warnings: stderr, one line each
         shared = sorted(set(other.keyids) & set(root.keys))
@@ -156,18 +183,25 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
 @click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
               help="zstd level for tensor data.")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPU count).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where base versions are cached (default ~/.cache/deltaship/publisher).")
+@_cache_dir_option
+@click.option("--cache-max-bytes", callback=_size, default=str(DEFAULT_CACHE_MAX_BYTES),
+              metavar="SIZE", show_default="4G",
+              help="Trim the cache to this size after the release, least recently used base "
+              "files first (bytes, or with K, M, G, T; 0 keeps nothing).")
+@_insecure_key_option
 @click.option("--dry-run", is_flag=True, help="Compute and report, upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
 def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, version: str,
                 keys: tuple[Path, ...], deltas_from: int, patterns: tuple[str, ...], level: int,
-                workers: int | None, cache_dir: Path | None, dry_run: bool, as_json: bool) -> None:
+                workers: int | None, cache_dir: Path | None, cache_max_bytes: int,
+                insecure_key_permissions: bool, dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
 
     MODEL_DIR holds *.safetensors (one file, or shards with model.safetensors.index.json)
-    and any other files (config.json, tokenizer files), which ship too. Tensors are grouped
+    and any other files (config.json, tokenizer files), which ship too; symlinks to files
+    are followed (a Hugging Face cache snapshot works), hidden files are skipped, and the
+    summary lists what was read, shipped and skipped. Tensors are grouped
     per routed expert, per layer, and embeddings/norm/heads (see `inspect`). For each changed
     group a full object and patches from the last --deltas-from releases are uploaded;
     unchanged groups cost nothing. The summary shows, per base version, what a device at that
@@ -179,7 +213,8 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
         raise LocalError(str(e)) from e
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
                         StoreOptions(endpoint_url), level=level,
-                        progress=False if as_json else None)
+                        progress=False if as_json else None, cache_max_bytes=cache_max_bytes,
+                        insecure_key_permissions=insecure_key_permissions)
     if workers:
         cfg = dataclasses.replace(cfg, workers=workers)
     if cache_dir:
@@ -206,6 +241,19 @@ def _print_summary(s: ReleaseSummary) -> None:
     up = "nothing uploaded (dry run)" if s.dry_run else (
         f"uploaded {s.uploaded_objects} objects, {human_bytes(s.uploaded_bytes)}")
     click.echo(f"  {up}; {s.seconds:.1f} s (encoding {s.encode_seconds:.1f} s)")
+    click.echo(f"  tensor files read ({len(s.tensor_files)}): {_names(s.tensor_files)}")
+    click.echo(f"  other files shipped ({len(s.other_files)}): {_names(s.other_files)}")
+    if s.skipped_files:
+        click.echo(f"  hidden, not shipped ({len(s.skipped_files)}): "
+                   f"{_names(s.skipped_files)}")
+
+
+def _names(names: tuple[str, ...], limit: int = 12) -> str:
+    """Up to ``limit`` names, then how many more (--json lists them all)."""
+    if not names:
+        return "none"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 @main.command("history")
@@ -240,16 +288,18 @@ def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None
 @click.option("--to", "to_version", required=True, help="The released version to make current.")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Private signing key (repeat to meet the root's threshold).")
+@_insecure_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
 def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
-               keys: tuple[Path, ...], as_json: bool) -> None:
+               keys: tuple[Path, ...], insecure_key_permissions: bool, as_json: bool) -> None:
     """Make an older release current for the whole fleet.
 
     Publishes a new manifest with a higher sequence number that names the older release, so
     devices follow it like any update and replay protection stays intact.
     """
-    m = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url))
+    m = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url),
+               insecure_key_permissions=insecure_key_permissions)
     if as_json:
         click.echo(json.dumps({"current": m.current.version, "sequence": m.sequence}))
     else:
@@ -264,7 +314,8 @@ def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
 @click.option("--json", "as_json", is_flag=True, help="Print the group map as JSON.")
 @_errors
 def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> None:
-    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group)."""
+    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group), and
+    which other files a release ships and which hidden ones it skips."""
     rules = [parse_pattern(p) for p in patterns]
     with open_model(model_dir) as model:
         groups = assign_groups(model.tensors, rules)
@@ -272,7 +323,9 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
         if as_json:
             click.echo(json.dumps({"groups": [{"name": g, "bytes": sizes[g], "tensors": ts}
                                               for g, ts in groups.items()],
-                                   "files": model.other_files}, indent=2))
+                                   "tensor_files": model.tensor_files,
+                                   "files": model.other_files,
+                                   "skipped_files": model.skipped_files}, indent=2))
             return
         click.echo(f"{len(groups)} groups, {len(model.tensors)} tensors, "
                    f"{len(model.other_files)} other files")
@@ -280,6 +333,44 @@ def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> No
             click.echo(f"  {g:<40}{len(ts):>4} tensors {human_bytes(sizes[g]):>10}")
         for f in model.other_files:
             click.echo(f"  file {f}")
+        for f in model.skipped_files:
+            click.echo(f"  skipped (hidden) {f}")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Show or clear the local cache of base versions.
+
+    `release` rebuilds the base versions it makes patches from here and trims the cache to
+    --cache-max-bytes (default 4G) afterwards, least recently used first.
+    """
+
+
+@cache_group.command("info")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def cache_info(cache_dir: Path | None, as_json: bool) -> None:
+    """Show where the cache is and how much it holds."""
+    usage = PublisherCache(cache_dir or default_cache_dir()).usage()
+    if as_json:
+        click.echo(json.dumps(usage.to_dict()))
+    else:
+        click.echo(f"{usage.path}: {usage.files} files, {human_bytes(usage.total_bytes)}")
+
+
+@cache_group.command("clear")
+@_cache_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_errors
+def cache_clear(cache_dir: Path | None, as_json: bool) -> None:
+    """Remove everything in the cache (refused while a release is using it)."""
+    removed = PublisherCache(cache_dir or default_cache_dir()).clear()
+    if as_json:
+        click.echo(json.dumps({**removed.to_dict(), "removed": True}))
+    else:
+        click.echo(f"removed {removed.files} files, {human_bytes(removed.total_bytes)} from "
+                   f"{removed.path}")
 
 
 main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

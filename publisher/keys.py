@@ -1,5 +1,8 @@
 """Signing key files: written once (0600, never overwritten), read with clear errors.
 
+A private key file that group or others can access is refused (exit 2, like ssh), unless the
+caller passes ``insecure_permissions`` (``--insecure-key-permissions``).
+
 Private key file (JSON)::
 
     {"_type": "deltaship.private-key", "spec_version": 1, "scheme": "ed25519",
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +26,7 @@ from manifest.metadata import Root
 from manifest.signing import PublicKey, SigningKey
 
 __all__ = [
+    "check_key_permissions",
     "check_signers",
     "generate_key_files",
     "load_public_key",
@@ -89,11 +94,35 @@ def _key_bytes(path: str | os.PathLike[str], value: object, what: str) -> bytes:
     return raw
 
 
-def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+def check_key_permissions(path: str | os.PathLike[str]) -> None:
+    """Refuse a private key file that group or others may read or write (as ssh does).
+
+    A missing file is left to the reader, which says so.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise KeyFileError(f"cannot read private key {path}: {e.strerror}") from e
+    if mode & 0o077:
+        raise KeyFileError(
+            f"private key {path} has mode {mode:04o}: group or others can access it; "
+            f"run `chmod 600 {path}` (or pass --insecure-key-permissions)"
+        )
+
+
+def load_signing_key(
+    path: str | os.PathLike[str], *, insecure_permissions: bool = False
+) -> SigningKey:
+    """The private key in ``path``; refused if group or others can access the file, unless
+    ``insecure_permissions``."""
     doc = _read(path, "private key")
     if doc.get("_type") != "deltaship.private-key" or not isinstance(doc.get("seed"), str):
         hint = " (that is the public half: pass the .key file)" if "public" in doc else ""
         raise KeyFileError(f"{path} is not a deltaship private key{hint}")
+    if not insecure_permissions:
+        check_key_permissions(path)
     key = SigningKey(_key_bytes(path, doc["seed"], "the seed"), str(doc.get("name", "")))
     if doc.get("keyid") not in (None, key.keyid):
         raise KeyFileError(f"{path}: its keyid does not match its seed (corrupted file?)")
@@ -103,17 +132,19 @@ def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
 def load_public_key(path: str | os.PathLike[str]) -> PublicKey:
     doc = _read(path, "public key")
     if doc.get("_type") == "deltaship.private-key":
-        return load_signing_key(path).public_key
+        return load_signing_key(path, insecure_permissions=True).public_key
     if doc.get("_type") != "deltaship.public-key" or not isinstance(doc.get("public"), str):
         raise KeyFileError(f"{path} is not a deltaship public key")
     return PublicKey(_key_bytes(path, doc["public"], "the public key"), str(doc.get("name", "")))
 
 
-def load_signing_keys(paths: Sequence[Path]) -> list[SigningKey]:
-    """The keys given with ``--key`` (at least one)."""
+def load_signing_keys(
+    paths: Sequence[Path], *, insecure_permissions: bool = False
+) -> list[SigningKey]:
+    """The keys given with ``--key`` (at least one); see :func:`load_signing_key`."""
     if not paths:
         raise KeyFileError("no signing key given: pass --key FILE (made by `keygen`)")
-    return [load_signing_key(p) for p in paths]
+    return [load_signing_key(p, insecure_permissions=insecure_permissions) for p in paths]
 
 
 def check_signers(

@@ -3,12 +3,24 @@
 Single-file (``*.safetensors``) and sharded (``model.safetensors.index.json``) layouts are both
 read. Every safetensors header is validated strictly; tensor data is never loaded here, only
 located (see :class:`manifest.safetensors_format.SafetensorsFile`).
+
+What is read, and from where (the same rule for tensor files and other files):
+
+* every file is named by a relative path inside the directory: a ``weight_map`` entry that is
+  absolute or climbs out with ``..`` is refused;
+* a file may be a symlink to a regular file anywhere (a Hugging Face cache snapshot links every
+  file to ``../../blobs/<hash>``): it is followed, and its content ships under its own name;
+* a symlink to a directory, a dangling symlink, a FIFO, device or socket is refused, never
+  skipped in silence;
+* hidden files and directories (``.gitattributes``, ``.cache/``) are skipped and listed in
+  :attr:`ModelDir.skipped_files`, so a release can report everything it left out.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +29,7 @@ from manifest.errors import ModelError, UnsafeNameError
 from manifest.metadata import check_file_path
 from manifest.safetensors_format import SafetensorsFile, TensorInfo
 
-__all__ = ["INDEX_NAME", "ModelDir", "SourceTensor", "open_model"]
-
+__all__ = ["INDEX_NAME", "ModelDir", "ModelFiles", "SourceTensor", "open_model"]
 
 
 @dataclass(frozen=True)
@@ -31,12 +42,27 @@ class SourceTensor:
         return self.file.read(self.info, offset, length)
 
 
+@dataclass(frozen=True)
+class ModelFiles:
+    """What a release reads and ships from a model directory (relative POSIX paths)."""
+
+    tensor_files: tuple[str, ...]  # read; their tensors ship as group files
+    other_files: tuple[str, ...]  # shipped as they are
+    skipped_files: tuple[str, ...]  # hidden, not shipped (a directory ends with "/")
+
+
 @dataclass
 class ModelDir:
     path: Path
     tensors: dict[str, SourceTensor]
-    other_files: list[str] = field(default_factory=list)  # relative POSIX paths
+    other_files: list[str] = field(default_factory=list)  # relative POSIX paths, shipped
     shards: list[SafetensorsFile] = field(default_factory=list)
+    tensor_files: list[str] = field(default_factory=list)  # relative POSIX paths, read
+    skipped_files: list[str] = field(default_factory=list)  # hidden: not shipped ("dir/")
+
+    def listing(self) -> ModelFiles:
+        return ModelFiles(tuple(self.tensor_files), tuple(self.other_files),
+                          tuple(self.skipped_files))
 
     def close(self) -> None:
         for s in self.shards:
@@ -49,9 +75,45 @@ class ModelDir:
         self.close()
 
 
+def _model_file(root: Path, rel: str, what: str) -> Path:
+    """``root/rel``, checked to be a readable regular file named inside the model directory.
+
+    ``rel`` must be relative without ``..``; every directory on the way must be a real one;
+    the file itself may be a symlink to a regular file (followed, wherever it points).
+    """
+    try:
+        check_file_path(rel)
+    except UnsafeNameError as e:
+        raise ModelError(
+            f"{what} {rel!r}, which is not a relative path inside the model directory {root}: "
+            "refusing to read outside it"
+        ) from e
+    parent = root
+    for part in rel.split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink():
+            raise ModelError(f"{root}: {rel!r} goes through {parent.name!r}, a symlink to a "
+                             "directory: not followed (copy the directory in instead)")
+    path = root / rel
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError as e:
+        link = " (a dangling symlink)" if path.is_symlink() else ""
+        raise ModelError(f"{what} {rel!r}, which does not exist{link}") from e
+    except OSError as e:
+        raise ModelError(f"cannot read {path}: {e.strerror}") from e
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        raise ModelError(f"{path} is {kind}, not a regular file: refusing to ship it")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"cannot read {path}: permission denied")
+    return path
+
+
 def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
     index = root / INDEX_NAME
-    if index.is_file():
+    if index.exists() or index.is_symlink():
+        _model_file(root, INDEX_NAME, "the model directory holds")
         try:
             doc = json.loads(index.read_text("utf-8"))
             weight_map = doc["weight_map"]
@@ -62,7 +124,7 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelError(f"{index}: malformed sharded-checkpoint index: {e}") from e
         return sorted(set(weight_map.values())), weight_map
-    names = sorted(p.name for p in root.glob("*.safetensors") if p.is_file())
+    names = sorted(p.name for p in root.glob("*.safetensors"))
     return names, None
 
 
@@ -73,12 +135,11 @@ def open_model(path: str | os.PathLike[str]) -> ModelDir:
     names, weight_map = _shard_names(root)
     if not names:
         raise ModelError(f"{root} holds no *.safetensors files: is this a model directory?")
-    model = ModelDir(root, {})
+    what = f"{root / INDEX_NAME} names" if weight_map is not None else "the model directory holds"
+    paths = [_model_file(root, name, what) for name in names]
+    model = ModelDir(root, {}, tensor_files=list(names))
     try:
-        for name in names:
-            p = root / name
-            if not p.is_file():
-                raise ModelError(f"{root / INDEX_NAME} names {name}, which does not exist")
+        for name, p in zip(names, paths, strict=True):
             shard = SafetensorsFile(p)
             model.shards.append(shard)
             for t in shard.tensors.values():
@@ -95,23 +156,41 @@ def open_model(path: str | os.PathLike[str]) -> ModelDir:
             missing = set(weight_map) - set(model.tensors)
             if missing:
                 raise ModelError(f"{INDEX_NAME} lists {sorted(missing)[0]!r}, found in no shard")
-        model.other_files = _other_files(root, set(names) | {INDEX_NAME})
+        model.other_files, model.skipped_files = _other_files(root, set(names) | {INDEX_NAME})
     except BaseException:
         model.close()
         raise
     return model
 
 
-def _other_files(root: Path, skip: set[str]) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+def _walk_error(e: OSError) -> None:
+    raise ModelError(f"cannot list {e.filename}: {e.strerror}") from e
+
+
+def _other_files(root: Path, skip: set[str]) -> tuple[list[str], list[str]]:
+    """The files to ship besides the tensor files, and the hidden ones left out."""
+    out: list[str] = []
+    skipped: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_error):
+        here = Path(dirpath)
+        for d in sorted(dirnames):
+            rel = (here / d).relative_to(root).as_posix()
+            if d.startswith("."):
+                skipped.append(rel + "/")
+            elif (here / d).is_symlink():
+                raise ModelError(f"{root}: {rel!r} is a symlink to a directory: not followed "
+                                 "(copy the directory in instead, or remove the link)")
+        dirnames[:] = sorted(d for d in dirnames
+                             if not d.startswith(".") and not (here / d).is_symlink())
         for fn in sorted(filenames):
-            rel = Path(dirpath, fn).relative_to(root).as_posix()
-            if fn.startswith(".") or rel in skip or Path(dirpath, fn).is_symlink():
-                continue
-            try:
-                out.append(check_file_path(rel))
-            except UnsafeNameError as e:
-                raise ModelError(f"{root}: cannot ship file {rel!r}: {e}") from e
-    return out
+            rel = (here / fn).relative_to(root).as_posix()
+            if fn.startswith("."):
+                skipped.append(rel)
+            elif rel not in skip:
+                try:
+                    check_file_path(rel)
+                except UnsafeNameError as e:
+                    raise ModelError(f"{root}: cannot ship file {rel!r}: {e}") from e
+                _model_file(root, rel, "the model directory holds")
+                out.append(rel)
+    return out, skipped

@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +51,7 @@ from manifest.signing import SigningKey
 from manifest.storage.store import Store, StoreOptions, open_store
 from manifest.trust import sign_document
 
+from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir
 from .encode import EncodeResult, EncodeTask, encode_all, hash_groups, layout_group
 from .grouping import GroupRule, assign_groups, parse_pattern
 from .keys import check_signers, load_signing_keys
@@ -75,11 +75,6 @@ from .summary import ReleaseSummary, Timings, UploadStats, summarise
 __all__ = ["ReleaseConfig", "default_cache_dir", "release"]
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "deltaship" / "publisher"
-
-
 @dataclass(frozen=True)
 class ReleaseConfig:
     model_dir: Path
@@ -94,22 +89,25 @@ class ReleaseConfig:
     level: int = 3
     manifest_expires: timedelta = timedelta(days=30)
     cache_dir: Path = field(default_factory=default_cache_dir)
+    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES  # LRU-trimmed to this after each release
     progress: bool | None = None
     known_stores: Path | None = None  # the list of stores this machine signs (None: default)
+    insecure_key_permissions: bool = False  # accept a private key group or others can read
 
 
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     t0 = time.monotonic()
     version = check_version(cfg.version)
-    keys = load_signing_keys(cfg.key_paths)
+    keys = load_signing_keys(cfg.key_paths, insecure_permissions=cfg.insecure_key_permissions)
     rules = [parse_pattern(p) for p in cfg.group_patterns]
     repo = Repository(open_store(cfg.store_url, cfg.store_options), now)
     check_signers(repo.root(), keys, "release", cfg.key_paths)
     state = read_store_state(repo, version, cfg.deltas_from)
-    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="release-", dir=cfg.cache_dir))
+    cache = PublisherCache(cfg.cache_dir)
+    staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
     try:
         with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
+            listing = model.listing()
             groups = hash_model_groups(model, rules, ex, cfg.progress)
             plan = plan_encoding(groups, state.bases, staging)
             with contextlib.ExitStack() as open_files:
@@ -132,8 +130,9 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        cache.end(cfg.cache_max_bytes)
     timings = Timings(time.monotonic() - t0, encode_seconds)
-    return summarise(index, state, results, uploaded, timings, cfg.dry_run)
+    return summarise(index, state, results, uploaded, timings, cfg.dry_run, listing)
 
 
 def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreState:

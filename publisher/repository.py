@@ -27,6 +27,7 @@ from manifest.errors import (
     MissingKeyError,
     MixAndMatchError,
     NotFoundError,
+    OversizeError,
     StoreConfigError,
 )
 from manifest.metadata import (
@@ -48,6 +49,8 @@ from manifest.trust import (
     verify_manifest,
     verify_root,
 )
+
+from .cache import PublisherCache
 
 __all__ = ["Repository"]
 
@@ -141,8 +144,19 @@ class Repository:
         return verify_index(data, pointer, self.root(), named_by=named_by)
 
     def fetch_object(self, ref: ObjectRef, dest: str, what: str) -> None:
-        """Download an object to ``dest`` and check its length and sha256."""
-        self.store.download(ref.key, dest)
+        """Download an object to ``dest`` and check its length and sha256.
+
+        The store's length is checked against the signed one first, so an object of the wrong
+        size costs a HEAD (or a ``stat``), not a download into ``dest``.
+        """
+        size = self.store.size(ref.key)
+        if size > ref.length:
+            raise OversizeError(f"{what} is {size} bytes in the store, longer than the "
+                                f"{ref.length} bytes the index pins: not downloaded")
+        if size < ref.length:
+            raise HashMismatchError(f"{what} is {size} bytes in the store, the index pins "
+                                    f"{ref.length}: not downloaded")
+        self.store.download(ref.key, dest, max_size=ref.length)
         v = StreamVerifier(ref.sha256, ref.length, what)
         with open(dest, "rb") as f:
             while block := f.read(1 << 22):
@@ -150,10 +164,13 @@ class Repository:
         v.finish()
 
     def group_file(self, group: GroupEntry, cache_dir: Path) -> Path:
-        """A verified copy of a released group file, rebuilt from its full object, cached."""
-        path = cache_dir / "groups" / f"{group.sha256}.safetensors"
-        if path.is_file():
-            return path
+        """A verified copy of a released group file, rebuilt from its full object, cached in
+        :class:`~publisher.cache.PublisherCache` ``cache_dir`` (a hit is marked as used)."""
+        cache = PublisherCache(cache_dir)
+        hit = cache.lookup(group.sha256)
+        if hit is not None:
+            return hit
+        path = cache.group_path(group.sha256)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, obj = tempfile.mkstemp(dir=path.parent, prefix=".obj-")
         os.close(fd)

@@ -14,6 +14,7 @@ from manifest.download_plan import download_cost
 from manifest.metadata import ReleaseIndex
 
 from .encode import EncodeResult
+from .model_dir import ModelFiles
 from .release_plan import StoreState
 
 __all__ = ["BaseSummary", "ReleaseSummary", "Timings", "UploadStats", "summarise"]
@@ -60,10 +61,15 @@ class ReleaseSummary:
     seconds: float
     encode_seconds: float
     codec_bytes: dict[str, int]
+    tensor_files: tuple[str, ...] = ()  # the model's safetensors files that were read
+    other_files: tuple[str, ...] = ()  # the model's other files, shipped as they are
+    skipped_files: tuple[str, ...] = ()  # hidden files and directories, not shipped
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["bases"] = [b.__dict__ for b in self.bases]
+        for k in ("tensor_files", "other_files", "skipped_files"):
+            d[k] = list(d[k])
         return d
 
 
@@ -74,6 +80,7 @@ def summarise(
     uploaded: UploadStats,
     timings: Timings,
     dry_run: bool,
+    model_files: ModelFiles | None = None,
 ) -> ReleaseSummary:
     """Changes are counted against the latest base; downloads against every base."""
     codec_bytes: dict[str, int] = {}
@@ -101,4 +108,7 @@ def summarise(
         seconds=round(timings.seconds, 3),
         encode_seconds=round(timings.encode_seconds, 3),
         codec_bytes=codec_bytes,
+        tensor_files=model_files.tensor_files if model_files else (),
+        other_files=model_files.other_files if model_files else (),
+        skipped_files=model_files.skipped_files if model_files else (),
     )

@@ -61,6 +61,11 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return key_path(self.root, key).is_file()
 
+    def size(self, key: str) -> int:
+        path = key_path(self.root, key)
+        with self._errors(key), open_regular(path, f"{self.url}/{key}") as f:
+            return os.fstat(f.fileno()).st_size
+
     def put(self, key: str, data: bytes) -> None:
         self._require_root()
         path = key_path(self.root, key)
@@ -112,9 +117,18 @@ class LocalStore:
             if p.is_file() and not p.name.startswith(".tmp-")
         )
 
-    def download(self, key: str, dest: str) -> None:
+    def download(self, key: str, dest: str, max_size: int | None = None) -> None:
         path = key_path(self.root, key)
         with self._errors(key):
             src = open_regular(path, f"{self.url}/{key}")
         with src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, COPY_BLOCK)
+            if max_size is None:
+                shutil.copyfileobj(src, out, COPY_BLOCK)
+                return
+            copied = 0
+            while block := src.read(min(COPY_BLOCK, max_size + 1 - copied)):
+                copied += len(block)
+                if copied > max_size:
+                    raise OversizeError(f"{self.url}/{key} is larger than its {max_size}-byte "
+                                        "cap")
+                out.write(block)

@@ -80,6 +80,11 @@ class S3Store:
             return False
         return True
 
+    def size(self, key: str) -> int:
+        with self._errors(key):
+            r = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+        return int(r["ContentLength"])
+
     def put(self, key: str, data: bytes) -> None:
         with self._errors(key):
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -123,6 +128,15 @@ class S3Store:
                 out.extend(o["Key"][strip:] for o in page.get("Contents", []))
         return sorted(out)
 
-    def download(self, key: str, dest: str) -> None:
+    def download(self, key: str, dest: str, max_size: int | None = None) -> None:
+        received = 0
+
+        def count(n: int) -> None:  # an exception here stops the transfer and is re-raised
+            nonlocal received
+            received += n
+            if max_size is not None and received > max_size:
+                raise OversizeError(f"{self.url}/{key} is larger than its {max_size}-byte cap")
+
         with self._errors(key):
-            self._client.download_file(self.bucket, self._key(key), dest)
+            self._client.download_file(self.bucket, self._key(key), dest,
+                                       Callback=None if max_size is None else count)
