@@ -269,14 +269,20 @@ def verify(repair: bool, config_path: Path | None) -> None:
               help="Seconds between looks at MODEL_DIR/current when filesystem events are missed.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the server's pid here (for the agent's signal hook: SIGHUP reloads).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a thread; more are answered 503 with Retry-After.")
+@click.option("--request-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="Time from a request's arrival to its answer (waiting included); a request "
+              "over it is answered 503 and its work stopped. Also bounds the stop on SIGTERM.")
 @click.option("--full-reload", is_flag=True,
               help="Reload every group on a switch instead of the changed ones (for comparison).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every swap.")
 @_config_option
 @_errors
 def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_interval: float,
-          pidfile: Path | None, full_reload: bool, verbose: bool,
-          config_path: Path | None) -> None:
+          pidfile: Path | None, max_queue: int, request_timeout: float, full_reload: bool,
+          verbose: bool, config_path: Path | None) -> None:
     """Serve the reference MoE model of MODEL_DIR/current over HTTP, hot-swapping its versions.
 
     \b
@@ -308,7 +314,8 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
     if model_dir is None:
         model_dir = _load(config_path).model_dir
     cfg = ServeConfig(model_dir=model_dir, host=host, port=port, threads=threads,
-                      poll_interval=poll_interval, pidfile=pidfile, full_reload=full_reload)
+                      poll_interval=poll_interval, pidfile=pidfile, full_reload=full_reload,
+                      max_queue=max_queue, request_timeout=request_timeout)
 
     def ready(url: str, version: str) -> None:
         click.echo(f"serving {version} from {model_dir} at {url} (pid {os.getpid()})")
