@@ -202,8 +202,8 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
     info = report.to_dict()
     plan, last = report.state.plan, report.state.last_update
     if plan:
-        info["plan"] = (f"{plan.version}: {plan.download_bytes} bytes to download "
-                        f"(full {plan.full_bytes})")
+        info["plan"] = (f"{plan.version}: {plan.done_bytes} of {plan.download_bytes} bytes "
+                        f"downloaded (full {plan.full_bytes})")
     if last:
         info["last_update"] = (
             f"{last.from_ or 'nothing'} -> {last.version} at {last.at}: "

@@ -7,6 +7,7 @@ raw TCP clients that send a request and go.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from manifest.progress import LINE_INTERVAL
+from publisher.progress import Progress as PublisherProgress
 
 from ._model_server import ModelServer
 from .conftest import BIN, Cli, MoEFamily
@@ -297,3 +301,76 @@ def test_sigterm_with_work_queued_stops_within_the_request_timeout(
         server.stop()
     line = _one_line(server.log.read_text())
     assert "waiting requests answered 503" in line, line
+
+
+# -- also: progress of the agent (terminal, logs, status) and of the publisher ----------------
+
+
+def test_the_agent_shows_progress_in_logs_on_a_terminal_and_in_status(
+        cli: Cli, bucket: str, release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    store = f"s3://{bucket}/progress"
+    cli.publish("init", "--store", store, "--key", release_key, "--out", tmp_path / "root.json")
+    full = _release(cli, store, moe_family.v1, "v1", release_key)["full_download_bytes"]
+    expected = 3 * LINE_INTERVAL  # seconds the first install should take at this rate
+    rate = max(1, int(full / expected))
+    dev = Device(cli, tmp_path / "root.json", store, tmp_path / "dev", "--max-rate", rate)
+    log = tmp_path / "agent.log"
+    with open(log, "w") as err:  # not a terminal: periodic log lines
+        proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "-v",
+                                 "--config", str(dev.config)], env=cli.env(), stderr=err,
+                                stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10 * expected
+            while True:  # `status` shows the bytes done while the update runs
+                plan = dev.status()["plan"]
+                if plan and 0 < plan.get("done_bytes", 0) < plan["download_bytes"]:
+                    break
+                assert proc.poll() is None and time.monotonic() < deadline, plan
+                time.sleep(0.2)
+            text = dev.agent("status").stdout
+            assert " bytes downloaded (full " in text or proc.poll() is not None, text
+            assert proc.wait(timeout=10 * expected) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = [line for line in log.read_text().splitlines() if "updating to v1:" in line]
+    assert len(lines) >= 2 and all("ETA" in line and "/s" in line for line in lines), lines
+    assert dev.status()["plan"] is None
+    # On a terminal: one line redrawn in place, with bytes, speed and ETA.
+    _release(cli, store, moe_family.v2, "v2", release_key)
+    main, tty = os.openpty()
+    try:
+        proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--once", "--config",
+                                 str(dev.config)], env=cli.env(), stderr=tty,
+                                stdout=subprocess.DEVNULL)
+        os.close(tty)
+        out = b""
+        with contextlib.suppress(OSError):  # EIO once the agent has closed the terminal
+            while chunk := os.read(main, 65536):
+                out += chunk
+        assert proc.wait(timeout=10 * expected) == 0
+    finally:
+        os.close(main)
+    text = out.decode(errors="replace")
+    assert "\rupdating to v2: " in text and "100.0%" in text and "ETA" in text, text
+
+
+def test_publisher_progress_reaches_a_log_in_periodic_lines(tmp_path: Path) -> None:
+    """Not a terminal: a line every interval while the job runs (none for a short job)."""
+    log = tmp_path / "publish.log"
+    with open(log, "w") as stream:
+        quick = PublisherProgress("hashing", 100, stream)
+        quick.advance(100)
+        quick.close()
+        slow = PublisherProgress("uploading", 3, stream)
+        slow.interval = 0.05
+        for _ in range(3):
+            time.sleep(slow.interval * 2)
+            slow.advance(1)
+        slow.close()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and all(line.startswith("deltaship-publish: uploading: ")
+                                   for line in lines), lines
+    assert "100.0% 3 B/3 B" in lines[-1]
