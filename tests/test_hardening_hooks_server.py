@@ -11,10 +11,13 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -374,3 +377,115 @@ def test_publisher_progress_reaches_a_log_in_periodic_lines(tmp_path: Path) -> N
     assert len(lines) == 4 and all(line.startswith("deltaship-publish: uploading: ")
                                    for line in lines), lines
     assert "100.0% 3 B/3 B" in lines[-1]
+
+
+# -- also: the systemd units and their install steps ------------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+UNITS = ["deltaship-agent.service", "deltaship-serve.service"]
+
+
+def _directives(unit: str) -> dict[str, list[str]]:
+    text = (SCRIPTS / unit).read_text().replace("\\\n", " ")
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(" ".join(value.split()))
+    return out
+
+
+def _install_steps() -> list[list[str]]:
+    """The commands of the agent unit's "Install" comment, split into words."""
+    text = (SCRIPTS / UNITS[0]).read_text()
+    lines = [line[1:].strip() for line in text.splitlines() if line.startswith("#   ")]
+    return [cmd.split() for cmd in " ".join(lines).replace("\\ ", " ").split("  ") if cmd]
+
+
+def test_the_units_verify_agree_with_their_install_steps_and_are_hardened(
+        tmp_path: Path) -> None:
+    agent, serve = (_directives(u) for u in UNITS)
+    exe = agent["ExecStart"][0].split()[0]
+    assert exe.startswith("/") and exe == serve["ExecStart"][0].split()[0]
+    steps = " ".join(" ".join(words) for words in _install_steps())
+    assert f"python3 -m venv {Path(exe).parent.parent} " in steps  # ExecStart is the venv's
+    assert f"{exe} init --config /etc/{agent['ConfigurationDirectory'][0]}/agent.toml" in steps
+    assert f"--model-dir /var/lib/{agent['StateDirectory'][0]}/model" in steps
+    assert f"chown -R {agent['User'][0]}:{agent['Group'][0]} /var/lib/deltaship" in steps
+    assert "sudo -u" not in steps  # the unit's user cannot write /etc/deltaship
+    assert f"run --config /etc/{agent['ConfigurationDirectory'][0]}/agent.toml" in \
+        agent["ExecStart"][0]
+    pidfile = f"/run/{serve['RuntimeDirectory'][0]}/serve.pid"
+    assert f"--pidfile {pidfile}" in serve["ExecStart"][0] and f"--notify-signal {pidfile}" in steps
+    assert agent["User"] == serve["User"]  # the signal hook reaches only its own user
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here")
+    for unit in UNITS:  # verify needs ExecStart to exist: point it at this install
+        copy = tmp_path / unit
+        copy.write_text((SCRIPTS / unit).read_text().replace(exe, str(BIN / "deltaship-agent")))
+        p = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True)
+        assert p.returncode == 0 and not p.stdout + p.stderr, p.stdout + p.stderr
+        p = subprocess.run([analyze, "security", "--offline=true", str(SCRIPTS / unit)],
+                           capture_output=True, text=True)
+        level = float(p.stdout.strip().splitlines()[-1].split(":")[1].split()[0])
+        assert level <= 4.0, p.stdout
+
+
+def test_the_install_steps_work_under_the_units_user_without_new_privileges(
+        cli: Cli, release_key: Path, moe_family: MoEFamily) -> None:
+    """The unit header's steps (root writes the configuration, the state directory goes to
+    the service user), then the agent as that user under no_new_privs: installs v1, updates
+    to v2 and its signal hook reaches a server running as the same user."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as the unit's user")
+    user = 65534  # nobody
+    base = Path(tempfile.mkdtemp(prefix="deltaship-unit-"))
+    try:
+        base.chmod(0o755)
+        etc, state, run = base / "etc", base / "state", base / "run"
+        etc.mkdir(mode=0o755)
+        state.mkdir()
+        run.mkdir()
+        store = base / "store"
+        store.mkdir()
+        cli.publish("init", "--store", store, "--key", release_key, "--out", etc / "root.json")
+        (etc / "root.json").chmod(0o644)
+        _release(cli, str(store), moe_family.v1, "v1", release_key)
+        config = etc / "agent.toml"
+        cli.run("deltaship-agent", "init", "--config", config, "--store", store, "--trust",
+                etc / "root.json", "--model-dir", state / "model", "--notify-signal",
+                run / "serve.pid", "--device-id", "unit")
+        for d in (state, run):
+            subprocess.run(["chown", "-R", f"{user}:{user}", str(d)], check=True)
+        as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                   "--no-new-privs"]
+        env = {"PATH": os.environ["PATH"], "HOME": str(state)}
+        agent = [*as_user, str(BIN / "deltaship-agent"), "run", "--once", "--config",
+                 str(config)]
+        p = subprocess.run(agent, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+        got = run / "got-hup"
+        server = subprocess.Popen([*as_user, sys.executable, "-c", (
+            "import os, pathlib, signal, time\n"
+            f"signal.signal(signal.SIGHUP, lambda *a: pathlib.Path({str(got)!r}).touch())\n"
+            f"pathlib.Path({str(run / 'serve.pid')!r}).write_text(f'{{os.getpid()}}\\n')\n"
+            "time.sleep(600)\n")])
+        try:
+            deadline = time.monotonic() + HOOK_TIMEOUT
+            while not (run / "serve.pid").exists():
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)
+            _release(cli, str(store), moe_family.v2, "v2", release_key)
+            p = subprocess.run(agent, env=env, capture_output=True, text=True, timeout=300)
+            assert p.returncode == 0 and p.stderr == "", p.stderr
+            assert "updated v1 -> v2" in p.stdout
+            while not got.exists():
+                assert time.monotonic() < deadline and server.poll() is None
+                time.sleep(0.05)
+        finally:
+            server.kill()
+            server.wait()
+        assert config.stat().st_uid == 0 and not config.stat().st_mode & 0o022
+    finally:
+        shutil.rmtree(base)
