@@ -25,12 +25,20 @@ header: the version that computed it, or that ``/healthz`` and the others descri
                         "model_private_bytes"}; a swap is {"from", "to", "groups_loaded",
                         "groups_shared", "seconds", "at", "extra_bytes"} where extra_bytes is
                         the peak resident memory while the new model was built and probed
-                        (both versions held), above the level just before
+                        (both versions held), above the level just before; and
+                        "queue": {"running", "waiting", "max_queue", "request_timeout",
+                        "rejected", "abandoned", "timed_out"}
+
+The forward and generate requests share a bounded queue (:mod:`._work`): ``threads`` compute,
+at most ``max_queue`` wait; one more, or one not answered within ``request_timeout`` seconds,
+gets 503 with ``Retry-After``. A request whose client disconnected is dropped (a generation
+stops before its next token).
 
 The agent's health check is ``GET /healthz`` with ``expect_version = true``: it passes only once
 the server answers with the version the agent switched to. SIGHUP makes the server look at
-``current`` at once (the agent's signal hook); SIGTERM and SIGINT stop it after the requests in
-flight.
+``current`` at once (the agent's signal hook); SIGTERM and SIGINT answer the waiting requests
+503 and stop after the ones computing (at most ``request_timeout`` seconds). The pid file is
+written and read without following links (:mod:`.pidfile`).
 """
 
 from __future__ import annotations
