@@ -298,7 +298,12 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
       POST /v1/generate  {"tokens": [...], "max_new_tokens": 8}
       POST /v1/reload    look at `current` now (the agent's --notify-http target)
       GET  /healthz      200 when the version `current` names is live, else 503 and why
-      GET  /version      the live version;  GET /stats: requests, swaps, memory
+      GET  /version      the live version;  GET /stats: requests, swaps, memory, queue
+
+    \b
+    Forward passes wait in a bounded queue: a request beyond --max-queue, or not answered
+    within --request-timeout, gets 503 with Retry-After; a client that disconnects takes its
+    work with it. SIGTERM answers the waiting requests 503 and exits within the timeout.
 
     \b
     Health-gate the agent on it (the agent switches back when the check fails):

@@ -271,6 +271,33 @@ def test_a_full_queue_answers_503_with_retry_after(cli: Cli, device: Device) -> 
         assert server.stop() == 0
 
 
+def test_a_request_over_its_time_is_answered_503_and_its_work_stopped(
+        cli: Cli, device: Device) -> None:  # noqa: F811
+    server = ModelServer(cli, device.model_dir)
+    try:
+        heavy = _heavy_seconds(server)
+    finally:
+        assert server.stop() == 0
+    timeout = heavy / 4
+    server = ModelServer(cli, device.model_dir, "--threads", 1, "--request-timeout", timeout)
+    try:
+        t0 = time.monotonic()
+        status, headers, body = _answer(_connect(server.url, "/v1/generate", HEAVY), 60 * heavy)
+        took = time.monotonic() - t0
+        assert status == 503 and took < heavy, (status, took, heavy)
+        assert "--request-timeout" in json.loads(body)["error"]
+        assert int(headers["retry-after"]) >= 1
+        deadline = time.monotonic() + heavy * 4  # the generation stops at its next token
+        while (q := _queue(server))["running"]:
+            assert time.monotonic() < deadline, q
+            time.sleep(0.01)
+        assert q["timed_out"] == 1, q
+        assert _timed(server, LIGHT)[1] == 200
+    finally:
+        assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_sigterm_with_work_queued_stops_within_the_request_timeout(
         cli: Cli, device: Device) -> None:  # noqa: F811
     """SIGTERM refuses the waiting requests (503) and lets the running ones finish: the
