@@ -406,6 +406,19 @@ def test_publisher_progress_reaches_a_log_in_periodic_lines(tmp_path: Path) -> N
     assert "100.0% 3 B/3 B" in lines[-1]
 
 
+def test_publisher_progress_lines_go_to_stdout_and_leave_stderr_to_errors(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A release that fails after a long encode still prints one line on stderr."""
+    bar = PublisherProgress("encoding", 2)
+    bar.interval = 0.05
+    for _ in range(2):
+        time.sleep(bar.interval * 2)
+        bar.advance(1)
+    bar.close()
+    out, err = capsys.readouterr()
+    assert err == "" and out.count("deltaship-publish: encoding: ") == 3, (out, err)
+
+
 # -- also: the systemd units and their install steps ------------------------------------------
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
