@@ -47,8 +47,6 @@ import aiohttp
 
 from manifest.errors import HookError, LocalError
 
-from .serving.pidfile import PidFileRefused, read_pidfile
-
 __all__ = ["Hooks", "parse_hooks"]
 
 
@@ -165,6 +163,9 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
 
 
 async def _send_signal(hook: Hook) -> None:
+    # Imported here: the serving package is not needed by an agent without a signal hook.
+    from .serving.pidfile import PidFileRefused, read_pidfile
+
     try:
         text, owner = await asyncio.to_thread(read_pidfile, hook.pidfile)
     except PidFileRefused as e:
