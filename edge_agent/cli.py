@@ -227,8 +227,8 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
     info = report.to_dict()
     plan, last = report.state.plan, report.state.last_update
     if plan:
-        info["plan"] = (f"{plan.version}: {plan.download_bytes} bytes to download "
-                        f"(full {plan.full_bytes})")
+        info["plan"] = (f"{plan.version}: {plan.done_bytes} of {plan.download_bytes} bytes "
+                        f"downloaded (full {plan.full_bytes})")
     if last:
         info["last_update"] = (
             f"{last.from_ or 'nothing'} -> {last.version} at {last.at}: "
@@ -297,14 +297,20 @@ def verify(repair: bool, wait: float, config_path: Path | None) -> None:
               help="Seconds between looks at MODEL_DIR/current when filesystem events are missed.")
 @click.option("--pidfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the server's pid here (for the agent's signal hook: SIGHUP reloads).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests that may wait for a thread; more are answered 503 with Retry-After.")
+@click.option("--request-timeout", default=30.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="Time from a request's arrival to its answer (waiting included); a request "
+              "over it is answered 503 and its work stopped. Also bounds the stop on SIGTERM.")
 @click.option("--full-reload", is_flag=True,
               help="Reload every group on a switch instead of the changed ones (for comparison).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every swap.")
 @_config_option
 @_errors
 def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_interval: float,
-          pidfile: Path | None, full_reload: bool, verbose: bool,
-          config_path: Path | None) -> None:
+          pidfile: Path | None, max_queue: int, request_timeout: float, full_reload: bool,
+          verbose: bool, config_path: Path | None) -> None:
     """Serve the reference MoE model of MODEL_DIR/current over HTTP, hot-swapping its versions.
 
     \b
@@ -320,7 +326,12 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
       POST /v1/generate  {"tokens": [...], "max_new_tokens": 8}
       POST /v1/reload    look at `current` now (the agent's --notify-http target)
       GET  /healthz      200 when the version `current` names is live, else 503 and why
-      GET  /version      the live version;  GET /stats: requests, swaps, memory
+      GET  /version      the live version;  GET /stats: requests, swaps, memory, queue
+
+    \b
+    Forward passes wait in a bounded queue: a request beyond --max-queue, or not answered
+    within --request-timeout, gets 503 with Retry-After; a client that disconnects takes its
+    work with it. SIGTERM answers the waiting requests 503 and exits within the timeout.
 
     \b
     Health-gate the agent on it (the agent switches back when the check fails):
@@ -336,7 +347,8 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
     if model_dir is None:
         model_dir = _load(config_path).model_dir
     cfg = ServeConfig(model_dir=model_dir, host=host, port=port, threads=threads,
-                      poll_interval=poll_interval, pidfile=pidfile, full_reload=full_reload)
+                      poll_interval=poll_interval, pidfile=pidfile, full_reload=full_reload,
+                      max_queue=max_queue, request_timeout=request_timeout)
 
     def ready(url: str, version: str) -> None:
         click.echo(f"serving {version} from {model_dir} at {url} (pid {os.getpid()})")

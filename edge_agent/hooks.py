@@ -19,7 +19,11 @@ object body, or else the version as a whole word anywhere in the body (``v2`` do
 ``v20``).
 ``{version}`` and ``{path}`` (the version directory) are substituted in URLs, bodies and
 arguments. A signal goes only to a process owned by the pid file's owner (a stale pid file,
-whose pid now names another user's process or none, fails the hook). Every hook and check has
+whose pid now names another user's process or none, fails the hook). The pid file must be a
+regular file, not writable by every user: it is opened without following a symbolic link and
+without blocking, its owner is read from the open descriptor, at most 32 bytes are read, off
+the event loop (a symlink to another process's pid file, a FIFO or ``/dev/zero`` in its place
+fail the hook at once). Every hook and check has
 a timeout; a hook that hangs is a failed hook. The update
 loop decides what a failure means (switch back, remember the version as failed). Hooks run
 after every switch except a device's first install (no model server can run before there is a
@@ -155,19 +159,50 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
                 detail = lines[-1] if lines else ""
                 raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())
     else:  # signal
-        try:
-            text = Path(hook.pidfile).read_text().strip()
-            pid = int(text) if text.isdigit() else 0
-            if pid < 2 or pid == os.getpid():  # 0, -1 and 1 signal groups or init
-                raise HookError(f"{hook.pidfile} does not hold a server's process id "
-                                f"({text[:20]!r})")
-            _check_owner(pid, hook.pidfile)
-            os.kill(pid, _signal_number(hook.signal))
-        except OSError as e:
-            raise HookError(f"cannot signal the process in {hook.pidfile}: {e}") from e
+        await _send_signal(hook)
 
 
-def _check_owner(pid: int, pidfile: str) -> None:
+async def _send_signal(hook: Hook) -> None:
+    # Imported here: the serving package is not needed by an agent without a signal hook.
+    from .serving.pidfile import PidFileRefused, read_pidfile
+
+    try:
+        text, owner = await asyncio.to_thread(read_pidfile, hook.pidfile)
+    except PidFileRefused as e:
+        raise HookError(f"the pid file {hook.pidfile} {e}: refused (it must be a regular "
+                        "file the server wrote)") from None
+    except OSError as e:
+        raise HookError(f"cannot read the pid file {hook.pidfile}: {e.strerror}") from None
+    pid = int(text) if text.isdigit() else 0
+    if pid < 2 or pid == os.getpid():  # 0, -1 and 1 signal groups or init
+        raise HookError(f"{hook.pidfile} does not hold a server's process id ({text[:20]!r})")
+    number = _signal_number(hook.signal)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise HookError(f"{hook.pidfile} is stale: no process {pid} (is the server "
+                        "running?)") from None
+    except (OSError, AttributeError):  # no pidfd (not Linux, or a kernel before 5.3)
+        pidfd = -1
+    try:
+        # With a pidfd, the process checked is the process signalled even if it exits and
+        # its pid is reused in between.
+        _check_owner(pid, hook.pidfile, owner)
+        if pidfd >= 0:
+            signals.pidfd_send_signal(pidfd, number)
+        else:
+            os.kill(pid, number)
+    except ProcessLookupError:
+        raise HookError(f"{hook.pidfile} is stale: process {pid} is gone (is the server "
+                        "running?)") from None
+    except OSError as e:
+        raise HookError(f"cannot signal the process in {hook.pidfile}: {e.strerror}") from None
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _check_owner(pid: int, pidfile: str, owner: int) -> None:
     """Refuse a pid that belongs to another user than the pid file's: a recycled pid.
 
     A server writes its own pid file, so the two owners agree; after the server dies its
@@ -181,7 +216,6 @@ def _check_owner(pid: int, pidfile: str) -> None:
         raise HookError(f"{pidfile} is stale: no process {pid} (is the server running?)") from None
     except OSError:
         return
-    owner = os.stat(pidfile).st_uid
     if running_as != owner:
         raise HookError(f"{pidfile} is stale: process {pid} belongs to uid {running_as}, the "
                         f"file to uid {owner}, so it is not the server (is the server running?)")

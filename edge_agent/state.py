@@ -117,6 +117,7 @@ class PlanRecord:
     groups: Mapping[str, GroupPlan] = field(default_factory=dict)
     files: Mapping[str, FilePlan] = field(default_factory=dict)
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    done_bytes: int = 0  # downloaded so far (saved every few seconds while it runs)
 
     @classmethod
     def of(cls, plan: Plan) -> PlanRecord:
@@ -138,7 +139,8 @@ class PlanRecord:
             r.take("version", str), r.take("download_bytes", int, 0), r.take("full_bytes", int, 0),
             {k: GroupPlan.from_dict(v, f"{where}.groups.{k}") for k, v in groups.items()},
             {k: FilePlan.from_dict(v, f"{where}.files.{k}") for k, v in files.items()},
-            r.rest(),
+            done_bytes=r.take("done_bytes", int, 0),
+            unrecognized=r.rest(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +151,8 @@ class PlanRecord:
             "full_bytes": self.full_bytes,
             "groups": {k: g.to_dict() for k, g in self.groups.items()},
             "files": {k: f.to_dict() for k, f in self.files.items()},
+            # only once bytes arrived: a state an older agent wrote is written back unchanged
+            **({"done_bytes": self.done_bytes} if self.done_bytes else {}),
         }
 
 

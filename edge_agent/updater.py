@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from manifest.errors import (
     TransportError,
 )
 from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
+from manifest.progress import LINE_INTERVAL, Progress
 from manifest.storage.source import Source
 from manifest.trust import (
     MAX_INDEX_SIZE,
@@ -330,9 +333,18 @@ class Agent:
         self.commit("plan made")
         self.check_space(plan)
         counted = [0]
+        # Download and apply: a terminal line, else a log line every few seconds; the bytes
+        # downloaded are saved in the plan as often for `status` (docs/FORMAT.md §11).
+        progress = Progress(f"updating to {index.version}",
+                            plan.download_bytes + plan.output_bytes, line=log.info)
+        saved = [time.monotonic()]
 
         def on_bytes(n: int) -> None:
             counted[0] += n
+            progress.advance(n)
+            if time.monotonic() - saved[0] >= LINE_INTERVAL:
+                saved[0] = time.monotonic()
+                self._save_progress(counted[0])
 
         sem = asyncio.Semaphore(max(1, self.cfg.downloads))
         # One install at a time (its chunks use both worker threads): memory stays at a few
@@ -346,6 +358,7 @@ class Agent:
                 obj = await self.download(source, sem, step.object, step.group.name, on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_group, self.layout, step, obj, ex)
+                progress.advance(step.group.length)
                 self.layout.discard_download(step.object.sha256)
 
             async def file_task(step_i: int) -> None:
@@ -353,11 +366,15 @@ class Agent:
                 obj = await self.download(source, sem, entry.object, entry.path, on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_file, self.layout, entry, obj)
+                progress.advance(entry.length)
                 self.layout.discard_download(entry.object.sha256)
 
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]
             tasks += [file_task(i) for i, s in enumerate(plan.files) if not s.have]
-            await _gather_all(tasks)
+            try:
+                await _gather_all(tasks)
+            finally:
+                progress.close()
         groups = {s.group.name for s in plan.groups}
         files = {s.file.path: s.file.sha256 for s in plan.files}
         self.layout.save_index(index.version, index_bytes)
@@ -365,8 +382,20 @@ class Agent:
         self.layout.save_stamps()
         self.state.bytes_last_update = counted[0]
         self.state.bytes_total += counted[0]
+        if self.state.plan is not None:
+            self.state.plan = dataclasses.replace(self.state.plan, done_bytes=counted[0])
         self.commit("installed")
         return counted[0]
+
+    def _save_progress(self, done: int) -> None:
+        """The bytes downloaded so far, for `status` (never fails the download)."""
+        if self.state.plan is None:
+            return
+        self.state.plan = dataclasses.replace(self.state.plan, done_bytes=done)
+        try:
+            self.commit("progress")
+        except DeltashipError as e:
+            log.warning("could not save the progress: %s", e)
 
     async def download(
         self, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,

@@ -1,55 +1,24 @@
-"""A progress line with bytes, speed and ETA on stderr, shown only on a terminal."""
+"""The publisher's progress: :mod:`manifest.progress`. On a terminal (stderr) one line
+redrawn in place; elsewhere a ``deltaship-publish: hashing: ...`` line every few seconds on
+stdout, beside the release summary, so that a failure stays one line on stderr."""
 
 from __future__ import annotations
 
 import sys
-import threading
-import time
 from typing import TextIO
+
+from manifest import progress as _progress
+from manifest.progress import human_bytes
 
 __all__ = ["Progress", "human_bytes"]
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
-class Progress:
+class Progress(_progress.Progress):
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
                  enabled: bool | None = None) -> None:
-        self.label = label
-        self.total = total
-        self.done = 0
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self._start = time.monotonic()
-        self._last = 0.0
-        self._lock = threading.Lock()
+        def line(text: str) -> None:
+            out = stream or sys.stdout
+            out.write(f"deltaship-publish: {text}\n")
+            out.flush()
 
-    def advance(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.monotonic()
-            if self.enabled and (now - self._last > 0.2 or self.done >= self.total):
-                self._last = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._start, 1e-6)
-        speed = self.done / elapsed
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        left = (self.total - self.done) / speed if speed > 0 else 0.0
-        self.stream.write(
-            f"\r{self.label}: {pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} "
-            f"{human_bytes(speed)}/s ETA {left:4.0f}s "
-        )
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        super().__init__(label, total, stream or sys.stderr, enabled, line=line)

@@ -152,4 +152,4 @@ print(f"the device downloaded {got:,} bytes for {len(plans)} installs; full down
       f"have cost {full:,} ({100 * (1 - got / full):.0f}% saved)")
 PY
 
-step "Done: everything started by this demo is stopped and its files removed"
+step "Done in ${SECONDS} s (virtual environment included): everything started by this demo is stopped and its files removed"

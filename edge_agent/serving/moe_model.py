@@ -24,7 +24,7 @@ import hashlib
 import json
 import math
 import mmap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -166,10 +166,14 @@ class MoEModel:
         logits = (last @ a["lm_head.weight"].T)[0]
         return Output(self.version, np.ascontiguousarray(logits, dtype=np.float32))
 
-    def generate(self, tokens: Sequence[int], new_tokens: int) -> list[int]:
-        """Greedy decoding of ``new_tokens`` tokens after ``tokens``."""
+    def generate(self, tokens: Sequence[int], new_tokens: int,
+                 stop: Callable[[], bool] | None = None) -> list[int]:
+        """Greedy decoding of ``new_tokens`` tokens after ``tokens``; fewer when ``stop()``
+        turns true (checked before each token: nobody waits for the answer any more)."""
         seq = list(tokens)
         for _ in range(new_tokens):
+            if stop is not None and stop():
+                break
             seq.append(int(np.argmax(self.forward(seq).logits)))
         return seq[len(tokens):]
 

@@ -25,12 +25,20 @@ header: the version that computed it, or that ``/healthz`` and the others descri
                         "model_private_bytes"}; a swap is {"from", "to", "groups_loaded",
                         "groups_shared", "seconds", "at", "extra_bytes"} where extra_bytes is
                         the peak resident memory while the new model was built and probed
-                        (both versions held), above the level just before
+                        (both versions held), above the level just before; and
+                        "queue": {"running", "waiting", "max_queue", "request_timeout",
+                        "rejected", "abandoned", "timed_out"}
+
+The forward and generate requests share a bounded queue (:mod:`._work`): ``threads`` compute,
+at most ``max_queue`` wait; one more, or one not answered within ``request_timeout`` seconds,
+gets 503 with ``Retry-After``. A request whose client disconnected is dropped (a generation
+stops before its next token).
 
 The agent's health check is ``GET /healthz`` with ``expect_version = true``: it passes only once
 the server answers with the version the agent switched to. SIGHUP makes the server look at
-``current`` at once (the agent's signal hook); SIGTERM and SIGINT stop it after the requests in
-flight.
+``current`` at once (the agent's signal hook); SIGTERM and SIGINT answer the waiting requests
+503 and stop after the ones computing (at most ``request_timeout`` seconds). The pid file is
+written and read without following links (:mod:`.pidfile`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,11 +63,12 @@ from aiohttp import web
 from threadpoolctl import threadpool_limits
 
 from manifest.errors import LocalError
-from manifest.storage.atomic import write_atomic
 
 from ..layout import CURRENT_LINK
+from ._work import Overloaded, WorkQueue
 from .live import LiveModel
 from .moe_model import MoEModel
+from .pidfile import PidFileRefused, read_pidfile, write_pidfile
 from .weights import Weights, load_version, map_group
 
 __all__ = ["ModelServer", "ServeConfig", "Swap", "load_reference", "serve"]
@@ -78,6 +88,8 @@ class ServeConfig:
     poll_interval: float = 1.0
     pidfile: Path | None = None
     full_reload: bool = False  # reload and convert every group on a swap (for comparison)
+    max_queue: int = 64  # requests waiting for a thread; more are refused with 503
+    request_timeout: float = 30.0  # seconds from a request's arrival to its answer
 
 
 @dataclass(frozen=True)
@@ -150,35 +162,43 @@ class ModelServer:
 
     # -- handlers --------------------------------------------------------------------------
 
-    def app(self, executor: ThreadPoolExecutor) -> web.Application:
+    def app(self, work: WorkQueue) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
 
         async def run(request: web.Request, new_tokens: bool,
-                      fn: Callable[[MoEModel, list[int], int], dict[str, Any]]) -> web.Response:
+                      fn: Callable[[MoEModel, list[int], int, threading.Event],
+                                   dict[str, Any]]) -> web.Response:
             tokens, n = await _parse(request, new_tokens=new_tokens)
             self.requests += 1
 
-            def compute() -> tuple[str, dict[str, Any] | None]:
+            def compute(stop: threading.Event) -> tuple[str, dict[str, Any] | None]:
                 # The model is taken when the work starts, not when the request was queued:
                 # requests waiting for a thread at a swap already answer with the new version.
                 model = self.model
                 if max(tokens) >= model.config.vocab:
                     return model.version, None
-                return model.version, fn(model, tokens, n)
+                return model.version, fn(model, tokens, n, stop)
 
-            version, body = await asyncio.get_running_loop().run_in_executor(executor, compute)
+            try:
+                version, body = await work.run(compute)
+            except Overloaded as e:
+                return web.json_response({"error": str(e)}, status=503,
+                                         headers={"Retry-After": str(e.retry_after)})
             if body is None:
                 raise _bad(f"'tokens' must be ids in 0..{self.model.config.vocab - 1}")
             return _json(body, version)
 
-        def forward(model: MoEModel, tokens: list[int], _: int) -> dict[str, Any]:
+        def forward(model: MoEModel, tokens: list[int], _: int,
+                    stop: threading.Event) -> dict[str, Any]:
             out = model.forward(tokens)
             top = out.top(5)
             return {"version": model.version, "next_token": top[0][0], "top": top,
                     "logits_sha256": out.logits_sha256}
 
-        def generate(model: MoEModel, tokens: list[int], n: int) -> dict[str, Any]:
-            return {"version": model.version, "tokens": model.generate(tokens, n)}
+        def generate(model: MoEModel, tokens: list[int], n: int,
+                     stop: threading.Event) -> dict[str, Any]:
+            return {"version": model.version,
+                    "tokens": model.generate(tokens, n, stop=stop.is_set)}
 
         async def healthz(request: web.Request) -> web.Response:
             model, error = self.model, self.live.last_error
@@ -219,8 +239,8 @@ class ModelServer:
             rss, peak = _memory()
             return _json({"version": model.version, "requests": self.requests,
                           "swaps": [s.to_dict() for s in self.swaps], "rss_bytes": rss,
-                          "peak_rss_bytes": peak, "model_private_bytes": model.nbytes},
-                         model.version)
+                          "peak_rss_bytes": peak, "model_private_bytes": model.nbytes,
+                          "queue": work.stats()}, model.version)
 
         app.router.add_post("/v1/forward", lambda r: run(r, False, forward))
         app.router.add_post("/v1/generate", lambda r: run(r, True, generate))
@@ -312,7 +332,11 @@ async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> 
     except FileNotFoundError as e:
         raise LocalError(f"no model to serve: {e}") from e
     executor = ThreadPoolExecutor(max(1, cfg.threads), thread_name_prefix="forward")
-    runner = web.AppRunner(server.app(executor), access_log=None)
+    work = WorkQueue(executor, cfg.threads, cfg.max_queue, cfg.request_timeout)
+    # A handler whose client disconnected is cancelled (its queued work with it); at a stop,
+    # requests still running after their own time limit are cancelled too.
+    runner = web.AppRunner(server.app(work), access_log=None, handler_cancellation=True,
+                           shutdown_timeout=cfg.request_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port)
@@ -329,19 +353,22 @@ async def _serve(cfg: ServeConfig, ready: Callable[[str, str], None] | None) -> 
         loop.add_signal_handler(signal.SIGHUP, server.live.refresh)
         if cfg.pidfile is not None:  # after the handlers: a SIGHUP at once must not kill us
             try:
-                write_atomic(cfg.pidfile, f"{os.getpid()}\n".encode(), 0o644)
+                await asyncio.to_thread(write_pidfile, cfg.pidfile, os.getpid())
             except OSError as e:
                 raise LocalError(f"cannot write the pid file {cfg.pidfile}: {e.strerror}") from e
         if ready is not None:
             ready(url, server.model.version)
         await stop.wait()
     finally:
+        refused = work.close()
+        if refused:
+            log.warning("stopping: %d waiting requests answered 503", refused)
         await runner.cleanup()
         server.live.close()
-        executor.shutdown(wait=True)
+        executor.shutdown(wait=True, cancel_futures=True)
         if cfg.pidfile is not None:
-            with contextlib.suppress(OSError):  # only ours: a new server may have replaced it
-                if cfg.pidfile.read_text().strip() == str(os.getpid()):
+            with contextlib.suppress(OSError, PidFileRefused):  # only ours: a new server may
+                if read_pidfile(cfg.pidfile)[0] == str(os.getpid()):  # have replaced it
                     cfg.pidfile.unlink()
 
 
