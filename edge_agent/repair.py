@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from manifest.download_plan import GroupStep
 
+from .fetch import download
 from .install import install_file, install_group
 from .service import open_agent_source
 from .updater import Agent
@@ -27,14 +28,14 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
                 group = next((g for g in index.groups if g.file == name), None)
                 if group is not None:
                     layout.remove_object(group.sha256)
-                    obj = await agent.download(source, sem, group.full, group.name, _ignore)
+                    obj = await download(layout, source, sem, group.full, group.name, _ignore)
                     step = GroupStep(group, "full", group.full)
                     await asyncio.to_thread(install_group, layout, step, obj, ex)
                     sha, fetched = group.sha256, group.full.sha256
                 else:
                     entry = next(f for f in index.files if f.path == name)
                     layout.remove_object(entry.sha256)
-                    obj = await agent.download(source, sem, entry.object, name, _ignore)
+                    obj = await download(layout, source, sem, entry.object, name, _ignore)
                     await asyncio.to_thread(install_file, layout, entry, obj)
                     sha, fetched = entry.sha256, entry.object.sha256
                 layout.discard_download(fetched)

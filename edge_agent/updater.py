@@ -26,18 +26,15 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 from manifest.constants import MANIFEST_KEY
-from manifest.download_plan import Plan, check_include, local_inputs, make_plan, wanted_groups
+from manifest.download_plan import check_include, wanted_groups
 from manifest.errors import (
     DeltashipError,
-    DiskFullError,
     ExpiredError,
     HashMismatchError,
     HookError,
@@ -55,15 +52,15 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig
+from .fetch import check_space, download, gather_all, verified_plan
 from .hooks import parse_hooks
-from .install import check_download, install_file, install_group
+from .install import install_file, install_group
 from .layout import DeviceLayout
 from .state import HEALTH_FAILED, AgentState, PendingSwitch, PlanRecord, SwitchEvent
 
 __all__ = ["Agent", "CycleResult"]
 
 log = logging.getLogger("deltaship.agent")
-SPACE_MARGIN = 16 * 1024 * 1024
 
 
 def utcnow() -> datetime:
@@ -295,43 +292,15 @@ class Agent:
 
     # -- installing a release --------------------------------------------------------------
 
-    def verified_plan(self, index: ReleaseIndex) -> Plan:
-        """Plan from local content proven intact (docs/FORMAT.md §10), not trusted by name.
-
-        Every object the plan would reuse or patch is checked (:meth:`DeviceLayout.
-        damaged_objects`); a damaged one is removed from ``objects/`` and from the planner's
-        input, which then picks the full object or a patch from another intact base, until
-        everything the plan takes from the device is proven.
-        """
-        have = self.layout.object_shas()
-        hashed: set[str] = set()
-        seen: set[str] = set()
-        while True:
-            plan = make_plan(index, have, self.cfg.include)
-            reused, bases = local_inputs(plan, have)
-            reused, bases = reused - seen - bases, bases - hashed
-            if not reused and not bases:
-                break
-            bad = self.layout.damaged_objects(reused, bases)
-            seen |= reused | bases
-            hashed |= bases
-            for sha in sorted(bad):
-                log.warning("objects/%s does not hold the content its name says: "
-                            "fetching that content again", sha)
-                self.layout.remove_object(sha)
-            have -= bad
-        self.layout.save_stamps()
-        return plan
-
     async def install(self, source: Source, index: ReleaseIndex, index_bytes: bytes) -> int:
-        plan = self.verified_plan(index)
+        plan = verified_plan(self.layout, index, self.cfg.include)
         log.info("plan for %s: download %d bytes (full download: %d) for %d groups, %d files",
                  index.version, plan.download_bytes, plan.full_bytes,
                  sum(1 for s in plan.groups if s.kind != "have"),
                  sum(1 for s in plan.files if not s.have))
         self.state.plan = PlanRecord.of(plan)
         self.commit("plan made")
-        self.check_space(plan)
+        check_space(self.layout, plan)
         counted = [0]
         # Download and apply: a terminal line, else a log line every few seconds; the bytes
         # downloaded are saved in the plan as often for `status` (docs/FORMAT.md §11).
@@ -355,7 +324,8 @@ class Agent:
             async def group_task(step_i: int) -> None:
                 step = plan.groups[step_i]
                 assert step.object is not None
-                obj = await self.download(source, sem, step.object, step.group.name, on_bytes)
+                obj = await download(self.layout, source, sem, step.object, step.group.name,
+                                     on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_group, self.layout, step, obj, ex)
                 progress.advance(step.group.length)
@@ -363,7 +333,7 @@ class Agent:
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file
-                obj = await self.download(source, sem, entry.object, entry.path, on_bytes)
+                obj = await download(self.layout, source, sem, entry.object, entry.path, on_bytes)
                 async with installing:
                     await asyncio.to_thread(install_file, self.layout, entry, obj)
                 progress.advance(entry.length)
@@ -372,7 +342,7 @@ class Agent:
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]
             tasks += [file_task(i) for i, s in enumerate(plan.files) if not s.have]
             try:
-                await _gather_all(tasks)
+                await gather_all(tasks)
             finally:
                 progress.close()
         groups = {s.group.name for s in plan.groups}
@@ -396,32 +366,6 @@ class Agent:
             self.commit("progress")
         except DeltashipError as e:
             log.warning("could not save the progress: %s", e)
-
-    async def download(
-        self, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
-        on_bytes: Callable[[int], None],
-    ) -> Path:
-        """Fetch (or finish fetching) the store object ``ref`` and check it; a bad one is
-        discarded, so that it is fetched anew."""
-        dest = self.layout.download_path(ref.sha256)
-        async with sem:
-            await source.fetch(ref.key, dest, ref.length, on_bytes)
-        try:
-            await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
-        except Exception:  # not a cancellation: the download may be good
-            self.layout.discard_download(ref.sha256)
-            raise
-        return dest
-
-    def check_space(self, plan: Plan) -> None:
-        need = plan.download_bytes - self.layout.partial_download_bytes() + plan.output_bytes
-        need += SPACE_MARGIN
-        free = self.layout.free_bytes()
-        if need > free:
-            raise DiskFullError(
-                f"the update to {plan.version} needs {need // 2**20} MiB of free disk space in "
-                f"{self.cfg.model_dir}, {free // 2**20} MiB are free: free some space"
-            )
 
     # -- retained versions -----------------------------------------------------------------
 
@@ -458,15 +402,3 @@ class Agent:
                 self.layout.remove_version(v)
         self.layout.collect_garbage()
         self.layout.clear_downloads()
-
-
-async def _gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:
-    """Run every task; on the first failure cancel the rest and raise it."""
-    running = [asyncio.ensure_future(t) for t in tasks]
-    try:
-        await asyncio.gather(*running)
-    except BaseException:
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        raise

@@ -1,0 +1,97 @@
+"""Getting a release's objects onto the device: the verified plan, the space check, downloads.
+
+The update loop (:mod:`edge_agent.updater`) and ``verify --repair`` (:mod:`edge_agent.repair`)
+share these; what the device holds is only ever trusted once proven (docs/FORMAT.md §10).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine, Iterable
+from pathlib import Path
+from typing import Any
+
+from manifest.download_plan import Plan, local_inputs, make_plan
+from manifest.errors import DiskFullError
+from manifest.metadata import ObjectRef, ReleaseIndex
+from manifest.storage.source import Source
+
+from .install import check_download
+from .layout import DeviceLayout
+
+__all__ = ["SPACE_MARGIN", "check_space", "download", "gather_all", "verified_plan"]
+
+log = logging.getLogger("deltaship.agent")
+SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
+
+
+def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[str]) -> Plan:
+    """Plan from local content proven intact (docs/FORMAT.md §10), not trusted by name.
+
+    Every object the plan would reuse or patch is checked (:meth:`DeviceLayout.
+    damaged_objects`); a damaged one is removed from ``objects/`` and from the planner's
+    input, which then picks the full object or a patch from another intact base, until
+    everything the plan takes from the device is proven.
+    """
+    patterns = tuple(include)
+    have = layout.object_shas()
+    hashed: set[str] = set()
+    seen: set[str] = set()
+    while True:
+        plan = make_plan(index, have, patterns)
+        reused, bases = local_inputs(plan, have)
+        reused, bases = reused - seen - bases, bases - hashed
+        if not reused and not bases:
+            break
+        bad = layout.damaged_objects(reused, bases)
+        seen |= reused | bases
+        hashed |= bases
+        for sha in sorted(bad):
+            log.warning("objects/%s does not hold the content its name says: "
+                        "fetching that content again", sha)
+            layout.remove_object(sha)
+        have -= bad
+    layout.save_stamps()
+    return plan
+
+
+def check_space(layout: DeviceLayout, plan: Plan) -> None:
+    """Refuse an update the disk cannot hold (partial downloads already count)."""
+    need = plan.download_bytes - layout.partial_download_bytes() + plan.output_bytes
+    need += SPACE_MARGIN
+    free = layout.free_bytes()
+    if need > free:
+        raise DiskFullError(
+            f"the update to {plan.version} needs {need // 2**20} MiB of free disk space in "
+            f"{layout.root}, {free // 2**20} MiB are free: free some space"
+        )
+
+
+async def download(
+    layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
+    on_bytes: Callable[[int], None],
+) -> Path:
+    """Fetch (or finish fetching) the store object ``ref`` and check it; a bad one is
+    discarded, so that it is fetched anew."""
+    dest = layout.download_path(ref.sha256)
+    async with sem:
+        await source.fetch(ref.key, dest, ref.length, on_bytes)
+    try:
+        await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
+    except Exception:  # not a cancellation: the download may be good
+        layout.discard_download(ref.sha256)
+        raise
+    return dest
+
+
+async def gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:
+    """Run every task; on the first failure cancel the rest and raise it."""
+    running = [asyncio.ensure_future(t) for t in tasks]
+    try:
+        await asyncio.gather(*running)
+    except BaseException:
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        raise
