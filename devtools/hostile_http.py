@@ -61,6 +61,7 @@ class HostileServer:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     def misbehave(self, key_pattern: str, what: Misbehaviour) -> None:
         """Requests for keys matching ``key_pattern`` (re.search) get ``what`` from now on."""
@@ -80,6 +81,11 @@ class HostileServer:
             self._server.close()
         for w in list(self._writers):
             w.transport.abort()
+        # Handlers still dripping or holding a body end here, not when the loop is closed
+        # (asyncio would log "Task was destroyed but it is pending!" into another test).
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
 
     def _rule(self, key: str) -> Misbehaviour | None:
         for pattern, what in self.rules:
@@ -90,6 +96,10 @@ class HostileServer:
         return None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
         self._writers.add(writer)
         try:
             head = await reader.readuntil(b"\r\n\r\n")
