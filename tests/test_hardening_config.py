@@ -377,10 +377,22 @@ def test_keygen_into_a_file(tmp_path: Path, blocker: Path) -> None:
     r.check(box.publish("keygen", "--out", blocker / "keys"), 2, str(blocker))
 
 
-needs_non_root = pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permissions")
+def _read_only_run(ro: Path, cwd: Path, prog: str, *args: object
+                   ) -> subprocess.CompletedProcess[str]:
+    """Run ``prog`` with ``ro`` unwritable: mode 0555 for a normal user; for root (who ignores
+    modes, as in CI) a read-only bind mount in a private mount namespace (util-linux)."""
+    cmd = [str(BIN / prog), *map(str, args)]
+    wrapped = cmd
+    if os.geteuid() == 0:
+        script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+        wrapped = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+                   str(ro), *cmd]
+    p = subprocess.run(wrapped, cwd=cwd, env=_env(cwd), text=True, capture_output=True,
+                       timeout=300)
+    p.args = cmd  # the program whose one error line is checked
+    return p
 
 
-@needs_non_root
 @pytest.mark.parametrize("which", ["config", "model", "keys"])
 def test_read_only_directories(fleet: Fleet, tmp_path: Path, which: str) -> None:
     box = Sandbox.new(tmp_path / "box")
@@ -390,12 +402,14 @@ def test_read_only_directories(fleet: Fleet, tmp_path: Path, which: str) -> None
     try:
         r = Refusal.expect(box)
         if which == "keys":
-            p = box.publish("keygen", "--out", ro / "keys")
+            p = _read_only_run(ro, box.top, "deltaship-publish", "keygen", "--out", ro / "keys")
         elif which == "config":
-            p = box.agent(*init_flags(fleet, box)[:-4], "--config", ro / "a.toml")
+            p = _read_only_run(ro, box.top, "deltaship-agent", *init_flags(fleet, box)[:-4],
+                               "--config", ro / "a.toml")
         else:
-            p = box.agent("init", "--store", fleet.store, "--trust", fleet.root,
-                          "--model-dir", ro / "dev", "--config", box.config)
+            p = _read_only_run(ro, box.top, "deltaship-agent", "init", "--store", fleet.store,
+                               "--trust", fleet.root, "--model-dir", ro / "dev",
+                               "--config", box.config)
         r.check(p, 2, str(ro))
         assert not box.config.exists()
     finally:
