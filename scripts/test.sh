@@ -3,6 +3,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
+# System tools some tests drive for real (unit files, a process as another user, mounts).
+missing=()
+for tool in systemd-analyze:systemd setpriv:util-linux unshare:util-linux mount:mount; do
+    command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing ${missing[*]}" >&2
+        apt-get install -y -q "${missing[@]}" >&2
+    else
+        echo "scripts/test.sh: install ${missing[*]} (Debian/Ubuntu: sudo apt-get install ${missing[*]})" >&2
+        exit 2
+    fi
+fi
 echo "== ruff"; "$VENV/bin/ruff" check .
 echo "== mypy"; "$VENV/bin/mypy"
 echo "== pytest"; exec "$VENV/bin/pytest" -q -n "${DELTASHIP_TEST_WORKERS:-2}" --dist loadgroup "$@"
