@@ -178,7 +178,7 @@ class Repository:
         try:
             self.fetch_object(group.full, obj, f"full object of group {group.name}")
             with os.fdopen(fd, "wb") as out:
-                sha = apply_container(obj, None, out)
+                sha = apply_container(obj, None, out, expected=(group.sha256, group.length))
                 out.flush()
                 os.fsync(out.fileno())
             if sha != group.sha256:

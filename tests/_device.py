@@ -51,12 +51,12 @@ def materialise(
         if patch is not None and use_patches:
             obj = fetch(store, patch.object.key, work / patch.object.sha256, patch.object.sha256)
             with SafetensorsFile(have[patch.base_sha256]) as base, open(dest, "wb") as f:
-                sha = apply_container(obj, base, f)
+                sha = apply_container(obj, base, f, expected=(g.sha256, g.length))
             fetched["patch"] += patch.object.length
         else:
             obj = fetch(store, g.full.key, work / g.full.sha256, g.full.sha256)
             with open(dest, "wb") as f:
-                sha = apply_container(obj, None, f)
+                sha = apply_container(obj, None, f, expected=(g.sha256, g.length))
             fetched["full"] += g.full.length
         assert sha == g.sha256
     for fe in index.files:
