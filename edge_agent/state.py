@@ -22,6 +22,7 @@ from typing import Any
 
 from manifest.download_plan import Plan
 from manifest.errors import LocalError
+from manifest.metadata import FieldReader
 
 __all__ = [
     "HISTORY_KEPT",
@@ -45,37 +46,9 @@ class _Malformed(ValueError):
     pass
 
 
-class _Fields:
-    """Pops typed fields from a JSON object; what is left over is ``unrecognized``."""
-
-    def __init__(self, d: object, where: str) -> None:
-        if not isinstance(d, dict):
-            raise _Malformed(f"{where} is not a JSON object")
-        self.d: dict[str, Any] = dict(d)
-        self.where = where
-
-    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        """The value of ``key``; a missing key gives ``default`` (none: required); ``null`` is
-        accepted only where the default is None."""
-        if key not in self.d:
-            if default is ...:
-                raise _Malformed(f"{self.where}: missing field {key!r}")
-            return default
-        v = self.d.pop(key)
-        if v is None and default is None:
-            return None
-        if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
-            raise _Malformed(f"{self.where}.{key} has the wrong type")
-        return v
-
-    def strings(self, key: str) -> list[str]:
-        v = self.take(key, list, [])
-        if not all(isinstance(s, str) for s in v):
-            raise _Malformed(f"{self.where}.{key} must be a list of strings")
-        return list(v)
-
-    def rest(self) -> dict[str, Any]:
-        return self.d
+def _reader(d: object, where: str) -> FieldReader:
+    """A field reader whose faults are local: a broken ``state.json`` is the device's."""
+    return FieldReader(d, where, error=_Malformed)
 
 
 @dataclass(frozen=True)
@@ -86,7 +59,7 @@ class GroupPlan:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> GroupPlan:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         return cls(r.take("kind", str), r.take("bytes", int, 0), r.rest())
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +73,7 @@ class FilePlan:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> FilePlan:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         return cls(r.take("bytes", int, 0), r.rest())
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,7 +106,7 @@ class PlanRecord:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> PlanRecord:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         groups, files = r.take("groups", dict, {}), r.take("files", dict, {})
         return cls(
             r.take("version", str), r.take("download_bytes", int, 0), r.take("full_bytes", int, 0),
@@ -172,7 +145,7 @@ class UpdateRecord:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> UpdateRecord:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         return cls(
             r.take("version", str), r.take("from", str, None), r.take("at", str, ""),
             downloaded_bytes=r.take("downloaded_bytes", int, 0),
@@ -208,7 +181,7 @@ class PendingSwitch:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> PendingSwitch:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         return cls(r.take("from", str, None), r.take("to", str), r.take("failed", str, None),
                    r.rest())
 
@@ -234,7 +207,7 @@ class SwitchEvent:
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> SwitchEvent:
-        r = _Fields(d, where)
+        r = _reader(d, where)
         return cls(r.take("at", str, ""), r.take("event", str), r.take("from", str, None),
                    r.take("to", str, None), r.take("reason", str, None), r.rest())
 
@@ -289,7 +262,7 @@ class AgentState:
     def from_json(cls, data: bytes, where: str) -> AgentState:
         """Parse a saved state; ``where`` (its path) names it in the error."""
         try:
-            r = _Fields(json.loads(data), "state")
+            r = _reader(json.loads(data), "state")
             plan, last, pending = (r.take(k, dict, None)
                                    for k in ("plan", "last_update", "pending_switch"))
             history = r.take("history", list, [])

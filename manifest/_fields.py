@@ -92,32 +92,53 @@ def check_repository_id(v: object, where: str) -> str:
 
 
 class FieldReader:
-    """Pops typed fields from a dict; what is left over is ``unrecognized``."""
+    """Pops typed fields from a dict; what is left over is ``unrecognized``.
 
-    def __init__(self, d: object, where: str) -> None:
+    ``error`` is what a wrong field raises: :class:`FormatError` for documents from a store;
+    the agent's own files pass another class (their faults are local).
+    """
+
+    def __init__(self, d: object, where: str, error: type[Exception] = FormatError) -> None:
         if not isinstance(d, dict):
-            raise FormatError(f"{where} must be a JSON object")
+            raise error(f"{where} must be a JSON object")
         self.d: dict[str, Any] = dict(d)
         self.where = where
+        self.error = error
 
     def get(self, key: str, kind: type[T] | tuple[type, ...]) -> Any:
+        return self.take(key, kind)
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        """The value of ``key``; a missing key gives ``default`` (none: required); ``null`` is
+        accepted only where the default is None."""
         if key not in self.d:
-            raise FormatError(f"{self.where}: missing field {key!r}")
+            if default is ...:
+                raise self.error(f"{self.where}: missing field {key!r}")
+            return default
         v = self.d.pop(key)
+        if v is None and default is None:
+            return None
         if (isinstance(v, bool) and kind is int) or not isinstance(v, kind):
-            raise FormatError(f"{self.where}.{key} has the wrong type")
+            raise self.error(f"{self.where}.{key} has the wrong type")
         return v
+
+    def strings(self, key: str) -> list[str]:
+        """A list of strings (missing: empty)."""
+        v = self.take(key, list, [])
+        if not all(isinstance(s, str) for s in v):
+            raise self.error(f"{self.where}.{key} must be a list of strings")
+        return list(v)
 
     def count(self, key: str) -> int:
         v: int = self.get(key, int)
         if v < 0:
-            raise FormatError(f"{self.where}.{key} must not be negative")
+            raise self.error(f"{self.where}.{key} must not be negative")
         return v
 
     def sha256(self, key: str = "sha256") -> str:
         v: str = self.get(key, str)
         if not HEX64.match(v):
-            raise FormatError(f"{self.where}.{key} is not a lowercase hex sha256")
+            raise self.error(f"{self.where}.{key} is not a lowercase hex sha256")
         return v
 
     def optional(self, key: str, default: Any) -> Any:

@@ -40,6 +40,7 @@ from .signing import PublicKey
 
 __all__ = [
     "SPEC_VERSION",
+    "FieldReader",
     "FileEntry",
     "GroupEntry",
     "Manifest",
