@@ -14,13 +14,14 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -472,6 +473,20 @@ def test_the_units_verify_agree_with_their_install_steps_and_are_hardened(
         assert level <= 4.0, p.stdout
 
 
+@contextlib.contextmanager
+def _passable(d: Path) -> Iterator[None]:
+    """``d`` searchable by others (o+x) while the block runs, if it was not."""
+    mode = d.stat().st_mode
+    if mode & stat.S_IXOTH:
+        yield
+        return
+    d.chmod(mode | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        d.chmod(mode)
+
+
 def test_the_install_steps_work_under_the_units_user_without_new_privileges(
         cli: Cli, release_key: Path, moe_family: MoEFamily) -> None:
     """The unit header's steps (root writes the configuration, the state directory goes to
@@ -481,6 +496,12 @@ def test_the_install_steps_work_under_the_units_user_without_new_privileges(
         pytest.skip("needs root and setpriv to act as the unit's user")
     user = 65534  # nobody
     base = Path(tempfile.mkdtemp(prefix="deltaship-unit-"))
+    # The checkout may lie under a private directory (mktemp -d is 0700): let the unit's user
+    # pass through to the virtual environment and the sources for the length of the test.
+    reach = contextlib.ExitStack()
+    for top in (BIN, Path(__file__).resolve().parents[1]):
+        for d in reversed(top.resolve().parents):
+            reach.enter_context(_passable(d))
     try:
         base.chmod(0o755)
         etc, state, run = base / "etc", base / "state", base / "run"
@@ -528,4 +549,5 @@ def test_the_install_steps_work_under_the_units_user_without_new_privileges(
             server.wait()
         assert config.stat().st_uid == 0 and not config.stat().st_mode & 0o022
     finally:
+        reach.close()
         shutil.rmtree(base)
