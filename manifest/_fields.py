@@ -27,13 +27,16 @@ __all__ = [
     "parse_time",
 ]
 
-# 2: the root, the manifest and the release index carry the store's ``repository_id``
-# (docs/FORMAT.md §2). Documents of an older spec_version are refused with what to do.
-SPEC_VERSION = 2
+# 2: the root, the manifest and the release index carry the store's ``repository_id``.
+# 3: roles root/release/timestamp, the freshness (timestamp) document around the manifest,
+#    immutable roots/<N>.json, unsigned release indexes pinned by signed release records
+#    (docs/FORMAT.md). Documents of an older spec_version are refused with what to do.
+SPEC_VERSION = 3
+_REINIT = ("re-initialise the store with this deltaship (`deltaship-publish init` on a new "
+           "prefix), release again and pin the new trust root on devices")
 _OLDER_SPEC = {
-    1: "an older format whose documents do not name their repository: re-initialise the store "
-       "with this deltaship (`deltaship-publish init` on a new prefix), release again and pin "
-       "the new trust root on devices",
+    1: "an older format whose documents do not name their repository: " + _REINIT,
+    2: "an older format without a timestamp role or root chain: " + _REINIT,
 }
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # \Z, not $: "$" also matches before a trailing newline, which would let "name\n" through.

@@ -1,12 +1,14 @@
-"""Typed documents: the trust root, the manifest, the release index and the release pointer.
+"""Typed documents: the trust root, the timestamp and manifest, the release index and record.
 
 Each class validates in ``from_dict`` and serialises with ``to_dict``; fields this version does
 not know are kept in ``unrecognized`` and written back, so newer publishers can add fields that
-older devices tolerate. Every document carries ``_type`` and ``spec_version``. The signed ones
-carry the ``repository_id`` of the store they belong to (fixed in the first trust root, checked
-by :mod:`manifest.trust`) and travel in an envelope
-``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``; the release pointer
-(``releases/<version>.json``) is unsigned canonical JSON. See docs/FORMAT.md.
+older devices tolerate. Every document carries ``_type``, ``spec_version`` and the
+``repository_id`` of the store it belongs to (fixed in the first trust root, checked by
+:mod:`manifest.trust`). Signed ones travel in an envelope
+``{"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}]}``: the root (role ``root``),
+the release record ``releases/<version>.json`` and the manifest (role ``release``), and the
+timestamp around the manifest (role ``timestamp``). The release index is unsigned canonical
+JSON: the signed manifest and release record pin its length and SHA-256. See docs/FORMAT.md.
 
 The entries of an index (:mod:`manifest.entries`) and the field rules (times, names, versions)
 are re-exported here, so ``from manifest.metadata import X`` reaches every format class.
@@ -32,10 +34,9 @@ from ._fields import (
     parse_list,
     parse_time,
 )
-from .canonical import canonical_json, loads_object
 from .constants import WEIGHT_INDEX_FILE
 from .entries import FileEntry, GroupEntry, ObjectRef, PatchRef, TensorEntry
-from .errors import FormatError, OversizeError, UnsafeNameError
+from .errors import FormatError, UnsafeNameError
 from .signing import PublicKey
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Role",
     "Root",
     "TensorEntry",
+    "Timestamp",
     "check_file_path",
     "check_group_name",
     "check_repository_id",
@@ -162,14 +164,14 @@ class ReleasePointer:
 
 @dataclass(frozen=True)
 class ReleaseRecord:
-    """``releases/<version>.json`` (``_type: deltaship.release-pointer``, docs/FORMAT.md §9).
+    """``releases/<version>.json`` (``_type: deltaship.release-record``, docs/FORMAT.md §9).
 
-    When a version was released (at which manifest sequence) and where its index is. Unsigned
-    canonical JSON: only the publisher reads it, to list releases and find their indexes, and it
-    verifies every index it names before use. Devices never read it.
+    When a version was released (at which manifest sequence) and which index it is, signed by
+    the ``release`` role in the same pass as the manifest that made it current. The publisher
+    reads it to list releases, to revert and to find delta bases; devices never read it.
     """
 
-    TYPE = "deltaship.release-pointer"
+    TYPE = "deltaship.release-record"
     MAX_SIZE = 64 * 1024
 
     version: str
@@ -177,21 +179,25 @@ class ReleaseRecord:
     released_at: datetime
     index: ObjectRef
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    repository_id: str = field(kw_only=True)
 
     @property
     def pointer(self) -> ReleasePointer:
         return ReleasePointer(self.version, self.index)
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "release pointer") -> ReleaseRecord:
+    def from_dict(cls, d: Any, where: str = "release record") -> ReleaseRecord:
         r = FieldReader(d, where)
         check_header(r, cls.TYPE)
+        repository_id = check_repository_id(r.get("repository_id", str),
+                                            f"{where} repository_id")
         return cls(
             check_version(r.get("version", str), f"{where}.version"),
             r.count("sequence"),
             parse_time(r.get("released_at", str), f"{where} released_at"),
             _index_ref(r.get("index", dict), f"{where}.index"),
             r.rest(),
+            repository_id=repository_id,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,22 +205,12 @@ class ReleaseRecord:
             **self.unrecognized,
             "_type": self.TYPE,
             "spec_version": SPEC_VERSION,
+            "repository_id": self.repository_id,
             "version": self.version,
             "sequence": self.sequence,
             "released_at": format_time(self.released_at),
             "index": _index_dict(self.index),
         }
-
-    @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> ReleaseRecord:
-        """Parse the stored form; ``where`` (its key) names it in errors."""
-        if len(data) > cls.MAX_SIZE:
-            raise OversizeError(f"{where} is {len(data)} bytes, over its {cls.MAX_SIZE}-byte cap")
-        return cls.from_dict(loads_object(data, where), where)
-
-    def to_bytes(self) -> bytes:
-        """The stored form: canonical JSON."""
-        return canonical_json(self.to_dict())
 
 
 def _action(v: Any) -> str:
@@ -225,7 +221,11 @@ def _action(v: Any) -> str:
 
 @dataclass(frozen=True)
 class Manifest:
-    """The one mutable, signed document per store prefix (``_type: deltaship.manifest``)."""
+    """What is current (``_type: deltaship.manifest``), signed by the ``release`` role.
+
+    It travels inside the :class:`Timestamp` (``manifest.json``), which the online
+    ``timestamp`` role re-signs to attest freshness without changing it.
+    """
 
     TYPE = "deltaship.manifest"
 
@@ -268,6 +268,59 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class Timestamp:
+    """The freshness document (``_type: deltaship.timestamp``), signed by the ``timestamp`` role.
+
+    ``manifest.json`` is this document's envelope with the release-signed :class:`Manifest`
+    embedded in it and the manifest's own signatures beside (docs/FORMAT.md §5). ``sequence``
+    goes up with every write of ``manifest.json`` (release, revert, refresh); ``root_version``
+    names the newest trust root (``roots/<N>.json``) so devices learn of a rotation from the
+    document they poll anyway.
+    """
+
+    TYPE = "deltaship.timestamp"
+
+    sequence: int
+    expires: datetime
+    root_version: int
+    manifest: Manifest
+    unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    repository_id: str = field(kw_only=True)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Timestamp:
+        r = FieldReader(d, "timestamp")
+        check_header(r, cls.TYPE)
+        repository_id = check_repository_id(r.get("repository_id", str),
+                                            "timestamp repository_id")
+        sequence = r.count("sequence")
+        expires = parse_time(r.get("expires", str), "timestamp expires")
+        root_version = r.count("root_version")
+        if root_version < 1:
+            raise FormatError("timestamp.root_version must be at least 1")
+        manifest = Manifest.from_dict(r.get("manifest", dict))
+        return cls(sequence, expires, root_version, manifest, r.rest(),
+                   repository_id=repository_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.unrecognized,
+            "_type": self.TYPE,
+            "spec_version": SPEC_VERSION,
+            "repository_id": self.repository_id,
+            "sequence": self.sequence,
+            "expires": format_time(self.expires),
+            "root_version": self.root_version,
+            "manifest": self.manifest.to_dict(),
+        }
+
+    # What callers of the old single-document manifest read, kept as shortcuts.
+    @property
+    def current(self) -> ReleasePointer:
+        return self.manifest.current
+
+
+@dataclass(frozen=True)
 class Role:
     keyids: tuple[str, ...]
     threshold: int
@@ -295,14 +348,15 @@ def _keyid(v: Any, where: str) -> str:
 class Root:
     """The trust root (``_type: deltaship.root``): keys and which of them sign what.
 
-    Role ``root`` signs the root itself (and, later, its successor); role ``release`` signs
-    manifests and release indexes. ``repository_id`` names the store: chosen at random by
+    Role ``root`` signs the root itself and its successor (``roots/<version+1>.json``); role
+    ``release`` signs manifests and release records; role ``timestamp`` (online) re-signs the
+    freshness of a manifest. ``repository_id`` names the store: chosen at random by
     ``init`` in version 1 and carried unchanged by every later version (whatever its keys), so
     a document signed for another store with the same keys is told apart.
     """
 
     TYPE = "deltaship.root"
-    ROLES = ("root", "release")
+    ROLES = ("root", "release", "timestamp")
 
     version: int
     expires: datetime

@@ -24,12 +24,14 @@ from manifest.metadata import (
     PatchRef,
     ReleaseIndex,
     ReleasePointer,
+    ReleaseRecord,
     Role,
     Root,
     TensorEntry,
+    Timestamp,
 )
 from manifest.signing import SigningKey
-from manifest.trust import sign_document
+from manifest.trust import manifest_wire, sign_document
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 REPO_ID = "5e1ec7ed" * 4  # the repository id of the simulated store
@@ -81,9 +83,12 @@ def root_doc(
     release_threshold: int = 1,
     expires: datetime = NOW + timedelta(days=365),
     repository_id: str = REPO_ID,
+    timestamp_keys: list[SigningKey] | None = None,
+    timestamp_threshold: int = 1,
 ) -> Root:
     release_keys = root_keys if release_keys is None else release_keys
-    keys = {k.keyid: k.public_key for k in [*root_keys, *release_keys]}
+    timestamp_keys = release_keys if timestamp_keys is None else timestamp_keys
+    keys = {k.keyid: k.public_key for k in [*root_keys, *release_keys, *timestamp_keys]}
     return Root(
         version,
         expires,
@@ -91,9 +96,32 @@ def root_doc(
         {
             "root": Role(tuple(k.keyid for k in root_keys), root_threshold),
             "release": Role(tuple(k.keyid for k in release_keys), release_threshold),
+            "timestamp": Role(tuple(k.keyid for k in timestamp_keys), timestamp_threshold),
         },
         repository_id=repository_id,
     )
+
+
+def manifest_bytes(
+    manifest: Manifest,
+    release_keys: list[SigningKey],
+    timestamp_keys: list[SigningKey],
+    *,
+    sequence: int | None = None,
+    expires: datetime = NOW + timedelta(days=28),
+    root_version: int = 1,
+) -> bytes:
+    """``manifest.json``: ``manifest`` signed by ``release_keys`` inside a timestamp signed by
+    ``timestamp_keys`` (sequence defaults to the manifest's)."""
+    ts = Timestamp(manifest.sequence if sequence is None else sequence, expires, root_version,
+                   manifest, repository_id=manifest.repository_id)
+    body, inner = ts.to_dict(), manifest.to_dict()
+    return manifest_wire(body, [k.sign(body) for k in timestamp_keys],
+                         [k.sign(inner) for k in release_keys])
+
+
+def record_bytes(record: ReleaseRecord, keys: list[SigningKey]) -> bytes:
+    return sign_document(record.to_dict(), keys)
 
 
 def group(name: str, n: int = 1, *, tensors: tuple[str, ...] | None = None) -> GroupEntry:
@@ -136,19 +164,33 @@ class Repo:
     release_threshold: int = 1
     sequence: int = 0
     repository_id: str = REPO_ID
+    timestamp_keys: list[SigningKey] | None = None  # None: the release keys
 
     def __post_init__(self) -> None:
+        if self.timestamp_keys is None:
+            self.timestamp_keys = list(self.release_keys)
         self.root = root_doc(
             self.root_keys,
             self.release_keys,
             root_threshold=self.root_threshold,
             release_threshold=self.release_threshold,
             repository_id=self.repository_id,
+            timestamp_keys=self.timestamp_keys,
         )
         self.root_bytes = sign_document(self.root.to_dict(), self.root_keys)
 
     def sign_index(self, index: ReleaseIndex, keys: list[SigningKey] | None = None) -> bytes:
-        return sign_document(index.to_dict(), self.release_keys if keys is None else keys)
+        """The stored bytes of a release index: unsigned canonical JSON (``keys`` is ignored:
+        kept so older call sites read the same)."""
+        return canonical_json(index.to_dict())
+
+    def sign_manifest(self, manifest: Manifest, *, release_keys: list[SigningKey] | None = None,
+                      timestamp_keys: list[SigningKey] | None = None, **kw: Any) -> bytes:
+        assert self.timestamp_keys is not None
+        return manifest_bytes(
+            manifest, self.release_keys if release_keys is None else release_keys,
+            self.timestamp_keys if timestamp_keys is None else timestamp_keys,
+            root_version=kw.pop("root_version", self.root.version), **kw)
 
     def pointer(self, index_bytes: bytes, version: str) -> ReleasePointer:
         return ReleasePointer(version, ObjectRef(sha(index_bytes), len(index_bytes), "json"))
@@ -175,5 +217,4 @@ class Repo:
         index_kw.setdefault("repository_id", self.repository_id)
         index_bytes = self.sign_index(index_doc(version, **index_kw))
         pointer = self.pointer(index_bytes, version)
-        manifest_bytes = sign_document(self.manifest_doc(pointer).to_dict(), self.release_keys)
-        return manifest_bytes, index_bytes, pointer
+        return self.sign_manifest(self.manifest_doc(pointer)), index_bytes, pointer
