@@ -214,13 +214,16 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
 @_errors
 def status(as_json: bool, config_path: Path | None) -> None:
     """Current and retained versions, pin, failed versions, last check and error, the plan in
-    progress and what the last update downloaded."""
+    progress, what the last update downloaded, and every expiry (the trust root, the release
+    content, its freshness) with a warning line when one is near or past."""
     report = Operator(_load(config_path)).status()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     for k, v in _status_text(report).items():
         click.echo(f"{k.replace('_', ' '):<18} {v if v not in (None, []) else '-'}")
+    for w in report.warnings:
+        click.echo(w)
 
 
 def _status_text(report: StatusReport) -> dict[str, Any]:
@@ -234,6 +237,10 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
             f"{last.from_ or 'nothing'} -> {last.version} at {last.at}: "
             f"{last.downloaded_bytes} bytes downloaded (full {last.full_bytes}), "
             f"{last.groups_changed} of {last.groups} groups changed")
+    root = info["trusted_root"]
+    if root:
+        info["trusted_root"] = f"version {root['version']}, expires {root['expires']}"
+    del info["warnings"]  # printed last, one line each
     return info
 
 

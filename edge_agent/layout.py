@@ -10,7 +10,8 @@
       .deltaship/
         state.json, root.json      agent state and the pinned trust root
         manifest.json, lock        the last verified manifest; held by the one writer
-        indexes/<V>.json           the signed release index of each retained version
+        indexes/<V>.json           the release index of each retained version, and
+        indexes/<V>.pin.json       the sha256 and length a verified manifest pinned it to
         objects.json               the stat of each object when it was last proven intact
         downloads/<sha256>         store objects being downloaded (kept across restarts)
         staging/, tmp/             half-built versions and patch outputs (cleared on start)
@@ -41,7 +42,7 @@ from pathlib import Path
 from manifest.constants import MANIFEST_KEY, ROOT_KEY
 from manifest.constants import WEIGHT_INDEX_FILE as INDEX_FILE
 from manifest.errors import DiskFullError, LocalError, disk_errors
-from manifest.metadata import ReleaseIndex
+from manifest.metadata import ObjectRef, ReleaseIndex
 from manifest.storage.atomic import fsync_dir, write_atomic
 
 from .lock import model_dir_lock
@@ -177,7 +178,8 @@ class DeviceLayout:
         write_atomic(self.state_file, state.to_json())
 
     def pin_root(self, data: bytes) -> None:
-        """Pin the trust root (``init``): every manifest and index is verified against it."""
+        """Pin the trust root (``init``, or a verified successor): every manifest and index is
+        verified against it. Atomic: a crash leaves the old root or the new one."""
         with disk_errors(self.root):
             self.meta.mkdir(parents=True, exist_ok=True)
         write_atomic(self.root_file, data)
@@ -200,6 +202,10 @@ class DeviceLayout:
         """Keep the last verified manifest, to re-check its expiry when the store says 304."""
         with disk_errors(self.root):
             write_atomic(self.manifest_copy, data)
+
+    def drop_manifest(self) -> None:
+        """Forget the manifest copy (fast-forward recovery, another store pinned)."""
+        self.manifest_copy.unlink(missing_ok=True)
 
     # -- downloads (kept across restarts: the transport resumes them) ------------------------
 
@@ -311,8 +317,12 @@ class DeviceLayout:
     def _index_path(self, version: str) -> Path:
         return self.indexes / f"{version}.json"
 
+    def _pin_path(self, version: str) -> Path:
+        return self.indexes / f"{version}.pin.json"
+
     def has_version(self, version: str) -> bool:
-        return self.version_dir(version).is_dir() and self._index_path(version).is_file()
+        return (self.version_dir(version).is_dir() and self._index_path(version).is_file()
+                and self._pin_path(version).is_file())
 
     def retained(self) -> list[str]:
         if not self.versions.is_dir():  # nothing installed yet
@@ -330,8 +340,12 @@ class DeviceLayout:
         """The version ``current`` names, if it names one that exists (for ``status``)."""
         return self.current() if self.current_link.exists() else None
 
-    def save_index(self, version: str, data: bytes) -> None:
+    def save_index(self, version: str, data: bytes, pin: ObjectRef) -> None:
+        """Keep a verified release index and the sha256 and length the manifest pinned it to
+        (unsigned, it is re-verified against that pin), both before ``versions/<V>``."""
+        doc = {"sha256": pin.sha256, "length": pin.length}
         with disk_errors(self.root):
+            write_atomic(self._pin_path(version), json.dumps(doc, sort_keys=True).encode())
             write_atomic(self._index_path(version), data)
 
     def load_index_bytes(self, version: str) -> bytes:
@@ -339,6 +353,20 @@ class DeviceLayout:
             return self._index_path(version).read_bytes()
         except FileNotFoundError as e:
             raise LocalError(f"version {version} has no saved release index") from e
+
+    def index_pin(self, version: str) -> ObjectRef:
+        """The sha256 and length a retained version's index was verified against."""
+        try:
+            pin = json.loads(self._pin_path(version).read_bytes())
+        except FileNotFoundError as e:
+            raise LocalError(f"version {version}'s release index has no saved pin") from e
+        except ValueError:
+            pin = None
+        sha, length = (pin.get("sha256"), pin.get("length")) if isinstance(pin, dict) else (0, 0)
+        if not isinstance(sha, str) or type(length) is not int:
+            raise LocalError(f"the pin of version {version}'s release index is malformed: "
+                             "remove that version")
+        return ObjectRef(sha, length, "json")
 
     def build_version(
         self, index: ReleaseIndex, groups: set[str], files: dict[str, str]
@@ -383,6 +411,7 @@ class DeviceLayout:
             os.rename(d, trash / version)
             shutil.rmtree(trash, ignore_errors=True)
         self._index_path(version).unlink(missing_ok=True)
+        self._pin_path(version).unlink(missing_ok=True)
 
     def damaged_files(self, version: str, expected: Iterable[tuple[str, str]]) -> list[str]:
         """The names of ``expected`` (name, sha256) that ``versions/<V>`` lacks or holds with

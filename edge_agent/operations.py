@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from manifest.canonical import loads_object
 from manifest.constants import MANIFEST_KEY
 from manifest.download_plan import check_include
 from manifest.errors import (
@@ -29,7 +30,7 @@ from manifest.errors import (
     TrustError,
     UntrustedDataError,
 )
-from manifest.metadata import ReleaseIndex, Root, format_time
+from manifest.metadata import ReleaseIndex, Root, Timestamp, format_time
 from manifest.storage.atomic import write_atomic
 from manifest.storage.retry import RetryPolicy
 from manifest.storage.source import TransferLimits, open_source
@@ -43,10 +44,12 @@ from manifest.trust import (
 
 from .config import AgentConfig, check_config, save_config
 from .repair import repair_version
+from .roots import ROOT_RENEWAL
 from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
 
-__all__ = ["DEFAULT_WAIT", "Operator", "RollbackResult", "StatusReport", "VerifyResult"]
+__all__ = ["DEFAULT_WAIT", "Expiry", "Operator", "RollbackResult", "StatusReport",
+           "VerifyResult"]
 
 log = logging.getLogger("deltaship.agent")
 
@@ -56,8 +59,37 @@ _INIT_PROBE_TIMEOUT = 5.0
 
 
 # The saved state's fields `status` shows, in the order it shows them.
-_STATUS_FIELDS = ("pinned", "failed_versions", "highest_sequence", "last_check", "last_result",
-                  "last_error", "bytes_last_update", "bytes_total", "plan", "last_update")
+_STATUS_FIELDS = ("pinned", "failed_versions", "highest_sequence", "highest_timestamp",
+                  "last_check", "last_result", "last_error", "bytes_last_update", "bytes_total",
+                  "plan", "last_update")
+
+# How long before an expiry `status` warns: the root and the release content are renewed by
+# key holders (weeks of notice); freshness by the timestamp key's timer (refresh is weekly).
+WARN_ROOT = WARN_CONTENT = timedelta(days=30)
+WARN_FRESHNESS = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """One expiry ``status`` shows: ``what`` (``trust_root``, ``content``, ``freshness``)."""
+
+    what: str
+    expires: datetime
+    warn_before: timedelta
+    fix: str  # what renews it
+    version: int | None = None  # the trust root's
+
+    def warning(self, now: datetime) -> str | None:
+        label = {"trust_root": f"the trust root (version {self.version})",
+                 "content": "the release content (manifest)",
+                 "freshness": "the freshness (timestamp)"}[self.what]
+        if now > self.expires:
+            return f"warning: {label} expired at {format_time(self.expires)}: {self.fix}"
+        if now + self.warn_before > self.expires:
+            days = (self.expires - now) / timedelta(days=1)
+            return (f"warning: {label} expires at {format_time(self.expires)} (in {days:.1f} "
+                    f"days): {self.fix}")
+        return None
 
 
 @dataclass(frozen=True)
@@ -68,12 +100,25 @@ class StatusReport:
     state: AgentState  # as last saved (pin, failures, last check, plan in progress, ...)
     store: str
     model_dir: str
+    expiries: tuple[Expiry, ...] = ()  # of the pinned root and the last verified manifest
+    now: datetime = field(default_factory=utcnow)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for e in self.expiries if (w := e.warning(self.now)) is not None]
 
     def to_dict(self) -> dict[str, Any]:
         """``status --json``: these keys, in this order."""
         saved = self.state.to_dict()
+        by = {e.what: e for e in self.expiries}
+        root = by.get("trust_root")
         return {"device_id": self.device_id, "current": self.current, "retained": self.retained,
                 **{k: saved[k] for k in _STATUS_FIELDS},
+                "trusted_root": None if root is None else {
+                    "version": root.version, "expires": format_time(root.expires)},
+                **{f"{k}_expires": format_time(by[k].expires) if k in by else None
+                   for k in ("content", "freshness")},
+                "warnings": self.warnings,
                 "store": self.store, "model_dir": self.model_dir}
 
 
@@ -126,17 +171,28 @@ class Operator:
             raise TrustError(f"{trust} is not a usable trust root: {e}") from e
         self._check_include_at_store(root)
         layout = self.agent.layout
+        was = self._pinned_repository()
         with _restored_on_failure(config_path):
             save_config(self.cfg, config_path)
             try:
                 with self.agent.holding_state(self.wait) as state:
                     state.device_id = self.cfg.device_id
+                    if was != root.repository_id:  # another store: its floors mean nothing
+                        state.forget_store()
+                        layout.drop_manifest()
                     self.agent.commit("device id")
                     layout.pin_root(root_bytes)  # last: a failed init pins nothing
             except OSError as e:  # a full disk is a DiskFullError already
                 raise LocalError(f"cannot write the model directory {self.cfg.model_dir}: "
                                  f"{e.strerror}") from e
         return layout.root_file
+
+    def _pinned_repository(self) -> str | None:
+        """The repository of the root pinned now (None: none, or unreadable)."""
+        try:
+            return self.agent.root().repository_id
+        except DeltashipError:
+            return None
 
     def _check_include_at_store(self, root: Root) -> None:
         """Refuse ``include`` patterns that match no group of the store's current release,
@@ -174,7 +230,31 @@ class Operator:
         layout = self.agent.layout
         state = layout.read_state()
         return StatusReport(state.device_id or self.cfg.device_id, layout.live_version(),
-                            layout.retained(), state, self.cfg.store, str(self.cfg.model_dir))
+                            layout.retained(), state, self.cfg.store, str(self.cfg.model_dir),
+                            self._expiries(), self.agent.now())
+
+    def _expiries(self) -> tuple[Expiry, ...]:
+        """The pinned root's expiry and the last verified manifest's (content, freshness); a
+        missing or unreadable one is left out (``status`` must always answer)."""
+        out = []
+        try:
+            root = self.agent.root()
+            out.append(Expiry("trust_root", root.expires, WARN_ROOT, ROOT_RENEWAL, root.version))
+        except DeltashipError:
+            pass
+        layout = self.agent.layout
+        try:  # verified when it was saved: only read here (it may have expired since)
+            signed = loads_object(layout.load_manifest(), "manifest")["signed"]
+            ts = Timestamp.from_dict(signed)
+        except (DeltashipError, OSError, KeyError):
+            return tuple(out)
+        out.append(Expiry("content", ts.manifest.expires, WARN_CONTENT,
+                          "the release key holders must re-sign it (`deltaship-publish refresh "
+                          "--content`, or a release)"))
+        out.append(Expiry("freshness", ts.expires, WARN_FRESHNESS,
+                          "the publisher must re-sign it with `deltaship-publish refresh` (is "
+                          "its timer running?)"))
+        return tuple(out)
 
     def rollback(self, to: str | None = None) -> RollbackResult:
         """Switch to a retained version (re-verified first) and pin the device there; works

@@ -1,11 +1,12 @@
 """The agent's durable state as typed records: JSON bytes in, JSON bytes out, no I/O.
 
-It holds what must survive a restart or a power cut: the highest manifest sequence ever
-verified (replay protection), the manifest's ETag, whether an operator pinned the device, the
-versions that failed and must not be retried, the plan in progress, a switch whose verdict is
-pending, the last update and the history of switches. Where it lives is
-:class:`edge_agent.layout.DeviceLayout`'s business; the update loop loads it once per cycle and
-saves it at named commit points (:meth:`edge_agent.updater.Agent.commit`).
+It holds what must survive a restart or a power cut: the two floors of replay protection (the
+highest content sequence and the highest timestamp sequence ever verified) and the keys that
+set them (fast-forward recovery, :meth:`AgentState.follow_root`), the manifest's ETag, whether
+an operator pinned the device, the versions that failed and must not be retried, the plan in
+progress, a switch whose verdict is pending, the last update and the history of switches.
+Where it lives is :class:`edge_agent.layout.DeviceLayout`'s business; the update loop loads it
+once per cycle and saves it at named commit points (:meth:`edge_agent.updater.Agent.commit`).
 
 The file is one JSON object whose shape does not change between versions of the agent: every
 record reads what older agents wrote (a missing field takes its default) and keeps the fields
@@ -22,9 +23,10 @@ from typing import Any
 
 from manifest.download_plan import Plan
 from manifest.errors import LocalError
-from manifest.metadata import FieldReader
+from manifest.metadata import FieldReader, Role, Root
 
 __all__ = [
+    "FLOOR_ROLES",
     "HISTORY_KEPT",
     "AgentState",
     "FilePlan",
@@ -40,6 +42,7 @@ __all__ = [
 HISTORY_KEPT = 50  # switch events a saved state keeps (the newest)
 ROLLBACK = "rollback"  # the reason of an operator's switch
 HEALTH_FAILED = "health check failed"  # the reason of a switch back after a failed check
+FLOOR_ROLES = ("release", "timestamp")  # the roles whose signatures set the floors
 
 
 class _Malformed(ValueError):
@@ -217,10 +220,18 @@ class SwitchEvent:
                 "to": self.to, **reason}
 
 
+def _role_dict(role: Role) -> dict[str, Any]:
+    return {"keyids": sorted(role.keyids), "threshold": role.threshold}
+
+
 @dataclass
 class AgentState:
     device_id: str = ""
-    highest_sequence: int = 0
+    highest_sequence: int = 0  # content floor: the release-signed manifest's sequence
+    highest_timestamp: int = 0  # freshness floor: the timestamp's sequence
+    # The release and timestamp keys (sorted key ids, threshold) the floors were set under;
+    # empty until the first cycle of an agent that knows them.
+    floor_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     manifest_etag: str | None = None
     pinned: str | None = None  # version an operator rolled back to, until `resume`
     failed_versions: list[str] = field(default_factory=list)
@@ -236,6 +247,39 @@ class AgentState:
     unrecognized: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # -- transitions -----------------------------------------------------------------------
+
+    def follow_root(self, root: Root) -> tuple[str, ...]:
+        """Fast-forward recovery (TUF §5.3.11): forget the floors that keys no longer in
+        ``root`` set; returns the roles whose keys or threshold changed.
+
+        The ``release`` role's keys changed: both floors go (the content sequence, and the
+        timestamp sequence that attested it); only the ``timestamp`` role's: the timestamp
+        floor. Either way the ETag goes, so the caller drops its manifest copy. A state that
+        recorded no keys yet (a fresh device, or one saved by an older agent) records them.
+        """
+        new = {r: _role_dict(root.roles[r]) for r in FLOOR_ROLES}
+        if not self.floor_keys:
+            self.floor_keys = new
+            return ()
+        changed = tuple(r for r in FLOOR_ROLES
+                        if _keys_of(self.floor_keys.get(r)) != _keys_of(new[r]))
+        if "release" in changed:
+            self.highest_sequence = 0
+            self.highest_timestamp = 0
+        elif "timestamp" in changed:
+            self.highest_timestamp = 0
+        if changed:
+            self.manifest_etag = None
+        self.floor_keys = new
+        return changed
+
+    def forget_store(self) -> None:
+        """Another repository was pinned: nothing verified for the old one counts."""
+        self.highest_sequence = 0
+        self.highest_timestamp = 0
+        self.floor_keys = {}
+        self.manifest_etag = None
+        self.failed_versions = []
 
     def mark_failed(self, version: str) -> None:
         if version not in self.failed_versions:
@@ -269,6 +313,8 @@ class AgentState:
             return cls(
                 device_id=r.take("device_id", str, ""),
                 highest_sequence=r.take("highest_sequence", int, 0),
+                highest_timestamp=r.take("highest_timestamp", int, 0),
+                floor_keys=_floor_keys(r.take("floor_keys", dict, {})),
                 manifest_etag=r.take("manifest_etag", str, None),
                 pinned=r.take("pinned", str, None),
                 failed_versions=r.strings("failed_versions"),
@@ -292,6 +338,8 @@ class AgentState:
             **self.unrecognized,
             "device_id": self.device_id,
             "highest_sequence": self.highest_sequence,
+            "highest_timestamp": self.highest_timestamp,
+            "floor_keys": self.floor_keys,
             "manifest_etag": self.manifest_etag,
             "pinned": self.pinned,
             "failed_versions": list(self.failed_versions),
@@ -309,6 +357,20 @@ class AgentState:
 
     def to_json(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _keys_of(d: Mapping[str, Any] | None) -> tuple[Any, Any]:
+    return (None, None) if d is None else (d.get("keyids"), d.get("threshold"))
+
+
+def _floor_keys(d: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The recorded keys of each floor role: ``{"keyids": [hex, ...], "threshold": n}``."""
+    out = {}
+    for role, v in d.items():
+        r = _reader(v, f"floor_keys.{role}")
+        keyids, threshold = sorted(r.strings("keyids")), r.take("threshold", int)
+        out[role] = {**r.rest(), "keyids": keyids, "threshold": threshold}
+    return out
 
 
 def live_stack(history: Sequence[SwitchEvent]) -> list[str]:

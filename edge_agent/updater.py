@@ -1,16 +1,21 @@
 """The update loop: decides what is normal (python-tuf's ``updater.py`` is the model).
 
-One cycle: fetch the manifest (conditional GET), verify it against the pinned root and the
-highest sequence seen, fetch and verify the release index, plan, check free space, download
-what is missing (several at once, resumable), install and verify every object, build the
-version directory, switch ``current`` atomically, keep ``keep`` previous versions and remove
-what nothing references. "Nothing new", "retry later" and "refuse" are decided here; parsers
-and verifiers only say what is wrong. (The service loop that paces cycles: ``service.py``.)
+One cycle: fetch the manifest (conditional GET), walk to the newest trust root it names
+(:mod:`edge_agent.roots`), verify it against that root and the floors (the highest content and
+timestamp sequences seen), fetch the release index and check it against the manifest's pin,
+plan, check free space, download what is missing (several at once, resumable), install and
+verify every object, build the version directory, switch ``current`` atomically, keep ``keep``
+previous versions and remove what nothing references. "Nothing new", "retry later" and
+"refuse" are decided here; parsers and verifiers only say what is wrong. (The service loop
+that paces cycles: ``service.py``.)
 
 A cycle holds the model directory's lock and ONE :class:`~edge_agent.state.AgentState`, loaded
 when it starts and saved at named commit points, each where a restart must see what happened:
 
-* "manifest verified": the new highest sequence and ETag (replay protection);
+* each verified trust root is pinned as soon as it verifies (:mod:`edge_agent.roots`);
+* "fast-forward": a new root changed the release or timestamp keys; the floors they set and
+  the manifest copy are forgotten (:meth:`~edge_agent.state.AgentState.follow_root`);
+* "manifest verified": the new floors and ETag (replay protection);
 * "plan made", "installed": the plan in progress, then the bytes it downloaded;
 * "switch pending": saved before ``current`` moves, so a restart gives the switch's verdict;
 * "switch failed", "switched back": a failed check, saved before switching back;
@@ -23,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -40,15 +44,22 @@ from manifest.errors import (
     HookError,
     TransportError,
 )
-from manifest.metadata import ObjectRef, ReleaseIndex, ReleasePointer, Root, format_time
+from manifest.metadata import (
+    ObjectRef,
+    ReleaseIndex,
+    ReleasePointer,
+    Root,
+    Timestamp,
+    format_time,
+)
 from manifest.progress import LINE_INTERVAL, Progress
 from manifest.storage.source import Source
 from manifest.trust import (
     MAX_INDEX_SIZE,
     MAX_MANIFEST_SIZE,
+    peek_root_version,
     verify_index,
     verify_manifest,
-    verify_root,
 )
 
 from .config import AgentConfig
@@ -56,6 +67,7 @@ from .fetch import check_space, download, gather_all, verified_plan
 from .hooks import parse_hooks
 from .install import install_file, install_group
 from .layout import DeviceLayout
+from .roots import check_root_expiry, pinned_root, walk_roots
 from .state import HEALTH_FAILED, AgentState, PendingSwitch, PlanRecord, SwitchEvent
 
 __all__ = ["Agent", "CycleResult"]
@@ -115,15 +127,51 @@ class Agent:
     # -- trust -----------------------------------------------------------------------------
 
     def root(self) -> Root:
-        return verify_root(self.layout.read_root(), now=self.now(), grace=self.grace)
+        """The pinned trust root (its expiry is checked where it matters: by a cycle, after
+        the walk to the newest root)."""
+        return pinned_root(self.layout)
 
     def local_index(self, version: str, root: Root) -> ReleaseIndex:
-        """A retained version's saved index, re-verified against the pinned root."""
+        """A retained version's saved index, re-verified against the sha256 and length the
+        verified manifest pinned it to when it was installed (indexes are unsigned)."""
         data = self.layout.load_index_bytes(version)
-        pointer = ReleasePointer(
-            version, ObjectRef(hashlib.sha256(data).hexdigest(), len(data), "json")
-        )
-        return verify_index(data, pointer, root)
+        pointer = ReleasePointer(version, self.layout.index_pin(version))
+        return verify_index(data, pointer, root, named_by="the pin saved at its install")
+
+    async def verified_manifest(self, source: Source) -> tuple[bytes, Root, Timestamp]:
+        """Fetch the manifest (conditional GET), walk to the trust root it names, forget the
+        floors of rotated keys, and verify it (docs/FORMAT.md §13); returns its bytes, the
+        root it verified against and the timestamp."""
+        state, layout = self.state, self.layout
+        root = self.root()
+        etag = state.manifest_etag if layout.has_manifest() else None
+        data, new_etag = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, etag)
+        if data is None and layout.has_manifest():
+            data = layout.load_manifest()  # unchanged since verified: check it again
+        if data is None:  # the source refuses a 304 to an unconditional GET; never trust one
+            raise TransportError(f"{source.url}/{MANIFEST_KEY} answered 'not modified' but "
+                                 "this device keeps no copy of it: retry later")
+        hint = peek_root_version(data)
+        if hint > root.version:
+            root = await walk_roots(source, layout, root, hint)
+        changed = state.follow_root(root)
+        if changed:
+            log.warning("trust root version %d has new %s keys: forgetting the sequences the "
+                        "old keys signed (fast-forward recovery)", root.version,
+                        " and ".join(changed))
+            layout.drop_manifest()
+            self.commit("fast-forward")
+        check_root_expiry(root, self.now(), self.grace)
+        ts = verify_manifest(data, root, now=self.now(), min_sequence=state.highest_sequence,
+                             min_timestamp=state.highest_timestamp, grace=self.grace)
+        if (ts.manifest.sequence > state.highest_sequence or ts.sequence > state.highest_timestamp
+                or new_etag != state.manifest_etag or not layout.has_manifest()):
+            layout.save_manifest(data)
+            state.highest_sequence = ts.manifest.sequence
+            state.highest_timestamp = ts.sequence
+            state.manifest_etag = new_etag
+            self.commit("manifest verified")
+        return data, root, ts
 
     # -- one cycle -------------------------------------------------------------------------
 
@@ -152,22 +200,7 @@ class Agent:
         state = self.state
         if state.pending_switch is not None:
             await self.finish_pending_switch(state.pending_switch)
-        root = self.root()
-        etag = state.manifest_etag if self.layout.has_manifest() else None
-        data, new_etag = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, etag)
-        if data is None and self.layout.has_manifest():
-            data = self.layout.load_manifest()  # unchanged since verified: check it again
-        if data is None:  # the source refuses a 304 to an unconditional GET; never trust one
-            raise TransportError(f"{source.url}/{MANIFEST_KEY} answered 'not modified' but "
-                                 "this device keeps no copy of it: retry later")
-        manifest = verify_manifest(
-            data, root, now=self.now(), min_sequence=state.highest_sequence, grace=self.grace
-        )
-        if manifest.sequence > state.highest_sequence or new_etag != state.manifest_etag:
-            self.layout.save_manifest(data)
-            state.highest_sequence = manifest.sequence
-            state.manifest_etag = new_etag
-            self.commit("manifest verified")
+        data, root, manifest = await self.verified_manifest(source)
         target = manifest.current.version
         current = self.layout.current()
         if state.pinned:
@@ -195,7 +228,7 @@ class Agent:
             )
             assert ibytes is not None
             index = verify_index(ibytes, manifest.current, root)
-            downloaded = await self.install(source, index, ibytes)
+            downloaded = await self.install(source, index, ibytes, manifest.current.index)
         self.check_still_valid(data, root)
         state.pending_switch = PendingSwitch(current, target)
         self.commit("switch pending")
@@ -210,7 +243,8 @@ class Agent:
         """The manifest verified before a (maybe slow) download must still hold now."""
         try:
             verify_manifest(manifest_bytes, root, now=self.now(),
-                            min_sequence=self.state.highest_sequence, grace=self.grace)
+                            min_sequence=self.state.highest_sequence,
+                            min_timestamp=self.state.highest_timestamp, grace=self.grace)
         except ExpiredError as e:
             raise ExpiredError(f"{e} (it expired while the update was downloading; nothing was "
                                "switched)") from e
@@ -292,7 +326,8 @@ class Agent:
 
     # -- installing a release --------------------------------------------------------------
 
-    async def install(self, source: Source, index: ReleaseIndex, index_bytes: bytes) -> int:
+    async def install(self, source: Source, index: ReleaseIndex, index_bytes: bytes,
+                      pin: ObjectRef) -> int:
         plan = verified_plan(self.layout, index, self.cfg.include)
         log.info("plan for %s: download %d bytes (full download: %d) for %d groups, %d files",
                  index.version, plan.download_bytes, plan.full_bytes,
@@ -347,7 +382,7 @@ class Agent:
                 progress.close()
         groups = {s.group.name for s in plan.groups}
         files = {s.file.path: s.file.sha256 for s in plan.files}
-        self.layout.save_index(index.version, index_bytes)
+        self.layout.save_index(index.version, index_bytes, pin)
         self.layout.build_version(index, groups, files)
         self.layout.save_stamps()
         self.state.bytes_last_update = counted[0]
@@ -370,7 +405,7 @@ class Agent:
     # -- retained versions -----------------------------------------------------------------
 
     def verify_version(self, version: str, root: Root) -> list[str]:
-        """Re-hash a retained version against its signed index; raises on damage."""
+        """Re-hash a retained version against its pinned index; raises on damage."""
         bad = self.damaged(version, root)
         if bad:
             raise HashMismatchError(
@@ -380,7 +415,7 @@ class Agent:
         return bad
 
     def damaged(self, version: str, root: Root) -> list[str]:
-        """The files of a retained version that differ from its signed index."""
+        """The files of a retained version that differ from its pinned index."""
         index = self.local_index(version, root)
         expected = [(g.file, g.sha256) for g in wanted_groups(index, self.cfg.include)]
         expected += [(f.path, f.sha256) for f in index.files]
