@@ -1,8 +1,9 @@
 """Operator commands as library calls (edge_agent.operations): rollback, resume, status, verify.
 
-A device is laid out in-process by the agent's own DeviceLayout: signed release indexes from
-the in-memory repository simulator, objects, hard-linked versions, a pinned root and a state
-with the switch history an agent would have written. Nothing is fetched (these commands work
+A device is laid out in-process by the agent's own DeviceLayout: release indexes from the
+in-memory repository simulator with the pins a verified manifest gave them, objects,
+hard-linked versions, a pinned root and a state with the switch history an agent would have
+written. Nothing is fetched (these commands work
 offline), so the store is a path that does not exist.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,8 @@ class Device:
         group = GroupEntry("g", "g.safetensors", sha, len(data),
                            (TensorEntry("g.weight", "BF16", (4,)),), ObjectRef(sha, 9, "dspatch"))
         index = ReleaseIndex(version, NOW, (group,), (), repository_id=self.repo.repository_id)
-        self.layout.save_index(version, self.repo.sign_index(index))
+        data = self.repo.sign_index(index)
+        self.layout.save_index(version, data, self.repo.pointer(data, version).index)
         self.layout.build_version(index, {"g"}, {})
 
     def updates(self, *versions: str) -> None:
@@ -142,13 +145,71 @@ def test_verify_reports_damage_without_repairing(dev: Device) -> None:
     assert (result.version, result.damaged, result.repaired) == ("v1", ("g.safetensors",), False)
 
 
+@pytest.mark.parametrize("damage", ["index", "pin"])
+def test_a_saved_index_that_no_longer_matches_its_pin_is_refused(dev: Device,
+                                                                 damage: str) -> None:
+    """Release indexes are unsigned: a retained one is re-verified against the sha256 and
+    length the verified manifest pinned when it was installed (rollback, verify, repair)."""
+    dev.updates("v1", "v2")
+    index = dev.layout.indexes / "v1.json"
+    if damage == "index":  # edited on disk: another group sha256, still valid JSON
+        index.write_bytes(index.read_bytes().replace(b'"g.safetensors"', b'"h.safetensors"'))
+    else:  # the pin names other content
+        pin = dev.layout.indexes / "v1.pin.json"
+        pin.write_text(json.dumps({"sha256": "ab" * 32, "length": 10}))
+    with pytest.raises(HashMismatchError, match="the pin saved at its install"):
+        dev.operator().rollback("v1")
+    assert dev.layout.current() == "v2"
+    (dev.layout.indexes / "v2.pin.json").unlink()
+    assert not dev.layout.has_version("v2")  # a version without its pin is not retained
+
+
+def test_status_shows_every_expiry_and_warns_when_one_is_near(dev: Device) -> None:
+    """The pinned root (version and expiry), the release content (the manifest's) and the
+    freshness (the timestamp's), from the last verified manifest; a line starting `warning:`
+    within 30 days of the root's or the content's expiry, 7 of the freshness's, or past it."""
+    index = dev.repo.sign_index(_index("v1", dev))
+    pointer = dev.repo.pointer(index, "v1")
+    manifest = dev.repo.manifest_doc(pointer, expires=NOW + timedelta(days=60))
+    dev.layout.save_manifest(dev.repo.sign_manifest(manifest, expires=NOW + timedelta(days=7)))
+    op = dev.operator()
+    report = op.status()
+    info = report.to_dict()
+    assert info["trusted_root"] == {"version": 1, "expires": "2027-03-01T12:00:00Z"}
+    assert (info["content_expires"], info["freshness_expires"]) == (
+        "2026-04-30T12:00:00Z", "2026-03-08T12:00:00Z")
+    assert info["warnings"] == []
+
+    def warnings_at(days: float) -> list[str]:
+        return Operator(dev.cfg, now=lambda: NOW + timedelta(days=days)).status().warnings
+
+    assert warnings_at(0.5) == [
+        "warning: the freshness (timestamp) expires at 2026-03-08T12:00:00Z (in 6.5 days): the "
+        "publisher must re-sign it with `deltaship-publish refresh` (is its timer running?)"]
+    late = warnings_at(31)
+    assert [w.split(" expire")[0] for w in late] == [
+        "warning: the release content (manifest)", "warning: the freshness (timestamp)"]
+    assert "expired at 2026-03-08T12:00:00Z" in late[1]
+    assert "`deltaship-publish refresh --content`" in late[0]
+    root = warnings_at(340)
+    assert root[0].startswith("warning: the trust root (version 1) expires at "
+                              "2027-03-01T12:00:00Z (in 25.0 days): the root key holders")
+    assert "deltaship-publish root" in root[0]
+
+
+def _index(version: str, dev: Device) -> ReleaseIndex:
+    return ReleaseIndex(version, NOW, (), (), repository_id=dev.repo.repository_id)
+
 def test_status_of_a_fresh_device(dev: Device) -> None:
     report = dev.operator().status()
     assert report.to_dict() == {
         "device_id": "dev-1", "current": None, "retained": [], "pinned": None,
-        "failed_versions": [], "highest_sequence": 0, "last_check": None, "last_result": None,
-        "last_error": None, "bytes_last_update": 0, "bytes_total": 0, "plan": None,
-        "last_update": None, "store": dev.cfg.store, "model_dir": str(dev.cfg.model_dir)}
+        "failed_versions": [], "highest_sequence": 0, "highest_timestamp": 0, "last_check": None,
+        "last_result": None, "last_error": None, "bytes_last_update": 0, "bytes_total": 0,
+        "plan": None, "last_update": None,
+        "trusted_root": {"version": 1, "expires": "2027-03-01T12:00:00Z"},
+        "content_expires": None, "freshness_expires": None, "warnings": [],
+        "store": dev.cfg.store, "model_dir": str(dev.cfg.model_dir)}
 
 
 def test_an_agent_holds_one_state_and_saves_it_only_at_commit_points(dev: Device) -> None:

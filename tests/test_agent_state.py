@@ -26,7 +26,7 @@ from edge_agent.state import (
 from manifest.download_plan import make_plan
 from manifest.errors import LocalError
 
-from ._signed_docs import index_doc
+from ._signed_docs import index_doc, key, root_doc
 
 AT = "2026-11-30T00:00:00Z"
 
@@ -111,8 +111,10 @@ def test_an_old_state_file_loads_and_is_written_back_unchanged() -> None:
     assert state.plan.groups_changed == 1
     assert state.history[2] == SwitchEvent.switch("2026-11-03T10:00:00Z", "v2", "v1", "rollback")
     assert state.last_update is None and state.pending_switch is None
+    assert (state.highest_timestamp, state.floor_keys) == (0, {})  # format v3's, not known then
     written = json.loads(state.to_json())
-    assert written == {**OLD_STATE, "last_update": None, "pending_switch": None}
+    assert written == {**OLD_STATE, "last_update": None, "pending_switch": None,
+                       "highest_timestamp": 0, "floor_keys": {}}
 
 
 def test_the_current_shape_round_trips_byte_for_byte() -> None:
@@ -133,6 +135,9 @@ def test_unknown_fields_are_kept_and_written_back() -> None:
     doc["plan"]["eta"] = 12  # type: ignore[index]
     doc["plan"]["groups"]["a"]["source"] = "mirror"  # type: ignore[index]
     doc["history"][0]["by"] = "operator"  # type: ignore[index]
+    doc["highest_timestamp"] = 9
+    doc["floor_keys"] = {"release": {"keyids": ["aa"], "threshold": 1, "since": "root v2"},
+                         "mirror": {"keyids": [], "threshold": 0}}
     doc["pending_switch"] = {"from": "v1", "to": "v2", "since": "boot 3"}
     doc["last_update"] = {"version": "v2", "from": "v1", "at": "2026-11-02T10:00:00Z",
                           "downloaded_bytes": 1, "planned_bytes": 1, "full_bytes": 2,
@@ -140,6 +145,7 @@ def test_unknown_fields_are_kept_and_written_back() -> None:
     state = AgentState.from_json(json.dumps(doc).encode(), "state.json")
     assert state.unrecognized == {"from_a_newer_agent": {"x": [1, 2]}}
     assert state.pending_switch == PendingSwitch("v1", "v2")
+    assert state.highest_timestamp == 9
     assert json.loads(state.to_json()) == doc
 
 
@@ -175,6 +181,9 @@ def test_the_saved_history_keeps_the_newest_entries() -> None:
     b'{"highest_sequence": true}', b'{"failed_versions": ["v1", 2]}',
     b'{"pending_switch": {"from": "v1"}}', b'{"plan": {"version": "v2", "groups": []}}',
     b'{"history": [{"event": "switch", "to": 3}]}', b'{"last_update": "v2"}',
+    b'{"highest_timestamp": -1.5}', b'{"floor_keys": []}', b'{"floor_keys": {"release": 1}}',
+    b'{"floor_keys": {"release": {"keyids": [1], "threshold": 1}}}',
+    b'{"floor_keys": {"release": {"keyids": []}}}',
 ])
 def test_a_malformed_state_file_is_a_clear_local_error(data: bytes) -> None:
     with pytest.raises(LocalError, match=r"agent state /m/state.json is unreadable \(.*\): "
@@ -196,7 +205,12 @@ _plans = st.builds(
 _updates = st.builds(UpdateRecord, version=_names, from_=_maybe, at=_names,
                      downloaded_bytes=_count, groups=_count)
 _states = st.builds(
-    AgentState, device_id=st.text(max_size=8), highest_sequence=_count, manifest_etag=_maybe,
+    AgentState, device_id=st.text(max_size=8), highest_sequence=_count,
+    highest_timestamp=_count, floor_keys=st.dictionaries(
+        st.sampled_from(["release", "timestamp"]),
+        st.fixed_dictionaries({"keyids": st.lists(_names, max_size=3).map(sorted),
+                               "threshold": _count}), max_size=2),
+    manifest_etag=_maybe,
     pinned=_maybe, failed_versions=st.lists(_names, max_size=3), last_check=_maybe,
     last_result=st.none() | st.text(max_size=20), last_error=st.none() | st.text(max_size=20),
     bytes_last_update=_count, bytes_total=_count, plan=st.none() | _plans,
@@ -215,3 +229,46 @@ def test_any_state_round_trips(state: AgentState) -> None:
     again = AgentState.from_json(data, "state.json")
     assert again == state and again.unrecognized == state.unrecognized
     assert again.to_json() == data
+
+
+# --- fast-forward recovery: which floors a new trust root makes the device forget ------------
+
+K = [key(i) for i in range(1, 8)]
+ROOT = root_doc([K[0]], [K[1]], timestamp_keys=[K[2]])
+
+
+def floors(state: AgentState) -> tuple[int, int, str | None]:
+    return state.highest_sequence, state.highest_timestamp, state.manifest_etag
+
+
+@pytest.mark.parametrize(("new", "changed", "left"), [
+    (root_doc([K[3]], [K[1]], timestamp_keys=[K[2]]), (), (40, 50, '"e"')),  # root keys only
+    (root_doc([K[0]], [K[4]], timestamp_keys=[K[2]]), ("release",), (0, 0, None)),
+    (root_doc([K[0]], [K[1]], timestamp_keys=[K[4]]), ("timestamp",), (40, 0, None)),
+    (root_doc([K[0]], [K[4]], timestamp_keys=[K[5]]), ("release", "timestamp"), (0, 0, None)),
+    (root_doc([K[0]], [K[1], K[4]], timestamp_keys=[K[2]]), ("release",), (0, 0, None)),
+    (root_doc([K[0]], [K[1], K[4]], timestamp_keys=[K[2]], release_threshold=2),
+     ("release",), (0, 0, None)),
+    (root_doc([K[0]], [K[1]], timestamp_keys=[K[2], K[5]], timestamp_threshold=2),
+     ("timestamp",), (40, 0, None)),
+    (ROOT, (), (40, 50, '"e"')),
+], ids=["root-keys", "release-keys", "timestamp-keys", "both", "release-key-added",
+        "release-threshold", "timestamp-threshold", "same-root"])
+def test_follow_root_forgets_the_floors_of_rotated_keys(
+        new: object, changed: tuple[str, ...], left: tuple[int, int, str | None]) -> None:
+    state = AgentState(highest_sequence=40, highest_timestamp=50, manifest_etag='"e"')
+    assert state.follow_root(ROOT) == ()  # the first root seen: recorded, nothing forgotten
+    assert floors(state) == (40, 50, '"e"')
+    again = AgentState.from_json(state.to_json(), "state.json")  # the keys are saved
+    assert again.follow_root(new) == changed  # type: ignore[arg-type]
+    assert floors(again) == left
+    assert again.follow_root(new) == ()  # type: ignore[arg-type]  # once only
+
+
+def test_forget_store_resets_what_belonged_to_the_old_repository() -> None:
+    state = AgentState(device_id="d", highest_sequence=4, highest_timestamp=9,
+                       manifest_etag='"e"', failed_versions=["v2"], pinned="v1")
+    state.follow_root(ROOT)
+    state.forget_store()
+    assert floors(state) == (0, 0, None) and state.failed_versions == []
+    assert state.floor_keys == {} and (state.device_id, state.pinned) == ("d", "v1")
