@@ -1,13 +1,17 @@
 """TUF attack classes against ``manifest.trust``: each case names the attack and the exact error.
 
 The documents come from the in-memory repository simulator in ``_signed_docs``; nothing here
-does I/O or sleeps ("now" is passed in).
+does I/O or sleeps ("now" is passed in). ``manifest.json`` carries two layers of signatures
+(docs/FORMAT.md §5): the timestamp role's over the timestamp (which embeds the manifest), and the
+release role's over the manifest itself; the cases attack each layer. Release indexes are
+unsigned: the sha256 and length a verified manifest pins are their only authentication.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import re
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -16,6 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from manifest import trust
+from manifest.canonical import canonical_json
 from manifest.errors import (
     ExpiredError,
     FormatError,
@@ -28,16 +34,20 @@ from manifest.errors import (
     UntrustedDataError,
 )
 from manifest.metadata import Root
-from manifest.signing import SigningKey
+from manifest.signing import PublicKey, SigningKey
 from manifest.trust import (
     MAX_INDEX_SIZE,
     MAX_MANIFEST_SIZE,
     MAX_ROOT_SIZE,
     StreamVerifier,
+    keys_changed,
+    manifest_wire,
+    peek_root_version,
     sign_document,
     verify_index,
     verify_manifest,
     verify_root,
+    verify_successor,
 )
 
 from ._signed_docs import (
@@ -50,8 +60,8 @@ from ._signed_docs import (
     hexof,
     index_doc,
     key,
+    manifest_bytes,
     open_envelope,
-    resign,
     root_doc,
     sha,
     tamper,
@@ -59,7 +69,9 @@ from ._signed_docs import (
 
 K1, K2, K3, K4 = key(1), key(2), key(3), key(4)
 R1, R2, R3 = key(11), key(12), key(13)
+T1 = key(21)  # the timestamp key
 OUTSIDER = key(99)
+LAYERS = ["timestamp", "manifest"]  # the two signed layers of manifest.json
 
 
 def raises(exc: type[Exception], *fragments: str) -> Any:
@@ -73,25 +85,69 @@ def flip_sig(sig: dict[str, str]) -> dict[str, str]:
     return {"keyid": sig["keyid"], "sig": raw.hex()}
 
 
-# --- arbitrary installation: wrong signatures on manifests and indexes -------------------
+def repo_() -> Repo:
+    """A store whose release (R1) and timestamp (T1) keys differ."""
+    return Repo(timestamp_keys=[T1])
 
 
-def _verify_as(kind: str, data: bytes, repo: Repo) -> Any:
-    if kind == "manifest":
-        return verify_manifest(data, repo.root, now=NOW)
-    signed, _ = open_envelope(data)
-    return verify_index(data, repo.pointer(data, signed["version"]), repo.root)
+# --- manifest.json, layer by layer ------------------------------------------------------
 
 
-def _signed(kind: str, repo: Repo) -> bytes:
-    manifest_bytes, index_bytes, _ = repo.publish()
-    return manifest_bytes if kind == "manifest" else index_bytes
+def open_manifest(data: bytes) -> tuple[dict[str, Any], list[Any], list[Any]]:
+    """(the timestamp body, its signatures, the manifest's signatures)."""
+    doc = json.loads(data)
+    return doc["signed"], doc["signatures"], doc["manifest_signatures"]
 
 
-def _with_sigs(make: Callable[[dict[str, Any], list[Any]], list[Any]]) -> Callable[[bytes], bytes]:
-    def apply(data: bytes) -> bytes:
-        signed, sigs = open_envelope(data)
-        return envelope(signed, make(signed, sigs))
+def layer(data: bytes, which: str) -> tuple[dict[str, Any], list[Any]]:
+    """The signed body and the signatures of one layer of ``manifest.json``."""
+    ts, ts_sigs, m_sigs = open_manifest(data)
+    return (ts, ts_sigs) if which == "timestamp" else (ts["manifest"], m_sigs)
+
+
+def with_layer(data: bytes, which: str, body: dict[str, Any] | None = None,
+               sigs: list[Any] | None = None, resign_timestamp: list[SigningKey] | None = None
+               ) -> bytes:
+    """``manifest.json`` with one layer's body and/or signatures replaced (no re-signing, unless
+    ``resign_timestamp``: the timestamp keys sign the result, as a timestamp key holder could)."""
+    ts, ts_sigs, m_sigs = open_manifest(data)
+    ts = copy.deepcopy(ts)
+    if which == "timestamp":
+        ts = ts if body is None else body
+        ts_sigs = ts_sigs if sigs is None else sigs
+    else:
+        ts["manifest"] = ts["manifest"] if body is None else body
+        m_sigs = m_sigs if sigs is None else sigs
+    if resign_timestamp is not None:
+        ts_sigs = [k.sign(ts) for k in resign_timestamp]
+    return manifest_wire(ts, ts_sigs, m_sigs)
+
+
+def resign_layer(data: bytes, which: str, keys: list[SigningKey]) -> bytes:
+    body, _ = layer(data, which)
+    return with_layer(data, which, sigs=[k.sign(body) for k in keys])
+
+
+def role_of(which: str) -> str:
+    return "timestamp" if which == "timestamp" else "release"
+
+
+def what_of(which: str) -> str:
+    return "manifest timestamp" if which == "timestamp" else "manifest"
+
+
+def signer_of(which: str) -> SigningKey:
+    return T1 if which == "timestamp" else R1
+
+
+# --- arbitrary installation: wrong signatures on either layer of the manifest ---------------
+
+
+def _with_sigs(make: Callable[[dict[str, Any], list[Any], SigningKey], list[Any]]
+               ) -> Callable[[bytes, str], bytes]:
+    def apply(data: bytes, which: str) -> bytes:
+        body, sigs = layer(data, which)
+        return with_layer(data, which, sigs=make(body, sigs, signer_of(which)))
 
     return apply
 
@@ -101,86 +157,104 @@ R1_KID = R1.keyid[:16]
 
 WRONG_SIGNATURES = [
     pytest.param(
-        lambda d: resign(d, [OUTSIDER]),
-        ("0 valid signature(s) of 1 required", f"signed by key {OUT_KID}", "'release' keys"),
+        lambda d, w: resign_layer(d, w, [OUTSIDER]),
+        ("0 valid signature(s) of 1 required", f"signed by key {OUT_KID}", "'{role}' keys"),
         id="key-not-in-root",
     ),
     pytest.param(
-        lambda d: resign(d, [K1]),
-        ("0 valid signature(s) of 1", f"signed by key {K1.keyid[:16]}, not one of its 'release'"),
-        id="root-role-key-signs-release-doc",
+        lambda d, w: resign_layer(d, w, [K1]),
+        ("0 valid signature(s) of 1", f"signed by key {K1.keyid[:16]}, not one of its '{{role}}'"),
+        id="root-role-key-signs-it",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [flip_sig(sigs[0])]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        lambda d, w: resign_layer(d, w, [T1 if w == "manifest" else R1]),
+        ("0 valid signature(s) of 1", "not one of its '{role}'"),
+        id="the-other-layers-key-signs-it",
+    ),
+    pytest.param(
+        _with_sigs(lambda s, sigs, k: [flip_sig(sigs[0])]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="signature-bit-flipped",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: []),
-        ("0 valid signature(s) of 1 required from the trust root's 'release' keys",),
+        _with_sigs(lambda s, sigs, k: []),
+        ("0 valid signature(s) of 1 required from the trust root's '{role}' keys",),
         id="no-signatures",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="sig-missing",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid, "sig": "zz" * 64}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid, "sig": "zz" * 64}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="sig-not-hex",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid, "sig": sigs[0]["sig"][:-2]}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid, "sig": sigs[0]["sig"][:-2]}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="sig-truncated",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid, "sig": 12345}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid, "sig": 12345}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="sig-not-a-string",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid, "sig": OUTSIDER.sign(s)["sig"]}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid, "sig": OUTSIDER.sign(s)["sig"]}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="outsider-sig-under-trusted-keyid",
     ),
     pytest.param(
-        _with_sigs(lambda s, sigs: [{"keyid": R1.keyid, "sig": R1.sign({"other": 1})["sig"]}]),
-        ("0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"),
+        _with_sigs(lambda s, sigs, k: [{"keyid": k.keyid, "sig": k.sign({"other": 1})["sig"]}]),
+        ("0 valid signature(s) of 1", "invalid signature by key {kid}"),
         id="trusted-sig-over-other-content",
     ),
 ]
 
 
-@pytest.mark.parametrize("kind", ["manifest", "index"])
+@pytest.mark.parametrize("which", LAYERS)
 @pytest.mark.parametrize(("attack", "message"), WRONG_SIGNATURES)
 def test_wrong_signatures_are_refused(
-    kind: str, attack: Callable[[bytes], bytes], message: tuple[str, ...]
+    which: str, attack: Callable[[bytes, str], bytes], message: tuple[str, ...]
 ) -> None:
-    repo = Repo()
-    data = attack(_signed(kind, repo))
-    what = "manifest" if kind == "manifest" else "release index"
-    with raises(SignatureError, f"{what} has ", *message):
-        _verify_as(kind, data, repo)
+    repo = repo_()
+    data = attack(repo.publish()[0], which)
+    fill = {"role": role_of(which), "kid": signer_of(which).keyid[:16]}
+    with raises(SignatureError, f"{what_of(which)} has ", *(m.format(**fill) for m in message)):
+        verify_manifest(data, repo.root, now=NOW)
 
 
-@pytest.mark.parametrize("kind", ["manifest", "index"])
-def test_signed_content_modified_after_signing(kind: str) -> None:
-    repo = Repo()
+def test_content_modified_after_signing() -> None:
+    """Edited without re-signing, either layer is refused; the timestamp key cannot change
+    what the release keys signed (it re-signs its layer, the manifest's signature fails)."""
+    repo = repo_()
+    data = repo.publish()[0]
+    ts, _ = layer(data, "timestamp")
+    edited = {**ts, "sequence": ts["sequence"] + 100}
+    with raises(SignatureError, "manifest timestamp has 0 valid signature(s) of 1",
+                f"invalid signature by key {T1.keyid[:16]}"):
+        verify_manifest(with_layer(data, "timestamp", body=edited), repo.root, now=NOW)
+    inner, _ = layer(data, "manifest")
+    edited = {**inner, "sequence": inner["sequence"] + 100}
+    forged = with_layer(data, "manifest", body=edited, resign_timestamp=[T1])
+    with raises(SignatureError, "manifest has 0 valid signature(s) of 1",
+                f"invalid signature by key {R1_KID}"):
+        verify_manifest(forged, repo.root, now=NOW)
 
-    def edit(signed: dict[str, Any]) -> None:
-        if kind == "manifest":
-            signed["sequence"] += 100
-        else:
-            signed["groups"][0]["full"]["sha256"] = hexof("f")
 
-    data = tamper(_signed(kind, repo), edit)
-    with raises(SignatureError, "0 valid signature(s) of 1", f"invalid signature by key {R1_KID}"):
-        _verify_as(kind, data, repo)
+def test_an_index_edited_after_pinning_is_refused() -> None:
+    """An index has no signature: any change, of any length, is caught by the pin."""
+    repo = repo_()
+    _, index_bytes, pointer = repo.publish()
+    edited = index_bytes.replace(hexof("a").encode(), hexof("f").encode())
+    assert len(edited) == len(index_bytes) and edited != index_bytes
+    with raises(HashMismatchError, "release index sha256", "differs from the manifest's"):
+        verify_index(edited, pointer, repo.root)
 
 
-@pytest.mark.parametrize("kind", ["manifest", "index"])
+@pytest.mark.parametrize("which", LAYERS)
 @pytest.mark.parametrize(
     "entry",
     [
@@ -189,19 +263,38 @@ def test_signed_content_modified_after_signing(kind: str) -> None:
         pytest.param({"keyid": 7, "sig": "00"}, id="keyid-not-string"),
     ],
 )
-def test_malformed_signature_entry(kind: str, entry: Any) -> None:
-    repo = Repo()
-    data = _with_sigs(lambda s, sigs: [*sigs, entry])(_signed(kind, repo))
-    with raises(FormatError, "has a malformed signature entry"):
-        _verify_as(kind, data, repo)
+def test_malformed_signature_entry(which: str, entry: Any) -> None:
+    repo = repo_()
+    data = _with_sigs(lambda s, sigs, k: [*sigs, entry])(repo.publish()[0], which)
+    with raises(FormatError, f"{what_of(which)} has a malformed signature entry"):
+        verify_manifest(data, repo.root, now=NOW)
 
 
-@pytest.mark.parametrize("kind", ["manifest", "index"])
-def test_genuine_documents_verify(kind: str) -> None:
-    repo = Repo()
-    data = _signed(kind, repo)
-    doc = _verify_as(kind, data, repo)
-    assert doc.to_dict() == open_envelope(data)[0]
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda doc: doc.pop("manifest_signatures"), id="no-manifest-signatures"),
+    pytest.param(lambda doc: doc.update(manifest_signatures={}), id="signatures-object"),
+    pytest.param(lambda doc: doc["signed"].pop("manifest"), id="no-manifest"),
+    pytest.param(lambda doc: doc["signed"].update(manifest=[]), id="manifest-list"),
+])
+def test_a_timestamp_without_a_signed_manifest_inside(edit: Callable[[dict[str, Any]], Any]
+                                                      ) -> None:
+    repo = repo_()
+    doc = json.loads(repo.publish()[0])
+    edit(doc)
+    doc["signatures"] = [T1.sign(doc["signed"])]
+    with raises(FormatError, "manifest has no signed manifest inside its timestamp"):
+        verify_manifest(canonical_json(doc), repo.root, now=NOW)
+
+
+def test_genuine_documents_verify() -> None:
+    repo = repo_()
+    data, index_bytes, pointer = repo.publish()
+    ts = verify_manifest(data, repo.root, now=NOW)
+    assert ts.to_dict() == layer(data, "timestamp")[0]
+    assert ts.manifest.to_dict() == layer(data, "manifest")[0]
+    assert ts.current == ts.manifest.current == pointer and ts.root_version == 1
+    index = verify_index(index_bytes, pointer, repo.root)
+    assert index.to_dict() == json.loads(index_bytes)
 
 
 # --- key compromise below threshold: k-of-n ---------------------------------------------
@@ -246,16 +339,24 @@ def test_root_two_of_three(spec: str, valid: int | None) -> None:
             verify_root(data, now=NOW)
 
 
+@pytest.mark.parametrize("which", LAYERS)
 @pytest.mark.parametrize(("spec", "valid"), THRESHOLD_CASES)
-def test_manifest_two_of_three(spec: str, valid: int | None) -> None:
-    repo = Repo(release_keys=[K1, K2, K3], release_threshold=2, root_keys=[K4])
+def test_manifest_two_of_three(which: str, spec: str, valid: int | None) -> None:
+    """2-of-3 on the layer under test (keys K1-K3), 1-of-1 on the other."""
+    repo = Repo(root_keys=[K4])
+    if which == "timestamp":
+        repo.root = root_doc([K4], [R1], timestamp_keys=[K1, K2, K3], timestamp_threshold=2)
+    else:
+        repo.root = root_doc([K4], [K1, K2, K3], release_threshold=2, timestamp_keys=[T1])
     pointer = repo.publish()[2]
-    signed = repo.manifest_doc(pointer).to_dict()
-    data = envelope(signed, _sigs_for(signed, spec))
+    data = manifest_bytes(repo.manifest_doc(pointer), [R1, K1], [T1, K1])
+    body, _ = layer(data, which)
+    data = with_layer(data, which, sigs=_sigs_for(body, spec))
     if valid is None:
         assert verify_manifest(data, repo.root, now=NOW).current == pointer
     else:
-        with raises(SignatureError, f"manifest has {valid} valid signature(s) of 2 required"):
+        with raises(SignatureError,
+                    f"{what_of(which)} has {valid} valid signature(s) of 2 required"):
             verify_manifest(data, repo.root, now=NOW)
 
 
@@ -339,6 +440,10 @@ BAD_ROOTS = [
         _delete("roles/root"), FormatError, ("root has no 'root' role",), id="no-root-role"
     ),
     pytest.param(
+        _delete("roles/timestamp"), FormatError, ("root has no 'timestamp' role",),
+        id="no-timestamp-role",
+    ),
+    pytest.param(
         _set("roles/root/threshold", 0),
         FormatError,
         ("root.roles.root: threshold 0 is not between 1 and its keys",),
@@ -395,10 +500,12 @@ def test_root_self_signature_threshold() -> None:
     signed = root_doc([K1, K2], root_threshold=2).to_dict()
     with raises(SignatureError, "trust root has 1 valid signature(s) of 2 required", "'root'"):
         verify_root(sign_document(signed, [K1]), now=NOW)
-    # Signatures by keys the *release* role trusts do not count for the root role.
-    signed = root_doc([K1], [R1]).to_dict()
-    with raises(SignatureError, "0 valid signature(s) of 1", f"signed by key {R1_KID}"):
-        verify_root(sign_document(signed, [R1]), now=NOW)
+    # Signatures by keys the *release* or *timestamp* role trusts do not count for the root.
+    for other in (R1, T1):
+        signed = root_doc([K1], [R1], timestamp_keys=[T1]).to_dict()
+        with raises(SignatureError, "0 valid signature(s) of 1",
+                    f"signed by key {other.keyid[:16]}"):
+            verify_root(sign_document(signed, [other]), now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -408,6 +515,7 @@ def test_root_self_signature_threshold() -> None:
         pytest.param(NOW + timedelta(days=365, seconds=1), timedelta(0), False, id="1s-after"),
         pytest.param(NOW + timedelta(days=366), timedelta(days=2), True, id="within-grace"),
         pytest.param(NOW + timedelta(days=368), timedelta(days=2), False, id="past-grace"),
+        pytest.param(None, timedelta(0), True, id="not-checked"),
     ],
 )
 def test_root_expiry(now: Any, grace: timedelta, ok: bool) -> None:
@@ -415,83 +523,141 @@ def test_root_expiry(now: Any, grace: timedelta, ok: bool) -> None:
     if ok:
         verify_root(data, now=now, grace=grace)
     else:
-        with raises(ExpiredError, "trust root expired at 2027-03-01 12:00:00Z", "device clock"):
+        with raises(ExpiredError, "trust root version 1 expired at 2027-03-01 12:00:00Z",
+                    "`deltaship-publish root`", "device clock"):
             verify_root(data, now=now, grace=grace)
 
 
 def _rotated(version: int, signers: list[SigningKey], **kw: Any) -> bytes:
-    new = root_doc([K3, K4], [R2], version=version, root_threshold=kw.get("threshold", 2))
+    new = root_doc([K3, K4], [R2], version=version, root_threshold=kw.get("threshold", 2),
+                   expires=kw.get("expires", NOW + timedelta(days=365)))
     return sign_document(new.to_dict(), signers)
 
 
 TRUSTED = root_doc([K1, K2], [R1], root_threshold=2)
+_MIN34 = min(K3.keyid, K4.keyid)[:16]
+_MIN12 = min(K1.keyid, K2.keyid)[:16]
 
 ROTATIONS = [
     pytest.param(2, [K1, K2, K3, K4], None, (), id="old-and-new-threshold"),
     pytest.param(2, [K3, K4, K2, K1], None, (), id="any-signature-order"),
     pytest.param(
         2, [K3, K4], SignatureError,
-        ("new trust root (old keys) has 0 valid signature(s) of 2",
-         f"signed by key {min(K3.keyid, K4.keyid)[:16]}, not one of its 'root' keys"),
+        ("trust root version 2 (the old root's keys) has 0 valid signature(s) of 2",
+         f"signed by key {_MIN34}, not one of its 'root' keys"),
         id="only-new-keys",
     ),
     pytest.param(
         2, [K1, K3, K4], SignatureError,
-        ("new trust root (old keys) has 1 valid signature(s) of 2 required",),
+        ("trust root version 2 (the old root's keys) has 1 valid signature(s) of 2 required",),
         id="old-keys-below-threshold",
     ),
     pytest.param(
         2, [K1, K2], SignatureError,
-        ("trust root has 0 valid signature(s) of 2 required",
-         f"signed by key {min(K1.keyid, K2.keyid)[:16]}, not one of its 'root' keys"),
+        ("trust root version 2 (its own keys) has 0 valid signature(s) of 2 required",
+         f"signed by key {_MIN12}, not one of its 'root' keys"),
         id="only-old-keys",
     ),
     pytest.param(
         2, [K1, K2, K3], SignatureError,
-        ("trust root has 1 valid signature(s) of 2 required",),
+        ("trust root version 2 (its own keys) has 1 valid signature(s) of 2 required",),
         id="new-keys-below-threshold",
     ),
     pytest.param(
         3, [K1, K2, K3, K4], ReplayError,
-        ("trust root version 3 does not follow trusted 1",),
+        ("trust root version 2 says it is version 3: refused",),
         id="skips-a-version",
     ),
     pytest.param(
         1, [K1, K2, K3, K4], ReplayError,
-        ("trust root version 1 does not follow trusted 1",),
+        ("trust root version 2 says it is version 1: refused",),
         id="same-version",
     ),
     pytest.param(
         0, [K1, K2, K3, K4], ReplayError,
-        ("trust root version 0 does not follow trusted 1",),
+        ("trust root version 2 says it is version 0: refused",),
         id="older-version",
     ),
 ]
 
 
+@pytest.mark.parametrize("how", ["verify_root", "verify_successor"])
 @pytest.mark.parametrize(("version", "signers", "exc", "message"), ROTATIONS)
 def test_root_rotation(
-    version: int, signers: list[SigningKey], exc: type[Exception] | None, message: tuple[str, ...]
+    how: str, version: int, signers: list[SigningKey], exc: type[Exception] | None,
+    message: tuple[str, ...]
 ) -> None:
     data = _rotated(version, signers)
+
+    def verify() -> Root:
+        if how == "verify_root":
+            return verify_root(data, now=NOW, trusted=TRUSTED)
+        return verify_successor(data, TRUSTED)
+
     if exc is None:
-        new = verify_root(data, now=NOW, trusted=TRUSTED)
+        new = verify()
         assert new.version == 2 and set(new.keys) == {K3.keyid, K4.keyid, R2.keyid}
     else:
         with raises(exc, *message):
-            verify_root(data, now=NOW, trusted=TRUSTED)
+            verify()
+
+
+def test_a_successor_is_verified_whatever_its_expiry() -> None:
+    """TUF §5.3: an intermediate root may be expired (only the last one walked must not be);
+    ``verify_root`` with a ``now`` still checks it."""
+    data = _rotated(2, [K1, K2, K3, K4], expires=NOW - timedelta(days=5))
+    assert verify_successor(data, TRUSTED).version == 2
+    assert verify_root(data, now=None, trusted=TRUSTED).version == 2
+    with raises(ExpiredError, "trust root version 2 expired"):
+        verify_root(data, now=NOW, trusted=TRUSTED)
 
 
 def test_rotated_root_is_then_the_only_trust() -> None:
     new = verify_root(_rotated(2, [K1, K2, K3, K4]), now=NOW, trusted=TRUSTED)
     old_repo, new_repo = Repo(root_keys=[K1, K2], release_keys=[R1]), Repo(release_keys=[R2])
-    with raises(SignatureError, f"signed by key {R1_KID}, not one of its 'release' keys"):
+    with raises(SignatureError, f"signed by key {R1_KID}, not one of its 'timestamp' keys"):
         verify_manifest(old_repo.publish()[0], new, now=NOW)
     verify_manifest(new_repo.publish()[0], new, now=NOW)
     # A root signed only by the rotated-out keys cannot follow the new one.
     v3 = sign_document(root_doc([K1, K2], version=3, root_threshold=2).to_dict(), [K1, K2])
-    with raises(SignatureError, "new trust root (old keys) has 0 valid signature(s) of 2"):
+    with raises(SignatureError, "(the old root's keys) has 0 valid signature(s) of 2"):
         verify_root(v3, now=NOW, trusted=new)
+
+
+@pytest.mark.parametrize(("new", "changed"), [
+    (root_doc([K1, K2], [R1], root_threshold=2), set()),
+    (root_doc([K3], [R1], timestamp_keys=[R1]), {"root"}),
+    (root_doc([K1, K2], [R2], root_threshold=2, timestamp_keys=[R1]), {"release"}),
+    (root_doc([K1, K2], [R1], root_threshold=2, timestamp_keys=[T1]), {"timestamp"}),
+    (root_doc([K1, K2], [R1, R2], root_threshold=2, timestamp_keys=[R1]), {"release"}),
+    (root_doc([K1, K2], [R1, R2], root_threshold=2, release_threshold=2,
+              timestamp_keys=[R1]), {"release"}),
+    (root_doc([K1, K2], [R1], root_threshold=1), {"root"}),
+    (root_doc([K2, K1], [R1], root_threshold=2, version=9), set()),  # order and version: no
+], ids=["same", "root", "release", "timestamp", "key-added", "threshold-and-key",
+        "threshold", "order-and-version"])
+def test_keys_changed(new: Root, changed: set[str]) -> None:
+    assert {r for r in Root.ROLES if keys_changed(TRUSTED, new, r)} == changed
+
+
+@pytest.mark.parametrize(("data", "hint"), [
+    pytest.param(None, 1, id="a-genuine-manifest"),
+    pytest.param(b'{"signed": {"root_version": 7}}', 7, id="unsigned-but-readable"),
+    pytest.param(b'{"signed": {"root_version": true}}', 0, id="bool"),
+    pytest.param(b'{"signed": {"root_version": "7"}}', 0, id="string"),
+    pytest.param(b'{"signed": {"root_version": -3}}', 0, id="negative"),
+    pytest.param(b'{"signed": []}', 0, id="signed-not-an-object"),
+    pytest.param(b'{"signatures": []}', 0, id="no-signed"),
+    pytest.param(b"[]", 0, id="not-an-object"),
+    pytest.param(b"\xff" * 10, 0, id="not-json"),
+    pytest.param(b'{"signed": {"root_version": 7}, "x": "' + b"a" * MAX_MANIFEST_SIZE + b'"}',
+                 0, id="over-the-manifest-cap"),
+])
+def test_peek_root_version_is_only_a_hint(data: bytes | None, hint: int) -> None:
+    """Read before verification: never raises, 0 when nothing sensible is there."""
+    if data is None:
+        data = repo_().publish()[0]
+    assert peek_root_version(data) == hint
 
 
 # --- rollback / replay and indefinite freeze on the manifest ----------------------------
@@ -501,49 +667,70 @@ def test_rotated_root_is_then_the_only_trust() -> None:
     ("sequence", "min_sequence", "ok"),
     [(7, 8, False), (0, 1, False), (7, 7, True), (8, 7, True), (0, 0, True)],
 )
-def test_manifest_replay(sequence: int, min_sequence: int, ok: bool) -> None:
-    repo = Repo()
+@pytest.mark.parametrize("which", ["content", "timestamp"])
+def test_manifest_replay(which: str, sequence: int, min_sequence: int, ok: bool) -> None:
+    """Two floors: the content's sequence (release keys) and the timestamp's (timestamp key);
+    each is checked against its own."""
+    repo = repo_()
     _, _, pointer = repo.publish()
-    data = sign_document(repo.manifest_doc(pointer, sequence=sequence).to_dict(), [R1])
-    if ok:
-        assert verify_manifest(data, repo.root, now=NOW, min_sequence=min_sequence).sequence == (
-            sequence
-        )
+    if which == "content":
+        data = repo.sign_manifest(repo.manifest_doc(pointer, sequence=sequence), sequence=100)
+        floors = {"min_sequence": min_sequence, "min_timestamp": 100}
     else:
-        with raises(ReplayError, f"manifest sequence {sequence} is older than {min_sequence}"):
-            verify_manifest(data, repo.root, now=NOW, min_sequence=min_sequence)
+        data = repo.sign_manifest(repo.manifest_doc(pointer, sequence=100), sequence=sequence)
+        floors = {"min_sequence": 100, "min_timestamp": min_sequence}
+    if ok:
+        ts = verify_manifest(data, repo.root, now=NOW, **floors)
+        assert (ts.manifest.sequence if which == "content" else ts.sequence) == sequence
+    else:
+        what = "manifest sequence" if which == "content" else "manifest timestamp sequence"
+        with raises(ReplayError, f"{what} {sequence} is older than {min_sequence}"):
+            verify_manifest(data, repo.root, now=NOW, **floors)
 
 
-@pytest.mark.parametrize(
-    ("after_expiry", "grace", "ok"),
-    [
-        (timedelta(0), timedelta(0), True),
-        (timedelta(seconds=-1), timedelta(0), True),
-        (timedelta(seconds=1), timedelta(0), False),
-        (timedelta(hours=23), timedelta(days=1), True),
-        (timedelta(days=1), timedelta(days=1), True),
-        (timedelta(days=1, seconds=1), timedelta(days=1), False),
-        (timedelta(days=400), timedelta(days=1), False),
-    ],
-)
-def test_manifest_freeze(after_expiry: timedelta, grace: timedelta, ok: bool) -> None:
-    repo = Repo()
+FREEZES = [
+    (timedelta(0), timedelta(0), True),
+    (timedelta(seconds=-1), timedelta(0), True),
+    (timedelta(seconds=1), timedelta(0), False),
+    (timedelta(hours=23), timedelta(days=1), True),
+    (timedelta(days=1), timedelta(days=1), True),
+    (timedelta(days=1, seconds=1), timedelta(days=1), False),
+    (timedelta(days=400), timedelta(days=1), False),
+]
+
+
+@pytest.mark.parametrize(("after_expiry", "grace", "ok"), FREEZES)
+@pytest.mark.parametrize("which", ["content", "timestamp"])
+def test_manifest_freeze(which: str, after_expiry: timedelta, grace: timedelta,
+                         ok: bool) -> None:
+    """Both expiries are checked: the content's (renewed by the release keys) and the
+    freshness (renewed by `deltaship-publish refresh` with the timestamp key)."""
+    repo = repo_()
     _, _, pointer = repo.publish()
     expires = NOW + timedelta(days=30)
-    data = sign_document(repo.manifest_doc(pointer, expires=expires).to_dict(), [R1])
+    later = NOW + timedelta(days=900)
+    if which == "content":
+        data = repo.sign_manifest(repo.manifest_doc(pointer, expires=expires), expires=later)
+        message = ("manifest expired at 2026-03-31 12:00:00Z (now ",
+                   "`deltaship-publish refresh --content`, or a release")
+    else:
+        data = repo.sign_manifest(repo.manifest_doc(pointer, expires=later), expires=expires)
+        message = ("manifest timestamp expired at 2026-03-31 12:00:00Z (now ",
+                   "re-sign it with `deltaship-publish refresh`, or the device clock is wrong")
     now = expires + after_expiry
     if ok:
         verify_manifest(data, repo.root, now=now, grace=grace)
     else:
-        with raises(ExpiredError, "manifest expired at 2026-03-31 12:00:00Z (now ", "re-sign"):
+        with raises(ExpiredError, *message):
             verify_manifest(data, repo.root, now=now, grace=grace)
 
 
-def test_replay_is_checked_only_after_the_signature() -> None:
-    repo = Repo()
-    data = resign(repo.publish()[0], [OUTSIDER])
+@pytest.mark.parametrize("which", LAYERS)
+def test_replay_is_checked_only_after_the_signatures(which: str) -> None:
+    repo = repo_()
+    data = resign_layer(repo.publish()[0], which, [OUTSIDER])
     with pytest.raises(SignatureError):
-        verify_manifest(data, repo.root, now=NOW, min_sequence=10**9)
+        verify_manifest(data, repo.root, now=NOW, min_sequence=10**9, min_timestamp=10**9)
 
 
 # --- endless data ----------------------------------------------------------------------
@@ -557,6 +744,18 @@ def _padded(signed: dict[str, Any], keys: list[SigningKey], size: int) -> bytes:
     return sign_document(signed, keys)
 
 
+def _padded_manifest(repo: Repo, size: int) -> bytes:
+    """A genuine ``manifest.json`` padded (in an unknown timestamp field) to ``size`` bytes."""
+
+    def wire(pad: str) -> bytes:
+        data = repo.publish()[0]
+        ts, _ = layer(data, "timestamp")
+        body = {**ts, "padding": pad}
+        return with_layer(data, "timestamp", body=body, sigs=[T1.sign(body)])
+
+    return wire("x" * (size - len(wire(""))))
+
+
 def test_oversize_root() -> None:
     data = _padded(root_doc([K1]).to_dict(), [K1], MAX_ROOT_SIZE + 1)
     assert len(data) == MAX_ROOT_SIZE + 1
@@ -565,15 +764,20 @@ def test_oversize_root() -> None:
     at_cap = _padded(root_doc([K1]).to_dict(), [K1], MAX_ROOT_SIZE)
     assert len(at_cap) == MAX_ROOT_SIZE
     verify_root(at_cap, now=NOW)
+    with raises(OversizeError, "trust root version 2 is"):
+        verify_successor(_padded(root_doc([K1], version=2).to_dict(), [K1], MAX_ROOT_SIZE + 1),
+                         root_doc([K1]))
 
 
 def test_oversize_manifest() -> None:
-    repo = Repo()
-    signed = repo.manifest_doc(repo.publish()[2]).to_dict()
-    data = _padded(signed, [R1], MAX_MANIFEST_SIZE + 1)
+    repo = repo_()
+    data = _padded_manifest(repo, MAX_MANIFEST_SIZE + 1)
+    assert len(data) == MAX_MANIFEST_SIZE + 1
     with raises(OversizeError, f"manifest is {MAX_MANIFEST_SIZE + 1} bytes, over its 65536-byte"):
         verify_manifest(data, repo.root, now=NOW)
-    verify_manifest(_padded(signed, [R1], MAX_MANIFEST_SIZE), repo.root, now=NOW)
+    at_cap = _padded_manifest(repo, MAX_MANIFEST_SIZE)
+    assert len(at_cap) == MAX_MANIFEST_SIZE
+    verify_manifest(at_cap, repo.root, now=NOW)
 
 
 @pytest.mark.parametrize(
@@ -659,7 +863,7 @@ MIX_MESSAGE = "release index is for version '1.1' but the manifest names '1.0'"
 
 
 def test_index_of_another_version_under_a_pinned_hash() -> None:
-    """A release key signs an index for 1.1 while the manifest names 1.0 (and pins those bytes)."""
+    """The manifest names 1.0 and pins the bytes of an index for 1.1."""
     repo = Repo()
     index_bytes = repo.sign_index(index_doc("1.1"))
     pointer = repo.pointer(index_bytes, "1.0")
@@ -692,22 +896,25 @@ def test_index_length_mismatch(delta: int) -> None:
         verify_index(data, pointer, repo.root)
 
 
-def test_index_signed_by_outsider_even_when_pinned() -> None:
-    """A pinned hash is not a signature: the index itself must carry the release threshold."""
-    repo = Repo()
-    index_bytes = repo.sign_index(index_doc(), [OUTSIDER])
-    with raises(SignatureError, "release index has 0 valid signature(s) of 1"):
-        verify_index(index_bytes, repo.pointer(index_bytes, "1.0"), repo.root)
+def test_an_index_not_matching_its_pin_is_refused_whoever_wrote_it() -> None:
+    """No signature makes an index acceptable: only the pin of a verified manifest does. An
+    index wrapped in a genuine release-key envelope (the v2 form) is not an index at all."""
+    repo = repo_()
+    _, index_bytes, pointer = repo.publish()
+    other = repo.sign_index(index_doc(deltas_from=("0.8",)))
+    with raises(HashMismatchError, "differs from the manifest's"):
+        verify_index(other, pointer, repo.root)
+    wrapped = sign_document(json.loads(index_bytes), [R1])
+    with raises(FormatError, "release index: missing field '_type'"):
+        verify_index(wrapped, repo.pointer(wrapped, "1.0"), repo.root)
 
 
-def test_index_with_unsafe_names_is_refused_even_when_signed() -> None:
+def test_index_with_unsafe_names_is_refused_even_when_pinned() -> None:
     """A release key (or a buggy publisher) must not be able to write outside the model dir."""
     repo = Repo()
-
-    def edit(signed: dict[str, Any]) -> None:
-        signed["files"][0]["path"] = "../../etc/cron.d/evil"
-
-    index_bytes = resign(tamper(repo.sign_index(index_doc()), edit), [R1])
+    doc = json.loads(repo.sign_index(index_doc()))
+    doc["files"][0]["path"] = "../../etc/cron.d/evil"
+    index_bytes = canonical_json(doc)
     with raises(UnsafeNameError, "unsafe file name '../../etc/cron.d/evil'"):
         verify_index(index_bytes, repo.pointer(index_bytes, "1.0"), repo.root)
 
@@ -716,24 +923,31 @@ def test_index_with_unsafe_names_is_refused_even_when_signed() -> None:
 
 
 def test_root_presented_as_manifest_or_index() -> None:
-    """With one key for both roles (what ``init`` does by default) signatures cannot tell."""
+    """With one key for every role (what ``init --key`` does) signatures cannot tell."""
     repo = Repo(root_keys=[K1], release_keys=[K1])
-    with raises(FormatError, "manifest has _type 'deltaship.root', expected 'deltaship.manifest'"):
+    with raises(FormatError, "manifest has no signed manifest inside its timestamp"):
         verify_manifest(repo.root_bytes, repo.root, now=NOW)
     pointer = repo.pointer(repo.root_bytes, "1.0")
-    with raises(FormatError, "release index has _type 'deltaship.root', expected"):
+    with raises(FormatError, "release index: missing field '_type'"):
         verify_index(repo.root_bytes, pointer, repo.root)
 
 
-def test_manifest_and_index_swapped() -> None:
+def test_documents_swapped() -> None:
     repo = Repo(root_keys=[K1], release_keys=[K1])
-    manifest_bytes, index_bytes, _ = repo.publish()
-    with raises(FormatError, "manifest has _type 'deltaship.release', expected"):
+    manifest, index_bytes, _ = repo.publish()
+    with raises(FormatError, "manifest is not a signed envelope"):
         verify_manifest(index_bytes, repo.root, now=NOW)
-    with raises(FormatError, "release index has _type 'deltaship.manifest', expected"):
-        verify_index(manifest_bytes, repo.pointer(manifest_bytes, "1.0"), repo.root)
-    with raises(FormatError, "root has _type 'deltaship.manifest', expected 'deltaship.root'"):
-        verify_root(manifest_bytes, now=NOW)
+    with raises(FormatError, "release index: missing field '_type'"):
+        verify_index(manifest, repo.pointer(manifest, "1.0"), repo.root)
+    with raises(FormatError, "root has _type 'deltaship.timestamp', expected 'deltaship.root'"):
+        verify_root(manifest, now=NOW)
+    # The manifest signed as a timestamp (its own body in the outer layer):
+    inner, m_sigs = layer(manifest, "manifest")
+    fake = manifest_wire({**inner, "manifest": inner}, [K1.sign({**inner, "manifest": inner})],
+                         m_sigs)
+    with raises(FormatError, "timestamp has _type 'deltaship.manifest', expected "
+                "'deltaship.timestamp'"):
+        verify_manifest(fake, repo.root, now=NOW)
 
 
 # --- format: envelopes and values ------------------------------------------------------
@@ -762,13 +976,18 @@ ENVELOPES = [
 
 
 @pytest.mark.parametrize(("data", "message"), ENVELOPES)
-@pytest.mark.parametrize("kind", ["root", "manifest", "index"])
+@pytest.mark.parametrize("kind", ["root", "successor", "manifest", "index"])
 def test_malformed_envelopes(kind: str, data: bytes, message: str) -> None:
     repo = Repo()
-    what = {"root": "trust root", "manifest": "manifest", "index": "release index"}[kind]
+    what = {"root": "trust root", "successor": "trust root version 2", "manifest": "manifest",
+            "index": "release index"}[kind]
+    if kind == "index" and "signed envelope" in message:  # an index is no envelope
+        message = "missing field '_type'"
     with raises(FormatError, what, message):
         if kind == "root":
             verify_root(data, now=NOW)
+        elif kind == "successor":
+            verify_successor(data, repo.root)
         elif kind == "manifest":
             verify_manifest(data, repo.root, now=NOW)
         else:
@@ -817,12 +1036,19 @@ def test_unsignable_values_in_signed_documents(value: Any, literal: bytes, messa
         verify_manifest(raw, repo.root, now=NOW)
 
 
-def test_unknown_spec_version() -> None:
-    repo = Repo()
-    _, _, pointer = repo.publish()
-    signed = {**repo.manifest_doc(pointer).to_dict(), "spec_version": 3}
-    with raises(FormatError, "manifest has spec_version 3; this deltaship understands 2: upgrade"):
-        verify_manifest(sign_document(signed, [R1]), repo.root, now=NOW)
+@pytest.mark.parametrize("which", LAYERS)
+def test_unknown_spec_version(which: str) -> None:
+    repo = repo_()
+    data = repo.publish()[0]
+    body, _ = layer(data, which)
+    body = {**body, "spec_version": 4}
+    if which == "timestamp":
+        data = with_layer(data, which, body=body, sigs=[T1.sign(body)])
+    else:
+        data = with_layer(data, which, body=body, sigs=[R1.sign(body)], resign_timestamp=[T1])
+    where = "timestamp" if which == "timestamp" else "manifest"
+    with raises(FormatError, f"{where} has spec_version 4; this deltaship understands 3: upgrade"):
+        verify_manifest(data, repo.root, now=NOW)
 
 
 def test_every_error_is_untrusted_data() -> None:
@@ -834,38 +1060,56 @@ def test_every_error_is_untrusted_data() -> None:
 # --- forward compatibility: unknown fields ----------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["root", "manifest", "index"])
+@pytest.mark.parametrize("kind", ["root", "timestamp", "manifest", "index"])
 def test_unknown_fields_are_kept_and_signed(kind: str) -> None:
-    repo = Repo()
+    """Unknown fields are kept and written back; in a signed document they are signed (an
+    edit or removal is refused), in an index they are pinned (the same)."""
+    repo = repo_()
     extra = {"x_rollout": {"percent": 10, "cohorts": ["a", "b"]}, "zz_note": "hi"}
-    manifest_bytes, index_bytes, _ = repo.publish()
-    source = {"root": repo.root_bytes, "manifest": manifest_bytes, "index": index_bytes}[kind]
-    signers = [K1] if kind == "root" else [R1]
-    data = sign_document({**open_envelope(source)[0], **extra}, signers)
+    manifest, index_bytes, pointer = repo.publish()
+    if kind == "root":
+        body = {**open_envelope(repo.root_bytes)[0], **extra}
+        data = sign_document(body, [K1])
+    elif kind == "index":
+        body = {**json.loads(index_bytes), **extra}
+        data = canonical_json(body)
+        pointer = repo.pointer(data, "1.0")
+    else:
+        body = {**layer(manifest, kind)[0], **extra}
+        signer = T1 if kind == "timestamp" else R1
+        data = with_layer(manifest, kind, body=body, sigs=[signer.sign(body)],
+                          resign_timestamp=None if kind == "timestamp" else [T1])
 
     def verify(d: bytes) -> Any:
         if kind == "root":
             return verify_root(d, now=NOW)
-        if kind == "manifest":
-            return verify_manifest(d, repo.root, now=NOW)
-        return verify_index(d, repo.pointer(d, "1.0"), repo.root)
+        if kind == "index":
+            return verify_index(d, pointer, repo.root)
+        ts = verify_manifest(d, repo.root, now=NOW)
+        return ts if kind == "timestamp" else ts.manifest
 
     doc = verify(data)
     assert dict(doc.unrecognized) == extra
-    assert doc.to_dict() == open_envelope(data)[0]
+    assert doc.to_dict() == body
     assert type(doc).from_dict(doc.to_dict()) == doc
 
-    def edit(signed: dict[str, Any]) -> None:
-        signed["x_rollout"]["percent"] = 100
+    def edited(edit: Callable[[dict[str, Any]], Any]) -> bytes:
+        if kind == "root":
+            return tamper(data, edit)
+        new = copy.deepcopy(body)
+        edit(new)
+        if kind == "index":
+            return canonical_json(new)
+        return with_layer(data, kind, body=new,
+                          resign_timestamp=None if kind == "timestamp" else [T1])
 
-    with raises(SignatureError, "0 valid signature(s) of 1", "invalid signature by key"):
-        verify(tamper(data, edit))
-
-    def drop(signed: dict[str, Any]) -> None:
-        del signed["zz_note"]
-
-    with raises(SignatureError, "0 valid signature(s) of 1", "invalid signature by key"):
-        verify(tamper(data, drop))
+    for edit in (lambda s: s["x_rollout"].update(percent=100), lambda s: s.pop("zz_note")):
+        if kind == "index":
+            with raises(HashMismatchError, "release index", "the manifest"):
+                verify(edited(edit))
+        else:
+            with raises(SignatureError, "0 valid signature(s) of 1", "invalid signature by key"):
+                verify(edited(edit))
 
 
 def test_group_helper_is_valid() -> None:
@@ -877,13 +1121,19 @@ def test_group_helper_is_valid() -> None:
 
 
 def test_another_repositorys_manifest_is_refused_naming_both_ids() -> None:
-    """Two stores with the same release key: B's manifest is valid everywhere but in A."""
+    """Two stores with the same keys: B's manifest is valid everywhere but in A."""
     a, b = Repo(), Repo(repository_id=OTHER_REPO_ID)
     manifest_b, _, _ = b.publish()
     verify_manifest(manifest_b, b.root, now=NOW)
-    with raises(MixAndMatchError, f"manifest belongs to repository {OTHER_REPO_ID}",
+    with raises(MixAndMatchError, f"manifest timestamp belongs to repository {OTHER_REPO_ID}",
                 f"not to the trusted root's repository {REPO_ID}", "another store"):
         verify_manifest(manifest_b, a.root, now=NOW, min_sequence=0)
+    # A's timestamp carrying B's content (both genuinely signed with the shared keys):
+    inner_b, sigs_b = layer(manifest_b, "manifest")
+    mixed = with_layer(a.publish()[0], "manifest", body=inner_b, sigs=sigs_b,
+                       resign_timestamp=a.release_keys)
+    with raises(MixAndMatchError, f"manifest belongs to repository {OTHER_REPO_ID}"):
+        verify_manifest(mixed, a.root, now=NOW)
 
 
 def test_another_repositorys_index_is_refused() -> None:
@@ -898,7 +1148,7 @@ def test_the_repository_is_checked_before_the_sequence() -> None:
     """B's higher sequence is refused as B's, never remembered as a replay bar for A."""
     a, b = Repo(), Repo(repository_id=OTHER_REPO_ID, sequence=40)
     with raises(MixAndMatchError, "belongs to repository"):
-        verify_manifest(b.publish()[0], a.root, now=NOW, min_sequence=50)
+        verify_manifest(b.publish()[0], a.root, now=NOW, min_sequence=50, min_timestamp=50)
 
 
 def test_rotation_keeps_the_repository_id() -> None:
@@ -907,11 +1157,11 @@ def test_rotation_keeps_the_repository_id() -> None:
     assert verify_root(sign_document(same.to_dict(), [K1, K2, K3, K4]), now=NOW,
                        trusted=TRUSTED).repository_id == TRUSTED.repository_id
     other = root_doc([K3, K4], [R2], version=2, root_threshold=2, repository_id=OTHER_REPO_ID)
-    with raises(MixAndMatchError, f"new trust root belongs to repository {OTHER_REPO_ID}"):
-        verify_root(sign_document(other.to_dict(), [K1, K2, K3, K4]), now=NOW, trusted=TRUSTED)
+    with raises(MixAndMatchError, f"trust root version 2 belongs to repository {OTHER_REPO_ID}"):
+        verify_successor(sign_document(other.to_dict(), [K1, K2, K3, K4]), TRUSTED)
 
 
-@pytest.mark.parametrize("kind", ["root", "manifest", "index"])
+@pytest.mark.parametrize("kind", ["root", "timestamp", "manifest", "index"])
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -923,44 +1173,62 @@ def test_rotation_keeps_the_repository_id() -> None:
         pytest.param(lambda d: (d.pop("repository_id"), d.update(spec_version=1)),
                      "has spec_version 1, an older format whose documents do not name their "
                      "repository: re-initialise the store", id="older-format"),
+        pytest.param(lambda d: d.update(spec_version=2),
+                     "has spec_version 2, an older format without a timestamp role or root "
+                     "chain: re-initialise the store", id="format-v2"),
     ],
 )
 def test_a_document_without_a_valid_repository_id(kind: str, edit: Callable[[dict[str, Any]],
                                                   Any], message: str) -> None:
-    repo = Repo()
+    repo = repo_()
     if kind == "root":
         signed = repo.root.to_dict()
         edit(signed)
         with raises(FormatError, message):
             verify_root(sign_document(signed, repo.root_keys), now=NOW)
         return
-    data = _signed(kind, repo)
-    signed, _ = open_envelope(data)
-    edit(signed)
+    manifest, index_bytes, _ = repo.publish()
+    if kind == "index":
+        doc = json.loads(index_bytes)
+        edit(doc)
+        data = canonical_json(doc)
+        with raises(FormatError, message):
+            verify_index(data, repo.pointer(data, "1.0"), repo.root)
+        return
+    body = copy.deepcopy(layer(manifest, kind)[0])
+    edit(body)
+    signer = T1 if kind == "timestamp" else R1
+    data = with_layer(manifest, kind, body=body, sigs=[signer.sign(body)],
+                      resign_timestamp=None if kind == "timestamp" else [T1])
     with raises(FormatError, message):
-        _verify_as(kind, sign_document(signed, repo.release_keys), repo)
+        verify_manifest(data, repo.root, now=NOW)
 
 
 # --- the cost of signature junk (issue 9, point 10) -------------------------------------
 
 
-def _padded_manifest(repo: Repo, signatures: Callable[[dict[str, str]], list[Any]]) -> bytes:
-    """A manifest whose body is costly to canonicalise, with the given signature entries."""
-    _, _, pointer = repo.publish()
-    signed = {**repo.manifest_doc(pointer).to_dict(), "x_padding": [0] * 5000}
-    good = R1.sign(signed)
-    data = envelope(signed, signatures(good))
-    assert len(data) <= MAX_MANIFEST_SIZE
-    return data
+class Costs:
+    """Counts what verifying costs: canonicalisations and signature verifications."""
 
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.canonical = self.verified = 0
+        canon, verify = trust.canonical_json, PublicKey.verify_bytes
 
-def _best_time(fn: Callable[[], Any], runs: int = 5) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
+        def counted_canonical(value: Any) -> bytes:
+            self.canonical += 1
+            return canon(value)
+
+        def counted_verify(key: PublicKey, message: bytes, sig: str) -> bool:
+            self.verified += 1
+            return verify(key, message, sig)
+
+        monkeypatch.setattr(trust, "canonical_json", counted_canonical)
+        monkeypatch.setattr(PublicKey, "verify_bytes", counted_verify)
+
+    def of(self, fn: Callable[[], Any]) -> tuple[int, int]:
+        self.canonical = self.verified = 0
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        return self.canonical, self.verified
 
 
 def _outcome(fn: Callable[[], Any]) -> str:
@@ -971,40 +1239,60 @@ def _outcome(fn: Callable[[], Any]) -> str:
     return "accepted"
 
 
+def _junk_manifest(repo: Repo, which: str,
+                   signatures: Callable[[dict[str, str]], list[Any]]) -> bytes:
+    """A manifest whose body is costly to canonicalise, with the given entries on ``which``."""
+    data = repo.publish()[0]
+    body, _ = layer(data, which)
+    body = {**body, "x_padding": [0] * 5000}
+    good = signer_of(which).sign(body)
+    data = with_layer(data, which, body=body, sigs=signatures(good),
+                      resign_timestamp=None if which == "timestamp" else [T1])
+    assert len(data) <= MAX_MANIFEST_SIZE
+    return data
+
+
+@pytest.mark.parametrize("which", LAYERS)
 @pytest.mark.parametrize("junk", ["copies of the good signature", "bad signatures first"])
-def test_signature_junk_costs_about_one_verification(junk: str) -> None:
-    """Hundreds of signature entries by the trusted key id cost about what one does: the body
-    is canonicalised once and only the first entry of a key id is checked. (Before, every
-    entry re-canonicalised the body: about 240 times the cost of the normal manifest.)"""
-    repo = Repo()
-    normal = _padded_manifest(repo, lambda g: [g])
+def test_signature_junk_costs_about_one_verification(
+        junk: str, which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hundreds of signature entries by the trusted key id cost what one does: each body is
+    canonicalised once and only the first entry of a key id is checked (counted, not timed)."""
+    repo = repo_()
+    normal = _junk_manifest(repo, which, lambda g: [g])
     if junk == "copies of the good signature":
-        stuffed = _padded_manifest(repo, lambda g: [g] * 240)
+        stuffed = _junk_manifest(repo, which, lambda g: [g] * 240)
     else:
-        stuffed = _padded_manifest(
-            repo, lambda g: [{"keyid": g["keyid"], "sig": "00" * 64}] * 240 + [g])
-    normal_time = _best_time(lambda: verify_manifest(normal, repo.root, now=NOW))
-    stuffed_time = _best_time(lambda: _outcome(
-        lambda: verify_manifest(stuffed, repo.root, now=NOW)))
-    assert stuffed_time < 4 * normal_time, (stuffed_time, normal_time)
+        stuffed = _junk_manifest(
+            repo, which, lambda g: [{"keyid": g["keyid"], "sig": "00" * 64}] * 240 + [g])
+    costs = Costs(monkeypatch)
+    normal_cost = costs.of(lambda: verify_manifest(normal, repo.root, now=NOW))
+    assert normal_cost == (2, 2)  # two layers: one body and one signature each
+    stuffed_cost = costs.of(lambda: _outcome(lambda: verify_manifest(stuffed, repo.root,
+                                                                     now=NOW)))
+    assert stuffed_cost <= normal_cost, (stuffed_cost, normal_cost)
     expected = "accepted" if junk.startswith("copies") else "refused"
     assert _outcome(lambda: verify_manifest(stuffed, repo.root, now=NOW)) == expected
 
 
-def test_only_the_first_signature_of_a_key_id_counts() -> None:
-    repo = Repo()
-    data = _signed("manifest", repo)
-    signed, (good,) = open_envelope(data)
+@pytest.mark.parametrize("which", LAYERS)
+def test_only_the_first_signature_of_a_key_id_counts(which: str) -> None:
+    repo = repo_()
+    data = repo.publish()[0]
+    _, (good,) = layer(data, which)
     bad = flip_sig(good)
-    verify_manifest(envelope(signed, [good, bad, bad]), repo.root, now=NOW)
-    with raises(SignatureError, f"invalid signature by key {R1_KID}"):
-        verify_manifest(envelope(signed, [bad, good]), repo.root, now=NOW)
+    kid = signer_of(which).keyid
+
+    def check(sigs: list[Any]) -> None:
+        verify_manifest(with_layer(data, which, sigs=sigs), repo.root, now=NOW)
+
+    check([good, bad, bad])
+    with raises(SignatureError, f"invalid signature by key {kid[:16]}"):
+        check([bad, good])
     # Junk of other shapes by the trusted key id is not verified either.
-    verify_manifest(envelope(signed, [good, {"keyid": R1.keyid, "sig": "zz" * 5000}]),
-                    repo.root, now=NOW)
+    check([good, {"keyid": kid, "sig": "zz" * 5000}])
     with raises(SignatureError, "invalid signature by key"):
-        verify_manifest(envelope(signed, [{"keyid": R1.keyid, "sig": "ab" * 10}]), repo.root,
-                        now=NOW)
+        check([{"keyid": kid, "sig": "ab" * 10}])
 
 
 @settings(max_examples=40, deadline=None)
@@ -1013,12 +1301,13 @@ def test_only_the_first_signature_of_a_key_id_counts() -> None:
 def test_outcome_depends_on_the_first_entry_of_each_key_id(entries: list[str]) -> None:
     """Property: with a 2-of-2 release role, a manifest verifies exactly when the first entry
     of each of the two key ids is a good signature; repeats never change the outcome."""
-    repo = Repo(release_keys=[R1, R2], release_threshold=2)
-    signed, _ = open_envelope(_signed("manifest", repo))
+    repo = Repo(release_keys=[R1, R2], release_threshold=2, timestamp_keys=[T1])
+    data = repo.publish()[0]
+    signed, _ = layer(data, "manifest")
     sigs = {"good-r1": R1.sign(signed), "good-r2": R2.sign(signed),
             "outsider": OUTSIDER.sign(signed)}
     sigs["bad-r1"], sigs["bad-r2"] = flip_sig(sigs["good-r1"]), flip_sig(sigs["good-r2"])
-    data = envelope(signed, [sigs[e] for e in entries])
+    data = with_layer(data, "manifest", sigs=[sigs[e] for e in entries])
     first = {}
     for e in entries:
         first.setdefault(e.split("-")[-1], e)
