@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 
 from manifest.canonical import canonical_json, loads_object
 from manifest.entries import MAX_CONTENT_LENGTH
-from manifest.errors import FormatError, OversizeError, UnsafeNameError
+from manifest.errors import (
+    FormatError,
+    MixAndMatchError,
+    OversizeError,
+    SignatureError,
+    UnsafeNameError,
+)
 from manifest.metadata import (
     FileEntry,
     GroupEntry,
@@ -30,11 +36,13 @@ from manifest.metadata import (
     Role,
     Root,
     TensorEntry,
+    Timestamp,
     check_file_path,
     check_group_name,
     check_version,
 )
 from manifest.signing import SigningKey
+from manifest.trust import sign_document, verify_record
 
 from ._signed_docs import (
     NOW,
@@ -182,9 +190,12 @@ BAD_INDEXES = [
                  id="wrong-type"),
     pytest.param(_drop("_type"), FormatError, "release index: missing field '_type'",
                  id="no-type"),
-    pytest.param(_top("spec_version", 3), FormatError,
-                 "release index has spec_version 3; this deltaship understands 2: upgrade",
-                 id="spec-version-3"),
+    pytest.param(_top("spec_version", 4), FormatError,
+                 "release index has spec_version 4; this deltaship understands 3: upgrade",
+                 id="spec-version-4"),
+    pytest.param(_top("spec_version", 2), FormatError,
+                 "release index has spec_version 2, an older format without a timestamp role or "
+                 "root chain: re-initialise the store", id="spec-version-2"),
     pytest.param(_top("spec_version", 1), FormatError,
                  "release index has spec_version 1, an older format whose documents do not name "
                  "their repository: re-initialise the store", id="spec-version-1"),
@@ -305,10 +316,58 @@ def test_manifest_defaults_and_revert() -> None:
     assert Manifest.from_dict({**d, "action": "revert"}).action == "revert"
 
 
+def _timestamp_dict() -> dict[str, Any]:
+    return Timestamp(7, NOW + timedelta(days=7), 2, Manifest.from_dict(_manifest_dict()),
+                     repository_id=REPO_ID).to_dict()
+
+
+BAD_TIMESTAMPS = [
+    pytest.param("_type", "deltaship.manifest",
+                 "timestamp has _type 'deltaship.manifest', expected 'deltaship.timestamp'",
+                 id="type"),
+    pytest.param("sequence", -1, "timestamp.sequence must not be negative", id="sequence<0"),
+    pytest.param("sequence", True, "timestamp.sequence has the wrong type", id="sequence-bool"),
+    pytest.param("root_version", 0, "timestamp.root_version must be at least 1", id="root-v0"),
+    pytest.param("root_version", "2", "timestamp.root_version has the wrong type",
+                 id="root-version-string"),
+    pytest.param("expires", "soon", "timestamp expires is not a time like", id="expires"),
+    pytest.param("manifest", "m", "timestamp.manifest has the wrong type", id="manifest-str"),
+    pytest.param("manifest", {"_type": "deltaship.root"}, "manifest has _type 'deltaship.root'",
+                 id="manifest-of-another-type"),
+    pytest.param("repository_id", "x", "timestamp repository_id 'x' is not a repository id",
+                 id="repository-id"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_TIMESTAMPS)
+def test_malformed_timestamp(field: str, value: Any, message: str) -> None:
+    with raises(FormatError, message):
+        Timestamp.from_dict({**_timestamp_dict(), field: value})
+
+
+@pytest.mark.parametrize("field", ["_type", "spec_version", "repository_id", "sequence",
+                                   "expires", "root_version", "manifest"])
+def test_timestamp_missing_field(field: str) -> None:
+    d = _timestamp_dict()
+    del d[field]
+    with raises(FormatError, f"timestamp: missing field {field!r}"):
+        Timestamp.from_dict(d)
+
+
+def test_timestamp_wire_form_embeds_the_manifest() -> None:
+    d = _timestamp_dict()
+    assert d == {"_type": "deltaship.timestamp", "spec_version": 3, "repository_id": REPO_ID,
+                 "sequence": 7, "expires": "2026-03-08T12:00:00Z", "root_version": 2,
+                 "manifest": _manifest_dict()}
+    ts = Timestamp.from_dict(d)
+    assert ts.current == ts.manifest.current and ts.to_dict() == d
+
+
 def test_nothing_parses_as_a_document_of_another_type() -> None:
     docs: dict[Any, dict[str, Any]] = {
         Root: root_doc([key(1)]).to_dict(),
         Manifest: _manifest_dict(),
+        Timestamp: _timestamp_dict(),
         ReleaseIndex: index_doc().to_dict(),
         ReleaseRecord: _record_dict(),
     }
@@ -320,32 +379,54 @@ def test_nothing_parses_as_a_document_of_another_type() -> None:
                     other.from_dict(d)
 
 
-# --- format: release pointer (releases/<version>.json) ----------------------------------
+# --- format: release record (releases/<version>.json) -----------------------------------
+
+
+def _record() -> ReleaseRecord:
+    return ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json"),
+                         repository_id=REPO_ID)
 
 
 def _record_dict() -> dict[str, Any]:
-    return ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json")).to_dict()
+    return _record().to_dict()
 
 
 def test_record_wire_form_is_format_section_9() -> None:
-    record = ReleaseRecord("v4", 4, NOW, ObjectRef(hexof("a"), 91234, "json"))
-    assert record.to_bytes() == canonical_json({
-        "_type": "deltaship.release-pointer", "spec_version": 2, "version": "v4",
-        "sequence": 4, "released_at": "2026-03-01T12:00:00Z",
+    """A release record is signed by the release role, for the version its key names."""
+    record = _record()
+    assert record.to_dict() == {
+        "_type": "deltaship.release-record", "spec_version": 3, "repository_id": REPO_ID,
+        "version": "v4", "sequence": 4, "released_at": "2026-03-01T12:00:00Z",
         "index": {"sha256": hexof("a"), "length": 91234},
-    })
-    assert ReleaseRecord.from_bytes(record.to_bytes(), "releases/v4.json") == record
+    }
+    repo = Repo()
+    data = sign_document(record.to_dict(), repo.release_keys)
+    assert verify_record(data, repo.root, "v4", "releases/v4.json") == record
     assert record.pointer == ReleasePointer("v4", record.index)
+    with raises(MixAndMatchError, "releases/v5.json is signed for version 'v4'"):
+        verify_record(data, repo.root, "v5", "releases/v5.json")
+    with raises(SignatureError, "releases/v4.json has 0 valid signature(s) of 1",
+                "'release' keys"):
+        verify_record(sign_document(record.to_dict(), repo.root_keys), repo.root, "v4",
+                      "releases/v4.json")
+    other = dataclasses.replace(record, repository_id=OTHER_REPO_ID)
+    with raises(MixAndMatchError, f"releases/v4.json belongs to repository {OTHER_REPO_ID}"):
+        verify_record(sign_document(other.to_dict(), repo.release_keys), repo.root, "v4",
+                      "releases/v4.json")
 
 
 BAD_RECORDS = [
     pytest.param("_type", "deltaship.manifest",
-                 "r.json has _type 'deltaship.manifest', expected 'deltaship.release-pointer'",
+                 "r.json has _type 'deltaship.manifest', expected 'deltaship.release-record'",
                  id="type"),
-    pytest.param("spec_version", 3, "r.json has spec_version 3; this deltaship understands 2",
+    pytest.param("spec_version", 4, "r.json has spec_version 4; this deltaship understands 3",
                  id="newer-spec-version"),
     pytest.param("spec_version", 1, "r.json has spec_version 1, an older format",
                  id="older-spec-version"),
+    pytest.param("spec_version", 2, "r.json has spec_version 2, an older format without a "
+                 "timestamp role", id="format-v2"),
+    pytest.param("repository_id", 5, "r.json.repository_id has the wrong type",
+                 id="repository-id"),
     pytest.param("spec_version", "1", "r.json.spec_version has the wrong type",
                  id="spec-version-string"),
     pytest.param("version", "../v4", "r.json.version '../v4' is not a valid version",
@@ -364,11 +445,12 @@ BAD_RECORDS = [
 @pytest.mark.parametrize(("field", "value", "message"), BAD_RECORDS)
 def test_malformed_record(field: str, value: Any, message: str) -> None:
     with raises(FormatError, message):
-        ReleaseRecord.from_bytes(canonical_json({**_record_dict(), field: value}), "r.json")
+        ReleaseRecord.from_dict({**_record_dict(), field: value}, "r.json")
 
 
 @pytest.mark.parametrize(
-    "field", ["_type", "spec_version", "version", "sequence", "released_at", "index"]
+    "field",
+    ["_type", "spec_version", "repository_id", "version", "sequence", "released_at", "index"],
 )
 def test_record_missing_field(field: str) -> None:
     d = _record_dict()
@@ -378,11 +460,12 @@ def test_record_missing_field(field: str) -> None:
 
 
 def test_record_size_cap_and_bad_json() -> None:
+    repo = Repo()
     padded = {**_record_dict(), "x_pad": "x" * ReleaseRecord.MAX_SIZE}
     with raises(OversizeError, "r.json is", "over its 65536-byte cap"):
-        ReleaseRecord.from_bytes(canonical_json(padded), "r.json")
+        verify_record(sign_document(padded, repo.release_keys), repo.root, "v4", "r.json")
     with raises(FormatError, "r.json is not valid UTF-8 JSON"):
-        ReleaseRecord.from_bytes(b"{", "r.json")
+        verify_record(b"{", repo.root, "v4", "r.json")
 
 
 def test_index_references_keep_unknown_fields() -> None:
@@ -580,7 +663,11 @@ manifests = st.builds(
 )
 records = st.builds(
     ReleaseRecord, versions, count, times, st.builds(ObjectRef, hex64, count, st.just("json")),
-    unknown,
+    unknown, repository_id=repository_ids,
+)
+timestamps = st.builds(
+    Timestamp, count, times, st.integers(1, 2**40), manifests, unknown,
+    repository_id=repository_ids,
 )
 
 
@@ -592,7 +679,7 @@ def roots(draw: Any) -> Root:
     keys = {k.keyid: k.public_key for k in signing}
     ids = list(keys)
     roles = {}
-    for name in ("root", "release", *draw(st.lists(group_names, max_size=2))):
+    for name in (*Root.ROLES, *draw(st.lists(group_names, max_size=2))):
         chosen = draw(st.lists(st.sampled_from(ids), min_size=1, unique=True))
         roles[name] = Role(tuple(chosen), draw(st.integers(1, len(chosen))))
     return Root(draw(count), draw(times), keys, roles, draw(unknown),
@@ -610,6 +697,7 @@ def roots(draw: Any) -> Root:
         pytest.param(pointers, lambda d: ReleasePointer.from_dict(d, "c"), id="ReleasePointer"),
         pytest.param(release_indexes(), ReleaseIndex.from_dict, id="ReleaseIndex"),
         pytest.param(manifests, Manifest.from_dict, id="Manifest"),
+        pytest.param(timestamps, Timestamp.from_dict, id="Timestamp"),
         pytest.param(records, ReleaseRecord.from_dict, id="ReleaseRecord"),
         pytest.param(roots(), Root.from_dict, id="Root"),
     ],
@@ -631,6 +719,7 @@ def test_unknown_fields_round_trip_at_top_level() -> None:
     for cls, d in (
         (Root, root_doc([key(1)]).to_dict()),
         (Manifest, _manifest_dict()),
+        (Timestamp, _timestamp_dict()),
         (ReleaseIndex, index_doc().to_dict()),
         (ReleaseRecord, _record_dict()),
     ):
@@ -662,7 +751,7 @@ def test_index_may_not_ship_the_weight_index_or_clash_files_with_folders() -> No
 
     def index_with(paths: list[str]) -> dict[str, object]:
         obj = {"sha256": "a" * 64, "length": 1, "encoding": "zstd"}
-        return {"_type": "deltaship.release", "spec_version": 2, "version": "v1",
+        return {"_type": "deltaship.release", "spec_version": 3, "version": "v1",
                 "repository_id": REPO_ID,
                 "released_at": "2026-01-01T00:00:00Z", "groups": [],
                 "files": [{"path": p, "sha256": "b" * 64, "length": 1, "object": obj}
