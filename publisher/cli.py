@@ -9,19 +9,32 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
+from manifest.cli_errors import OneLineGroup, exit_codes_help
 from manifest.errors import FormatError, LocalError
+from manifest.expiry import expiries as expiry_list
 from manifest.metadata import check_version
 from manifest.storage.store import StoreOptions
 
-from .admin import history, init_store, revert
+from .admin import ROLES, history, init_store, revert, role_keys
 from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir, parse_size
+from .cli_options import (
+    MAX_DAYS,
+    F,
+    draft_option,
+    errors,
+    insecure_key_option,
+    lifetime_options,
+    now,
+    store_options,
+)
+from .cli_trust import print_draft_status as _print_draft_status
+from .cli_trust import print_published, register
+from .drafts import Lifetimes
 from .grouping import assign_groups, parse_pattern
 from .keys import generate_key_files
 from .model_dir import open_model
@@ -29,21 +42,15 @@ from .progress import human_bytes
 from .release import ReleaseConfig, release
 from .summary import ReleaseSummary
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 EXIT_NOTES = ("2 also covers a bad model, key, store URL, credentials or bucket; 5 here: a "
               "concurrent release or revert changed the store first.")
-
-
-MAX_ROOT_DAYS = 36500  # a hundred years: far from the calendar's end (year 9999)
-
-
-def _insecure_key_option(fn: F) -> F:
-    return click.option(
-        "--insecure-key-permissions", is_flag=True,
-        help="Use a private key file that group or others can read (refused by default, as "
-        "ssh does: `chmod 600` it instead).",
-    )(fn)
+MAX_ROOT_DAYS = MAX_DAYS
+_insecure_key_option = insecure_key_option
+_store_options = store_options
+_errors = errors
+_now = now
+_draft_option = draft_option
+_lifetime_options = lifetime_options
 
 
 def _cache_dir_option(fn: F) -> F:
@@ -59,25 +66,6 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
         return parse_size(value)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-_errors = exit_on_errors("deltaship-publish")
-
-
-def _store_options(fn: F) -> F:
-    fn = click.option(
-        "--endpoint-url", envvar="DELTASHIP_ENDPOINT_URL", metavar="URL",
-        help="S3 endpoint (MinIO, Ceph, R2, a local server). Default: AWS_ENDPOINT_URL or AWS.",
-    )(fn)
-    return click.option(
-        "--store", "store_url", required=True, envvar="DELTASHIP_STORE", metavar="URL",
-        help="Where releases live: s3://BUCKET/PREFIX, file:///ABS/PATH or a directory. "
-        "[env: DELTASHIP_STORE]",
-    )(fn)
 
 
 @click.group(cls=OneLineGroup,
@@ -121,13 +109,44 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
         click.echo(f"public key:  {pub}\nkey id:      {keyid}")
 
 
+def _thresholds(ctx: click.Context, param: click.Parameter,
+                value: tuple[str, ...]) -> dict[str, int]:
+    """``--threshold N`` (every role) or ``--threshold ROLE=N`` (repeatable)."""
+    out: dict[str, int] = {}
+    for item in value:
+        role, _, n = item.rpartition("=")
+        roles = [role] if role else list(ROLES)
+        if role and role not in ROLES:
+            raise click.BadParameter(f"{role!r} is not a role ({', '.join(ROLES)})")
+        try:
+            count = int(n)
+        except ValueError:
+            raise click.BadParameter(f"{item!r} is not N or ROLE=N") from None
+        if count < 1:
+            raise click.BadParameter(f"{item!r}: a threshold is at least 1")
+        for r in roles:
+            out[r] = count
+    return out
+
+
+def _key_option(name: str, help_text: str) -> Callable[[F], F]:
+    return click.option(name, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                        help=help_text)
+
+
 @main.command()
 @_store_options
-@click.option("--key", "keys", multiple=True, required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key to trust and sign with (repeat for several keys).")
-@click.option("--threshold", default=1, show_default=True, type=click.IntRange(min=1),
-              help="How many of the keys must sign every manifest and index.")
+@_key_option("--key", "Private key for every role (small set-ups; repeatable).")
+@_key_option("--root-key", "Private key of the root role, which signs trust roots: keep it "
+             "offline (repeatable).")
+@_key_option("--release-key", "Key of the release role, which signs releases, reverts and "
+             "what is current: private or public half (repeatable).")
+@_key_option("--timestamp-key", "Key of the online timestamp role, which only re-signs "
+             "freshness (`refresh`): private or public half (repeatable). Default: the "
+             "release keys.")
+@click.option("--threshold", "thresholds", multiple=True, callback=_thresholds,
+              metavar="[ROLE=]N", help="Signatures required: N for every role, or ROLE=N "
+              "(root, release, timestamp); repeatable. Default 1.")
 @click.option("--expires-days", default=365, show_default=True,
               type=click.IntRange(min=1, max=MAX_ROOT_DAYS), help="Lifetime of the trust root.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -135,16 +154,25 @@ def keygen(out_dir: Path, name: str, as_json: bool) -> None:
 @_insecure_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
-def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], threshold: int,
-         expires_days: int, out_file: Path | None, insecure_key_permissions: bool,
-         as_json: bool) -> None:
-    """Write the trust root (trusted keys, threshold, version, expiry) to a new store.
+def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
+         root_key: tuple[Path, ...], release_key: tuple[Path, ...],
+         timestamp_key: tuple[Path, ...], thresholds: dict[str, int], expires_days: int,
+         out_file: Path | None, insecure_key_permissions: bool, as_json: bool) -> None:
+    """Write the trust root (roles, keys, thresholds, version 1, expiry) to a new store.
 
-    The root is signed by every --key. Devices pin a copy of it (`deltaship-agent init
-    --trust root.json`); everything they install must be signed by THRESHOLD of these keys.
+    \b
+    Roles:
+      root       signs trust roots (rotation: `root edit/sign/publish`); keep offline
+      release    signs releases, reverts and what is current
+      timestamp  online; only re-signs freshness (`refresh`, weekly)
+    --key gives a key every role; a role given no key of its own uses the release keys.
+    The root is signed by the root keys (private files needed); release and timestamp keys
+    may be public halves. Devices pin a copy (`deltaship-agent init --trust root.json`).
     Refuses to overwrite an existing root.
     """
-    result = init_store(store_url, keys, threshold, _now(),
+    by_role = role_keys(key, {"root": root_key, "release": release_key,
+                              "timestamp": timestamp_key})
+    result = init_store(store_url, by_role, thresholds, _now(),
                         expires=timedelta(days=expires_days), options=StoreOptions(endpoint_url),
                         insecure_key_permissions=insecure_key_permissions)
     url, data, root = result.url, result.data, result.root
@@ -157,14 +185,18 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
         out_file.write_bytes(data)
     if as_json:
         click.echo(json.dumps({"root": url, "repository_id": root.repository_id,
-                               "keyids": list(root.keys), "threshold": threshold,
+                               "keyids": list(root.keys),
+                               "roles": {n: r.to_dict() for n, r in root.roles.items()},
+                               "threshold": root.roles["release"].threshold,
                                "expires": root.to_dict()["expires"],
                                "copy": str(out_file) if out_file else None,
                                "key_shared_with": [o.url for o in result.shared_with]}))
         return
     click.echo(f"trust root v{root.version} written to {url}")
-    click.echo(f"  repository id: {root.repository_id}")
-    click.echo(f"  keys: {len(root.keys)}, threshold: {threshold}, expires {root.expires:%Y-%m-%d}")
+    click.echo(f"  repository id: {root.repository_id}, expires {root.expires:%Y-%m-%d}")
+    for name, role in root.roles.items():
+        click.echo(f"  {name:<10} {role.threshold} of {len(role.keyids)} key(s): "
+                   + ", ".join(k[:16] for k in role.keyids))
     where = out_file or url
     click.echo(f"devices pin this root: copy {where} to each device and run\n"
                f"  deltaship-agent init --store {store_url} --trust root.json --model-dir DIR")
@@ -175,7 +207,10 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
 @_store_options
 @click.option("--version", "version", required=True, help="Name of the new version (e.g. v2).")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Private signing key (repeat to meet the root's threshold).")
+              help="Private signing key: release and timestamp keys, enough for their "
+              "thresholds (repeatable).")
+@_draft_option
+@_lifetime_options
 @click.option("--deltas-from", default=3, show_default=True, type=click.IntRange(min=0),
               help="Compute patches from this many most recent releases.")
 @click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
@@ -193,7 +228,8 @@ def init(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...], thres
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
 def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, version: str,
-                keys: tuple[Path, ...], deltas_from: int, patterns: tuple[str, ...], level: int,
+                keys: tuple[Path, ...], draft: Path | None, expires_days: int,
+                timestamp_days: int, deltas_from: int, patterns: tuple[str, ...], level: int,
                 workers: int | None, cache_dir: Path | None, cache_max_bytes: int,
                 insecure_key_permissions: bool, dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
@@ -206,6 +242,10 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
     group a full object and patches from the last --deltas-from releases are uploaded;
     unchanged groups cost nothing. The summary shows, per base version, what a device at that
     version downloads.
+
+    With --draft FILE the objects are uploaded but nothing is made current: the manifest
+    and release record wait in FILE for `deltaship-publish sign FILE --key K` on each key
+    holder's machine, then `deltaship-publish publish FILE`.
     """
     try:
         check_version(version, "--version")
@@ -214,7 +254,9 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
                         StoreOptions(endpoint_url), level=level,
                         progress=False if as_json else None, cache_max_bytes=cache_max_bytes,
-                        insecure_key_permissions=insecure_key_permissions)
+                        insecure_key_permissions=insecure_key_permissions, draft=draft,
+                        lifetimes=Lifetimes(timedelta(days=expires_days),
+                                            timedelta(days=timestamp_days)))
     if workers:
         cfg = dataclasses.replace(cfg, workers=workers)
     if cache_dir:
@@ -227,8 +269,10 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
 
 
 def _print_summary(s: ReleaseSummary) -> None:
-    verb = "would release" if s.dry_run else "released"
+    verb = "would release" if s.dry_run else "drafted" if s.draft else "released"
     click.echo(f"{verb} {s.version} to {s.store} (manifest sequence {s.sequence})")
+    if s.draft:
+        _print_draft_status(Path(s.draft), s.draft_missing)
     click.echo(f"  groups changed: {s.groups_changed} of {s.groups_total}; "
                f"files changed: {s.files_changed} of {s.files_total}; "
                f"model {human_bytes(s.model_bytes)}")
@@ -261,50 +305,68 @@ def _names(names: tuple[str, ...], limit: int = 12) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @_errors
 def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None:
-    """List the releases in a store, oldest first, marking the current one."""
-    entries, manifest = history(store_url, _now(), StoreOptions(endpoint_url))
+    """List the releases in a store, oldest first, marking the current one, and when the
+    trust root, the release content and its freshness expire (warning when one is near)."""
+    now = _now()
+    h = history(store_url, now, StoreOptions(endpoint_url))
+    ts = h.timestamp
+    expiries = expiry_list(h.root, ts, now)
     if as_json:
         click.echo(json.dumps({
-            "current": manifest.current.version if manifest else None,
-            "sequence": manifest.sequence if manifest else 0,
+            "current": ts.current.version if ts else None,
+            "sequence": ts.manifest.sequence if ts else 0,
+            "timestamp_sequence": ts.sequence if ts else 0,
+            "root_version": h.root.version,
+            "expires": {e.name: e.to_dict() for e in expiries},
             "releases": [{"version": e.version, "sequence": e.sequence,
                           "released_at": e.released_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                          "current": e.current} for e in entries],
+                          "current": e.current, "signed_under_root": e.signed_under}
+                         for e in h.entries],
         }, indent=2))
         return
-    if not entries:
+    if not h.entries:
         click.echo("no releases yet")
-        return
-    click.echo(f"{'':2}{'version':<20}{'sequence':>9}  released")
-    for e in entries:
-        mark = "*" if e.current else " "
-        click.echo(f"{mark:2}{e.version:<20}{e.sequence:>9}  {e.released_at:%Y-%m-%d %H:%M:%S}Z")
-    if manifest is not None and manifest.action == "revert":
-        click.echo(f"(reverted to {manifest.current.version} at sequence {manifest.sequence})")
+    else:
+        click.echo(f"{'':2}{'version':<20}{'sequence':>9}  released")
+        for e in h.entries:
+            mark = "*" if e.current else " "
+            old = (f"  (signed under root v{e.signed_under})"
+                   if e.signed_under and e.signed_under != h.root.version else "")
+            click.echo(f"{mark:2}{e.version:<20}{e.sequence:>9}  "
+                       f"{e.released_at:%Y-%m-%d %H:%M:%S}Z{old}")
+    if ts is not None and ts.manifest.action == "revert":
+        click.echo(f"(reverted to {ts.current.version} at sequence {ts.manifest.sequence})")
+    for x in expiries:
+        click.echo(f"{x.label:<22}expires {x.at_text} ({x.days_left} days)")
+    for x in expiries:
+        if x.warning:
+            click.echo(f"deltaship-publish: warning: {x.warning}", err=True)
 
 
 @main.command("revert")
 @_store_options
 @click.option("--to", "to_version", required=True, help="The released version to make current.")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Private signing key (repeat to meet the root's threshold).")
+              help="Private signing key: release and timestamp keys, enough for their "
+              "thresholds (repeatable).")
+@_draft_option
+@_lifetime_options
 @_insecure_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
 def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
-               keys: tuple[Path, ...], insecure_key_permissions: bool, as_json: bool) -> None:
+               keys: tuple[Path, ...], draft: Path | None, expires_days: int,
+               timestamp_days: int, insecure_key_permissions: bool, as_json: bool) -> None:
     """Make an older release current for the whole fleet.
 
     Publishes a new manifest with a higher sequence number that names the older release, so
-    devices follow it like any update and replay protection stays intact.
+    devices follow it like any update and replay protection stays intact. With --draft FILE
+    the manifest waits for `sign` and `publish`.
     """
-    m = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url),
-               insecure_key_permissions=insecure_key_permissions)
-    if as_json:
-        click.echo(json.dumps({"current": m.current.version, "sequence": m.sequence}))
-    else:
-        click.echo(f"reverted: {m.current.version} is current again (manifest sequence "
-                   f"{m.sequence})")
+    p = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url),
+               lifetimes=Lifetimes(timedelta(days=expires_days), timedelta(days=timestamp_days)),
+               insecure_key_permissions=insecure_key_permissions, draft=draft)
+    print_published(p, as_json)
 
 
 @main.command("inspect")
@@ -373,4 +435,5 @@ def cache_clear(cache_dir: Path | None, as_json: bool) -> None:
                    f"{removed.path}")
 
 
+register(main)
 main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

@@ -148,19 +148,25 @@ def load_signing_keys(
 
 
 def check_signers(
-    root: Root, keys: Sequence[SigningKey], role_name: str, paths: Sequence[Path]
+    root: Root, keys: Sequence[SigningKey], roles: str | Sequence[str], paths: Sequence[Path]
 ) -> None:
-    """Check that ``keys`` (read from ``paths``) can sign for ``role_name``: all listed in the
-    trust root's role, and enough of them for its threshold."""
-    role = root.roles[role_name]
+    """Check that ``keys`` (read from ``paths``) can sign for ``roles``: each key listed in one
+    of those roles of the trust root, and enough of them for each role's threshold."""
+    names = (roles,) if isinstance(roles, str) else tuple(roles)
+    wanted = {kid for n in names for kid in root.roles[n].keyids}
     for key, path in zip(keys, paths, strict=True):
-        if key.keyid not in role.keyids:
+        if key.keyid not in wanted:
             raise TrustError(
-                f"key {path} (id {key.keyid[:16]}) is not one of the trust root's {role_name!r} "
-                "keys: use a key the store was initialised with"
+                f"key {path} (id {key.keyid[:16]}) is not one of the trust root's "
+                f"{' or '.join(repr(n) for n in names)} keys: use a key the store was "
+                "initialised with"
             )
-    if len({k.keyid for k in keys}) < role.threshold:
-        raise TrustError(
-            f"the trust root needs {role.threshold} {role_name!r} signatures; "
-            f"{len(keys)} key(s) given: pass more --key options"
-        )
+    given = {k.keyid for k in keys}
+    for n in names:
+        role = root.roles[n]
+        have = len(given & set(role.keyids))
+        if have < role.threshold:
+            raise TrustError(
+                f"the trust root needs {role.threshold} {n!r} signature(s); the key(s) given "
+                f"make {have}: pass more --key options (or use --draft FILE and `sign`)"
+            )

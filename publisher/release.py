@@ -11,12 +11,16 @@ Each step takes typed values and returns a new frozen one (the pure ones are in
     ship_files        -> ShippedFile...    the non-tensor files as zstd objects
     build_index       -> ReleaseIndex
     upload            -> UploadStats       the objects the store lacks
-    publish                                index, manifest, release pointer
+    publish                                index; then the draft of the manifest and
+                                           release record, signed and published (or saved
+                                           with --draft for other key holders)
     summarise         -> ReleaseSummary
 
 The order of writes makes every state a device can observe consistent: immutable objects
 first, then the release index, then the manifest with a conditional write on the ETag read at
-the start (a concurrent release makes exactly one of them fail), then the release pointer.
+the start (a concurrent release makes exactly one of them fail), then the release record.
+With ``--draft`` the objects and the index are uploaded (unreferenced until published) and
+the manifest and record wait in the draft file (:mod:`publisher.drafts`).
 """
 
 from __future__ import annotations
@@ -30,16 +34,16 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import zstandard
 
+from manifest.canonical import canonical_json
 from manifest.constants import release_pointer_key
 from manifest.errors import AlreadyExistsError
 from manifest.metadata import (
     FileEntry,
-    Manifest,
     ObjectRef,
     ReleaseIndex,
     ReleasePointer,
@@ -49,9 +53,9 @@ from manifest.metadata import (
 from manifest.safetensors_format import SafetensorsFile
 from manifest.signing import SigningKey
 from manifest.storage.store import Store, StoreOptions, open_store
-from manifest.trust import sign_document
 
 from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir
+from .drafts import DEFAULT_LIFETIMES, Lifetimes, Published, finish, manifest_draft
 from .encode import EncodeResult, EncodeTask, encode_all, hash_groups, layout_group
 from .grouping import GroupRule, assign_groups, parse_pattern
 from .keys import check_signers, load_signing_keys
@@ -87,7 +91,8 @@ class ReleaseConfig:
     store_options: StoreOptions = field(default_factory=StoreOptions)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     level: int = 3
-    manifest_expires: timedelta = timedelta(days=30)
+    lifetimes: Lifetimes = DEFAULT_LIFETIMES
+    draft: Path | None = None  # save the manifest and record here for other key holders
     cache_dir: Path = field(default_factory=default_cache_dir)
     cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES  # LRU-trimmed to this after each release
     progress: bool | None = None
@@ -98,10 +103,12 @@ class ReleaseConfig:
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     t0 = time.monotonic()
     version = check_version(cfg.version)
-    keys = load_signing_keys(cfg.key_paths, insecure_permissions=cfg.insecure_key_permissions)
+    keys = (load_signing_keys(cfg.key_paths, insecure_permissions=cfg.insecure_key_permissions)
+            if cfg.key_paths or cfg.draft is None else [])
     rules = [parse_pattern(p) for p in cfg.group_patterns]
     repo = Repository(open_store(cfg.store_url, cfg.store_options), now)
-    check_signers(repo.root(), keys, "release", cfg.key_paths)
+    if cfg.draft is None:  # all signatures now: refuse missing keys before encoding anything
+        check_signers(repo.root(), keys, ("release", "timestamp"), cfg.key_paths)
     state = read_store_state(repo, version, cfg.deltas_from)
     cache = PublisherCache(cfg.cache_dir)
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
@@ -121,25 +128,28 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             files = ship_files(model, state.bases, staging, cfg.level)
         index = build_index(version, now, groups, chosen, files, state.bases,
                             state.root.repository_id)
-        signed_index = sign_document(index.to_dict(), keys)
+        index_bytes = canonical_json(index.to_dict())
         uploaded = UploadStats()
+        published: Published | None = None
         if not cfg.dry_run:
             uploads = objects_to_upload(chosen, files)
             uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
-            publish(repo, state, version, signed_index, keys, now, cfg.manifest_expires)
+            published = publish(repo, version, index_bytes, keys, now, cfg.lifetimes,
+                                cfg.draft)
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         cache.end(cfg.cache_max_bytes)
     timings = Timings(time.monotonic() - t0, encode_seconds)
-    return summarise(index, state, results, uploaded, timings, cfg.dry_run, listing)
+    return summarise(index, state, results, uploaded, timings, cfg.dry_run, listing, published)
 
 
 def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreState:
     """The verified store; refuses a ``version`` it already holds before reading any base."""
-    manifest, etag = repo.manifest()
-    records = tuple(repo.releases())
-    state = StoreState(repo.store.url, repo.root(), manifest, etag, records, bases=())
+    current = repo.current_manifest()
+    manifest = current.timestamp.manifest if current.timestamp else None
+    records = tuple(r.record for r in repo.releases())
+    state = StoreState(repo.store.url, repo.root(), manifest, current.etag, records, bases=())
     if state.has_version(version):
         raise AlreadyExistsError(
             f"version {version!r} is already released to {state.url}: pick a new version"
@@ -243,15 +253,16 @@ def upload(
 
 
 def publish(
-    repo: Repository, state: StoreState, version: str, signed_index: bytes,
-    keys: Sequence[SigningKey], now: datetime, expires: timedelta,
-) -> None:
-    """Write the index object, then make it current, then record it (see the module doc)."""
-    index_ref = ObjectRef(hashlib.sha256(signed_index).hexdigest(), len(signed_index), "json")
-    repo.store.put(index_ref.key, signed_index)
-    manifest = Manifest(
-        state.next_sequence, now + expires, now, ReleasePointer(version, index_ref), "release",
-        repository_id=state.root.repository_id,
-    )
-    repo.put_manifest(sign_document(manifest.to_dict(), list(keys)), state.etag)
-    repo.put_release(ReleaseRecord(version, state.next_sequence, now, index_ref))
+    repo: Repository, version: str, index_bytes: bytes, keys: Sequence[SigningKey],
+    now: datetime, lifetimes: Lifetimes, draft_path: Path | None,
+) -> Published:
+    """Write the index object, then draft the manifest and record naming it, and sign and
+    publish them (or save the draft for other key holders; see the module doc)."""
+    index_ref = ObjectRef(hashlib.sha256(index_bytes).hexdigest(), len(index_bytes), "json")
+    repo.store.put(index_ref.key, index_bytes)
+    current = repo.current_manifest()
+    record = ReleaseRecord(version, current.next_sequence, now, index_ref,
+                           repository_id=repo.root().repository_id)
+    draft = manifest_draft("release", repo, now, current=ReleasePointer(version, index_ref),
+                           action="release", record=record, lifetimes=lifetimes)
+    return finish(repo, draft, keys, draft_path)

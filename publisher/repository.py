@@ -2,11 +2,13 @@
 
 Everything read back from the store is verified with :mod:`manifest.trust` before it is used,
 exactly as a device would (signatures, and the store's own ``repository_id`` from its root), so
-a publisher never builds on tampered content or on another store's documents. Release pointers
-are unsigned: each must name the version of its key, and the index it names is verified before
-use. The documents the
-publisher writes go through here too, so every store key comes from :mod:`manifest.constants`
-or :attr:`ObjectRef.key <manifest.metadata.ObjectRef.key>`.
+a publisher never builds on tampered content or on another store's documents. The newest root
+is ``root.json``; documents signed by keys an older root listed (before a rotation) are
+verified against the chain ``roots/1.json`` .. ``roots/<N>.json`` and marked as such: a
+publisher may build on them (re-sign, revert, use as delta bases) but never passes them off as
+signed by today's keys. The documents the publisher writes go through here too, so every store
+key comes from :mod:`manifest.constants` or :attr:`ObjectRef.key
+<manifest.metadata.ObjectRef.key>`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,19 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from manifest.constants import MANIFEST_KEY, RELEASES_PREFIX, ROOT_KEY, release_pointer_key
+from manifest.canonical import canonical_json, loads_object
+from manifest.constants import (
+    MANIFEST_KEY,
+    RELEASES_PREFIX,
+    ROOT_KEY,
+    release_pointer_key,
+    root_version_key,
+)
 from manifest.container import apply_container
 from manifest.errors import (
     AlreadyExistsError,
@@ -28,16 +39,18 @@ from manifest.errors import (
     MixAndMatchError,
     NotFoundError,
     OversizeError,
+    SignatureError,
     StoreConfigError,
+    UntrustedDataError,
 )
 from manifest.metadata import (
     GroupEntry,
-    Manifest,
     ObjectRef,
     ReleaseIndex,
     ReleasePointer,
     ReleaseRecord,
     Root,
+    Timestamp,
     check_version,
 )
 from manifest.storage.store import Store
@@ -45,17 +58,48 @@ from manifest.trust import (
     MAX_MANIFEST_SIZE,
     MAX_ROOT_SIZE,
     StreamVerifier,
+    check_threshold,
+    open_envelope,
     verify_index,
     verify_manifest,
+    verify_record,
     verify_root,
+    verify_successor,
 )
 
 from .cache import PublisherCache
 
-__all__ = ["Repository"]
+__all__ = ["CurrentManifest", "Repository", "VerifiedRecord"]
 
 # The publisher re-signs manifests: an expired one is still a valid base to build on.
 _PUBLISHER_GRACE = timedelta(days=365 * 100)
+
+
+@dataclass(frozen=True)
+class CurrentManifest:
+    """``manifest.json`` as the publisher finds it (``timestamp`` None before the first
+    release). ``content_trusted``: the manifest inside is signed by the newest root's release
+    keys (False: only by keys of an older root, before a rotation)."""
+
+    timestamp: Timestamp | None
+    manifest_signatures: tuple[Any, ...]
+    etag: str | None
+    content_trusted: bool = True
+    signed_under: int = 0  # the root version whose keys signed the timestamp (0: none yet)
+
+    @property
+    def next_sequence(self) -> int:
+        return (self.timestamp.manifest.sequence if self.timestamp else 0) + 1
+
+    @property
+    def next_timestamp(self) -> int:
+        return (self.timestamp.sequence if self.timestamp else 0) + 1
+
+
+@dataclass(frozen=True)
+class VerifiedRecord:
+    record: ReleaseRecord
+    signed_under: int  # the root version whose release keys signed it (the newest, or older)
 
 
 class Repository:
@@ -63,8 +107,13 @@ class Repository:
         self.store = store
         self.now = now
         self._root: Root | None = None
+        self._root_bytes = b""
+        self._chain: list[Root] | None = None
+        self._current: CurrentManifest | None = None
 
     def root(self) -> Root:
+        """The newest trust root (``root.json``), self-signed; an expired one still counts
+        (the publisher is how it gets renewed)."""
         if self._root is None:
             try:
                 data = self.store.get(ROOT_KEY, MAX_ROOT_SIZE)
@@ -72,27 +121,103 @@ class Repository:
                 raise StoreConfigError(
                     f"{self.store.url} has no trust root: run `deltaship-publish init` first"
                 ) from e
-            self._root = verify_root(data, now=self.now, grace=_PUBLISHER_GRACE)
+            self._root = verify_root(data, now=None)
+            self._root_bytes = data
         return self._root
 
-    def manifest(self) -> tuple[Manifest | None, str | None]:
-        """The verified current manifest and its ETag, or (None, None) before the first release."""
+    def root_bytes(self) -> bytes:
+        self.root()
+        return self._root_bytes
+
+    def chain(self) -> list[Root]:
+        """Every trust root, oldest first: ``roots/1.json`` .. the newest, each verified as the
+        successor of the one before (what a device walks)."""
+        if self._chain is None:
+            newest = self.root()
+            first = verify_root(self.store.get(root_version_key(1), MAX_ROOT_SIZE), now=None)
+            chain = [first]
+            while chain[-1].version < newest.version:
+                n = chain[-1].version + 1
+                chain.append(verify_successor(
+                    self.store.get(root_version_key(n), MAX_ROOT_SIZE), chain[-1]))
+            if chain[-1] != newest:
+                raise UntrustedDataError(
+                    f"{self.store.url}/{ROOT_KEY} is not the last root of its chain "
+                    f"roots/1..{newest.version}.json: restore root.json from "
+                    f"{root_version_key(newest.version)}"
+                )
+            self._chain = chain
+        return self._chain
+
+    def signed_under(self, body: bytes, signatures: list[Any], role: str, what: str) -> int:
+        """The newest root version whose ``role`` keys signed ``body``: the newest root first,
+        then older ones of the chain; SignatureError if none did."""
+        root = self.root()
+        try:
+            check_threshold(root, role, body, signatures, what)
+            return root.version
+        except SignatureError as newest_error:
+            for old in reversed(self.chain()[:-1]):
+                try:
+                    check_threshold(old, role, body, signatures, what)
+                    return old.version
+                except SignatureError:
+                    continue
+            raise newest_error from None
+
+    def current_manifest(self) -> CurrentManifest:
+        """The store's ``manifest.json``, verified; one signed by an older root's keys (before
+        a rotation) is accepted to build on, and says so."""
+        if self._current is None:
+            self._current = self._read_manifest()
+        return self._current
+
+    def _read_manifest(self) -> CurrentManifest:
         try:
             data, etag = self.store.get_with_etag(MANIFEST_KEY, MAX_MANIFEST_SIZE)
         except MissingKeyError:
-            return None, None
-        return verify_manifest(data, self.root(), now=self.now, grace=_PUBLISHER_GRACE), etag
+            return CurrentManifest(None, (), None)
+        root = self.root()
+        try:
+            ts = verify_manifest(data, root, now=self.now, grace=_PUBLISHER_GRACE)
+            sigs = loads_object(data, "manifest").get("manifest_signatures", [])
+            return CurrentManifest(ts, tuple(sigs), etag, True, root.version)
+        except SignatureError:
+            if root.version == 1:
+                raise
+        # Signed before a rotation: check every signature against the chain instead.
+        doc = loads_object(data, "manifest")
+        signed, inner_sigs = doc.get("signed"), doc.get("manifest_signatures")
+        if not isinstance(signed, dict) or not isinstance(inner_sigs, list) \
+                or not isinstance(doc.get("signatures"), list):
+            raise FormatError("manifest is not a signed timestamp envelope")
+        ts_under = self.signed_under(canonical_json(signed), doc["signatures"], "timestamp",
+                                     "manifest timestamp")
+        ts = Timestamp.from_dict(signed)
+        content_under = self.signed_under(canonical_json(signed.get("manifest")), inner_sigs,
+                                          "release", "manifest")
+        for what, rid in (("manifest timestamp", ts.repository_id),
+                          ("manifest", ts.manifest.repository_id)):
+            if rid != root.repository_id:
+                raise MixAndMatchError(f"{what} belongs to repository {rid}, not to "
+                                       f"{root.repository_id}: restore the store's own")
+        return CurrentManifest(ts, tuple(inner_sigs), etag, content_under == root.version,
+                               ts_under)
 
-    def releases(self) -> list[ReleaseRecord]:
+    def check_manifest_bytes(self, data: bytes) -> None:
+        """What is about to be written verifies as a device would verify it (no expiry)."""
+        verify_manifest(data, self.root(), now=self.now, grace=_PUBLISHER_GRACE)
+
+    def releases(self) -> list[VerifiedRecord]:
         """Every released version, oldest first."""
         out = [
             self._record(key)
             for key in self.store.list(RELEASES_PREFIX)
             if key.endswith(".json")
         ]
-        return sorted(out, key=lambda r: r.sequence)
+        return sorted(out, key=lambda r: r.record.sequence)
 
-    def release(self, version: str) -> ReleaseRecord:
+    def release(self, version: str) -> VerifiedRecord:
         """The record of ``version``; NotFoundError if it was never released (or cannot be)."""
         never = f"version {version!r} was never released to {self.store.url}"
         try:
@@ -104,26 +229,45 @@ class Repository:
         except MissingKeyError as e:
             raise NotFoundError(never) from e
 
-    def _record(self, key: str) -> ReleaseRecord:
-        """The pointer at ``key``, which must name the version its key names (it is unsigned:
-        a pointer copied over another one must not pass for that release)."""
-        record = ReleaseRecord.from_bytes(self.store.get(key, ReleaseRecord.MAX_SIZE), key)
-        if key != release_pointer_key(record.version):
-            raise MixAndMatchError(
-                f"{self.store.url}/{key} names version {record.version!r}: the (unsigned) "
-                "release pointer was altered or copied from another release; restore or remove it"
-            )
-        return record
+    def _record(self, key: str) -> VerifiedRecord:
+        """The signed record at ``key``, which must be for the version its key names."""
+        version = key[len(RELEASES_PREFIX):-len(".json")]
+        data = self.store.get(key, ReleaseRecord.MAX_SIZE)
+        where = f"{self.store.url}/{key}"
+        try:
+            record = verify_record(data, self.root(), version, where)
+            return VerifiedRecord(record, self.root().version)
+        except SignatureError:
+            if self.root().version == 1:
+                raise
+        signed, sigs = open_envelope(data, where, ReleaseRecord.MAX_SIZE)
+        under = self.signed_under(canonical_json(signed), sigs, "release", where)
+        old = self.chain()[under - 1]
+        return VerifiedRecord(verify_record(data, old, version, where), under)
 
     def put_root(self, data: bytes) -> str:
-        """Write the first trust root; returns its URL. Refuses to replace an existing one."""
+        """Write the first trust root (``roots/1.json`` and ``root.json``); returns the URL of
+        ``root.json``. Refuses to replace an existing one."""
         try:
             self.store.put_if(ROOT_KEY, data, None)
         except ConflictError as e:
             raise AlreadyExistsError(
                 f"{self.store.url}/{ROOT_KEY} already exists: this store is initialised"
             ) from e
+        self.store.put(root_version_key(1), data)
         return f"{self.store.url}/{ROOT_KEY}"
+
+    def put_root_version(self, version: int, data: bytes) -> None:
+        """Add trust root ``version`` (never replacing one), then make it ``root.json``."""
+        try:
+            self.store.put_if(root_version_key(version), data, None)
+        except ConflictError as e:
+            raise ConflictError(
+                f"{self.store.url}/{root_version_key(version)} already exists: another root "
+                "was published first; make the draft again from the store's newest root"
+            ) from e
+        self.store.put(ROOT_KEY, data)
+        self._root, self._chain = None, None
 
     def put_manifest(self, data: bytes, etag: str | None) -> None:
         """Replace the manifest only if it is still the one read with ``etag``."""
@@ -134,9 +278,6 @@ class Repository:
                 "another release or revert was published while this one ran, so this one was "
                 "not made current: re-run the command to build on the new state"
             ) from e
-
-    def put_release(self, record: ReleaseRecord) -> None:
-        self.store.put(release_pointer_key(record.version), record.to_bytes())
 
     def index(self, pointer: ReleasePointer, named_by: str = "the manifest") -> ReleaseIndex:
         """The verified index ``pointer`` names (``named_by`` says where it comes from)."""

@@ -13,6 +13,7 @@ from typing import Any
 from manifest.download_plan import download_cost
 from manifest.metadata import ReleaseIndex
 
+from .drafts import Published
 from .encode import EncodeResult
 from .model_dir import ModelFiles
 from .release_plan import StoreState
@@ -64,11 +65,13 @@ class ReleaseSummary:
     tensor_files: tuple[str, ...] = ()  # the model's safetensors files that were read
     other_files: tuple[str, ...] = ()  # the model's other files, shipped as they are
     skipped_files: tuple[str, ...] = ()  # hidden files and directories, not shipped
+    draft: str | None = None  # the draft file written instead of publishing (--draft)
+    draft_missing: tuple[str, ...] = ()  # signatures the draft still needs
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["bases"] = [b.__dict__ for b in self.bases]
-        for k in ("tensor_files", "other_files", "skipped_files"):
+        for k in ("tensor_files", "other_files", "skipped_files", "draft_missing"):
             d[k] = list(d[k])
         return d
 
@@ -81,6 +84,7 @@ def summarise(
     timings: Timings,
     dry_run: bool,
     model_files: ModelFiles | None = None,
+    published: Published | None = None,
 ) -> ReleaseSummary:
     """Changes are counted against the latest base; downloads against every base."""
     codec_bytes: dict[str, int] = {}
@@ -111,4 +115,6 @@ def summarise(
         tensor_files=model_files.tensor_files if model_files else (),
         other_files=model_files.other_files if model_files else (),
         skipped_files=model_files.skipped_files if model_files else (),
+        draft=str(published.draft_path) if published and published.draft_path else None,
+        draft_missing=published.missing if published else (),
     )
