@@ -23,9 +23,9 @@ from typing import Any
 
 from edge_agent.config import load_config, save_config
 from edge_agent.layout import DeviceLayout
-from manifest.canonical import loads_object
+from manifest.canonical import canonical_json, loads_object
 from manifest.signing import SigningKey
-from manifest.trust import sign_document
+from manifest.trust import manifest_wire, sign_document
 from publisher.keys import load_signing_key
 
 from .conftest import BIN, Cli
@@ -97,8 +97,14 @@ def open_doc(data: bytes) -> tuple[Signed, list[Any]]:
     return doc["signed"], doc["signatures"]
 
 
-def manifest_of(store: Path) -> Signed:
+def timestamp_of(store: Path) -> Signed:
+    """The store's timestamp (the outer, timestamp-signed part of ``manifest.json``)."""
     return open_doc((store / "manifest.json").read_bytes())[0]
+
+
+def manifest_of(store: Path) -> Signed:
+    """The store's manifest: what is current (the release-signed part of ``manifest.json``)."""
+    return dict(timestamp_of(store)["manifest"])
 
 
 def index_path(store: Path) -> Path:
@@ -106,7 +112,8 @@ def index_path(store: Path) -> Path:
 
 
 def current_index(store: Path) -> Signed:
-    return open_doc(index_path(store).read_bytes())[0]
+    """The current release index (unsigned canonical JSON, pinned by the manifest)."""
+    return loads_object(index_path(store).read_bytes(), "test index")
 
 
 def put_object(store: Path, data: bytes) -> tuple[str, int]:
@@ -121,11 +128,19 @@ def sign(signed: Signed, keys: list[SigningKey]) -> bytes:
 
 
 def forge_manifest(store: Path, keys: list[SigningKey],
-                   edit: Callable[[Signed], None] = lambda m: None) -> bytes:
-    """Rewrite the store's manifest: ``edit`` its signed part, sign it with ``keys``."""
-    signed = manifest_of(store)
-    edit(signed)
-    data = sign(signed, keys)
+                   edit: Callable[[Signed], None] = lambda m: None, *,
+                   timestamp_keys: list[SigningKey] | None = None,
+                   edit_timestamp: Callable[[Signed], None] = lambda t: None) -> bytes:
+    """Rewrite the store's ``manifest.json``: ``edit`` the manifest and sign it with ``keys``
+    (the release role's layer), ``edit_timestamp`` the timestamp around it and sign that with
+    ``timestamp_keys`` (default: ``keys``)."""
+    ts = timestamp_of(store)
+    manifest = ts["manifest"]
+    edit(manifest)
+    edit_timestamp(ts)
+    data = manifest_wire(ts, [k.sign(ts) for k in (keys if timestamp_keys is None
+                                                  else timestamp_keys)],
+                         [k.sign(manifest) for k in keys])
     (store / "manifest.json").write_bytes(data)
     return data
 
@@ -134,16 +149,17 @@ def point_at(signed: Signed, *, version: str, digest: str, length: int) -> None:
     signed["current"] = {"version": version, "index": {"sha256": digest, "length": length}}
 
 
-def forge_index(store: Path, keys: list[SigningKey], edit: Callable[[Signed], None],
-                manifest_keys: list[SigningKey] | None = None) -> None:
-    """Publish an edited copy of the current index signed by ``keys``, and a manifest
-    (signed by ``manifest_keys``, default ``keys``) that pins it."""
+def forge_index(store: Path, keys: list[SigningKey], edit: Callable[[Signed], None], *,
+                timestamp_keys: list[SigningKey] | None = None) -> None:
+    """Publish an edited copy of the current index (unsigned, like every index) and a manifest
+    that pins it, signed by ``keys`` (and its timestamp by ``timestamp_keys``, default
+    ``keys``)."""
     signed = current_index(store)
     edit(signed)
-    digest, length = put_object(store, sign(signed, keys))
-    forge_manifest(store, manifest_keys if manifest_keys is not None else keys,
+    digest, length = put_object(store, canonical_json(signed))
+    forge_manifest(store, keys,
                    lambda m: point_at(m, version=m["current"]["version"], digest=digest,
-                                      length=length))
+                                      length=length), timestamp_keys=timestamp_keys)
 
 
 def patch_object(store: Path, base_version: str) -> str:
@@ -186,6 +202,7 @@ class Snapshot:
     objects: dict[str, str]  # name in objects/ -> sha256 of its content
     manifest_copy: bytes | None
     highest_sequence: int
+    highest_timestamp: int
     top: list[str] = field(default_factory=list)  # entries of the model dir itself
     outside: dict[str, str] = field(default_factory=dict)  # files around the model dir
 
@@ -292,6 +309,7 @@ class Device:
             objects={p.name: sha(p.read_bytes()) for p in layout.objects.iterdir()},
             manifest_copy=copy.read_bytes() if copy.is_file() else None,
             highest_sequence=int(self.state()["highest_sequence"]),
+            highest_timestamp=int(self.state().get("highest_timestamp", 0)),
             top=sorted(p.name for p in self.model_dir.iterdir()),
             outside=outside,
         )
@@ -323,10 +341,10 @@ def untouched(dev: Device, before: Snapshot, verified: frozenset[str],
               *, around: Path | None = None, manifest_rejected: bool = False) -> None:
     """The live model is exactly as before, and ``objects/`` holds only verified content.
 
-    ``verified``: sha256 of content a signed, genuine index names (new objects may appear
+    ``verified``: sha256 of content a genuine (pinned) index names (new objects may appear
     when other groups of the update completed before the attack was noticed).
     ``manifest_rejected``: the manifest itself was refused, so the device must not have
-    remembered it (no saved copy, no higher sequence).
+    remembered it (no saved copy, no higher floor).
     """
     after = dev.snapshot(around)
     assert after.current == before.current
@@ -340,6 +358,7 @@ def untouched(dev: Device, before: Snapshot, verified: frozenset[str],
     if manifest_rejected:
         assert after.manifest_copy == before.manifest_copy
         assert after.highest_sequence == before.highest_sequence
+        assert after.highest_timestamp == before.highest_timestamp
     assert after.top == before.top, "an entry appeared in or vanished from the model dir"
     assert after.outside == before.outside, "files outside the model dir changed"
     assert dev.state()["last_error"], "the failure was not recorded in the agent state"

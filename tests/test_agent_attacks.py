@@ -8,7 +8,7 @@ store), lets a hostile store serve something, runs the agent once more and check
   stderr, ``deltaship-agent: error: ...``, that names the problem (no traceback);
 * the live model is untouched: ``current`` still points at the same version, every file under
   it is byte-identical, no version directory appeared, every file in ``objects/`` holds the
-  content its name says and is content a genuine signed index names, and nothing outside the
+  content its name says and is content a genuine (pinned) index names, and nothing outside the
   model directory changed.
 
 Stores are local directories (easy to tamper with); the tampered-object cases also run
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -32,7 +33,7 @@ import boto3
 import pytest
 
 from edge_agent.layout import DeviceLayout
-from manifest.canonical import canonical_json
+from manifest.canonical import canonical_json, loads_object
 from manifest.constants import WEIGHT_INDEX_FILE
 from manifest.download_plan import download_cost, make_plan
 from manifest.errors import FormatError
@@ -52,14 +53,12 @@ from ._attack_helpers import (
     index_path,
     manifest_of,
     now_utc,
-    open_doc,
     patch_object,
     point_at,
     publish,
     put_object,
     refused,
     sha,
-    sign,
     untouched,
 )
 from .conftest import Cli, MoEFamily
@@ -254,59 +253,87 @@ def test_tampered_index_byte(scene: Scene) -> None:
     scene.attack("release index sha256", "differs from the manifest")
 
 
-def test_index_resigned_by_unknown_key_in_place(scene: Scene) -> None:
-    """The index object replaced by the same document signed by another key."""
+def test_index_reserialised_in_place(scene: Scene) -> None:
+    """The index object replaced by the same document in other bytes of the same length (its
+    keys in another order, as a tool might rewrite it): an index has no signature, the pin is
+    on its exact bytes."""
     scene.release()
     path = index_path(scene.store)
-    signed, _ = open_doc(path.read_bytes())
-    forged = sign(signed, [UNKNOWN])
-    assert len(forged) == path.stat().st_size
-    path.write_bytes(forged)
+    data = path.read_bytes()
+    doc = json.loads(data)
+    other = json.dumps(dict(reversed(doc.items())), separators=(",", ":")).encode()
+    assert len(other) == len(data) and other != data and json.loads(other) == doc
+    path.write_bytes(other)
     scene.attack("release index sha256", "differs from the manifest")
 
 
-def test_index_signed_by_unknown_key_behind_a_valid_manifest(scene: Scene) -> None:
-    """Even when a validly signed manifest pins it, an index needs release-key signatures."""
+def test_a_forged_index_needs_a_manifest_signed_by_the_store_keys(scene: Scene) -> None:
+    """An index is only ever accepted through the pin of a verified manifest: a forged index
+    pinned by a manifest signed by an unknown key is refused with that manifest."""
     scene.release()
-    forge_index(scene.store, [UNKNOWN], lambda s: None, manifest_keys=_key(scene.pub))
-    scene.attack("release index has 0 valid signature(s) of 1 required",
-                 "not one of its 'release' keys")
+    forge_index(scene.store, [UNKNOWN], lambda s: s["groups"].pop())
+    scene.attack("manifest timestamp has 0 valid signature(s) of 1 required",
+                 "not one of its 'timestamp' keys", manifest_rejected=True)
 
 
-# -- manifest signatures --------------------------------------------------------------------
+# -- manifest signatures (two layers: the timestamp role's and the release role's) -----------
 
 
-def test_manifest_signed_by_unknown_key(scene: Scene) -> None:
+@pytest.mark.parametrize("layer", ["timestamp", "manifest"])
+def test_manifest_signed_by_unknown_key(scene: Scene, layer: str) -> None:
     scene.release()
-    forge_manifest(scene.store, [UNKNOWN])
-    scene.attack("manifest has 0 valid signature(s) of 1 required",
-                 "not one of its 'release' keys", manifest_rejected=True)
+    if layer == "timestamp":
+        forge_manifest(scene.store, _key(scene.pub), timestamp_keys=[UNKNOWN])
+        needles = ("manifest timestamp has 0 valid signature(s) of 1 required",
+                   "not one of its 'timestamp' keys")
+    else:
+        forge_manifest(scene.store, [UNKNOWN], timestamp_keys=_key(scene.pub))
+        needles = ("manifest has 0 valid signature(s) of 1 required",
+                   "not one of its 'release' keys")
+    scene.attack(*needles, manifest_rejected=True)
 
 
-def test_manifest_edited_after_signing(scene: Scene) -> None:
-    """The genuine v2 manifest with its expiry pushed out and the old signature kept."""
+@pytest.mark.parametrize("layer", ["timestamp", "manifest"])
+def test_manifest_edited_after_signing(scene: Scene, layer: str) -> None:
+    """The genuine v2 manifest with an expiry pushed out and the old signature kept; the
+    timestamp layer re-signed around edited content is refused too (the timestamp key alone
+    cannot change what is current)."""
     scene.release()
-    signed, signatures = open_doc((scene.store / "manifest.json").read_bytes())
-    signed["expires"] = "2099-01-01T00:00:00Z"
-    (scene.store / "manifest.json").write_bytes(
-        canonical_json({"signed": signed, "signatures": signatures}))
-    scene.attack("manifest has 0 valid signature(s)", "invalid signature",
-                 manifest_rejected=True)
+    path = scene.store / "manifest.json"
+    doc = loads_object(path.read_bytes(), "manifest")
+    if layer == "timestamp":
+        doc["signed"]["expires"] = "2099-01-01T00:00:00Z"
+        needle = "manifest timestamp has 0 valid signature(s)"
+    else:
+        doc["signed"]["manifest"]["expires"] = "2099-01-01T00:00:00Z"
+        doc["signatures"] = [k.sign(doc["signed"]) for k in _key(scene.pub)]
+        needle = "manifest has 0 valid signature(s)"
+    path.write_bytes(canonical_json(doc))
+    scene.attack(needle, "invalid signature", manifest_rejected=True)
 
 
 @pytest.mark.parametrize("signers", ["one key", "one key twice"])
-def test_manifest_below_threshold(scene_2of2: Scene, signers: str) -> None:
+@pytest.mark.parametrize("layer", ["timestamp", "manifest"])
+def test_manifest_below_threshold(scene_2of2: Scene, signers: str, layer: str) -> None:
     scene_2of2.release()
-    a, _b = _key(scene_2of2.pub)
-    forge_manifest(scene_2of2.store, [a] if signers == "one key" else [a, a])
-    scene_2of2.attack("manifest has 1 valid signature(s) of 2 required", manifest_rejected=True)
+    a, b = _key(scene_2of2.pub)
+    few = [a] if signers == "one key" else [a, a]
+    if layer == "timestamp":
+        forge_manifest(scene_2of2.store, [a, b], timestamp_keys=few)
+    else:
+        forge_manifest(scene_2of2.store, few, timestamp_keys=[a, b])
+    what = "manifest timestamp" if layer == "timestamp" else "manifest"
+    scene_2of2.attack(f"{what} has 1 valid signature(s) of 2 required", manifest_rejected=True)
 
 
 def test_index_below_threshold(scene_2of2: Scene) -> None:
+    """A new index pinned by a manifest with a full timestamp threshold but one release
+    signature of two: the timestamp keys cannot pin another index."""
     scene_2of2.release()
     a, b = _key(scene_2of2.pub)
-    forge_index(scene_2of2.store, [a], lambda s: None, manifest_keys=[a, b])
-    scene_2of2.attack("release index has 1 valid signature(s) of 2 required")
+    forge_index(scene_2of2.store, [a], lambda s: s["groups"].pop(), timestamp_keys=[a, b])
+    scene_2of2.attack("manifest has 1 valid signature(s) of 2 required",
+                      manifest_rejected=True)
 
 
 # -- replay and freeze ----------------------------------------------------------------------
@@ -317,7 +344,19 @@ def test_replayed_older_manifest(scene: Scene) -> None:
     scene.release()
     scene.dev.update("v2")
     (scene.store / "manifest.json").write_bytes(old)
-    scene.attack("manifest sequence 1 is older than 2 already seen", "replayed", at="v2",
+    scene.attack("manifest timestamp sequence 1 is older than 2 already seen", "replayed",
+                 at="v2", manifest_rejected=True)
+
+
+def test_older_content_under_a_fresh_timestamp(scene: Scene) -> None:
+    """The timestamp key re-attests v1's manifest (content sequence 1) with a new timestamp
+    sequence: the content floor refuses it."""
+    old = manifest_of(scene.store)
+    scene.release()
+    scene.dev.update("v2")
+    forge_manifest(scene.store, _key(scene.pub), lambda m: m.update(old),
+                   edit_timestamp=lambda t: t.update(sequence=t["sequence"] + 1))
+    scene.attack("manifest sequence 1 is older than 2 already seen", at="v2",
                  manifest_rejected=True)
 
 
@@ -332,6 +371,15 @@ def test_expired_manifest(scene: Scene) -> None:
     scene.release()
     _expire(scene, timedelta(hours=1))
     scene.attack("manifest expired at", "device clock", manifest_rejected=True)
+
+
+def test_expired_freshness_names_refresh(scene: Scene) -> None:
+    """Nobody ran `deltaship-publish refresh`: one line says so."""
+    scene.release()
+    ago = (now_utc() - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    forge_manifest(scene.store, _key(scene.pub), edit_timestamp=lambda t: t.update(expires=ago))
+    scene.attack("manifest timestamp expired at", "`deltaship-publish refresh`",
+                 manifest_rejected=True)
 
 
 @pytest.mark.parametrize(("grace", "accepted"), [(1800, False), (7200, True)])
@@ -437,7 +485,7 @@ def test_oversized_index(scene: Scene, body: str) -> None:
 
 
 def test_one_object_listed_for_two_groups(scene: Scene) -> None:
-    """A (validly signed) index that hands one group another group's patch. Found by this
+    """An index (validly pinned by a signed manifest) that hands one group another group's patch. Found by this
     suite: both downloads raced on one partial file and the agent died with a traceback."""
     scene.release()
     patched = [g for g in current_index(scene.store)["groups"] if g["patches"]]
@@ -453,7 +501,7 @@ def test_one_object_listed_for_two_groups(scene: Scene) -> None:
 
 
 def test_rebuilt_group_checked_against_the_index(scene: Scene) -> None:
-    """Wrong software installation: a (validly signed) index whose group sha256 is not what
+    """Wrong software installation: an index (validly pinned by a signed manifest) whose group sha256 is not what
     its patch rebuilds. The rebuilt file is checked before it can become live."""
     scene.release()
     victim = next(g for g in current_index(scene.store)["groups"] if g["patches"])["name"]
@@ -537,7 +585,7 @@ TRAVERSALS: dict[str, tuple[Callable[[Signed, Path], None], str]] = {
 
 
 @pytest.mark.parametrize("case", list(TRAVERSALS))
-def test_path_traversal_in_a_signed_index(scene: Scene, case: str) -> None:
+def test_path_traversal_in_a_pinned_index(scene: Scene, case: str) -> None:
     edit, needle = TRAVERSALS[case]
     scene.release()
     forge_index(scene.store, _key(scene.pub), lambda s: edit(s, scene.tmp))
