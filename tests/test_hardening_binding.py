@@ -25,13 +25,12 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from manifest.constants import RELEASES_PREFIX
 from manifest.signing import SigningKey
-from manifest.trust import MAX_MANIFEST_SIZE
+from manifest.trust import MAX_MANIFEST_SIZE, manifest_wire
 
 from ._attack_helpers import (
     Device,
@@ -41,6 +40,7 @@ from ._attack_helpers import (
     open_doc,
     refused,
     sign,
+    timestamp_of,
     tree,
     untouched,
 )
@@ -207,11 +207,12 @@ def test_stores_sharing_a_key_have_their_own_repository_ids(twins: Twins) -> Non
     assert a.repository_id != b.repository_id
     for store in (a, b):
         for version, snap in store.snapshots.items():
-            manifest = manifest_of(snap)
-            assert manifest["spec_version"] == 2
+            manifest, timestamp = manifest_of(snap), timestamp_of(snap)
+            assert manifest["spec_version"] == timestamp["spec_version"] == 3
             assert manifest["repository_id"] == store.repository_id, (store.name, version)
+            assert timestamp["repository_id"] == store.repository_id, (store.name, version)
             index_key = manifest["current"]["index"]["sha256"]
-            index = open_doc((snap / "objects" / index_key).read_bytes())[0]
+            index = json.loads((snap / "objects" / index_key).read_bytes())  # unsigned
             assert index["repository_id"] == store.repository_id
 
 
@@ -258,8 +259,9 @@ def test_device_refuses_another_stores_release(twins: Twins, tmp_path: Path, wha
         shutil.copy(b_last / "manifest.json", scene.store / "manifest.json")
     else:
         scene.serve(b_last)
-    message = scene.refused(f"manifest belongs to repository {twins.b.repository_id}",
-                            f"trusted root's repository {twins.a.repository_id}")
+    message = scene.refused(
+        f"manifest timestamp belongs to repository {twins.b.repository_id}",
+        f"trusted root's repository {twins.a.repository_id}")
     assert "another store" in message
     scene.serve(twins.a.snapshots["v2"])
     scene.dev.update("v2")
@@ -276,7 +278,7 @@ def test_publisher_refuses_to_build_on_another_stores_manifest(
     shutil.copytree(twins.b.snapshots["v4"] / "objects", scene.store / "objects",
                     dirs_exist_ok=True)
     shutil.copy(twins.b.snapshots["v4"] / "manifest.json", scene.store / "manifest.json")
-    needles = (f"manifest belongs to repository {twins.b.repository_id}",
+    needles = (f"manifest timestamp belongs to repository {twins.b.repository_id}",
                twins.a.repository_id)
     for args in (("history",), ("revert", "--to", "v1", "--key", twins.key),
                  ("release", moe_family.v3, "--version", "v9", "--key", twins.key,
@@ -378,25 +380,28 @@ def test_revert_refuses_a_pointer_to_another_stores_index(twins: Twins, tmp_path
 def test_revert_to_a_genuine_pointer_still_works(twins: Twins, tmp_path: Path) -> None:
     scene = make_scene(twins, tmp_path, at="v3")
     p = scene.publish("revert", "--store", scene.store, "--to", "v1", "--key", twins.key)
-    assert p.returncode == 0 and "v1 is current again" in p.stdout, p.stderr
+    assert p.returncode == 0 and "reverted: v1 is current" in p.stdout, p.stderr
     scene.dev.update("v1")
 
 
 # -- 10. signature junk -----------------------------------------------------------------------
 
 
-def _stuff(signatures: Callable[[dict[str, str]], list[dict[str, str]]]) -> Callable[
-        [Path, list[SigningKey]], None]:
-    """Re-sign the store's manifest, padded with a long list (costly to canonicalise), with the
-    signature list ``signatures(good)`` filling it up to the 64 KiB cap."""
+def _stuff(layer: str, signatures: Callable[[dict[str, str]], list[dict[str, str]]]
+           ) -> Callable[[Path, list[SigningKey]], None]:
+    """Re-sign the store's manifest, ``layer`` (``timestamp`` or ``manifest``) padded with a
+    long list (costly to canonicalise) and its signature list ``signatures(good)`` filling it
+    up to the 64 KiB cap."""
 
     def apply(store: Path, keys: list[SigningKey]) -> None:
-        signed = manifest_of(store)
-        signed["x_padding"] = [0] * 5000
-        good = open_doc(sign(signed, keys))[1][0]
+        ts = timestamp_of(store)
+        body = ts if layer == "timestamp" else ts["manifest"]
+        body["x_padding"] = [0] * 5000
+        good = open_doc(sign(body, keys))[1][0]
         sigs = signatures(good)
-        doc: dict[str, Any] = {"signed": signed, "signatures": sigs}
-        data = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        ts_sigs = sigs if layer == "timestamp" else [k.sign(ts) for k in keys]
+        m_sigs = sigs if layer == "manifest" else [k.sign(ts["manifest"]) for k in keys]
+        data = manifest_wire(ts, ts_sigs, m_sigs)
         assert len(data) <= MAX_MANIFEST_SIZE, len(data)
         assert len(sigs) >= 200
         (store / "manifest.json").write_bytes(data)
@@ -408,19 +413,23 @@ N_JUNK = 240
 BAD_SIG = "00" * 64
 
 
+@pytest.mark.parametrize("layer", ["timestamp", "manifest"])
 @pytest.mark.parametrize("first", ["good", "bad"])
-def test_manifest_stuffed_with_signatures(twins: Twins, tmp_path: Path, first: str) -> None:
-    """Hundreds of signature entries by the trusted key id: only the first counts. A good one
-    first installs the release; junk first is refused, and the device is as before."""
+def test_manifest_stuffed_with_signatures(twins: Twins, tmp_path: Path, first: str,
+                                          layer: str) -> None:
+    """Hundreds of signature entries by the trusted key id on either layer: only the first
+    counts. A good one first installs the release; junk first is refused, and the device is as
+    before."""
     scene = make_scene(twins, tmp_path)
     scene.serve(twins.a.snapshots["v2"])
     if first == "good":
-        _stuff(lambda g: [g] * N_JUNK)(scene.store, key_of(twins))
+        _stuff(layer, lambda g: [g] * N_JUNK)(scene.store, key_of(twins))
         scene.dev.update("v2")
         return
-    _stuff(lambda g: [{"keyid": g["keyid"], "sig": BAD_SIG}] * N_JUNK + [g])(
+    _stuff(layer, lambda g: [{"keyid": g["keyid"], "sig": BAD_SIG}] * N_JUNK + [g])(
         scene.store, key_of(twins))
-    scene.refused("manifest has 0 valid signature(s) of 1 required", "invalid signature by key")
+    what = "manifest timestamp" if layer == "timestamp" else "manifest"
+    scene.refused(f"{what} has 0 valid signature(s) of 1 required", "invalid signature by key")
 
 
 # -- the list of known stores (advice only) ----------------------------------------------------
