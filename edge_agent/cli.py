@@ -221,7 +221,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     for k, v in _status_text(report).items():
-        click.echo(f"{k.replace('_', ' '):<18} {v if v not in (None, []) else '-'}")
+        click.echo(f"{k.replace('_', ' '):<24} {v if v not in (None, []) else '-'}")
     for w in report.warnings:
         click.echo(w)
 
@@ -237,10 +237,11 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
             f"{last.from_ or 'nothing'} -> {last.version} at {last.at}: "
             f"{last.downloaded_bytes} bytes downloaded (full {last.full_bytes}), "
             f"{last.groups_changed} of {last.groups} groups changed")
-    root = info["trusted_root"]
-    if root:
-        info["trusted_root"] = f"version {root['version']}, expires {root['expires']}"
-    del info["warnings"]  # printed last, one line each
+    del info["root_version"], info["expires"]
+    for e in report.expiries:  # the pinned root's, the release content's, its freshness'
+        version = f"version {report.root_version}, " if e.name == "root" else ""
+        when = "past" if e.at <= e.now else f"in {e.days_left} days"
+        info[f"{e.label} expires"] = f"{version}{e.at_text} ({when})"
     return info
 
 

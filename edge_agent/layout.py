@@ -358,15 +358,10 @@ class DeviceLayout:
         """The sha256 and length a retained version's index was verified against."""
         try:
             pin = json.loads(self._pin_path(version).read_bytes())
-        except FileNotFoundError as e:
-            raise LocalError(f"version {version}'s release index has no saved pin") from e
-        except ValueError:
-            pin = None
-        sha, length = (pin.get("sha256"), pin.get("length")) if isinstance(pin, dict) else (0, 0)
-        if not isinstance(sha, str) or type(length) is not int:
-            raise LocalError(f"the pin of version {version}'s release index is malformed: "
-                             "remove that version")
-        return ObjectRef(sha, length, "json")
+            return ObjectRef(str(pin["sha256"]), int(pin["length"]), "json")
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise LocalError(f"version {version}'s release index has no readable pin ({e}): "
+                             "remove that version") from e
 
     def build_version(
         self, index: ReleaseIndex, groups: set[str], files: dict[str, str]

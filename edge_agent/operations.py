@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from manifest.errors import (
     TrustError,
     UntrustedDataError,
 )
+from manifest.expiry import Expiry, expiries
 from manifest.metadata import ReleaseIndex, Root, Timestamp, format_time
 from manifest.storage.atomic import write_atomic
 from manifest.storage.retry import RetryPolicy
@@ -44,12 +45,10 @@ from manifest.trust import (
 
 from .config import AgentConfig, check_config, save_config
 from .repair import repair_version
-from .roots import ROOT_RENEWAL
 from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
 
-__all__ = ["DEFAULT_WAIT", "Expiry", "Operator", "RollbackResult", "StatusReport",
-           "VerifyResult"]
+__all__ = ["DEFAULT_WAIT", "Operator", "RollbackResult", "StatusReport", "VerifyResult"]
 
 log = logging.getLogger("deltaship.agent")
 
@@ -63,35 +62,6 @@ _STATUS_FIELDS = ("pinned", "failed_versions", "highest_sequence", "highest_time
                   "last_check", "last_result", "last_error", "bytes_last_update", "bytes_total",
                   "plan", "last_update")
 
-# How long before an expiry `status` warns: the root and the release content are renewed by
-# key holders (weeks of notice); freshness by the timestamp key's timer (refresh is weekly).
-WARN_ROOT = WARN_CONTENT = timedelta(days=30)
-WARN_FRESHNESS = timedelta(days=7)
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """One expiry ``status`` shows: ``what`` (``trust_root``, ``content``, ``freshness``)."""
-
-    what: str
-    expires: datetime
-    warn_before: timedelta
-    fix: str  # what renews it
-    version: int | None = None  # the trust root's
-
-    def warning(self, now: datetime) -> str | None:
-        label = {"trust_root": f"the trust root (version {self.version})",
-                 "content": "the release content (manifest)",
-                 "freshness": "the freshness (timestamp)"}[self.what]
-        if now > self.expires:
-            return f"warning: {label} expired at {format_time(self.expires)}: {self.fix}"
-        if now + self.warn_before > self.expires:
-            days = (self.expires - now) / timedelta(days=1)
-            return (f"warning: {label} expires at {format_time(self.expires)} (in {days:.1f} "
-                    f"days): {self.fix}")
-        return None
-
-
 @dataclass(frozen=True)
 class StatusReport:
     device_id: str
@@ -100,25 +70,22 @@ class StatusReport:
     state: AgentState  # as last saved (pin, failures, last check, plan in progress, ...)
     store: str
     model_dir: str
-    expiries: tuple[Expiry, ...] = ()  # of the pinned root and the last verified manifest
-    now: datetime = field(default_factory=utcnow)
+    root_version: int | None = None  # the pinned trust root's (None: none or unreadable)
+    # The pinned root's, and the last verified manifest's content and freshness expiries.
+    expiries: tuple[Expiry, ...] = ()
 
     @property
     def warnings(self) -> list[str]:
-        return [w for e in self.expiries if (w := e.warning(self.now)) is not None]
+        """One line (``warning: ...``) per expiry that is near or past."""
+        return [f"warning: {e.warning}" for e in self.expiries if e.warning]
 
     def to_dict(self) -> dict[str, Any]:
         """``status --json``: these keys, in this order."""
         saved = self.state.to_dict()
-        by = {e.what: e for e in self.expiries}
-        root = by.get("trust_root")
         return {"device_id": self.device_id, "current": self.current, "retained": self.retained,
                 **{k: saved[k] for k in _STATUS_FIELDS},
-                "trusted_root": None if root is None else {
-                    "version": root.version, "expires": format_time(root.expires)},
-                **{f"{k}_expires": format_time(by[k].expires) if k in by else None
-                   for k in ("content", "freshness")},
-                "warnings": self.warnings,
+                "root_version": self.root_version,
+                "expires": {e.name: e.to_dict() for e in self.expiries},
                 "store": self.store, "model_dir": self.model_dir}
 
 
@@ -229,32 +196,26 @@ class Operator:
         running cycle: the state file is always whole)."""
         layout = self.agent.layout
         state = layout.read_state()
+        root_version, clocks = self._expiries()
         return StatusReport(state.device_id or self.cfg.device_id, layout.live_version(),
                             layout.retained(), state, self.cfg.store, str(self.cfg.model_dir),
-                            self._expiries(), self.agent.now())
+                            root_version, clocks)
 
-    def _expiries(self) -> tuple[Expiry, ...]:
-        """The pinned root's expiry and the last verified manifest's (content, freshness); a
-        missing or unreadable one is left out (``status`` must always answer)."""
-        out = []
+    def _expiries(self) -> tuple[int | None, tuple[Expiry, ...]]:
+        """The pinned root's version, and the expiries of it and of the last verified manifest
+        (content, freshness); what is missing or unreadable is left out (``status`` must always
+        answer)."""
         try:
-            root = self.agent.root()
-            out.append(Expiry("trust_root", root.expires, WARN_ROOT, ROOT_RENEWAL, root.version))
+            root: Root | None = self.agent.root()
         except DeltashipError:
-            pass
-        layout = self.agent.layout
+            root = None
         try:  # verified when it was saved: only read here (it may have expired since)
-            signed = loads_object(layout.load_manifest(), "manifest")["signed"]
-            ts = Timestamp.from_dict(signed)
+            signed = loads_object(self.agent.layout.load_manifest(), "manifest")["signed"]
+            ts: Timestamp | None = Timestamp.from_dict(signed)
         except (DeltashipError, OSError, KeyError):
-            return tuple(out)
-        out.append(Expiry("content", ts.manifest.expires, WARN_CONTENT,
-                          "the release key holders must re-sign it (`deltaship-publish refresh "
-                          "--content`, or a release)"))
-        out.append(Expiry("freshness", ts.expires, WARN_FRESHNESS,
-                          "the publisher must re-sign it with `deltaship-publish refresh` (is "
-                          "its timer running?)"))
-        return tuple(out)
+            ts = None
+        return (None if root is None else root.version,
+                tuple(expiries(root, ts, self.agent.now())))
 
     def rollback(self, to: str | None = None) -> RollbackResult:
         """Switch to a retained version (re-verified first) and pin the device there; works

@@ -62,18 +62,18 @@ class Release:
 
 
 def store_releases(store: Path) -> dict[str, Release]:
-    """Every release of a local store, read from its release pointers and index objects."""
+    """Every release of a local store, read from its release records and index objects."""
     out = {}
     for p in sorted((store / "releases").glob("*.json")):
-        pointer = json.loads(p.read_text())
-        sha, length = pointer["index"]["sha256"], pointer["index"]["length"]
+        record = json.loads(p.read_text())["signed"]  # a release-signed record
+        sha, length = record["index"]["sha256"], record["index"]["length"]
         data = (store / "objects" / sha).read_bytes()
         assert len(data) == length and hashlib.sha256(data).hexdigest() == sha
-        signed = json.loads(data)["signed"]
-        groups = {g["file"]: g["sha256"] for g in signed["groups"]}
-        files = {f["path"]: f["sha256"] for f in signed["files"]}
-        wm = {t["name"]: g["file"] for g in signed["groups"] for t in g["tensors"]}
-        out[signed["version"]] = Release(signed["version"], groups, files, wm, sha, length)
+        index = json.loads(data)  # unsigned, pinned by the record
+        groups = {g["file"]: g["sha256"] for g in index["groups"]}
+        files = {f["path"]: f["sha256"] for f in index["files"]}
+        wm = {t["name"]: g["file"] for g in index["groups"] for t in g["tensors"]}
+        out[index["version"]] = Release(index["version"], groups, files, wm, sha, length)
     return out
 
 
@@ -168,7 +168,7 @@ def _files_under(d: Path) -> dict[str, Path]:
 
 
 def check_version_dir(vdir: Path, rel: Release, sha: Hasher) -> None:
-    """A version directory holds exactly the released files, each with its signed sha256."""
+    """A version directory holds exactly the released files, each with its pinned sha256."""
     files = _files_under(vdir)
     assert set(files) == set(rel.expected) | {INDEX}, (
         f"{vdir}: files {sorted(set(files) ^ (set(rel.expected) | {INDEX}))} differ")
@@ -184,7 +184,8 @@ def check_layout(model_dir: Path, releases: dict[str, Release],
 
     Every file in ``objects/`` has the content its name says; every directory in
     ``versions/`` is a complete release; ``current`` is absent or a relative link to one of
-    them, a version in ``allowed``, whose signed index the device kept.
+    them, a version in ``allowed``, whose release index the device kept with the pin it was
+    verified against.
     """
     sha = Hasher()
     objects = model_dir / "objects"
@@ -205,7 +206,13 @@ def check_layout(model_dir: Path, releases: dict[str, Release],
     assert target == f"versions/{version}", f"current -> {target}"
     assert version in allowed, f"current is {version}, expected one of {allowed}"
     assert (versions / version).is_dir(), f"current -> {target}, which does not exist"
-    assert (model_dir / META_DIR / "indexes" / f"{version}.json").is_file()
+    indexes = model_dir / META_DIR / "indexes"
+    saved = (indexes / f"{version}.json").read_bytes()
+    rel = releases[version]
+    assert len(saved) == rel.index_length and sha(indexes / f"{version}.json") == rel.index_sha256
+    # The pin it is re-verified against (the index is unsigned) is the one the store released.
+    assert json.loads((indexes / f"{version}.pin.json").read_text()) == {
+        "sha256": rel.index_sha256, "length": rel.index_length}
     return version
 
 

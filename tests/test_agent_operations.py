@@ -167,34 +167,34 @@ def test_a_saved_index_that_no_longer_matches_its_pin_is_refused(dev: Device,
 def test_status_shows_every_expiry_and_warns_when_one_is_near(dev: Device) -> None:
     """The pinned root (version and expiry), the release content (the manifest's) and the
     freshness (the timestamp's), from the last verified manifest; a line starting `warning:`
-    within 30 days of the root's or the content's expiry, 7 of the freshness's, or past it."""
+    when one is near (manifest.expiry.WARN_BEFORE) or past, naming what renews it."""
     index = dev.repo.sign_index(_index("v1", dev))
     pointer = dev.repo.pointer(index, "v1")
     manifest = dev.repo.manifest_doc(pointer, expires=NOW + timedelta(days=60))
-    dev.layout.save_manifest(dev.repo.sign_manifest(manifest, expires=NOW + timedelta(days=7)))
-    op = dev.operator()
-    report = op.status()
-    info = report.to_dict()
-    assert info["trusted_root"] == {"version": 1, "expires": "2027-03-01T12:00:00Z"}
-    assert (info["content_expires"], info["freshness_expires"]) == (
-        "2026-04-30T12:00:00Z", "2026-03-08T12:00:00Z")
-    assert info["warnings"] == []
+    dev.layout.save_manifest(dev.repo.sign_manifest(manifest, expires=NOW + timedelta(days=20)))
+    info = dev.operator().status().to_dict()
+    assert info["root_version"] == 1
+    assert {k: v["expires"] for k, v in info["expires"].items()} == {
+        "root": "2027-03-01T12:00:00Z", "content": "2026-04-30T12:00:00Z",
+        "freshness": "2026-03-21T12:00:00Z"}
+    assert [v["warning"] for v in info["expires"].values()] == [None, None, None]
 
     def warnings_at(days: float) -> list[str]:
         return Operator(dev.cfg, now=lambda: NOW + timedelta(days=days)).status().warnings
 
-    assert warnings_at(0.5) == [
-        "warning: the freshness (timestamp) expires at 2026-03-08T12:00:00Z (in 6.5 days): the "
-        "publisher must re-sign it with `deltaship-publish refresh` (is its timer running?)"]
+    assert warnings_at(0) == []
+    soon = warnings_at(7)
+    assert soon == ["warning: the freshness expires at 2026-03-21T12:00:00Z (in 13 days): run "
+                    "`deltaship-publish refresh` (the timestamp key; weekly from a timer)"]
     late = warnings_at(31)
     assert [w.split(" expire")[0] for w in late] == [
-        "warning: the release content (manifest)", "warning: the freshness (timestamp)"]
-    assert "expired at 2026-03-08T12:00:00Z" in late[1]
+        "warning: the release content", "warning: the freshness"]
+    assert "expired at 2026-03-21T12:00:00Z" in late[1]
     assert "`deltaship-publish refresh --content`" in late[0]
     root = warnings_at(340)
-    assert root[0].startswith("warning: the trust root (version 1) expires at "
-                              "2027-03-01T12:00:00Z (in 25.0 days): the root key holders")
-    assert "deltaship-publish root" in root[0]
+    assert root[0].startswith("warning: the trust root expires at 2027-03-01T12:00:00Z (in 25 "
+                              "days): the root key holders")
+    assert "`deltaship-publish root" in root[0]
 
 
 def _index(version: str, dev: Device) -> ReleaseIndex:
@@ -206,9 +206,9 @@ def test_status_of_a_fresh_device(dev: Device) -> None:
         "device_id": "dev-1", "current": None, "retained": [], "pinned": None,
         "failed_versions": [], "highest_sequence": 0, "highest_timestamp": 0, "last_check": None,
         "last_result": None, "last_error": None, "bytes_last_update": 0, "bytes_total": 0,
-        "plan": None, "last_update": None,
-        "trusted_root": {"version": 1, "expires": "2027-03-01T12:00:00Z"},
-        "content_expires": None, "freshness_expires": None, "warnings": [],
+        "plan": None, "last_update": None, "root_version": 1,
+        "expires": {"root": {"expires": "2027-03-01T12:00:00Z", "days_left": 365,
+                             "warning": None}},
         "store": dev.cfg.store, "model_dir": str(dev.cfg.model_dir)}
 
 

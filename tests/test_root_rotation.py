@@ -11,12 +11,15 @@ disk must be the last good one, byte for byte.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from edge_agent.cli import main as agent_cli
 from edge_agent.roots import RootRotationPending
 from manifest.constants import root_version_key
 from manifest.errors import (
@@ -517,3 +520,29 @@ def test_pinning_another_repository_forgets_the_old_ones_floors(tmp_path: Path) 
     assert state.failed_versions == [] and not moved.layout.has_manifest()
     assert moved.poll().outcome == "updated" and moved.current == "w1"
     assert moved.state.highest_sequence == 1
+
+
+def test_status_command_shows_the_expiries_and_warns(tmp_path: Path) -> None:
+    """`deltaship-agent status` (text and --json) after a walk: the trusted root's version,
+    the three expiries, and a `warning:` line for the freshness this test's store let expire
+    (its timestamp expired in March 2026, before any real clock running this)."""
+    store, dev = store_and_device(tmp_path)
+    store.publish_root()
+    store.refresh()
+    dev.poll()
+    config = tmp_path / "dev-agent.toml"
+    text = CliRunner().invoke(agent_cli, ["status", "--config", str(config)])
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert any(ln.startswith("trust root expires") and "version 2, 2027-03-01T12:00:00Z" in ln
+               for ln in lines), text.output
+    assert any(ln.startswith("release content expires") for ln in lines), text.output
+    assert any(ln.startswith("freshness expires") for ln in lines), text.output
+    warnings = [ln for ln in lines if ln.startswith("warning:")]
+    assert any("freshness expired at" in w and "`deltaship-publish refresh`" in w
+               for w in warnings), text.output
+    doc = json.loads(CliRunner().invoke(agent_cli, ["status", "--json", "--config",
+                                                    str(config)]).output)
+    assert doc["root_version"] == 2 and doc["highest_timestamp"] == 2
+    assert sorted(doc["expires"]) == ["content", "freshness", "root"]
+    assert doc["expires"]["freshness"]["warning"].startswith("the freshness expired at")
