@@ -8,7 +8,7 @@
                                    model.safetensors.index.json (what serving code loads)
       objects/<sha256>             verified content: group files and other files (read-only)
       .deltaship/
-        state.json, root.json      agent state and the pinned trust root
+        state.json, root.json      agent state and the trusted root (pinned, then walked)
         manifest.json, lock        the last verified manifest; held by the one writer
         indexes/<V>.json           the release index of each retained version, and
         indexes/<V>.pin.json       the sha256 and length a verified manifest pinned it to
@@ -66,7 +66,7 @@ VERSIONS_DIR = "versions"
 OBJECTS_DIR = "objects"
 META_DIR = ".deltaship"  # the agent's private files
 STATE_FILE = "state.json"
-PINNED_ROOT_FILE = ROOT_KEY  # the trust root `init` pinned, named as in the store
+PINNED_ROOT_FILE = ROOT_KEY  # the trusted root: `init` pins it, each verified successor replaces it
 MANIFEST_COPY_FILE = MANIFEST_KEY  # the last verified manifest, named as in the store
 LOCK_FILE = "lock"
 STAMPS_FILE = "objects.json"

@@ -62,6 +62,7 @@ _STATUS_FIELDS = ("pinned", "failed_versions", "highest_sequence", "highest_time
                   "last_check", "last_result", "last_error", "bytes_last_update", "bytes_total",
                   "plan", "last_update")
 
+
 @dataclass(frozen=True)
 class StatusReport:
     device_id: str

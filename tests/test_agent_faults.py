@@ -215,10 +215,10 @@ class World:
         """A regex for the objects over ``over`` bytes a device at ``base`` fetches for
         ``version``."""
         have = set(self.releases[base].expected.values()) if base else set()
-        signed = json.loads((self.store / "objects" / self.releases[version].index_sha256)
-                            .read_bytes())["signed"]
+        index = json.loads((self.store / "objects" / self.releases[version].index_sha256)
+                           .read_bytes())  # unsigned, pinned
         keys = set()
-        for g in signed["groups"]:
+        for g in index["groups"]:
             if g["sha256"] not in have:
                 patch = [p["object"] for p in g["patches"] if p["base_sha256"] in have]
                 obj = min([g["full"], *patch], key=lambda o: o["length"])
@@ -568,10 +568,10 @@ def _rerun_in_user_namespace(request: pytest.FixtureRequest, tmp_path: Path) -> 
 
 def _object_for(world: World, group_sha: str) -> str:
     """The object a device at v1 downloads to build the v2 content ``group_sha``."""
-    signed = json.loads((world.store / "objects" / world.releases["v2"].index_sha256)
-                        .read_bytes())["signed"]
+    index = json.loads((world.store / "objects" / world.releases["v2"].index_sha256)
+                       .read_bytes())  # unsigned, pinned
     have = set(world.releases["v1"].expected.values())
-    for g in signed["groups"]:
+    for g in index["groups"]:
         if g["sha256"] == group_sha:
             objs = [g["full"], *(p["object"] for p in g["patches"] if p["base_sha256"] in have)]
             return str(min(objs, key=lambda o: o["length"])["sha256"])
@@ -587,10 +587,10 @@ def _needs(world: World, old: str | None) -> int:
 
 
 def _group_lengths(world: World) -> dict[str, int]:
-    signed = json.loads((world.store / "objects" / world.releases["v2"].index_sha256)
-                        .read_bytes())["signed"]
-    out = {g["sha256"]: g["length"] for g in signed["groups"]}
-    out.update({f["sha256"]: f["length"] for f in signed["files"]})
+    index = json.loads((world.store / "objects" / world.releases["v2"].index_sha256)
+                       .read_bytes())  # unsigned, pinned
+    out = {g["sha256"]: g["length"] for g in index["groups"]}
+    out.update({f["sha256"]: f["length"] for f in index["files"]})
     return out
 
 
