@@ -26,7 +26,7 @@ from manifest.metadata import Root
 from manifest.storage.store import StoreOptions, open_store
 from manifest.trust import verify_manifest, verify_record, verify_root, verify_successor
 
-from .conftest import Cli, MoEFamily
+from .conftest import BIN, Cli, MoEFamily
 
 
 @dataclass
@@ -688,3 +688,29 @@ def test_history_shows_three_expiries_and_warns_when_freshness_is_near(
     assert "`deltaship-publish refresh`" in warning
     h = _history(cli, dir_store)
     assert h["expires"]["freshness"]["warning"] and h["expires"]["content"]["warning"] is None
+
+
+# -- the README's runbooks, as written ----------------------------------------------------------
+
+
+def test_the_readme_keys_and_rotation_commands_run_as_written(
+        cli: Cli, bucket: str, tmp_path: Path, moe_family: MoEFamily) -> None:
+    """Every shell block of README "Keys and rotation" but the root-only install steps, in
+    order, against S3: set-up, weekly refresh, runbooks (a)-(d)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Keys and rotation", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
+    assert len(blocks) == 6 and "useradd" in blocks[1]
+    script = "\n".join(b for b in blocks if "useradd" not in b)
+    store = f"s3://{bucket}/llm"
+    for i, model in enumerate((moe_family.v1, moe_family.v2, moe_family.v3), 1):
+        (cli.cwd / f"checkpoint-v{i}").symlink_to(model)
+    env = cli.env(PATH=f"{BIN}:/usr/bin:/bin")
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c",
+                        script.replace("s3://models/llm", store)],
+                       cwd=cli.cwd, env=env, text=True, capture_output=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    h = _history(cli, store)
+    assert (h["current"], h["root_version"]) == ("v3", 4)
+    assert [(r["version"], r["signed_under_root"]) for r in h["releases"]] == [
+        ("v1", 1), ("v2", 4), ("v3", 4)]
