@@ -263,6 +263,28 @@ def test_refresh_content_resigns_the_manifest_with_the_release_keys(
     assert inner_after["current"] == inner_before["current"]
 
 
+def test_refresh_through_a_draft_and_a_damaged_draft(cli: Cli, dir_store: str, keys: Keys,
+                                                     moe_family: MoEFamily,
+                                                     tmp_path: Path) -> None:
+    _init_roles(cli, dir_store, keys)
+    _release(cli, dir_store, moe_family.v1, "v1", *_keyargs(keys.key("rel"), keys.key("ts")))
+    draft = tmp_path / "refresh.draft"
+    out = _json(cli.publish("refresh", "--store", dir_store, "--draft", draft, "--json"))
+    assert out["missing"] == [
+        "timestamp (manifest.json): 0 of 1 signatures from the timestamp keys of trust root v1"]
+    for damaged, needle in [(b'{"x": 1}', "missing field '_type'"),
+                            (draft.read_bytes()[:200], "not valid UTF-8 JSON")]:
+        bad = tmp_path / "bad.draft"
+        bad.write_bytes(damaged)
+        for cmd in (["sign", bad, "--key", keys.key("ts")],
+                    ["publish", bad, "--store", dir_store]):
+            _one_line_error(cli.publish(*cmd, check=False), 2,
+                            "bad.draft is not a usable deltaship draft", needle)
+    cli.publish("sign", draft, "--key", keys.key("ts"))
+    out = _json(cli.publish("publish", draft, "--store", dir_store, "--json"))
+    assert (out["kind"], out["sequence"], out["timestamp_sequence"]) == ("refresh", 1, 2)
+
+
 # -- revert through a draft ---------------------------------------------------------------------
 
 
