@@ -267,10 +267,15 @@ class Repository:
         return f"{self.store.url}/{ROOT_KEY}"
 
     def put_root_version(self, version: int, data: bytes) -> None:
-        """Add trust root ``version`` (never replacing one), then make it ``root.json``."""
+        """Add trust root ``version`` (never replacing one), then make it ``root.json``. The
+        same bytes found there already are an interrupted publish of this root: finished."""
         try:
             self.store.put_if(root_version_key(version), data, None)
         except ConflictError as e:
+            if self.store.get(root_version_key(version), MAX_ROOT_SIZE) == data:
+                self.store.put(ROOT_KEY, data)
+                self._root, self._chain = None, None
+                return
             raise ConflictError(
                 f"{self.store.url}/{root_version_key(version)} already exists: another root "
                 "was published first; make the draft again from the store's newest root"
