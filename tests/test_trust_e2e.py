@@ -35,7 +35,7 @@ from ._served_store import ServedStore
 from .conftest import BIN, Cli, MoEFamily
 
 REPO = Path(__file__).resolve().parent.parent
-REFRESH_UNIT = REPO / "scripts" / "systemd" / "deltaship-refresh.service"
+REFRESH_UNIT = REPO / "scripts" / "deltaship-refresh.service"
 
 
 @dataclass
@@ -271,8 +271,9 @@ def _faketime_env(cli: Cli, day: int) -> dict[str, str]:
 
 def _refresh_command(store: str, key: Path) -> list[str]:
     """The refresh timer's own command (ExecStart of the unit), with its variables set."""
-    lines = REFRESH_UNIT.read_text().splitlines()
-    exec_start = next(line.split("=", 1)[1] for line in lines if line.startswith("ExecStart="))
+    text = REFRESH_UNIT.read_text().replace("\\\n", " ")  # systemd's line continuations
+    exec_start = next(line.split("=", 1)[1] for line in text.splitlines()
+                      if line.startswith("ExecStart="))
     words = shlex.split(exec_start)
     out = []
     for w in words:
