@@ -20,7 +20,7 @@ from typing import Any
 
 from ._fields import SPEC_VERSION, FieldReader, check_header, check_repository_id
 from .canonical import canonical_json, loads_object
-from .errors import FormatError, OversizeError, SignatureError
+from .errors import FormatError, OversizeError, SignatureError, TrustError
 from .metadata import Root
 from .signing import SigningKey
 from .trust import check_threshold, manifest_wire, verify_root
@@ -164,7 +164,7 @@ class Draft:
     def sign(self, keys: Iterable[SigningKey]) -> list[tuple[str, str]]:
         """Add each key's signature to every document it may sign that lacks it; returns
         (document name, key id) for each signature added. A key that may sign none of them
-        is a :class:`SignatureError` (wrong key, wrong draft)."""
+        is a :class:`TrustError` (the signer's input: wrong key, wrong draft; exit 2)."""
         added: list[tuple[str, str]] = []
         for k in keys:
             useful = False
@@ -177,7 +177,7 @@ class Draft:
                 doc.signatures.append(k.sign(doc.signed))
                 added.append((doc.name, k.keyid))
             if not useful:
-                raise SignatureError(
+                raise TrustError(
                     f"key {k.keyid[:16]} ({k.name or 'unnamed'}) is not a key of any role this "
                     f"{self.kind} draft needs ({', '.join(self._needs())}): wrong key or wrong "
                     "draft"

@@ -108,8 +108,8 @@ def register(main: click.Group) -> None:
         the newest trust root version (so devices learn of a root rotation).
 
         \b
-        systemd: scripts/systemd/deltaship-refresh.{service,timer}
-        cron:    17 3 * * 1  deltaship-publish refresh --store URL --key /etc/deltaship/ts.key
+        systemd: scripts/deltaship-refresh.{service,timer}
+        cron:    17 3 * * 1 deltaship-publish refresh --store URL --key /etc/deltaship/timestamp.key
         """
         p = refresh(store_url, keys, now(), content=content,
                     lifetimes=Lifetimes(timedelta(days=expires_days),

@@ -21,12 +21,12 @@ from manifest.constants import MANIFEST_KEY, release_pointer_key, root_version_k
 from manifest.draft import Draft, DraftDocument
 from manifest.errors import (
     ConflictError,
-    ExpiredError,
     FormatError,
     LocalError,
     OversizeError,
     SignatureError,
     TrustError,
+    UntrustedDataError,
     disk_errors,
 )
 from manifest.metadata import Manifest, ReleasePointer, ReleaseRecord, Root, Timestamp
@@ -251,9 +251,11 @@ def _publish_root(repo: Repository, draft: Draft, root: Root) -> Published:
         new = verify_successor(data, root)
     except SignatureError as e:
         raise TrustError(f"the new trust root is not signed as required: {e}") from e
+    except UntrustedDataError as e:  # the draft is the user's file (a hand edit): exit 2
+        raise LocalError(f"the draft's new trust root is refused: {e}") from e
     if new.expires <= repo.now:
-        raise ExpiredError(f"the new trust root v{new.version} would already be expired: "
-                           "make the draft again with a later --expires-days")
+        raise LocalError(f"the new trust root v{new.version} would already be expired: "
+                         "make the draft again with a later --expires-days")
     key = root_version_key(new.version)
     repo.put_root_version(new.version, data)
     return Published("root", repo.store.url, (key, "root.json"), root=new)

@@ -167,6 +167,6 @@ def check_signers(
         have = len(given & set(role.keyids))
         if have < role.threshold:
             raise TrustError(
-                f"the trust root needs {role.threshold} {n!r} signature(s); the key(s) given "
+                f"the trust root needs {role.threshold} {n!r} signatures; the key(s) given "
                 f"make {have}: pass more --key options (or use --draft FILE and `sign`)"
             )

@@ -85,15 +85,24 @@ class CurrentManifest:
     manifest_signatures: tuple[Any, ...]
     etag: str | None
     content_trusted: bool = True
-    signed_under: int = 0  # the root version whose keys signed the timestamp (0: none yet)
+    timestamp_trusted: bool = True  # the timestamp is signed by the newest root's keys
 
     @property
     def next_sequence(self) -> int:
-        return (self.timestamp.manifest.sequence if self.timestamp else 0) + 1
+        """The next manifest sequence. It starts again at 1 when the keys that signed the
+        current manifest are no longer the release keys: every device that reaches the newest
+        root crosses that change and forgets its floor (fast-forward recovery, docs/FORMAT.md
+        §13), so a stolen key's absurd sequence does not live on."""
+        if self.timestamp is None or not self.content_trusted:
+            return 1
+        return self.timestamp.manifest.sequence + 1
 
     @property
     def next_timestamp(self) -> int:
-        return (self.timestamp.sequence if self.timestamp else 0) + 1
+        """The next timestamp sequence (starts again like :attr:`next_sequence`)."""
+        if self.timestamp is None or not self.timestamp_trusted:
+            return 1
+        return self.timestamp.sequence + 1
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ class Repository:
         try:
             ts = verify_manifest(data, root, now=self.now, grace=_PUBLISHER_GRACE)
             sigs = loads_object(data, "manifest").get("manifest_signatures", [])
-            return CurrentManifest(ts, tuple(sigs), etag, True, root.version)
+            return CurrentManifest(ts, tuple(sigs), etag)
         except SignatureError:
             if root.version == 1:
                 raise
@@ -202,7 +211,7 @@ class Repository:
                 raise MixAndMatchError(f"{what} belongs to repository {rid}, not to "
                                        f"{root.repository_id}: restore the store's own")
         return CurrentManifest(ts, tuple(inner_sigs), etag, content_under == root.version,
-                               ts_under)
+                               ts_under == root.version)
 
     def check_manifest_bytes(self, data: bytes) -> None:
         """What is about to be written verifies as a device would verify it (no expiry)."""
@@ -258,10 +267,15 @@ class Repository:
         return f"{self.store.url}/{ROOT_KEY}"
 
     def put_root_version(self, version: int, data: bytes) -> None:
-        """Add trust root ``version`` (never replacing one), then make it ``root.json``."""
+        """Add trust root ``version`` (never replacing one), then make it ``root.json``. The
+        same bytes found there already are an interrupted publish of this root: finished."""
         try:
             self.store.put_if(root_version_key(version), data, None)
         except ConflictError as e:
+            if self.store.get(root_version_key(version), MAX_ROOT_SIZE) == data:
+                self.store.put(ROOT_KEY, data)
+                self._root, self._chain = None, None
+                return
             raise ConflictError(
                 f"{self.store.url}/{root_version_key(version)} already exists: another root "
                 "was published first; make the draft again from the store's newest root"

@@ -102,7 +102,7 @@ def edit_root(store_url: str, edit: RootEdit, now: datetime, out: Path, *,
         keys.setdefault(pub.keyid, pub)
         if pub.keyid not in roles[role]:
             roles[role].append(pub.keyid)
-    thresholds.update(edit.thresholds)
+    thresholds.update({_role(role): n for role, n in edit.thresholds.items()})
     new_roles = {}
     for name, ids in roles.items():
         if not ids:

@@ -3,9 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
-# System tools some tests drive for real (unit files, a process as another user, mounts).
+# System tools some tests drive for real (unit files, a process as another user, mounts,
+# a clock moved forward).
 missing=()
-for tool in systemd-analyze:systemd setpriv:util-linux unshare:util-linux mount:mount; do
+for tool in systemd-analyze:systemd setpriv:util-linux unshare:util-linux mount:mount faketime:faketime; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

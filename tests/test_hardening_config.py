@@ -23,8 +23,8 @@ import pytest
 
 from manifest import errors
 from manifest.errors import EXIT_CODES
-from manifest.metadata import Manifest, Root
-from manifest.trust import sign_document
+from manifest.metadata import Manifest, Root, Timestamp
+from manifest.trust import manifest_wire, sign_document
 from publisher.keys import load_signing_keys
 
 from .conftest import MoEFamily
@@ -426,10 +426,18 @@ def test_expires_days_overflow(tmp_path: Path, fleet: Fleet) -> None:
 
 
 def _resign(path: Path, keys: Path, edit: dict[str, object], kind: type[Root | Manifest]) -> None:
+    """Edit and re-sign a root, or a manifest AND the timestamp around it."""
     doc = json.loads(path.read_bytes())
+    (key,) = load_signing_keys([keys / "release.key"])
     signed = {**doc["signed"], **edit}
-    kind.from_dict(signed)  # still a valid document
-    path.write_bytes(sign_document(signed, load_signing_keys([keys / "release.key"])))
+    if kind is Manifest:
+        signed["manifest"] = {**signed["manifest"], **edit}
+        Timestamp.from_dict(signed)  # still a valid document
+        path.write_bytes(manifest_wire(signed, [key.sign(signed)],
+                                       [key.sign(signed["manifest"])]))
+        return
+    kind.from_dict(signed)
+    path.write_bytes(sign_document(signed, [key]))
 
 
 YEAR_9999 = "9999-12-31T23:59:59Z"
@@ -441,6 +449,7 @@ def test_documents_expiring_in_year_9999(fleet: Fleet, moe_family: MoEFamily,
     box = Sandbox.new(tmp_path / "box")
     shutil.copytree(fleet.store, box.top / "store")
     _resign(box.top / "store" / "root.json", fleet.keys, {"expires": YEAR_9999}, Root)
+    shutil.copy(box.top / "store" / "root.json", box.top / "store" / "roots" / "1.json")
     _resign(box.top / "store" / "manifest.json", fleet.keys, {"expires": YEAR_9999}, Manifest)
     assert "v1" in ok(box.publish("history", "--store", box.top / "store")).stdout
     ok(box.agent("init", "--store", box.top / "store", "--trust", box.top / "store/root.json",

@@ -87,7 +87,7 @@ def test_release_story(cli: Cli, bucket: str, release_key: Path, moe_family: MoE
         from publisher.repository import Repository
 
         repo = Repository(store, idx4.released_at)
-        idx = repo.index(repo.release(version).pointer)
+        idx = repo.index(repo.release(version).record.pointer)
         dest = tmp_path / "device" / version
         fetched = materialise(store, idx, dest, have, tmp_path / "work")
         if version != "v1":
@@ -104,7 +104,7 @@ def test_release_story(cli: Cli, bucket: str, release_key: Path, moe_family: MoE
     # Skipping versions: a device at v1 goes straight to v4 with patches from v1.
     fetched = materialise(store, idx4, tmp_path / "skip", group_files(tmp_path / "device" / "v1",
                           Repository(store, idx4.released_at).index(
-                              Repository(store, idx4.released_at).release("v1").pointer)),
+                              Repository(store, idx4.released_at).release("v1").record.pointer)),
                           tmp_path / "work2")
     assert fetched["full"] == 0
     assert raw_tensors(tmp_path / "skip") == raw_tensors(moe_family.v4)
@@ -152,7 +152,9 @@ def test_revert(cli: Cli, bucket: str, release_key: Path, moe_family: MoEFamily,
     _release(cli, store_url, moe_family.v2, "v2", release_key)
     out = cli.publish("revert", "--store", store_url, "--to", "v1", "--key", release_key,
                       "--json")
-    assert json.loads(out.stdout) == {"current": "v1", "sequence": 3}
+    result = json.loads(out.stdout)
+    assert (result["kind"], result["current"], result["sequence"]) == ("revert", "v1", 3)
+    assert result["timestamp_sequence"] == 3 and result["written"] == ["manifest.json"]
     hist = json.loads(cli.publish("history", "--store", store_url, "--json").stdout)
     assert hist["current"] == "v1" and hist["sequence"] == 3
     assert [r["current"] for r in hist["releases"]] == [True, False]

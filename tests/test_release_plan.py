@@ -43,7 +43,7 @@ def _pointer(version: str, c: str = "e") -> ReleasePointer:
 
 
 def _record(version: str, sequence: int) -> ReleaseRecord:
-    return ReleaseRecord(version, sequence, NOW, _pointer(version).index)
+    return ReleaseRecord(version, sequence, NOW, _pointer(version).index, repository_id=REPO_ID)
 
 
 def _manifest(version: str, sequence: int) -> Manifest:
