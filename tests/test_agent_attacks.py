@@ -485,8 +485,9 @@ def test_oversized_index(scene: Scene, body: str) -> None:
 
 
 def test_one_object_listed_for_two_groups(scene: Scene) -> None:
-    """An index (validly pinned by a signed manifest) that hands one group another group's patch. Found by this
-    suite: both downloads raced on one partial file and the agent died with a traceback."""
+    """An index (validly pinned by a signed manifest) that hands one group another group's
+    patch. Found by this suite: both downloads raced on one partial file and the agent died
+    with a traceback."""
     scene.release()
     patched = [g for g in current_index(scene.store)["groups"] if g["patches"]]
     assert len(patched) >= 2
@@ -501,8 +502,9 @@ def test_one_object_listed_for_two_groups(scene: Scene) -> None:
 
 
 def test_rebuilt_group_checked_against_the_index(scene: Scene) -> None:
-    """Wrong software installation: an index (validly pinned by a signed manifest) whose group sha256 is not what
-    its patch rebuilds. The rebuilt file is checked before it can become live."""
+    """Wrong software installation: an index (validly pinned by a signed manifest) whose group
+    sha256 is not what its patch rebuilds. The rebuilt file is checked before it can become
+    live."""
     scene.release()
     victim = next(g for g in current_index(scene.store)["groups"] if g["patches"])["name"]
 
