@@ -156,10 +156,11 @@ class Operator:
         return layout.root_file
 
     def _pinned_repository(self) -> str | None:
-        """The repository of the root pinned now (None: none, or unreadable)."""
+        """The repository of the root pinned now (None: none, or unreadable; an unusable model
+        directory is reported when `init` writes to it)."""
         try:
             return self.agent.root().repository_id
-        except DeltashipError:
+        except (DeltashipError, OSError):
             return None
 
     def _check_include_at_store(self, root: Root) -> None:
@@ -208,7 +209,7 @@ class Operator:
         answer)."""
         try:
             root: Root | None = self.agent.root()
-        except DeltashipError:
+        except (DeltashipError, OSError):
             root = None
         try:  # verified when it was saved: only read here (it may have expired since)
             signed = loads_object(self.agent.layout.load_manifest(), "manifest")["signed"]
