@@ -42,6 +42,7 @@ from manifest.errors import (
     ExpiredError,
     HashMismatchError,
     HookError,
+    LocalError,
     TransportError,
 )
 from manifest.metadata import (
@@ -203,6 +204,7 @@ class Agent:
         data, root, manifest = await self.verified_manifest(source)
         target = manifest.current.version
         current = self.layout.current()
+        self.check_same_release(target, manifest.current.index)
         if state.pinned:
             return CycleResult("pinned", current, f"pinned at {state.pinned} by an operator; "
                                f"the store offers {target} (run `deltaship-agent resume`)")
@@ -238,6 +240,19 @@ class Agent:
         self.commit_switch(target, current)
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
                            downloaded)
+
+    def check_same_release(self, version: str, pin: ObjectRef) -> None:
+        """A retained ``version`` must be the release the manifest names (its index pin), not
+        another release with the same name (a model directory re-pinned to another store)."""
+        if not self.layout.has_version(version):
+            return
+        held = self.layout.index_pin(version)
+        if (held.sha256, held.length) != (pin.sha256, pin.length):
+            raise LocalError(
+                f"version {version} on this device is another release than the store's "
+                f"{version} (its index differs): this model directory was used with another "
+                "store; give the device a new --model-dir (`deltaship-agent init`)"
+            )
 
     def check_still_valid(self, manifest_bytes: bytes, root: Root) -> None:
         """The manifest verified before a (maybe slow) download must still hold now."""

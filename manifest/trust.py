@@ -33,7 +33,7 @@ from .errors import (
     ReplayError,
     SignatureError,
 )
-from .metadata import ReleaseIndex, ReleasePointer, ReleaseRecord, Root, Timestamp
+from .metadata import Manifest, ReleaseIndex, ReleasePointer, ReleaseRecord, Root, Timestamp
 from .signing import SigningKey
 
 __all__ = [
@@ -246,6 +246,8 @@ def verify_manifest(
     check_threshold(root, "timestamp", canonical_json(signed), signatures, "manifest timestamp")
     inner, inner_sigs = signed.get("manifest"), doc.get("manifest_signatures")
     if not isinstance(inner, dict) or not isinstance(inner_sigs, list):
+        if signed.get("_type") == Manifest.TYPE:  # an older format's bare manifest: say so
+            Manifest.from_dict(signed)
         raise FormatError("manifest has no signed manifest inside its timestamp "
                           "({'signed': {'manifest'}, 'manifest_signatures'})")
     check_threshold(root, "release", canonical_json(inner), inner_sigs, "manifest")

@@ -30,7 +30,7 @@ import pytest
 
 from manifest.constants import RELEASES_PREFIX
 from manifest.signing import SigningKey
-from manifest.trust import MAX_MANIFEST_SIZE, manifest_wire
+from manifest.trust import MAX_MANIFEST_SIZE, manifest_wire, sign_document
 
 from ._attack_helpers import (
     Device,
@@ -328,53 +328,78 @@ def test_an_older_trust_root_cannot_be_pinned_or_published_to(
     assert tree(tmp_path) == before
 
 
-# -- 5. release pointers are unsigned ---------------------------------------------------------
+# -- 5. release records (signed since format 3) ------------------------------------------------
 
 
 def _pointer(store: Path, version: str) -> Path:
     return store / RELEASES_PREFIX / f"{version}.json"
 
 
+def _resign_record(twins: Twins, store: Path, version: str, edit: Callable[[dict], None]) -> None:
+    """What a holder of the release key writes: releases/<version>.json edited and re-signed."""
+    signed = json.loads(_pointer(store, version).read_text())["signed"]
+    edit(signed)
+    _pointer(store, version).write_bytes(sign_document(signed, key_of(twins)))
+
+
 def test_revert_refuses_a_pointer_copied_over_another(twins: Twins, tmp_path: Path,
                                                        moe_family: MoEFamily) -> None:
     """releases/v1.json overwritten with releases/v3.json: ``revert --to v1`` used to sign a
-    manifest for v3 ("v3 is current again")."""
+    manifest for v3 ("v3 is current again"). The signed record names its own version."""
     scene = make_scene(twins, tmp_path, at="v3")
     shutil.copy(_pointer(scene.store, "v3"), _pointer(scene.store, "v1"))
     message = scene.publisher_refused(
         "revert", "--store", scene.store, "--to", "v1", "--key", twins.key,
-        needles=("releases/v1.json names version 'v3'", "altered"))
-    assert "current again" not in message
+        needles=("releases/v1.json is signed for version 'v3'", "copied"))
+    assert "is current" not in message
     for cmd in (("history",), ("release", moe_family.v4, "--version", "v9",
                                "--key", twins.key)):
         scene.publisher_refused(cmd[0], "--store", scene.store, *cmd[1:],
-                                needles=("releases/v1.json names version 'v3'",))
+                                needles=("releases/v1.json is signed for version 'v3'",))
+
+
+def test_revert_refuses_an_edited_record(twins: Twins, tmp_path: Path) -> None:
+    """releases/v1.json edited to name v3's index, without the key: its signature fails."""
+    scene = make_scene(twins, tmp_path, at="v3")
+    doc = json.loads(_pointer(scene.store, "v1").read_text())
+    doc["signed"]["index"] = json.loads(_pointer(scene.store, "v3").read_text())["signed"]["index"]
+    _pointer(scene.store, "v1").write_text(json.dumps(doc))
+    scene.publisher_refused(
+        "revert", "--store", scene.store, "--to", "v1", "--key", twins.key,
+        needles=("releases/v1.json has 0 valid signature", "'release' keys"))
 
 
 def test_revert_refuses_a_pointer_to_another_versions_index(twins: Twins,
                                                             tmp_path: Path) -> None:
-    """releases/v1.json still says v1 but names v3's (genuine, signed) index."""
+    """releases/v1.json re-signed (with the key) to name v3's genuine index: the index's own
+    version still decides."""
     scene = make_scene(twins, tmp_path, at="v3")
-    record = json.loads(_pointer(scene.store, "v1").read_text())
-    record["index"] = json.loads(_pointer(scene.store, "v3").read_text())["index"]
-    _pointer(scene.store, "v1").write_text(json.dumps(record))
+    v3_index = json.loads(_pointer(scene.store, "v3").read_text())["signed"]["index"]
+    _resign_record(twins, scene.store, "v1", lambda r: r.update(index=v3_index))
     scene.publisher_refused(
         "revert", "--store", scene.store, "--to", "v1", "--key", twins.key,
         needles=("release index is for version 'v3' but releases/v1.json names 'v1'",))
 
 
 def test_revert_refuses_a_pointer_to_another_stores_index(twins: Twins, tmp_path: Path) -> None:
-    """releases/v1.json names B's v1 index (same key, same version name, copied into A)."""
+    """releases/v1.json re-signed (the key is shared) to name B's v1 index, copied into A."""
     scene = make_scene(twins, tmp_path, at="v3")
     b_v1 = twins.b.snapshots["v1"]
     b_index = manifest_of(b_v1)["current"]["index"]
     shutil.copy(b_v1 / "objects" / b_index["sha256"], scene.store / "objects")
-    record = json.loads(_pointer(scene.store, "v1").read_text())
-    record["index"] = b_index
-    _pointer(scene.store, "v1").write_text(json.dumps(record))
+    _resign_record(twins, scene.store, "v1", lambda r: r.update(index=b_index))
     scene.publisher_refused(
         "revert", "--store", scene.store, "--to", "v1", "--key", twins.key,
         needles=(f"release index belongs to repository {twins.b.repository_id}",))
+
+
+def test_revert_refuses_another_stores_record(twins: Twins, tmp_path: Path) -> None:
+    """B's signed releases/v1.json copied into A (same key): its repository id is B's."""
+    scene = make_scene(twins, tmp_path, at="v3")
+    shutil.copy(_pointer(twins.b.snapshots["v1"], "v1"), _pointer(scene.store, "v1"))
+    scene.publisher_refused(
+        "revert", "--store", scene.store, "--to", "v1", "--key", twins.key,
+        needles=(f"belongs to repository {twins.b.repository_id}",))
 
 
 def test_revert_to_a_genuine_pointer_still_works(twins: Twins, tmp_path: Path) -> None:

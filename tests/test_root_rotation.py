@@ -24,6 +24,7 @@ from edge_agent.roots import RootRotationPending
 from manifest.constants import root_version_key
 from manifest.errors import (
     ExpiredError,
+    LocalError,
     MissingKeyError,
     ReplayError,
     SignatureError,
@@ -546,3 +547,20 @@ def test_status_command_shows_the_expiries_and_warns(tmp_path: Path) -> None:
     assert doc["root_version"] == 2 and doc["highest_timestamp"] == 2
     assert sorted(doc["expires"]) == ["content", "freshness", "root"]
     assert doc["expires"]["freshness"]["warning"].startswith("the freshness expired at")
+
+
+def test_a_same_named_version_of_another_store_is_not_taken_for_the_live_one(
+        tmp_path: Path) -> None:
+    """Re-pinned to another store that also released "v1": the device's v1 is another release
+    (its index pin differs), so it is neither "up to date" nor reused: one clear refusal."""
+    _, dev = store_and_device(tmp_path)
+    assert dev.current == "v1"
+    other = ChainStore(tmp_path / "other", repository_id=OTHER_REPO_ID)
+    other.roles = {"root": ([5], 1), "release": ([6], 1), "timestamp": ([7], 1)}
+    other.release_keys, other.timestamp_keys = [6], [7]
+    other.publish_root()
+    other.release("v1")  # another index (it names the other repository)
+    moved = Device(tmp_path / "dev", str(other.path), other.signed_roots[0])
+    with pytest.raises(LocalError, match="version v1 on this device is another release"):
+        moved.poll()
+    assert moved.current == "v1"
