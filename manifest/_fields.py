@@ -17,6 +17,8 @@ __all__ = [
     "HEX64",
     "SPEC_VERSION",
     "FieldReader",
+    "check_channel",
+    "check_device_id",
     "check_file_path",
     "check_group_name",
     "check_header",
@@ -45,6 +47,8 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}\Z")
 _PATH_PART = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,255}\Z")
 _VERSION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}\Z")
 _REPOSITORY_ID = re.compile(r"^[0-9a-f]{32}\Z")
+_CHANNEL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 
 T = TypeVar("T")
 
@@ -91,6 +95,22 @@ def check_repository_id(v: object, where: str) -> str:
     """A repository id: 32 lowercase hex digits (128 random bits chosen by ``init``)."""
     if not isinstance(v, str) or not _REPOSITORY_ID.match(v):
         raise FormatError(f"{where} {v!r} is not a repository id (32 lowercase hex digits)")
+    return v
+
+
+def check_channel(v: object, where: str = "channel") -> str:
+    """A channel name (``stable``, ``beta``): it becomes part of store keys."""
+    if not isinstance(v, str) or not _CHANNEL.match(v):
+        raise FormatError(f"{where} {v!r} is not a channel name (lowercase letters, digits, "
+                          "'-' and '_', at most 64)")
+    return v
+
+
+def check_device_id(v: object, where: str = "device id") -> str:
+    """A device id: it becomes a store key (``reports/<device-id>.json``) and a rollout input."""
+    if not isinstance(v, str) or not _DEVICE_ID.match(v):
+        raise FormatError(f"{where} {v!r} is not a device id (letters, digits, '.', '_', ':', "
+                          "'-'; at most 128; not starting with a punctuation mark)")
     return v
 
 

@@ -23,7 +23,10 @@ __all__ = [
     "GroupEntry",
     "ObjectRef",
     "PatchRef",
+    "ReleasePointer",
     "TensorEntry",
+    "index_dict",
+    "index_ref",
 ]
 
 # Caps on the size fields of an index (docs/FORMAT.md §6), checked while parsing: generous for
@@ -195,3 +198,29 @@ class FileEntry:
             "object": self.object.to_dict(),
         }
 
+
+def index_ref(d: Any, where: str) -> ObjectRef:
+    """``{"sha256", "length"}`` of a release index object (its encoding is implicitly JSON)."""
+    r = FieldReader(d, where)
+    return ObjectRef(r.sha256(), r.count("length"), "json", r.rest())
+
+
+def index_dict(ref: ObjectRef) -> dict[str, Any]:
+    return {**ref.unrecognized, "sha256": ref.sha256, "length": ref.length}
+
+
+@dataclass(frozen=True)
+class ReleasePointer:
+    """A version and its release index object: what a manifest names as current."""
+
+    version: str
+    index: ObjectRef
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ReleasePointer:
+        r = FieldReader(d, where)
+        version = check_version(r.get("version", str), f"{where}.version")
+        return cls(version, index_ref(r.get("index", dict), f"{where}.index"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "index": index_dict(self.index)}

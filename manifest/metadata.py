@@ -25,6 +25,7 @@ from ._fields import (
     HEX64,
     SPEC_VERSION,
     FieldReader,
+    check_channel,
     check_file_path,
     check_group_name,
     check_header,
@@ -34,9 +35,19 @@ from ._fields import (
     parse_list,
     parse_time,
 )
-from .constants import WEIGHT_INDEX_FILE
-from .entries import FileEntry, GroupEntry, ObjectRef, PatchRef, TensorEntry
+from .constants import DEFAULT_CHANNEL, WEIGHT_INDEX_FILE
+from .entries import (
+    FileEntry,
+    GroupEntry,
+    ObjectRef,
+    PatchRef,
+    ReleasePointer,
+    TensorEntry,
+    index_dict,
+    index_ref,
+)
 from .errors import FormatError, UnsafeNameError
+from .rollout import Rollout
 from .signing import PublicKey
 
 __all__ = [
@@ -51,6 +62,7 @@ __all__ = [
     "ReleasePointer",
     "ReleaseRecord",
     "Role",
+    "Rollout",
     "Root",
     "TensorEntry",
     "Timestamp",
@@ -135,33 +147,6 @@ class ReleaseIndex:
         return sum(g.length for g in self.groups)
 
 
-def _index_ref(d: Any, where: str) -> ObjectRef:
-    """``{"sha256", "length"}`` of a release index object (its encoding is implicitly JSON)."""
-    r = FieldReader(d, where)
-    return ObjectRef(r.sha256(), r.count("length"), "json", r.rest())
-
-
-def _index_dict(ref: ObjectRef) -> dict[str, Any]:
-    return {**ref.unrecognized, "sha256": ref.sha256, "length": ref.length}
-
-
-@dataclass(frozen=True)
-class ReleasePointer:
-    """A version and its release index object: what a manifest names as current."""
-
-    version: str
-    index: ObjectRef
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str) -> ReleasePointer:
-        r = FieldReader(d, where)
-        version = check_version(r.get("version", str), f"{where}.version")
-        return cls(version, _index_ref(r.get("index", dict), f"{where}.index"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"version": self.version, "index": _index_dict(self.index)}
-
-
 @dataclass(frozen=True)
 class ReleaseRecord:
     """``releases/<version>.json`` (``_type: deltaship.release-record``, docs/FORMAT.md §9).
@@ -195,7 +180,7 @@ class ReleaseRecord:
             check_version(r.get("version", str), f"{where}.version"),
             r.count("sequence"),
             parse_time(r.get("released_at", str), f"{where} released_at"),
-            _index_ref(r.get("index", dict), f"{where}.index"),
+            index_ref(r.get("index", dict), f"{where}.index"),
             r.rest(),
             repository_id=repository_id,
         )
@@ -209,13 +194,16 @@ class ReleaseRecord:
             "version": self.version,
             "sequence": self.sequence,
             "released_at": format_time(self.released_at),
-            "index": _index_dict(self.index),
+            "index": index_dict(self.index),
         }
 
 
+ACTIONS = ("release", "revert", "promote", "rollout")
+
+
 def _action(v: Any) -> str:
-    if v not in ("release", "revert"):
-        raise FormatError(f"manifest.action {v!r} is not 'release' or 'revert'")
+    if v not in ACTIONS:
+        raise FormatError(f"manifest.action {v!r} is not one of {', '.join(ACTIONS)}")
     return str(v)
 
 
@@ -232,10 +220,12 @@ class Manifest:
     sequence: int
     expires: datetime
     published_at: datetime
-    current: ReleasePointer
-    action: str = "release"  # "release" or "revert"
+    current: ReleasePointer  # with a rollout: the fallback, what devices outside it run
+    action: str = "release"  # "release", "revert", "promote" or "rollout"
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
     repository_id: str = field(kw_only=True)  # the store's, as in its trust root
+    channel: str = field(default=DEFAULT_CHANNEL, kw_only=True)
+    rollout: Rollout | None = field(default=None, kw_only=True)
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
@@ -243,28 +233,33 @@ class Manifest:
         check_header(r, cls.TYPE)
         repository_id = check_repository_id(r.get("repository_id", str),
                                             "manifest repository_id")
-        return cls(
-            r.count("sequence"),
-            parse_time(r.get("expires", str), "manifest expires"),
-            parse_time(r.get("published_at", str), "manifest published_at"),
-            ReleasePointer.from_dict(r.get("current", dict), "manifest.current"),
-            _action(r.optional("action", "release")),
-            r.rest(),
-            repository_id=repository_id,
-        )
+        seq = r.count("sequence")
+        expires = parse_time(r.get("expires", str), "manifest expires")
+        published = parse_time(r.get("published_at", str), "manifest published_at")
+        current = ReleasePointer.from_dict(r.get("current", dict), "manifest.current")
+        action = _action(r.optional("action", "release"))
+        channel = check_channel(r.take("channel", str, DEFAULT_CHANNEL), "manifest.channel")
+        rollout_d = r.take("rollout", dict, None)
+        rollout = Rollout.from_dict(rollout_d) if rollout_d is not None else None
+        return cls(seq, expires, published, current, action, r.rest(),
+                   repository_id=repository_id, channel=channel, rollout=rollout)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             **self.unrecognized,
             "_type": self.TYPE,
             "spec_version": SPEC_VERSION,
             "repository_id": self.repository_id,
+            "channel": self.channel,
             "sequence": self.sequence,
             "expires": format_time(self.expires),
             "published_at": format_time(self.published_at),
             "current": self.current.to_dict(),
             "action": self.action,
         }
+        if self.rollout is not None:
+            d["rollout"] = self.rollout.to_dict()
+        return d
 
 
 @dataclass(frozen=True)

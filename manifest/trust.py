@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .canonical import canonical_json, loads_object
+from .constants import DEFAULT_CHANNEL
 from .errors import (
     ExpiredError,
     FormatError,
@@ -234,13 +235,15 @@ def verify_manifest(
     min_sequence: int = 0,
     min_timestamp: int = 0,
     grace: timedelta = timedelta(0),
+    channel: str = DEFAULT_CHANNEL,
 ) -> Timestamp:
     """Verify ``manifest.json`` (docs/FORMAT.md §13, steps 6-9).
 
     The timestamp: a threshold of the ``timestamp`` role, the root's repository, sequence not
     below ``min_timestamp``, not expired. The manifest it carries: a threshold of the
     ``release`` role (a timestamp key alone can only re-attest content the release keys
-    signed), the root's repository, sequence not below ``min_sequence``, not expired.
+    signed), the root's repository and ``channel``, sequence not below ``min_sequence``, not
+    expired.
     """
     signed, signatures, doc = _open(data, "manifest", MAX_MANIFEST_SIZE)
     check_threshold(root, "timestamp", canonical_json(signed), signatures, "manifest timestamp")
@@ -254,6 +257,11 @@ def verify_manifest(
     ts = Timestamp.from_dict(signed)
     _check_repository(ts.repository_id, root, "manifest timestamp")
     _check_repository(ts.manifest.repository_id, root, "manifest")
+    if ts.manifest.channel != channel:
+        raise MixAndMatchError(
+            f"manifest is for channel {ts.manifest.channel!r}, not {channel!r}: the store "
+            "serves another channel's manifest at this channel's key"
+        )
     if ts.sequence < min_timestamp:
         raise ReplayError(
             f"manifest timestamp sequence {ts.sequence} is older than {min_timestamp} already "
