@@ -3,10 +3,10 @@
 A draft file (``_type: deltaship.draft``, docs/FORMAT.md §14) holds the documents one publisher
 command will write, each with the role whose threshold it needs and the signatures gathered so
 far, plus the trust root it was drafted against. ``deltaship-publish release --draft`` (and
-``revert``, ``refresh``, ``root edit``) write one; ``sign`` adds one key's signatures to every
-document that key may sign; ``publish`` checks every threshold against the store's current root
-and writes the documents. Signing changes only ``signatures``: the ``signed`` parts are fixed
-when the draft is made, so key holders can sign in any order.
+``revert``, ``refresh``, ``promote``, ``rollout``, ``root edit``) write one; ``sign`` adds one
+key's signatures to every document that key may sign; ``publish`` checks every threshold
+against the store's current root and writes the documents. Signing changes only ``signatures``:
+the ``signed`` parts are fixed when the draft is made, so key holders can sign in any order.
 
 A key holder's ``sign`` verifies nothing about the store (it may have no access to it); it signs
 the bytes it is shown, and ``publish`` refuses a draft whose trusted root is not the store's.
@@ -28,7 +28,7 @@ from .trust import check_threshold, manifest_wire, verify_root
 __all__ = ["KINDS", "MAX_DRAFT_SIZE", "Draft", "DraftDocument"]
 
 MAX_DRAFT_SIZE = 32 * 1024 * 1024
-KINDS = ("release", "revert", "refresh", "root")
+KINDS = ("release", "revert", "refresh", "promote", "rollout", "root")
 _ROLES = ("root", "release", "timestamp")
 
 

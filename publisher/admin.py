@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from manifest.constants import release_pointer_key
+from manifest.constants import DEFAULT_CHANNEL, release_record_key
 from manifest.errors import AlreadyExistsError, LocalError, MixAndMatchError, TrustError
 from manifest.metadata import Role, Root, Timestamp
 from manifest.signing import PublicKey
@@ -122,25 +122,28 @@ def revert(
     store_url: str, to_version: str, key_paths: tuple[Path, ...], now: datetime, *,
     lifetimes: Lifetimes = DEFAULT_LIFETIMES, options: StoreOptions | None = None,
     insecure_key_permissions: bool = False, draft: Path | None = None,
+    channel: str = DEFAULT_CHANNEL,
 ) -> Published:
-    """Make an older release current again under a higher sequence number."""
+    """Make an older release of ``channel`` current again under a higher sequence number (a
+    rollout in progress ends: every device of the channel runs ``to_version``)."""
     keys = (load_signing_keys(key_paths, insecure_permissions=insecure_key_permissions)
             if key_paths or draft is None else [])
-    repo = Repository(open_store(store_url, options), now)
+    repo = Repository(open_store(store_url, options), now, channel)
     root = repo.root()
     if draft is None:
         check_signers(root, keys, ("release", "timestamp"), key_paths)
     record = repo.release(to_version).record
     # The record is signed; what its signed index says must still be the requested version,
     # or devices would be sent elsewhere.
-    index = repo.index(record.pointer, release_pointer_key(to_version))
+    index = repo.index(record.pointer, release_record_key(to_version, channel))
     if index.version != to_version:
         raise MixAndMatchError(
             f"the release record of {to_version!r} leads to the index of "
             f"{index.version!r}: the store's releases/ was altered; nothing was reverted"
         )
     current = repo.current_manifest()
-    if current.timestamp is not None and current.timestamp.current.version == to_version:
+    if current.timestamp is not None and current.timestamp.current.version == to_version \
+            and current.timestamp.manifest.rollout is None:
         raise AlreadyExistsError(f"{to_version!r} is already the current release (to extend "
                                  "its validity: `deltaship-publish refresh`)")
     d = manifest_draft("revert", repo, now, current=record.pointer, action="revert",
@@ -163,14 +166,18 @@ class History:
     timestamp: Timestamp | None
     root: Root
     content_trusted: bool = True
+    channel: str = DEFAULT_CHANNEL
+    channels: tuple[str, ...] = ()
 
 
-def history(store_url: str, now: datetime, options: StoreOptions | None = None) -> History:
-    """Every release, oldest first, the current manifest (None before the first) and the root.
+def history(store_url: str, now: datetime, options: StoreOptions | None = None,
+            channel: str = DEFAULT_CHANNEL) -> History:
+    """Every release of ``channel``, oldest first, its current manifest (None before the
+    first) and the root; ``channels``: every channel of the store that has a manifest.
 
     A store without a trust root is not a store with no releases yet: it is a mistyped URL or
     a store never initialised (StoreConfigError, exit 2)."""
-    repo = Repository(open_store(store_url, options), now)
+    repo = Repository(open_store(store_url, options), now, channel)
     root = repo.root()
     state = repo.current_manifest()
     current = state.timestamp.current.version if state.timestamp else None
@@ -179,4 +186,5 @@ def history(store_url: str, now: datetime, options: StoreOptions | None = None) 
                      r.record.version == current, r.signed_under)
         for r in repo.releases()
     ]
-    return History(entries, state.timestamp, root, state.content_trusted)
+    return History(entries, state.timestamp, root, state.content_trusted, channel,
+                   tuple(repo.channels()))

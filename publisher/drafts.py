@@ -1,11 +1,11 @@
 """Every document the publisher writes goes through a draft: made, signed, then published.
 
-``release``, ``revert``, ``refresh`` and ``root edit`` each build a :class:`~manifest.draft.Draft`
-of the documents they will write. With ``--key`` options the draft is signed at once and
-published when every threshold is met; with ``--draft FILE`` it is saved for key holders on
-other machines (``deltaship-publish sign FILE --key K``) and written by
-``deltaship-publish publish FILE``. One path, so a command signed on one machine and one signed
-by three key holders write the same bytes.
+``release``, ``revert``, ``refresh``, ``promote``, ``rollout`` and ``root edit`` each build a
+:class:`~manifest.draft.Draft` of the documents they will write. With ``--key`` options the
+draft is signed at once and published when every threshold is met; with ``--draft FILE`` it is
+saved for key holders on other machines (``deltaship-publish sign FILE --key K``) and written
+by ``deltaship-publish publish FILE``. One path, so a command signed on one machine and one
+signed by three key holders write the same bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from manifest.constants import MANIFEST_KEY, release_pointer_key, root_version_key
+from manifest._fields import check_channel
+from manifest.constants import DEFAULT_CHANNEL, release_record_key, root_version_key
 from manifest.draft import Draft, DraftDocument
 from manifest.errors import (
     ConflictError,
@@ -29,7 +30,7 @@ from manifest.errors import (
     UntrustedDataError,
     disk_errors,
 )
-from manifest.metadata import Manifest, ReleasePointer, ReleaseRecord, Root, Timestamp
+from manifest.metadata import Manifest, ReleasePointer, ReleaseRecord, Rollout, Root, Timestamp
 from manifest.signing import SigningKey
 from manifest.storage.atomic import write_atomic
 from manifest.trust import verify_successor
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_LIFETIMES",
     "Lifetimes",
     "Published",
+    "draft_channel",
     "finish",
     "load_draft",
     "manifest_draft",
@@ -82,34 +84,39 @@ def manifest_draft(
     record: ReleaseRecord | None = None,
     new_content: bool = True,
     lifetimes: Lifetimes = DEFAULT_LIFETIMES,
+    rollout: Rollout | None = None,
 ) -> Draft:
-    """A draft of ``manifest.json`` (and the release record ``record``, if any).
+    """A draft of the channel's manifest (and the release record ``record``, if any).
 
-    ``new_content``: a new manifest (sequence + 1, new expiry) naming ``current`` (default:
-    what is current now); else the current manifest is kept with its signatures and only the
-    timestamp is new (``refresh``). Either way the timestamp's sequence goes up by one and it
-    names the store's newest root.
+    ``new_content``: a new manifest (sequence + 1, new expiry) naming ``current`` and
+    ``rollout``, or with ``current`` None, re-signing what is current now as it is (its
+    action and rollout too: ``refresh --content``); else the current manifest is kept with
+    its signatures and only the timestamp is new (``refresh``). Either way the timestamp's
+    sequence goes up by one and it names the store's newest root. The draft's ``base`` names
+    the channel, so ``publish`` writes it to that channel's keys.
     """
     root = repo.root()
     state = repo.current_manifest()
     docs: list[DraftDocument] = []
+    key = repo.manifest_key
     if record is not None:
-        docs.append(DraftDocument("record", release_pointer_key(record.version), "release",
-                                  record.to_dict()))
+        docs.append(DraftDocument("record", release_record_key(record.version, repo.channel),
+                                  "release", record.to_dict()))
     if new_content:
         if current is None:
             if state.timestamp is None:
-                raise LocalError(f"{repo.store.url} has no release yet: nothing to re-sign")
-            current = state.timestamp.current
+                raise LocalError(f"{repo.channel_text()} has no release yet: nothing to "
+                                 "re-sign")
+            current, rollout = state.timestamp.current, state.timestamp.manifest.rollout
         manifest = Manifest(
             state.next_sequence, _until(now, lifetimes.manifest, "manifest"), now, current,
             action or (state.timestamp.manifest.action if state.timestamp else "release"),
-            repository_id=root.repository_id,
+            repository_id=root.repository_id, channel=repo.channel, rollout=rollout,
         )
-        manifest_doc = DraftDocument("manifest", MANIFEST_KEY, "release", manifest.to_dict())
+        manifest_doc = DraftDocument("manifest", key, "release", manifest.to_dict())
     else:
         if state.timestamp is None:
-            raise LocalError(f"{repo.store.url} has no release yet: nothing to refresh")
+            raise LocalError(f"{repo.channel_text()} has no release yet: nothing to refresh")
         if not state.content_trusted:
             raise TrustError(
                 f"the manifest in {repo.store.url} is signed by release keys the newest trust "
@@ -117,15 +124,24 @@ def manifest_draft(
                 "keys (`deltaship-publish refresh --content`) or release a new version"
             )
         manifest = state.timestamp.manifest
-        manifest_doc = DraftDocument("manifest", MANIFEST_KEY, "release", manifest.to_dict(),
+        manifest_doc = DraftDocument("manifest", key, "release", manifest.to_dict(),
                                      list(state.manifest_signatures))
     docs.append(manifest_doc)
     ts = Timestamp(state.next_timestamp, _until(now, lifetimes.timestamp, "timestamp"),
                    root.version, manifest, repository_id=root.repository_id)
-    docs.append(DraftDocument("timestamp", MANIFEST_KEY, "timestamp", ts.to_dict()))
+    docs.append(DraftDocument("timestamp", key, "timestamp", ts.to_dict()))
     return Draft(kind, root.repository_id, repo.store.url, repo.root_bytes(), docs,
                  {"etag": state.etag, "sequence": manifest.sequence,
-                  "timestamp_sequence": ts.sequence})
+                  "timestamp_sequence": ts.sequence, "channel": repo.channel})
+
+
+def draft_channel(draft: Draft) -> str:
+    """The channel a manifest draft was made for (``stable`` for drafts made before
+    channels)."""
+    try:
+        return check_channel(draft.base.get("channel", DEFAULT_CHANNEL), "the draft's channel")
+    except FormatError as e:  # the user's file
+        raise LocalError(f"{e}: not a usable deltaship draft") from e
 
 
 def root_draft(repo: Repository, new: Root) -> Draft:
@@ -175,6 +191,7 @@ class Published:
     draft_path: Path | None = None  # set when only a draft was written
     missing: tuple[str, ...] = ()  # thresholds a saved draft still lacks
     signed: tuple[tuple[str, str], ...] = field(default=())
+    channel: str = DEFAULT_CHANNEL
 
 
 def finish(
@@ -186,7 +203,7 @@ def finish(
     if draft_path is not None:
         save_draft(draft_path, draft)
         return Published(draft.kind, repo.store.url, (), draft_path=draft_path,
-                         missing=tuple(draft.missing()), signed=signed)
+                         missing=tuple(draft.missing()), signed=signed, channel=repo.channel)
     missing = draft.missing()
     if missing:
         raise TrustError(
@@ -199,7 +216,10 @@ def finish(
 
 
 def publish_draft(repo: Repository, draft: Draft) -> Published:
-    """Write a fully signed draft to the store it was made for (checked here)."""
+    """Write a fully signed draft to the store it was made for (checked here); a manifest
+    draft goes to the channel its ``base`` names (``repo`` is re-aimed there)."""
+    if draft.kind != "root":
+        repo = repo.for_channel(draft_channel(draft))
     root = repo.root()
     if draft.repository_id != root.repository_id:
         raise TrustError(f"the draft is for repository {draft.repository_id}, but "
@@ -228,15 +248,22 @@ def _publish_manifest(repo: Repository, draft: Draft) -> Published:
             "another release, revert or refresh was published since this draft was made, so "
             "it was not published: make the draft again to build on the new state"
         )
+    record = draft.get("record")
+    for doc in (draft.document("manifest"), draft.document("timestamp"), record):
+        expected = (repo.manifest_key if doc is None or doc.name != "record" else
+                    release_record_key(str(doc.signed.get("version")), repo.channel))
+        if doc is not None and doc.key != expected:
+            raise LocalError(f"the draft writes its {doc.name} to {doc.key!r}, not to "
+                             f"{expected!r} of channel {repo.channel!r}: not a usable draft")
     wire = draft.wire("timestamp")
     repo.check_manifest_bytes(wire)
     repo.put_manifest(wire, _etag(draft.base))
-    written = [MANIFEST_KEY]
-    record = draft.get("record")
+    written = [repo.manifest_key]
     if record is not None:
         repo.store.put(record.key, record.envelope())
         written.append(record.key)
-    return Published(draft.kind, repo.store.url, tuple(written), timestamp=ts)
+    return Published(draft.kind, repo.store.url, tuple(written), timestamp=ts,
+                     channel=repo.channel)
 
 
 def _etag(base: Any) -> str | None:

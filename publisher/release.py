@@ -40,14 +40,15 @@ from pathlib import Path
 import zstandard
 
 from manifest.canonical import canonical_json
-from manifest.constants import release_pointer_key
-from manifest.errors import AlreadyExistsError
+from manifest.constants import DEFAULT_CHANNEL, release_record_key
+from manifest.errors import AlreadyExistsError, LocalError
 from manifest.metadata import (
     FileEntry,
     ObjectRef,
     ReleaseIndex,
     ReleasePointer,
     ReleaseRecord,
+    Rollout,
     check_version,
 )
 from manifest.safetensors_format import SafetensorsFile
@@ -98,6 +99,10 @@ class ReleaseConfig:
     progress: bool | None = None
     known_stores: Path | None = None  # the list of stores this machine signs (None: default)
     insecure_key_permissions: bool = False  # accept a private key group or others can read
+    channel: str = DEFAULT_CHANNEL
+    # Basis points of a staged rollout: the new version becomes the candidate and what is
+    # current stays the fallback. None: the new version is current for the whole channel.
+    rollout_basis_points: int | None = None
 
 
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
@@ -106,9 +111,10 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     keys = (load_signing_keys(cfg.key_paths, insecure_permissions=cfg.insecure_key_permissions)
             if cfg.key_paths or cfg.draft is None else [])
     rules = [parse_pattern(p) for p in cfg.group_patterns]
-    repo = Repository(open_store(cfg.store_url, cfg.store_options), now)
+    repo = Repository(open_store(cfg.store_url, cfg.store_options), now, cfg.channel)
     if cfg.draft is None:  # all signatures now: refuse missing keys before encoding anything
         check_signers(repo.root(), keys, ("release", "timestamp"), cfg.key_paths)
+    check_new_version(repo, version, cfg.rollout_basis_points)
     state = read_store_state(repo, version, cfg.deltas_from)
     cache = PublisherCache(cfg.cache_dir)
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
@@ -135,13 +141,31 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             uploads = objects_to_upload(chosen, files)
             uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
             published = publish(repo, version, index_bytes, keys, now, cfg.lifetimes,
-                                cfg.draft)
+                                cfg.draft, cfg.rollout_basis_points)
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         cache.end(cfg.cache_max_bytes)
     timings = Timings(time.monotonic() - t0, encode_seconds)
-    return summarise(index, state, results, uploaded, timings, cfg.dry_run, listing, published)
+    summary = summarise(index, state, results, uploaded, timings, cfg.dry_run, listing,
+                        published)
+    return dataclasses.replace(summary, channel=cfg.channel,
+                               rollout_basis_points=cfg.rollout_basis_points)
+
+
+def check_new_version(repo: Repository, version: str, rollout_bp: int | None) -> None:
+    """Before anything is read or encoded: a version name is released once per store (every
+    channel), and a staged release needs a release to fall back to."""
+    elsewhere = repo.versions_elsewhere(version)
+    if elsewhere:
+        raise AlreadyExistsError(
+            f"version {version!r} is already released to channel {elsewhere[0]!r} of "
+            f"{repo.store.url}: pick a new version, or move it with `deltaship-publish promote "
+            f"--from {elsewhere[0]} --to {repo.channel} --version {version}`"
+        )
+    if rollout_bp is not None and repo.current_manifest().timestamp is None:
+        raise LocalError(f"{repo.channel_text()} has no release yet, so a staged rollout has "
+                         "nothing to fall back to: release the first version without --rollout")
 
 
 def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreState:
@@ -156,7 +180,7 @@ def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreS
         )
     bases = tuple(
         repo.index(p, "the manifest" if manifest and p == manifest.current
-                   else release_pointer_key(p.version))
+                   else release_record_key(p.version, repo.channel))
         for p in base_pointers(manifest, records, deltas_from)
     )
     return dataclasses.replace(state, bases=bases)
@@ -255,14 +279,22 @@ def upload(
 def publish(
     repo: Repository, version: str, index_bytes: bytes, keys: Sequence[SigningKey],
     now: datetime, lifetimes: Lifetimes, draft_path: Path | None,
+    rollout_bp: int | None = None,
 ) -> Published:
     """Write the index object, then draft the manifest and record naming it, and sign and
-    publish them (or save the draft for other key holders; see the module doc)."""
+    publish them (or save the draft for other key holders; see the module doc). With
+    ``rollout_bp`` the new version is the candidate of a staged rollout and what is current
+    stays the fallback."""
     index_ref = ObjectRef(hashlib.sha256(index_bytes).hexdigest(), len(index_bytes), "json")
     repo.store.put(index_ref.key, index_bytes)
     current = repo.current_manifest()
     record = ReleaseRecord(version, current.next_sequence, now, index_ref,
                            repository_id=repo.root().repository_id)
-    draft = manifest_draft("release", repo, now, current=ReleasePointer(version, index_ref),
-                           action="release", record=record, lifetimes=lifetimes)
+    new = ReleasePointer(version, index_ref)
+    rollout = None
+    if rollout_bp is not None:
+        assert current.timestamp is not None  # check_new_version
+        new, rollout = current.timestamp.current, Rollout(new, rollout_bp)
+    draft = manifest_draft("release", repo, now, current=new, action="release",
+                           record=record, lifetimes=lifetimes, rollout=rollout)
     return finish(repo, draft, keys, draft_path)

@@ -9,6 +9,10 @@ publisher may build on them (re-sign, revert, use as delta bases) but never pass
 signed by today's keys. The documents the publisher writes go through here too, so every store
 key comes from :mod:`manifest.constants` or :attr:`ObjectRef.key
 <manifest.metadata.ObjectRef.key>`.
+
+A repository is the view of one **channel** (docs/FORMAT.md §5.2): its manifest and release
+records live at the channel's keys and its manifest must name that channel, as a device
+following it checks; roots and objects are shared by every channel of the store.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from typing import Any
 
 from manifest.canonical import canonical_json, loads_object
 from manifest.constants import (
+    DEFAULT_CHANNEL,
     MANIFEST_KEY,
     RELEASES_PREFIX,
     ROOT_KEY,
-    release_pointer_key,
+    channel_prefix,
+    manifest_key,
+    release_record_key,
     root_version_key,
 )
 from manifest.container import apply_container
@@ -111,10 +118,14 @@ class VerifiedRecord:
     signed_under: int  # the root version whose release keys signed it (the newest, or older)
 
 
+_CHANNELS_PREFIX = "channels/"
+
+
 class Repository:
-    def __init__(self, store: Store, now: datetime) -> None:
+    def __init__(self, store: Store, now: datetime, channel: str = DEFAULT_CHANNEL) -> None:
         self.store = store
         self.now = now
+        self.channel = channel  # checked by the caller (manifest._fields.check_channel)
         self._root: Root | None = None
         self._root_bytes = b""
         self._chain: list[Root] | None = None
@@ -174,8 +185,39 @@ class Repository:
                     continue
             raise newest_error from None
 
+    @property
+    def manifest_key(self) -> str:
+        return manifest_key(self.channel)
+
+    def for_channel(self, channel: str) -> Repository:
+        """The view of another channel of the same store (the root read once is shared);
+        ``self`` for its own channel."""
+        if channel == self.channel:
+            return self
+        other = Repository(self.store, self.now, channel)
+        other._root, other._root_bytes, other._chain = self._root, self._root_bytes, self._chain
+        return other
+
+    def channels(self) -> list[str]:
+        """The channels that have a manifest, ``stable`` first if it has one."""
+        found = [DEFAULT_CHANNEL] if self.store.exists(MANIFEST_KEY) else []
+        for key in self.store.list(_CHANNELS_PREFIX):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == MANIFEST_KEY and parts[1] != DEFAULT_CHANNEL:
+                found.append(parts[1])
+        return found
+
+    def channel_text(self) -> str:
+        """``channel 'beta' of URL`` (for messages)."""
+        return f"channel {self.channel!r} of {self.store.url}"
+
+    def versions_elsewhere(self, version: str) -> list[str]:
+        """The other channels whose release records include ``version``."""
+        return [c for c in self.channels() if c != self.channel
+                and self.store.exists(release_record_key(version, c))]
+
     def current_manifest(self) -> CurrentManifest:
-        """The store's ``manifest.json``, verified; one signed by an older root's keys (before
+        """The channel's manifest, verified; one signed by an older root's keys (before
         a rotation) is accepted to build on, and says so."""
         if self._current is None:
             self._current = self._read_manifest()
@@ -183,12 +225,13 @@ class Repository:
 
     def _read_manifest(self) -> CurrentManifest:
         try:
-            data, etag = self.store.get_with_etag(MANIFEST_KEY, MAX_MANIFEST_SIZE)
+            data, etag = self.store.get_with_etag(self.manifest_key, MAX_MANIFEST_SIZE)
         except MissingKeyError:
             return CurrentManifest(None, (), None)
         root = self.root()
         try:
-            ts = verify_manifest(data, root, now=self.now, grace=_PUBLISHER_GRACE)
+            ts = verify_manifest(data, root, now=self.now, grace=_PUBLISHER_GRACE,
+                                 channel=self.channel)
             sigs = loads_object(data, "manifest").get("manifest_signatures", [])
             return CurrentManifest(ts, tuple(sigs), etag)
         except SignatureError:
@@ -210,27 +253,38 @@ class Repository:
             if rid != root.repository_id:
                 raise MixAndMatchError(f"{what} belongs to repository {rid}, not to "
                                        f"{root.repository_id}: restore the store's own")
+        if ts.manifest.channel != self.channel:
+            raise MixAndMatchError(f"{self.store.url}/{self.manifest_key} is the manifest of "
+                                   f"channel {ts.manifest.channel!r}, not {self.channel!r}")
         return CurrentManifest(ts, tuple(inner_sigs), etag, content_under == root.version,
                                ts_under == root.version)
 
     def check_manifest_bytes(self, data: bytes) -> None:
         """What is about to be written verifies as a device would verify it (no expiry)."""
-        verify_manifest(data, self.root(), now=self.now, grace=_PUBLISHER_GRACE)
+        verify_manifest(data, self.root(), now=self.now, grace=_PUBLISHER_GRACE,
+                        channel=self.channel)
+
+    @property
+    def _releases_prefix(self) -> str:
+        return channel_prefix(self.channel) + RELEASES_PREFIX
 
     def releases(self) -> list[VerifiedRecord]:
-        """Every released version, oldest first."""
+        """Every version released to the channel, oldest first."""
         out = [
             self._record(key)
-            for key in self.store.list(RELEASES_PREFIX)
+            for key in self.store.list(self._releases_prefix)
             if key.endswith(".json")
         ]
         return sorted(out, key=lambda r: r.record.sequence)
 
     def release(self, version: str) -> VerifiedRecord:
-        """The record of ``version``; NotFoundError if it was never released (or cannot be)."""
-        never = f"version {version!r} was never released to {self.store.url}"
+        """The channel's record of ``version``; NotFoundError if it was never released to the
+        channel (or cannot be)."""
+        where = (self.store.url if self.channel == DEFAULT_CHANNEL
+                 else self.channel_text())
+        never = f"version {version!r} was never released to {where}"
         try:
-            key = release_pointer_key(check_version(version))
+            key = release_record_key(check_version(version), self.channel)
         except FormatError as e:
             raise NotFoundError(never) from e
         try:
@@ -240,7 +294,7 @@ class Repository:
 
     def _record(self, key: str) -> VerifiedRecord:
         """The signed record at ``key``, which must be for the version its key names."""
-        version = key[len(RELEASES_PREFIX):-len(".json")]
+        version = key[len(self._releases_prefix):-len(".json")]
         data = self.store.get(key, ReleaseRecord.MAX_SIZE)
         where = f"{self.store.url}/{key}"
         try:
@@ -286,7 +340,7 @@ class Repository:
     def put_manifest(self, data: bytes, etag: str | None) -> None:
         """Replace the manifest only if it is still the one read with ``etag``."""
         try:
-            self.store.put_if(MANIFEST_KEY, data, etag)
+            self.store.put_if(self.manifest_key, data, etag)
         except ConflictError as e:
             raise ConflictError(
                 "another release or revert was published while this one ran, so this one was "

@@ -67,6 +67,8 @@ class ReleaseSummary:
     skipped_files: tuple[str, ...] = ()  # hidden files and directories, not shipped
     draft: str | None = None  # the draft file written instead of publishing (--draft)
     draft_missing: tuple[str, ...] = ()  # signatures the draft still needs
+    channel: str = "stable"
+    rollout_basis_points: int | None = None  # a staged release: the candidate's share
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)

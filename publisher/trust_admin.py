@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from manifest.constants import DEFAULT_CHANNEL
 from manifest.errors import LocalError, TrustError
 from manifest.metadata import Role, Root
 from manifest.signing import PublicKey
@@ -34,13 +35,15 @@ def refresh(
     store_url: str, key_paths: Sequence[Path], now: datetime, *, content: bool = False,
     lifetimes: Lifetimes = DEFAULT_LIFETIMES, options: StoreOptions | None = None,
     insecure_key_permissions: bool = False, draft: Path | None = None,
+    channel: str = DEFAULT_CHANNEL,
 ) -> Published:
-    """Re-sign the freshness of what is current (a new timestamp: later expiry, higher
-    sequence, the newest root version). ``content``: re-sign the manifest itself too (release
-    keys), which is required when the release keys changed since it was signed."""
+    """Re-sign the freshness of what is current in ``channel`` (a new timestamp: later
+    expiry, higher sequence, the newest root version). ``content``: re-sign the manifest
+    itself too (release keys), which is required when the release keys changed since it was
+    signed."""
     keys = (load_signing_keys(tuple(key_paths), insecure_permissions=insecure_key_permissions)
             if key_paths or draft is None else [])
-    repo = Repository(open_store(store_url, options), now)
+    repo = Repository(open_store(store_url, options), now, channel)
     current = repo.current_manifest()
     new_content = content or not current.content_trusted
     if draft is None:
