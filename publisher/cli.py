@@ -21,23 +21,27 @@ from manifest.metadata import check_version
 from manifest.storage.store import StoreOptions
 
 from .admin import ROLES, history, init_store, revert, role_keys
-from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir, parse_size
+from .cache import DEFAULT_CACHE_MAX_BYTES, parse_size
+from .cli_fleet import register as register_fleet
+from .cli_local import register as register_local
 from .cli_options import (
     MAX_DAYS,
     F,
+    cache_dir_option,
+    channel_option,
     draft_option,
     errors,
     insecure_key_option,
     lifetime_options,
     now,
+    percent,
     store_options,
 )
 from .cli_trust import print_draft_status as _print_draft_status
 from .cli_trust import print_published, register
 from .drafts import Lifetimes
-from .grouping import assign_groups, parse_pattern
+from .fleet import percent_text
 from .keys import generate_key_files
-from .model_dir import open_model
 from .progress import human_bytes
 from .release import ReleaseConfig, release
 from .summary import ReleaseSummary
@@ -51,14 +55,6 @@ _errors = errors
 _now = now
 _draft_option = draft_option
 _lifetime_options = lifetime_options
-
-
-def _cache_dir_option(fn: F) -> F:
-    return click.option(
-        "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-        help="Where base versions are cached (default $XDG_CACHE_HOME/deltaship/publisher, "
-        "else ~/.cache/deltaship/publisher).",
-    )(fn)
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
@@ -205,7 +201,11 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @main.command("release")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @_store_options
+@channel_option
 @click.option("--version", "version", required=True, help="Name of the new version (e.g. v2).")
+@click.option("--rollout", "rollout_bp", callback=percent, metavar="PERCENT",
+              help="Stage it: the new version is the candidate for PERCENT of the channel's "
+              "devices (e.g. 1 or 0.5), the current one stays the fallback (`rollout`).")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Private signing key: release and timestamp keys, enough for their "
               "thresholds (repeatable).")
@@ -218,7 +218,7 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
               help="zstd level for tensor data.")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPU count).")
-@_cache_dir_option
+@cache_dir_option
 @click.option("--cache-max-bytes", callback=_size, default=str(DEFAULT_CACHE_MAX_BYTES),
               metavar="SIZE", show_default="4G",
               help="Trim the cache to this size after the release, least recently used base "
@@ -227,11 +227,12 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @click.option("--dry-run", is_flag=True, help="Compute and report, upload nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors
-def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, version: str,
-                keys: tuple[Path, ...], draft: Path | None, expires_days: int,
-                timestamp_days: int, deltas_from: int, patterns: tuple[str, ...], level: int,
-                workers: int | None, cache_dir: Path | None, cache_max_bytes: int,
-                insecure_key_permissions: bool, dry_run: bool, as_json: bool) -> None:
+def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, channel: str,
+                version: str, rollout_bp: int | None, keys: tuple[Path, ...],
+                draft: Path | None, expires_days: int, timestamp_days: int, deltas_from: int,
+                patterns: tuple[str, ...], level: int, workers: int | None,
+                cache_dir: Path | None, cache_max_bytes: int, insecure_key_permissions: bool,
+                dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
 
     MODEL_DIR holds *.safetensors (one file, or shards with model.safetensors.index.json)
@@ -256,7 +257,8 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
                         progress=False if as_json else None, cache_max_bytes=cache_max_bytes,
                         insecure_key_permissions=insecure_key_permissions, draft=draft,
                         lifetimes=Lifetimes(timedelta(days=expires_days),
-                                            timedelta(days=timestamp_days)))
+                                            timedelta(days=timestamp_days)),
+                        channel=channel, rollout_basis_points=rollout_bp)
     if workers:
         cfg = dataclasses.replace(cfg, workers=workers)
     if cache_dir:
@@ -270,7 +272,10 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, versi
 
 def _print_summary(s: ReleaseSummary) -> None:
     verb = "would release" if s.dry_run else "drafted" if s.draft else "released"
-    click.echo(f"{verb} {s.version} to {s.store} (manifest sequence {s.sequence})")
+    where = s.store if s.channel == "stable" else f"channel {s.channel} of {s.store}"
+    staged = ("" if s.rollout_basis_points is None else
+              f", candidate for {percent_text(s.rollout_basis_points)} of devices")
+    click.echo(f"{verb} {s.version} to {where} (manifest sequence {s.sequence}{staged})")
     if s.draft:
         _print_draft_status(Path(s.draft), s.draft_missing)
     click.echo(f"  groups changed: {s.groups_changed} of {s.groups_total}; "
@@ -302,17 +307,22 @@ def _names(names: tuple[str, ...], limit: int = 12) -> str:
 
 @main.command("history")
 @_store_options
+@channel_option
 @click.option("--json", "as_json", is_flag=True, help="Print the history as JSON.")
 @_errors
-def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None:
-    """List the releases in a store, oldest first, marking the current one, and when the
-    trust root, the release content and its freshness expire (warning when one is near)."""
+def history_cmd(store_url: str, endpoint_url: str | None, channel: str, as_json: bool) -> None:
+    """List the releases of a channel, oldest first, marking the current one and a rollout's
+    candidate, and when the trust root, the release content and its freshness expire
+    (warning when one is near)."""
     now = _now()
-    h = history(store_url, now, StoreOptions(endpoint_url))
+    h = history(store_url, now, StoreOptions(endpoint_url), channel)
     ts = h.timestamp
+    rollout = ts.manifest.rollout if ts else None
     expiries = expiry_list(h.root, ts, now)
     if as_json:
         click.echo(json.dumps({
+            "channel": h.channel, "channels": list(h.channels),
+            "rollout": rollout.to_dict() if rollout else None,
             "current": ts.current.version if ts else None,
             "sequence": ts.manifest.sequence if ts else 0,
             "timestamp_sequence": ts.sequence if ts else 0,
@@ -325,17 +335,23 @@ def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None
         }, indent=2))
         return
     if not h.entries:
-        click.echo("no releases yet")
+        click.echo("no releases yet" + (f" in channel {channel} (channels with releases: "
+                                        f"{', '.join(h.channels) or 'none'})"
+                                        if channel != "stable" else ""))
     else:
         click.echo(f"{'':2}{'version':<20}{'sequence':>9}  released")
         for e in h.entries:
-            mark = "*" if e.current else " "
+            mark = "*" if e.current else "~" if rollout and \
+                rollout.candidate.version == e.version else " "
             old = (f"  (signed under root v{e.signed_under})"
                    if e.signed_under and e.signed_under != h.root.version else "")
             click.echo(f"{mark:2}{e.version:<20}{e.sequence:>9}  "
                        f"{e.released_at:%Y-%m-%d %H:%M:%S}Z{old}")
     if ts is not None and ts.manifest.action == "revert":
         click.echo(f"(reverted to {ts.current.version} at sequence {ts.manifest.sequence})")
+    if rollout is not None:
+        click.echo(f"~ rollout of {rollout.candidate.version}: {rollout.state}, "
+                   f"{percent_text(rollout.share(now))} of devices now (`fleet status`)")
     for x in expiries:
         click.echo(f"{x.label:<22}expires {x.at_text} ({x.days_left} days)")
     for x in expiries:
@@ -345,6 +361,7 @@ def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None
 
 @main.command("revert")
 @_store_options
+@channel_option
 @click.option("--to", "to_version", required=True, help="The released version to make current.")
 @click.option("--key", "keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Private signing key: release and timestamp keys, enough for their "
@@ -354,10 +371,10 @@ def history_cmd(store_url: str, endpoint_url: str | None, as_json: bool) -> None
 @_insecure_key_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_errors
-def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
+def revert_cmd(store_url: str, endpoint_url: str | None, channel: str, to_version: str,
                keys: tuple[Path, ...], draft: Path | None, expires_days: int,
                timestamp_days: int, insecure_key_permissions: bool, as_json: bool) -> None:
-    """Make an older release current for the whole fleet.
+    """Make an older release current for the whole channel (a rollout in progress ends).
 
     Publishes a new manifest with a higher sequence number that names the older release, so
     devices follow it like any update and replay protection stays intact. With --draft FILE
@@ -365,75 +382,11 @@ def revert_cmd(store_url: str, endpoint_url: str | None, to_version: str,
     """
     p = revert(store_url, to_version, keys, _now(), options=StoreOptions(endpoint_url),
                lifetimes=Lifetimes(timedelta(days=expires_days), timedelta(days=timestamp_days)),
-               insecure_key_permissions=insecure_key_permissions, draft=draft)
+               insecure_key_permissions=insecure_key_permissions, draft=draft, channel=channel)
     print_published(p, as_json)
 
 
-@main.command("inspect")
-@click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
-              help="Grouping rule tried before the defaults: a regex with named captures.")
-@click.option("--json", "as_json", is_flag=True, help="Print the group map as JSON.")
-@_errors
-def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> None:
-    """Show how MODEL_DIR's tensors are grouped (one file and one patch per group), and
-    which other files a release ships and which hidden ones it skips."""
-    rules = [parse_pattern(p) for p in patterns]
-    with open_model(model_dir) as model:
-        groups = assign_groups(model.tensors, rules)
-        sizes = {g: sum(model.tensors[t].info.nbytes for t in ts) for g, ts in groups.items()}
-        if as_json:
-            click.echo(json.dumps({"groups": [{"name": g, "bytes": sizes[g], "tensors": ts}
-                                              for g, ts in groups.items()],
-                                   "tensor_files": model.tensor_files,
-                                   "files": model.other_files,
-                                   "skipped_files": model.skipped_files}, indent=2))
-            return
-        click.echo(f"{len(groups)} groups, {len(model.tensors)} tensors, "
-                   f"{len(model.other_files)} other files")
-        for g, ts in groups.items():
-            click.echo(f"  {g:<40}{len(ts):>4} tensors {human_bytes(sizes[g]):>10}")
-        for f in model.other_files:
-            click.echo(f"  file {f}")
-        for f in model.skipped_files:
-            click.echo(f"  skipped (hidden) {f}")
-
-
-@main.group("cache")
-def cache_group() -> None:
-    """Show or clear the local cache of base versions.
-
-    `release` rebuilds the base versions it makes patches from here and trims the cache to
-    --cache-max-bytes (default 4G) afterwards, least recently used first.
-    """
-
-
-@cache_group.command("info")
-@_cache_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_errors
-def cache_info(cache_dir: Path | None, as_json: bool) -> None:
-    """Show where the cache is and how much it holds."""
-    usage = PublisherCache(cache_dir or default_cache_dir()).usage()
-    if as_json:
-        click.echo(json.dumps(usage.to_dict()))
-    else:
-        click.echo(f"{usage.path}: {usage.files} files, {human_bytes(usage.total_bytes)}")
-
-
-@cache_group.command("clear")
-@_cache_dir_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_errors
-def cache_clear(cache_dir: Path | None, as_json: bool) -> None:
-    """Remove everything in the cache (refused while a release is using it)."""
-    removed = PublisherCache(cache_dir or default_cache_dir()).clear()
-    if as_json:
-        click.echo(json.dumps({**removed.to_dict(), "removed": True}))
-    else:
-        click.echo(f"removed {removed.files} files, {human_bytes(removed.total_bytes)} from "
-                   f"{removed.path}")
-
-
 register(main)
+register_fleet(main)
+register_local(main)
 main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

@@ -10,19 +10,27 @@ from typing import Any, TypeVar
 
 import click
 
+from manifest._fields import check_channel
 from manifest.cli_errors import exit_on_errors
+from manifest.constants import DEFAULT_CHANNEL
+from manifest.errors import FormatError, LocalError
 
 from .drafts import DEFAULT_LIFETIMES
+from .fleet import parse_percent
 
 __all__ = [
     "MAX_DAYS",
     "F",
+    "cache_dir_option",
+    "channel_name",
+    "channel_option",
     "draft_option",
     "errors",
     "insecure_key_option",
     "keys_option",
     "lifetime_options",
     "now",
+    "percent",
     "store_options",
 ]
 
@@ -83,4 +91,39 @@ def lifetime_options(fn: F) -> F:
         type=click.IntRange(1, MAX_DAYS),
         help="Lifetime of the signed release content (renewed by every release, revert and "
         "`refresh --content`).",
+    )(fn)
+
+
+def channel_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A click callback: a channel name (``--channel``, ``promote --from/--to``)."""
+    try:
+        return check_channel(value, "")
+    except FormatError as e:  # the user's flag: a usage error (exit 2), not the store's data
+        raise click.BadParameter(str(e).strip()) from e
+
+
+def channel_option(fn: F) -> F:
+    return click.option(
+        "--channel", default=DEFAULT_CHANNEL, show_default=True, envvar="DELTASHIP_CHANNEL",
+        callback=channel_name, metavar="NAME",
+        help="The channel (stable, beta, ...): its own signed manifest and release records; "
+        "objects are shared. [env: DELTASHIP_CHANNEL]",
+    )(fn)
+
+
+def percent(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A click callback: a percentage (``5``, ``0.5``, ``12.25%``) -> basis points."""
+    if value is None:
+        return None
+    try:
+        return parse_percent(value, "")
+    except LocalError as e:
+        raise click.BadParameter(str(e).strip()) from e
+
+
+def cache_dir_option(fn: F) -> F:
+    return click.option(
+        "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+        help="Where base versions are cached (default $XDG_CACHE_HOME/deltaship/publisher, "
+        "else ~/.cache/deltaship/publisher).",
     )(fn)

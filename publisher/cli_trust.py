@@ -9,11 +9,13 @@ from pathlib import Path
 
 import click
 
+from manifest.constants import DEFAULT_CHANNEL
 from manifest.metadata import format_time
 from manifest.storage.store import StoreOptions
 
 from .cli_options import (
     MAX_DAYS,
+    channel_option,
     draft_option,
     errors,
     insecure_key_option,
@@ -23,6 +25,7 @@ from .cli_options import (
     store_options,
 )
 from .drafts import Lifetimes, Published
+from .fleet import percent_text
 from .trust_admin import RootEdit, edit_root, publish_file, refresh, sign_file
 
 __all__ = ["print_draft_status", "print_published", "register"]
@@ -48,10 +51,13 @@ def print_published(p: Published, as_json: bool) -> None:
             print_draft_status(p.draft_path, p.missing)
         return
     ts = p.timestamp
+    rollout = ts.manifest.rollout if ts else None
     if as_json:
         out: dict[str, object] = {"kind": p.kind, "store": p.store, "written": list(p.written)}
         if ts is not None:
-            out.update({"current": ts.current.version, "sequence": ts.manifest.sequence,
+            out.update({"channel": p.channel,
+                        "rollout": rollout.to_dict() if rollout else None,
+                        "current": ts.current.version, "sequence": ts.manifest.sequence,
                         "timestamp_sequence": ts.sequence, "root_version": ts.root_version,
                         "expires": format_time(ts.manifest.expires),
                         "fresh_until": format_time(ts.expires)})
@@ -61,11 +67,19 @@ def print_published(p: Published, as_json: bool) -> None:
         click.echo(json.dumps(out))
         return
     if ts is not None:
-        verb = {"revert": "reverted", "refresh": "refreshed"}.get(p.kind, "published")
-        click.echo(f"{verb}: {ts.current.version} is current (manifest sequence "
+        verb = {"revert": "reverted", "refresh": "refreshed", "promote": "promoted",
+                "rollout": "rollout changed"}.get(p.kind, "published")
+        channel = "" if p.channel == DEFAULT_CHANNEL else f" in channel {p.channel}"
+        click.echo(f"{verb}: {ts.current.version} is current{channel} (manifest sequence "
                    f"{ts.manifest.sequence}, timestamp {ts.sequence}); fresh until "
                    f"{format_time(ts.expires)}, content valid until "
                    f"{format_time(ts.manifest.expires)}")
+        if rollout is not None:
+            click.echo(f"  rollout: candidate {rollout.candidate.version} {rollout.state} at "
+                       f"{percent_text(rollout.share(ts.manifest.published_at))} of devices"
+                       + (f", ramping to {percent_text(rollout.ramp.end_bp)} by "
+                          f"{format_time(rollout.ramp.end)}" if rollout.ramp else "")
+                       + f"; {ts.current.version} is the fallback")
     if p.root is not None:
         click.echo(f"published trust root v{p.root.version} (expires "
                    f"{format_time(p.root.expires)}) to {p.store}; devices adopt it at the next "
@@ -87,6 +101,7 @@ def register(main: click.Group) -> None:
 
     @main.command("refresh")
     @store_options
+    @channel_option
     @keys_option("Private timestamp key (with --content, also release keys); repeatable.")
     @click.option("--content", is_flag=True,
                   help="Also re-sign the release content with the release keys (renews its "
@@ -96,16 +111,18 @@ def register(main: click.Group) -> None:
     @insecure_key_option
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
     @errors
-    def refresh_cmd(store_url: str, endpoint_url: str | None, keys: tuple[Path, ...],
-                    content: bool, draft: Path | None, expires_days: int, timestamp_days: int,
-                    insecure_key_permissions: bool, as_json: bool) -> None:
+    def refresh_cmd(store_url: str, endpoint_url: str | None, channel: str,
+                    keys: tuple[Path, ...], content: bool, draft: Path | None,
+                    expires_days: int, timestamp_days: int, insecure_key_permissions: bool,
+                    as_json: bool) -> None:
         """Re-sign the freshness of the current release with the timestamp key.
 
         Devices refuse a manifest whose freshness has expired (a freeze attack looks the
         same as a publisher that went quiet). Run this weekly from a timer: with the default
         --timestamp-days 28, two failed weekly runs in a row still leave devices a week. It
         changes nothing else: same release, same content, a higher timestamp sequence, and
-        the newest trust root version (so devices learn of a root rotation).
+        the newest trust root version (so devices learn of a root rotation). Each channel
+        has its own manifest: refresh every channel devices follow (--channel).
 
         \b
         systemd: scripts/deltaship-refresh.{service,timer}
@@ -115,7 +132,8 @@ def register(main: click.Group) -> None:
                     lifetimes=Lifetimes(timedelta(days=expires_days),
                                         timedelta(days=timestamp_days)),
                     options=StoreOptions(endpoint_url),
-                    insecure_key_permissions=insecure_key_permissions, draft=draft)
+                    insecure_key_permissions=insecure_key_permissions, draft=draft,
+                    channel=channel)
         print_published(p, as_json)
 
     def _sign(path: Path, keys: tuple[Path, ...], insecure: bool, as_json: bool) -> None:
