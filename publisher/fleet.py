@@ -363,7 +363,7 @@ def decide_advance(manifest: Manifest | None, reports: ReportSet, policy: Advanc
     if health.reporting >= policy.min_devices and health.over(policy.max_failure_bp):
         action = "revoke" if policy.revoke_on_failure else "halt"
         return Decision(action, f"{cand}: {health.rate_text}, over the "
-                        f"{percent_text(policy.max_failure_bp)} limit: {action}",
+                        f"{percent_text(policy.max_failure_bp)} limit",
                         cand, share, health=health)
     due = manifest.published_at + policy.every
     if now < due:
@@ -384,8 +384,8 @@ def decide_advance(manifest: Manifest | None, reports: ReportSet, policy: Advanc
                         f"({health.rate_text}): complete it with `rollout --complete`",
                         cand, share, health=health)
     if nxt is None or nxt >= BASIS_POINTS:
-        return Decision("complete", f"{cand} at {percent_text(share)} ({health.rate_text}): "
-                        "complete, it becomes current for every device", cand, share,
+        return Decision("complete", f"{cand} at {percent_text(share)} ({health.rate_text}) "
+                        "becomes current for every device", cand, share,
                         BASIS_POINTS, health)
-    return Decision("widen", f"{cand}: {health.rate_text}; widen {percent_text(share)} -> "
-                    f"{percent_text(nxt)}", cand, share, nxt, health)
+    return Decision("widen", f"{cand}: {health.rate_text}; {percent_text(share)} -> "
+                    f"{percent_text(nxt)} of devices", cand, share, nxt, health)
