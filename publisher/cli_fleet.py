@@ -42,9 +42,7 @@ __all__ = ["print_status", "register"]
 _KEY_HELP = ("Private signing key: release and timestamp keys, enough for their thresholds "
              "(repeatable).")
 _OPS = ("--percent", "--ramp", "--halt", "--complete", "--revoke", "--advance")
-CRON_LINE = ("*/15 * * * * deltaship-publish rollout --advance --store URL --channel stable "
-             "--stages 1,5,25,100 --every 6h --max-failure-rate 2% --min-devices 20 "
-             "--key /etc/deltaship/release.key")
+
 
 
 def _signing(keys: tuple[Path, ...], draft: Path | None, expires_days: int,
@@ -149,8 +147,13 @@ def register(main: click.Group) -> None:
         basis points: decided on each device, a different part of the fleet first for each
         release.
 
+        --advance decides from the devices' reports (one line says what and why): halt
+        (or revoke) a failing candidate, widen to the next stage, complete, or nothing.
+
         \b
-        --advance from cron or a timer (one line says what it decided and why):
+        From cron or a timer (in a crontab: one line, and % written as \\%):
+          deltaship-publish rollout --advance --store URL --stages 1,5,25,100 \\
+              --every 6h --max-failure-rate 2% --min-devices 20 --key release.key
         """
         op = _one_op({"--percent": percent_bp is not None, "--ramp": ramp is not None,
                       "--halt": halt, "--complete": complete, "--revoke": revoke,
@@ -183,8 +186,6 @@ def register(main: click.Group) -> None:
         }.get(op, lambda: RolloutChange(op.removeprefix("--")))()
         print_published(change_rollout(store_url, channel, change, signing, t, options),
                         as_json)
-
-    rollout_cmd.help = (rollout_cmd.help or "") + "\n  " + CRON_LINE
 
     @main.group("fleet")
     def fleet_group() -> None:

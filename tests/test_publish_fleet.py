@@ -7,6 +7,7 @@ refusal is one line with its exit code and leaves the store as it was.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from manifest.storage.store import StoreOptions, open_store
 from manifest.trust import verify_manifest, verify_record, verify_root
 
 from ._fleet_helpers import Fleet, one_line_error
-from .conftest import Cli, MoEFamily
+from .conftest import BIN, Cli, MoEFamily
 
 
 @pytest.fixture(params=["dir", "s3"])
@@ -161,3 +162,34 @@ def test_refusals_are_one_line_and_change_nothing(cli: Cli, dir_store: str,
                    2, "not a channel name")
     after = {k: store.get(k, 1 << 24) for k in store.list("") if not k.startswith("objects/")}
     assert after == before
+
+
+def test_the_readme_fleet_commands_run_as_written(cli: Cli, bucket: str,
+                                                  moe_family: MoEFamily) -> None:
+    """Every shell block of README "Running a fleet", in order, against S3, then its crontab
+    line once (schedule fields dropped)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Running a fleet", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
+    cron = section.split("```crontab\n", 1)[1].split("```", 1)[0].strip().splitlines()[-1]
+    assert len(blocks) == 3
+    store = f"s3://{bucket}/llm"
+    for name, model in (("v1", moe_family.v1), ("v5", moe_family.v2), ("v6", moe_family.v3)):
+        (cli.cwd / f"checkpoint-{name}").symlink_to(model)
+    cli.publish("keygen", "--out", cli.cwd / "keys", "--name", "release")
+    key = cli.cwd / "keys" / "release.key"
+    cli.publish("init", "--store", store, "--key", key)
+    cli.publish("release", cli.cwd / "checkpoint-v1", "--store", store, "--version", "v1",
+                "--key", key)
+    advance = " ".join(cron.split()[5:]).replace("\\%", "%").replace(
+        "/etc/deltaship/release.key", str(key))
+    script = "\n".join([*blocks, advance]).replace("s3://models/llm", store)
+    env = cli.env(PATH=f"{BIN}:/usr/bin:/bin")
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cli.cwd, env=env,
+                       text=True, capture_output=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("none: no rollout in progress")
+    f = Fleet(cli, store, key)
+    m = f.manifest()
+    assert (m.current.version, m.rollout, f.manifest("beta").current.version) == \
+        ("v6", None, "v5")
