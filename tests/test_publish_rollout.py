@@ -61,6 +61,10 @@ def test_rollout_transitions(cli: Cli, any_store: str, moe_family: MoEFamily) ->
 
     step("--percent", "10")
     assert f.manifest().rollout.basis_points == 1000  # type: ignore[union-attr]
+    rollout = f.manifest().rollout
+    f.run("refresh", "--content")  # re-signing the content keeps the rollout as it is
+    m = f.manifest()
+    assert (m.current.version, m.rollout, m.action) == ("v1", rollout, "rollout")
     step("--ramp", "6h", "--to", "50")
     ro = f.manifest().rollout
     assert ro is not None and ro.ramp is not None
