@@ -65,12 +65,12 @@ def test_gc_keeps_every_reachable_object_and_deletes_old_unreachable_ones(
         assert h.young & before <= after  # never a young one
         assert after == (reachable | h.young) & before  # and every other one goes
         assert {o.key for o in result.deleted} == {object_key(s) for s in before - after}
-        ever = set().union(*[h.refs[i] | {i} for ch in h.channels.values()
-                             for _, _, i in ch.records], set())
-        ever |= {p.index.sha256 for ch in h.channels.values()
-                 for p in (ch.current, ch.candidate) if p is not None}
-        assert {k[len(OBJECTS_PREFIX):] for k in result.selection.lost} == before - reachable - {
-            s for i in ever if i in before for s in h.refs.get(i, set()) | {i}}
+        named = {i for ch in h.channels.values() for _, _, i in ch.records}
+        named |= {p.index.sha256 for ch in h.channels.values()
+                  for p in (ch.current, ch.candidate) if p is not None}
+        referenced = named.union(*(h.refs[i] for i in named))  # an index's own, not deeper
+        lost = {k[len(OBJECTS_PREFIX):] for k in result.selection.lost}
+        assert lost == before - reachable - referenced
         # a second run finds nothing more to delete
         assert collect(h.store, now, keep, DEFAULT_GRACE, dry_run=False).deleted == ()
 
