@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from manifest._fields import check_channel
 from manifest.canonical import loads_object
 from manifest.constants import (
     DEFAULT_CHANNEL,
@@ -51,7 +50,7 @@ from manifest.errors import (
     MissingKeyError,
     NotFoundError,
 )
-from manifest.metadata import ReleaseIndex, ReleaseRecord, Timestamp
+from manifest.metadata import ReleaseIndex, ReleaseRecord, Timestamp, check_channel
 from manifest.storage.store import Store, StoredObject
 from manifest.trust import MAX_INDEX_SIZE, MAX_MANIFEST_SIZE, open_envelope
 
