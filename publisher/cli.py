@@ -23,6 +23,7 @@ from manifest.storage.store import StoreOptions
 from .admin import ROLES, history, init_store, revert, role_keys
 from .cache import DEFAULT_CACHE_MAX_BYTES, parse_size
 from .cli_fleet import register as register_fleet
+from .cli_gc import register as register_gc
 from .cli_local import register as register_local
 from .cli_options import (
     MAX_DAYS,
@@ -388,5 +389,6 @@ def revert_cmd(store_url: str, endpoint_url: str | None, channel: str, to_versio
 
 register(main)
 register_fleet(main)
+register_gc(main)
 register_local(main)
 main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)
