@@ -9,6 +9,7 @@ and compared with what each device installed.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,8 @@ def fleet_store(tmp_path: Path) -> FleetStore:
     return FleetStore(tmp_path / "store")
 
 
-def ok(p: object) -> None:
-    assert getattr(p, "returncode") == 0, (getattr(p, "stdout"), getattr(p, "stderr"))
+def ok(p: subprocess.CompletedProcess[str]) -> None:
+    assert p.returncode == 0, (p.stdout, p.stderr)
 
 
 # -- channels ----------------------------------------------------------------------------------
