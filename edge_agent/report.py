@@ -105,7 +105,10 @@ class Reporter:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.report == "store" or self.cfg.report_url is not None
+        """Configured, and the device has an id (a configuration from before device ids were
+        checked may have none: its reports would have no key)."""
+        wanted = self.cfg.report == "store" or self.cfg.report_url is not None
+        return wanted and bool(self.cfg.device_id)
 
     def build(self, repository_id: str, state: AgentState, outcome: CycleOutcome
               ) -> DeviceReport:

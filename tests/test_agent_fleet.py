@@ -171,3 +171,38 @@ def test_status_shows_the_rollout_in_text(tmp_path: Path) -> None:
     b = bucket(REPO_ID, "v2", "edge-7")
     assert "channel" in text and "stable" in text
     assert f"v2 active at 0 % (fallback v1); bucket {b}: this device is not in, runs v1" in text
+
+
+# -- configuration -----------------------------------------------------------------------------
+
+
+def test_init_flags_for_the_fleet(tmp_path: Path) -> None:
+    """`init --channel --report --report-url --report-deadline` write the configuration; wrong
+    values are refused with one line naming the flag (exit 2) and nothing is written."""
+    from edge_agent.config import load_config
+
+    from ._agent_checks import BIN, agent_env
+
+    store = fleet_store(tmp_path)
+    trust = tmp_path / "root.json"
+    trust.write_bytes(store.signed_roots[0])
+
+    def init(config: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "deltaship-agent"), "init", "--store", str(store.path),
+                               "--trust", str(trust), "--model-dir", str(tmp_path / "m"),
+                               "--config", str(config), "--device-id", "edge-9", *flags],
+                              env=agent_env(), text=True, capture_output=True, timeout=60)
+
+    p = init(tmp_path / "a.toml", "--channel", "beta", "--report", "store", "--report-url",
+             "https://fleet.example/in", "--report-deadline", "3")
+    ok(p)
+    assert "channel beta" in p.stdout
+    cfg = load_config(tmp_path / "a.toml")
+    assert (cfg.channel, cfg.report, cfg.report_url, cfg.report_deadline) == (
+        "beta", "store", "https://fleet.example/in", 3.0)
+    for flags, says in [(("--channel", "Beta!"), "--channel"),
+                        (("--report-url", "ftp://x/y"), "--report-url"),
+                        (("--device-id", "bad id"), "must be a device id")]:
+        p = init(tmp_path / "b.toml", *flags)
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert not (tmp_path / "b.toml").exists()
