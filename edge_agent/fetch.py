@@ -2,6 +2,9 @@
 
 The update loop (:mod:`edge_agent.updater`) and ``verify --repair`` (:mod:`edge_agent.repair`)
 share these; what the device holds is only ever trusted once proven (docs/FORMAT.md §10).
+:func:`fetch_group` downloads and installs one step of a plan: a patch, a full object, or a
+chain of patches, which falls back to the full object when one of its objects is missing from
+the store or fails verification.
 """
 
 from __future__ import annotations
@@ -9,18 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from manifest.download_plan import Plan, local_inputs, make_plan
-from manifest.errors import DiskFullError
+from manifest.download_plan import GroupStep, Plan, local_inputs, make_plan
+from manifest.errors import DiskFullError, MissingKeyError, UntrustedDataError
 from manifest.metadata import ObjectRef, ReleaseIndex
 from manifest.storage.source import Source
 
-from .install import check_download
+from .install import check_download, install_chain, install_group
 from .layout import DeviceLayout
 
-__all__ = ["SPACE_MARGIN", "check_space", "download", "gather_all", "verified_plan"]
+__all__ = ["SPACE_MARGIN", "check_space", "download", "fetch_group", "gather_all",
+           "verified_plan"]
 
 log = logging.getLogger("deltaship.agent")
 SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
@@ -59,6 +64,7 @@ def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[s
 def check_space(layout: DeviceLayout, plan: Plan) -> None:
     """Refuse an update the disk cannot hold (partial downloads already count)."""
     need = plan.download_bytes - layout.partial_download_bytes() + plan.output_bytes
+    need += plan.scratch_bytes
     need += SPACE_MARGIN
     free = layout.free_bytes()
     if need > free:
@@ -83,6 +89,44 @@ async def download(
         layout.discard_download(ref.sha256)
         raise
     return dest
+
+
+async def fetch_group(
+    layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, installing: asyncio.Semaphore,
+    step: GroupStep, on_bytes: Callable[[int], None], executor: ThreadPoolExecutor,
+) -> None:
+    """Download and install one group ``step`` (not ``have``); installs take ``installing``
+    (one at a time). A chain whose object the store lacks or that fails verification is
+    replaced by the group's full object (logged); a transport failure is raised (the update
+    is retried, and finished downloads are kept)."""
+    g = step.group
+    if step.kind == "chain":
+        chain_objects = step.objects
+        try:
+            paths = [asyncio.ensure_future(download(layout, source, sem, o, g.name, on_bytes))
+                     for o in chain_objects]
+            try:
+                objs = await asyncio.gather(*paths)
+            except BaseException:
+                for t in paths:
+                    t.cancel()
+                await asyncio.gather(*paths, return_exceptions=True)
+                raise
+            async with installing:
+                await asyncio.to_thread(install_chain, layout, step, objs, executor)
+        except (MissingKeyError, UntrustedDataError) as e:
+            log.warning("group %s: the chain of %d patches failed (%s): fetching the full "
+                        "object instead", g.name, len(chain_objects), e)
+            step = GroupStep(g, "full", g.full)
+        for o in chain_objects:  # kept on other failures: the next try resumes them
+            layout.discard_download(o.sha256)
+        if step.kind == "chain":
+            return
+    assert step.object is not None
+    obj = await download(layout, source, sem, step.object, g.name, on_bytes)
+    async with installing:
+        await asyncio.to_thread(install_group, layout, step, obj, executor)
+    layout.discard_download(step.object.sha256)
 
 
 async def gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:

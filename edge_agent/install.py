@@ -2,11 +2,16 @@
 
 Every object from the store was checked against the sha256 and length its signed index pins
 before it reaches this module; every produced group file and file is checked against the
-index's sha256 before it is committed to ``objects/``.
+index's sha256 before it is committed to ``objects/``. A chain's intermediate contents are
+built under ``tmp/`` (never in ``objects/``, never seen by the live model), each checked
+against the sha256 and length its chain step names before the next step reads it, and removed
+as soon as the next one is built.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,14 +19,14 @@ import zstandard
 
 from manifest.container import apply_container
 from manifest.download_plan import GroupStep
-from manifest.errors import FormatError, HashMismatchError, OversizeError
+from manifest.errors import FormatError, HashMismatchError, OversizeError, SafetensorsError
 from manifest.metadata import FileEntry, ObjectRef
 from manifest.safetensors_format import SafetensorsFile
 from manifest.trust import StreamVerifier
 
 from .layout import DeviceLayout
 
-__all__ = ["check_download", "install_file", "install_group"]
+__all__ = ["check_download", "install_chain", "install_file", "install_group"]
 
 
 def check_download(path: Path, ref: ObjectRef, what: str) -> None:
@@ -38,14 +43,61 @@ def install_group(
 ) -> None:
     """Rebuild a group file from its downloaded object; never writes more than the index's
     ``length`` for the group (the free-space check counted that)."""
+    base = None
+    if step.kind == "patch":
+        assert step.base_sha256 is not None
+        base = layout.object_path(step.base_sha256)
+    _build_group(layout, step, base, obj, executor)
+
+
+def install_chain(
+    layout: DeviceLayout, step: GroupStep, objs: Sequence[Path],
+    executor: ThreadPoolExecutor | None,
+) -> None:
+    """Apply a chain (``objs``: the downloads of ``step.objects``, in order): each
+    intermediate content is built under ``tmp/`` and verified against its step's sha256 and
+    length before the next step reads it; the last builds the group file as
+    :func:`install_group` does. Intermediates are removed whatever happens."""
+    assert step.kind == "chain" and step.base_sha256 is not None
+    assert len(objs) == len(step.chain) + 1
+    g = step.group
+    base = layout.object_path(step.base_sha256)
+    with contextlib.ExitStack() as held:  # the intermediate the next step reads
+        for i, (hop, obj) in enumerate(zip(step.chain, objs, strict=False)):
+            nxt = contextlib.ExitStack()
+            tmp = nxt.enter_context(layout.staged_object())
+            try:
+                with open(tmp, "wb") as out, SafetensorsFile(base) as src:
+                    apply_container(obj, src, out, executor=executor,
+                                    expected=(hop.sha256, hop.length))
+            except (FormatError, HashMismatchError, OversizeError) as e:
+                nxt.close()
+                raise type(e)(f"group {g.name}: chain step {i + 1} of "
+                              f"{len(step.chain) + 1}: {e}") from e
+            except SafetensorsError as e:  # an intermediate the store's patches made
+                nxt.close()
+                if i == 0:
+                    raise
+                raise FormatError(f"group {g.name}: chain step {i + 1} of "
+                                  f"{len(step.chain) + 1}: its base is malformed: {e}") from e
+            except BaseException:
+                nxt.close()
+                raise
+            held.close()  # the previous intermediate is no longer needed
+            held.push(nxt)
+            base = tmp
+        _build_group(layout, step, base, objs[-1], executor)
+
+
+def _build_group(layout: DeviceLayout, step: GroupStep, base_path: Path | None, obj: Path,
+                 executor: ThreadPoolExecutor | None) -> None:
     g = step.group
     expected = (g.sha256, g.length)
     with layout.staged_object() as tmp:
         with open(tmp, "wb") as out:
             try:
-                if step.kind == "patch":
-                    assert step.base_sha256 is not None
-                    with SafetensorsFile(layout.object_path(step.base_sha256)) as base:
+                if base_path is not None:
+                    with SafetensorsFile(base_path) as base:
                         sha = apply_container(obj, base, out, executor=executor,
                                               expected=expected)
                 else:

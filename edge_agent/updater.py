@@ -70,10 +70,10 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig
-from .fetch import check_space, download, gather_all, verified_plan
+from .fetch import check_space, download, fetch_group, gather_all, verified_plan
 from .fleet import assignment
 from .hooks import parse_hooks
-from .install import install_file, install_group
+from .install import install_file
 from .layout import DeviceLayout
 from .report import CycleOutcome, Reporter
 from .roots import check_root_expiry, pinned_root, walk_roots
@@ -361,13 +361,8 @@ class Agent(SwitchVerdicts):
 
             async def group_task(step_i: int) -> None:
                 step = plan.groups[step_i]
-                assert step.object is not None
-                obj = await download(self.layout, source, sem, step.object, step.group.name,
-                                     on_bytes)
-                async with installing:
-                    await asyncio.to_thread(install_group, self.layout, step, obj, ex)
+                await fetch_group(self.layout, source, sem, installing, step, on_bytes, ex)
                 progress.advance(step.group.length)
-                self.layout.discard_download(step.object.sha256)
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file

@@ -1,4 +1,5 @@
-"""The entries of a release index: object references, patches, tensors, groups and files.
+"""The entries of a release index: object references, patches, chain steps, tensors, groups and
+files.
 
 Each validates in ``from_dict`` and keeps fields it does not know in ``unrecognized`` (written
 back by ``to_dict``, and ignored by ``==``), so a newer publisher can add fields that older
@@ -17,8 +18,10 @@ from .errors import FormatError, OversizeError, UnsafeNameError
 
 __all__ = [
     "MAX_CONTENT_LENGTH",
+    "MAX_GROUP_CHAIN",
     "MAX_GROUP_TENSORS",
     "MAX_TENSOR_RANK",
+    "ChainStep",
     "FileEntry",
     "GroupEntry",
     "ObjectRef",
@@ -34,6 +37,7 @@ __all__ = [
 MAX_CONTENT_LENGTH = 1 << 40  # bytes of one object, group file or file (1 TiB)
 MAX_GROUP_TENSORS = 1 << 16  # tensors in one group
 MAX_TENSOR_RANK = 16  # dimensions of one tensor
+MAX_GROUP_CHAIN = 256  # chain steps of one group (publishers write at most 16)
 
 
 def _length(r: FieldReader, key: str = "length") -> int:
@@ -98,6 +102,31 @@ class PatchRef:
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """A patch an earlier release published: it turns the group content ``base_sha256`` into
+    the intermediate content ``sha256`` of ``length`` bytes (docs/FORMAT.md §6)."""
+
+    base_sha256: str
+    sha256: str
+    length: int
+    object: ObjectRef
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> ChainStep:
+        r = FieldReader(d, where)
+        step = cls(r.sha256("base_sha256"), r.sha256(), _length(r),
+                   ObjectRef.from_dict(r.get("object", dict), f"{where}.object"), r.rest())
+        if step.object.encoding != "dspatch" or step.base_sha256 == step.sha256:
+            raise FormatError(f"{where} is not a patch from one content to another")
+        return step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "base_sha256": self.base_sha256, "sha256": self.sha256,
+                "length": self.length, "object": self.object.to_dict()}
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     name: str
     dtype: str
@@ -121,7 +150,8 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class GroupEntry:
-    """One group: its canonical safetensors file, how to get it in full, and patches to it."""
+    """One group: its canonical safetensors file, how to get it in full, patches to it, and
+    the ``chain`` of earlier patches that lead to the bases of those patches (empty: none)."""
 
     name: str
     file: str
@@ -131,6 +161,7 @@ class GroupEntry:
     full: ObjectRef
     patches: tuple[PatchRef, ...] = ()
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    chain: tuple[ChainStep, ...] = ()
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> GroupEntry:
@@ -144,6 +175,9 @@ class GroupEntry:
         if len(tensors) > MAX_GROUP_TENSORS:
             raise OversizeError(f"{where}.tensors lists more than {MAX_GROUP_TENSORS} tensors")
         entries = tuple(parse_list(tensors, f"{where}.tensors", TensorEntry.from_dict))
+        chain = r.optional("chain", [])
+        if isinstance(chain, list) and len(chain) > MAX_GROUP_CHAIN:
+            raise OversizeError(f"{where}.chain lists more than {MAX_GROUP_CHAIN} steps")
         return cls(
             name,
             file,
@@ -153,6 +187,7 @@ class GroupEntry:
             ObjectRef.from_dict(r.get("full", dict), f"{where}.full"),
             tuple(parse_list(r.optional("patches", []), f"{where}.patches", PatchRef.from_dict)),
             r.rest(),
+            tuple(parse_list(chain, f"{where}.chain", ChainStep.from_dict)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +200,7 @@ class GroupEntry:
             "tensors": [t.to_dict() for t in self.tensors],
             "full": self.full.to_dict(),
             "patches": [p.to_dict() for p in self.patches],
+            **({"chain": [c.to_dict() for c in self.chain]} if self.chain else {}),
         }
 
 

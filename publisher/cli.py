@@ -22,6 +22,7 @@ from manifest.storage.store import StoreOptions
 
 from .admin import ROLES, history, init_store, revert, role_keys
 from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir, parse_size
+from .cli_gc import register as register_gc
 from .cli_options import (
     MAX_DAYS,
     F,
@@ -436,4 +437,5 @@ def cache_clear(cache_dir: Path | None, as_json: bool) -> None:
 
 
 register(main)
+register_gc(main)
 main.help = (main.help or "") + "\n\n" + exit_codes_help(EXIT_NOTES)

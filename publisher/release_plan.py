@@ -7,7 +7,9 @@
                                                                  encode the rest)
     EncodePlan, encode results --choose_objects-->  ChosenObjects (a patch only if smaller
                                                                    than the full object)
-    ChosenObjects, files       --build_index-->     ReleaseIndex
+    ChosenObjects, files,
+    bases                      --build_index-->     ReleaseIndex (with each group's chain,
+                                                                 carried from the bases)
     ChosenObjects, files       --objects_to_upload--> object key -> staged file
 
 No I/O here: :mod:`publisher.release` reads the store and the model, encodes, writes and
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from manifest.download_plan import MAX_ROUTE_OBJECTS
+from manifest.entries import ChainStep
 from manifest.metadata import (
     FileEntry,
     GroupEntry,
@@ -37,6 +41,7 @@ from manifest.metadata import (
 from .encode import EncodeResult, GroupLayout
 
 __all__ = [
+    "MAX_CHAIN_STEPS",
     "ChosenObjects",
     "EncodeJob",
     "EncodePlan",
@@ -46,10 +51,15 @@ __all__ = [
     "StoreState",
     "base_pointers",
     "build_index",
+    "carry_chain",
     "choose_objects",
     "objects_to_upload",
     "plan_encoding",
 ]
+
+
+# Chain steps one group keeps (docs/FORMAT.md §6): the nearest to this release's patch bases.
+MAX_CHAIN_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -214,12 +224,41 @@ def build_index(
     for group in groups:
         layout, sha = group.layout, group.sha256
         tensors = tuple(TensorEntry(i.name, i.dtype, i.shape) for i, _ in layout.tensors)
+        patches = chosen.patches.get(sha, ())
+        chain = carry_chain(sha, patches, [g for idx in bases
+                                           if (g := idx.group(layout.name)) is not None])
         entries.append(GroupEntry(layout.name, layout.file, sha, layout.length, tensors,
-                                  chosen.full[sha], chosen.patches.get(sha, ())))
+                                  chosen.full[sha], patches, chain=chain))
     return ReleaseIndex(
         version, now, tuple(entries), tuple(f.entry for f in files),
         tuple(idx.version for idx in bases), repository_id=repository_id,
     )
+
+
+def carry_chain(
+    sha256: str, patches: Sequence[PatchRef], previous: Sequence[GroupEntry]
+) -> tuple[ChainStep, ...]:
+    """The chain of a group whose new content is ``sha256``, from the same group in earlier
+    indexes (``previous``, newest first): their patches become steps ending at their content,
+    and their chains carry on. Only steps that lead to a base of ``patches`` (or to
+    ``sha256``) within a device's route bound are kept, nearest first, at most
+    :data:`MAX_CHAIN_STEPS`; a step is listed once, never twice with a patch."""
+    steps: dict[str, ChainStep] = {}
+    for g in previous:
+        for c in (*(ChainStep(p.base_sha256, g.sha256, g.length, p.object) for p in g.patches),
+                  *g.chain):
+            steps.setdefault(c.object.sha256, c)
+    used = {p.object.sha256 for p in patches}
+    # distance: objects still to apply after reaching a content, to arrive at ``sha256``
+    distance = {sha256: 0} | {p.base_sha256: 1 for p in patches if p.base_sha256 != sha256}
+    kept: list[tuple[int, ChainStep]] = []
+    for d in range(MAX_ROUTE_OBJECTS):
+        for c in steps.values():
+            if c.object.sha256 not in used and distance.get(c.sha256) == d:
+                used.add(c.object.sha256)
+                kept.append((d, c))
+                distance.setdefault(c.base_sha256, d + 1)
+    return tuple(c for _, c in kept[:MAX_CHAIN_STEPS])
 
 
 def objects_to_upload(chosen: ChosenObjects, files: Sequence[ShippedFile]) -> dict[str, str]:

@@ -6,16 +6,19 @@ replaces under an exclusive ``flock`` on ``<dir>/.lock``. The ETag of a file is 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..errors import ConflictError, MissingKeyError, OversizeError
 from ._files import file_error, key_path, missing_directory, open_regular
+from ._listing import StoredObject
 from .atomic import atomic_output, write_atomic
 from .location import check_prefix
 
@@ -116,6 +119,23 @@ class LocalStore:
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(".tmp-")
         )
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        out = []
+        for key in self.list(prefix):
+            try:
+                st = key_path(self.root, key).stat()
+            except FileNotFoundError:  # removed since the listing
+                continue
+            except OSError as e:
+                raise file_error(e, self.root, f"{self.url}/{key}", retryable=False) from e
+            out.append(StoredObject(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC)))
+        return out
+
+    def delete(self, key: str) -> None:
+        path = key_path(self.root, key)
+        with self._errors(key, writing=True):
+            path.unlink(missing_ok=True)
 
     def download(self, key: str, dest: str, max_size: int | None = None) -> None:
         path = key_path(self.root, key)

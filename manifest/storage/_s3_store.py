@@ -8,12 +8,14 @@ ends here as a plain :class:`~manifest.errors.TransportError` (botocore retried 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..errors import MissingKeyError, OversizeError, RetryableError, TransportError
+from ._listing import StoredObject
 from .location import check_key, check_prefix
 from .retry import give_up
 from .s3 import S3Settings, make_client, s3_error, s3_key
@@ -118,15 +120,23 @@ class S3Store:
                                         IfMatch=etag)
 
     def list(self, prefix: str) -> list[str]:
-        out: list[str] = []
+        return [o.key for o in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        out: builtins.list[StoredObject] = []
         strip = len(s3_key(self.prefix, ""))
         with self._errors(prefix):
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=s3_key(self.prefix, check_prefix(prefix))
             )
             for page in pages:
-                out.extend(o["Key"][strip:] for o in page.get("Contents", []))
-        return sorted(out)
+                out.extend(StoredObject(o["Key"][strip:], int(o["Size"]), o["LastModified"])
+                           for o in page.get("Contents", []))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        with self._errors(key):
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def download(self, key: str, dest: str, max_size: int | None = None) -> None:
         received = 0

@@ -16,14 +16,16 @@ the user's mistake translate it.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from typing import Protocol
 
+from ._listing import StoredObject
 from ._local_store import LocalStore
 from ._s3_store import S3Store
 from .location import parse_store_url
 
-__all__ = ["LocalStore", "S3Store", "Store", "StoreOptions", "open_store"]
+__all__ = ["LocalStore", "S3Store", "Store", "StoreOptions", "StoredObject", "open_store"]
 
 
 class Store(Protocol):
@@ -48,6 +50,14 @@ class Store(Protocol):
         ...
 
     def list(self, prefix: str) -> list[str]: ...
+
+    def list_objects(self, prefix: str) -> builtins.list[StoredObject]:
+        """Like :meth:`list`, with each key's size and last-modified time."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; a key already gone is not an error (S3 ``DeleteObject``)."""
+        ...
 
     def download(self, key: str, dest: str, max_size: int | None = None) -> None:
         """Write the object to ``dest``; more than ``max_size`` bytes stop the transfer with

@@ -1,0 +1,82 @@
+"""``deltaship-publish gc``: garbage collection on the command line (the logic:
+:mod:`publisher.gc`)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from manifest.progress import human_bytes
+from manifest.storage.store import StoredObject, StoreOptions, open_store
+
+from .cli_options import errors, now, store_options
+from .gc import GcResult, Selection, collect, parse_duration
+from .progress import Progress
+
+__all__ = ["register"]
+
+PROGRESS_FROM = 1000  # objects to delete from which a progress line is shown
+
+
+def register(main: click.Group) -> None:
+    @main.command("gc")
+    @store_options
+    @click.option("--keep", required=True, type=int, metavar="N",
+                  help="Keep the objects of the last N releases (by record sequence) of every "
+                  "channel, besides each channel's current release and rollout candidate.")
+    @click.option("--grace", default="24h", show_default=True, metavar="DURATION",
+                  help="Never delete an object written less than this long ago (a release or "
+                  "draft in progress): 90s, 30m, 24h, 7d, 2w. Longer than drafts wait for "
+                  "signatures.")
+    @click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+    @errors
+    def gc_cmd(store_url: str, endpoint_url: str | None, keep: int, grace: str, dry_run: bool,
+               as_json: bool) -> None:
+        """Delete store objects no kept release references (docs/FORMAT.md §1)."""
+        grace_td = parse_duration(grace)
+        store = open_store(store_url, StoreOptions(endpoint_url))
+        bars: list[Progress] = []
+
+        def on_plan(selection: Selection) -> None:
+            if not dry_run and len(selection.delete) >= PROGRESS_FROM:
+                bars.append(Progress("deleting", sum(o.size for o in selection.delete)))
+
+        def on_delete(o: StoredObject) -> None:
+            if not as_json:
+                click.echo(f"deleted {o.key} ({human_bytes(o.size)})")
+            for bar in bars:
+                bar.advance(o.size)
+
+        try:
+            result = collect(store, now(), keep, grace_td, dry_run=dry_run, on_plan=on_plan,
+                             on_delete=on_delete)
+        finally:
+            for bar in bars:
+                bar.close()
+        _print(result, as_json)
+
+
+def _print(r: GcResult, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    if r.dry_run:
+        for o in r.selection.delete:
+            why = " (lost race)" if o.key in r.selection.lost else ""
+            click.echo(f"would delete {o.key} ({human_bytes(o.size)}){why}")
+    releases = sorted({(k.channel, k.version) for k in r.kept})
+    verb = "would free" if r.dry_run else "freed"
+    click.echo(f"{'would delete' if r.dry_run else 'deleted'} {len(r.selection.delete)} "
+               f"object(s), {verb} {r.freed} bytes ({human_bytes(r.freed)}); kept "
+               f"{r.reachable} object(s) of {len(releases)} release(s) in "
+               f"{len({c for c, _ in releases})} channel(s)")
+    lost = r.selection.lost
+    if lost:
+        young = sum(1 for o in r.selection.young if o.key in lost)
+        click.echo(f"lost races (objects no release ever referenced): {len(lost)}, "
+                   f"{young} of them within the grace period")
+    if r.selection.young:
+        click.echo(f"kept {len(r.selection.young)} unreferenced object(s) younger than the "
+                   "grace period")

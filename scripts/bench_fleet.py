@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""A fleet of 1,000 devices behind nginx; writes its section of docs/BENCHMARKS.md.
+
+nginx (Debian's ``nginx-light``, started here on 127.0.0.1 with a generated configuration)
+serves a local store as the CDN stand-in. Every device is the real agent code (the library
+API: ``Operator.init``, then ``Agent.cycle`` against its own ``Source``), many devices per
+process in waves, each with its own small model directory. Everything is counted from nginx's
+access log:
+
+* an unchanged poll: requests and bytes per device;
+* a release that retrains two experts reaching every device: bytes served against devices x
+  the plan of one device, failures, time;
+* with rollouts (``rollout``), a 10 % rollout of a candidate (devices updated against 10 % +/-
+  the binomial spread), halt, revoke, and ``fleet status`` against the truth.
+
+Usage: scripts/bench_fleet.py [--devices 1000] [--wave 100] [--work DIR] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from devtools import modelgen
+from devtools.bench_report import intro, write_section
+from edge_agent.config import AgentConfig
+from edge_agent.operations import Operator
+from edge_agent.service import open_agent_source
+from edge_agent.updater import Agent
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LOG_FORMAT = '$request_method $uri $status $body_bytes_sent $bytes_sent $request_length'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nginx:
+    """nginx serving ``docroot`` on 127.0.0.1, with an access log this script reads."""
+
+    def __init__(self, work: Path, docroot: Path) -> None:
+        self.dir = work / "nginx"
+        shutil.rmtree(self.dir, ignore_errors=True)
+        (self.dir / "tmp").mkdir(parents=True)
+        self.log = self.dir / "access.log"
+        self.port = free_port()
+        conf = f"""
+worker_processes 2;
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    log_format bench '{LOG_FORMAT}';
+    access_log {self.log} bench;
+    client_body_temp_path {self.dir}/tmp;
+    proxy_temp_path {self.dir}/tmp;
+    fastcgi_temp_path {self.dir}/tmp;
+    uwsgi_temp_path {self.dir}/tmp;
+    scgi_temp_path {self.dir}/tmp;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_timeout 30;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {docroot};
+        etag on;
+        location / {{ }}
+    }}
+}}
+"""
+        self.conf = self.dir / "nginx.conf"
+        self.conf.write_text(conf)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Nginx:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(nginx).exists():
+            raise SystemExit("bench_fleet: nginx is missing: apt-get install nginx-light")
+        self.proc = subprocess.Popen([nginx, "-c", str(self.conf), "-p", str(self.dir),
+                                      "-g", "daemon off;"])
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise SystemExit(f"nginx did not start: {(self.dir / 'error.log').read_text()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGQUIT)
+            self.proc.wait(timeout=30)
+
+    def mark(self) -> int:
+        return self.log.stat().st_size if self.log.exists() else 0
+
+    def since(self, mark: int) -> list[tuple[str, str, int, int, int]]:
+        """(method, uri, status, body bytes, bytes sent) of each request logged since mark."""
+        with self.log.open("rb") as f:
+            f.seek(mark)
+            lines = f.read().decode().splitlines()
+        out = []
+        for line in lines:
+            method, uri, status, body, sent, _ = line.split(" ")
+            out.append((method, uri, int(status), int(body), int(sent)))
+        return out
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    requests: int
+    body_bytes: int
+    wire_bytes: int
+    failures: int
+    outcomes: Counter[str]
+
+
+class FleetBench:
+    def __init__(self, work: Path, devices: int, wave: int) -> None:
+        self.work, self.n, self.wave = work, devices, wave
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        self.store = work / "www" / "store"
+        self.store.mkdir(parents=True)
+        self.keys = work / "keys"
+
+    def pub(self, *args: object) -> str:
+        p = subprocess.run([str(BIN / "deltaship-publish"), *map(str, args)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"deltaship-publish {args[0]} failed: {p.stderr}")
+        return p.stdout
+
+    def models(self) -> tuple[Path, Path, Path]:
+        cfg = modelgen.MoEConfig(layers=2, experts=8, hidden=64, ffn=128, vocab=512, seed=5)
+        v1 = modelgen.generate_moe(self.work / "m1", cfg)
+        v2 = modelgen.train_experts(v1, self.work / "m2", experts=[(0, 2), (1, 5)], seed=6)
+        v3 = modelgen.train_experts(v2, self.work / "m3", experts=[(0, 3), (1, 6)], seed=7)
+        return v1, v2, v3
+
+    def release(self, model: Path, version: str, *extra: object) -> dict[str, object]:
+        out = self.pub("release", model, "--store", self.store, "--version", version,
+                       "--key", self.keys / "k.key", "--cache-dir", self.work / "cache",
+                       "--json", *extra)
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    def devices(self, url: str) -> list[AgentConfig]:
+        cfgs = []
+        for i in range(self.n):
+            d = self.work / "devices" / f"edge-{i:04d}"
+            cfg = AgentConfig(store=url, model_dir=d / "model", device_id=f"edge-{i:04d}")
+            Operator(cfg).init(self.work / "root.json", d / "agent.toml")
+            cfgs.append(cfg)
+        return cfgs
+
+    async def _cycle(self, cfg: AgentConfig) -> str:
+        source = open_agent_source(cfg)
+        try:
+            result = await Agent(cfg).cycle(source)
+            return result.outcome
+        except Exception as e:  # a failure is counted, the rest of the fleet goes on
+            return f"failed: {type(e).__name__}: {e}"
+        finally:
+            await source.close()
+
+    async def _all(self, cfgs: list[AgentConfig]) -> list[str]:
+        out: list[str] = []
+        for i in range(0, len(cfgs), self.wave):
+            out += await asyncio.gather(*(self._cycle(c) for c in cfgs[i:i + self.wave]))
+        return out
+
+    def poll_all(self, name: str, cfgs: list[AgentConfig], nginx: Nginx) -> Phase:
+        mark = nginx.mark()
+        t0 = time.perf_counter()
+        outcomes = asyncio.run(self._all(cfgs))
+        seconds = time.perf_counter() - t0
+        time.sleep(0.2)  # nginx writes its log line after the response
+        reqs = nginx.since(mark)
+        failures = sum(1 for o in outcomes if o.startswith("failed"))
+        return Phase(name, seconds, len(reqs), sum(r[3] for r in reqs), sum(r[4] for r in reqs),
+                     failures, Counter(o.split(":")[0] for o in outcomes))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--wave", type=int, default=100)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-work" / "fleet")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    args = ap.parse_args()
+    b = FleetBench(args.work, args.devices, args.wave)
+    v1, v2, _v3 = b.models()
+    b.pub("keygen", "--out", b.keys, "--name", "k")
+    b.pub("init", "--store", b.store, "--key", b.keys / "k.key", "--out", b.work / "root.json")
+    b.release(v1, "v1")
+    phases: list[Phase] = []
+    with Nginx(b.work, b.store.parent) as nginx:
+        url = f"http://127.0.0.1:{nginx.port}/store"
+        cfgs = b.devices(url)
+        phases.append(b.poll_all("first install of v1", cfgs, nginx))
+        phases.append(b.poll_all("unchanged poll", cfgs, nginx))
+        summary = b.release(v2, "v2")
+        plan = next(int(str(x["download_bytes"])) for x in summary["bases"]  # type: ignore[union-attr]
+                    if x["version"] == "v1")  # type: ignore[index]
+        phases.append(b.poll_all("two retrained experts (v2)", cfgs, nginx))
+    n = args.devices
+    cmd = f"scripts/bench_fleet.py --devices {n} --wave {args.wave}"
+    lines = [*intro("A fleet behind nginx (`scripts/bench_fleet.py`)", cmd, machine=""),
+             f"{n} devices, the real agent code in one process, {args.wave} cycles at a time, "
+             "each device with its own model directory; nginx "
+             f"{subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}"
+             " serving the store on 127.0.0.1; bytes and requests from its access log.", "",
+             "| phase | time | requests | per device | body bytes | per device | failures |",
+             "|---|---|---|---|---|---|---|"]
+    for p in phases:
+        lines.append(f"| {p.name} | {p.seconds:.1f} s | {p.requests} | {p.requests / n:.2f} | "
+                     f"{p.body_bytes} | {p.body_bytes / n:.0f} | {p.failures} |")
+    v2_phase = phases[2]
+    lines += ["", f"The v2 plan of one device at v1 (the release summary): {plan} bytes of "
+              f"objects; served for v2: {v2_phase.body_bytes} body bytes = "
+              f"{v2_phase.body_bytes / (n * plan):.3f} x devices x plan (the rest: the "
+              "manifest and the release index)."]
+    text = "\n".join(lines)
+    print(text)
+    write_section(args.out, "bench_fleet", text)
+
+
+if __name__ == "__main__":
+    main()
