@@ -22,9 +22,16 @@ import click
 from click.core import ParameterSource
 
 from manifest.cli_errors import OneLineGroup, exit_codes_help, exit_on_errors
+from manifest.constants import DEFAULT_CHANNEL
 from manifest.errors import LocalError
 
-from .config import AgentConfig, check_config, default_config_path, load_config
+from .config import (
+    REPORT_MODES,
+    AgentConfig,
+    check_config,
+    default_config_path,
+    load_config,
+)
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
 from .operations import Operator, StatusReport
 from .service import run_forever
@@ -97,7 +104,22 @@ def main() -> None:
               help="Where versions live; serving code loads MODEL_DIR/current.")
 @click.option("--device-id", help="Default: /etc/machine-id, else a generated id.")
 @click.option("--interval", default=300.0, show_default=True, type=click.FloatRange(min=1),
-              help="Seconds between polls (with random jitter).")
+              help="Seconds between polls (±20 % jitter; see `run --help`).")
+@click.option("--channel", default=DEFAULT_CHANNEL, show_default=True, metavar="NAME",
+              help="The release channel this device follows (its own signed manifest in the "
+              "store; a manifest of another channel is refused, exit 3).")
+@click.option("--report", "report", type=click.Choice(REPORT_MODES), default="off",
+              show_default=True,
+              help="After every cycle write a small report to the store as "
+              "reports/<device-id>.json (`store`: the device needs write access to that key, "
+              "see README \"Running a fleet\"; an s3:// or directory store).")
+@click.option("--report-url", metavar="URL",
+              help="After every cycle POST the report (JSON) to this http(s) URL. Redirects "
+              "are followed only to the same host.")
+@click.option("--report-deadline", default=10.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(1, 3600),
+              help="The longest all report writes of one cycle may take; a report never "
+              "fails or holds an update, and one not sent is retried with the next cycle.")
 @click.option("--include", multiple=True, metavar="PATTERN",
               help="Only these groups (shell pattern on group names, e.g. 'layers.3.experts.*');"
               " repeat for several.")
@@ -163,6 +185,7 @@ def main() -> None:
 @_config_option
 @_errors
 def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interval: float,
+         channel: str, report: str, report_url: str | None, report_deadline: float,
          include: tuple[str, ...], endpoint_url: str | None, max_rate: float | None, keep: int,
          expiry_grace: float, document_deadline: float, min_rate: float, rate_window: float,
          allow_redirect_hosts: tuple[str, ...], wait: float, config_path: Path | None,
@@ -185,11 +208,13 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
         interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
         keep=keep, expiry_grace=expiry_grace, hooks=hooks,
         document_deadline=document_deadline, min_rate=min_rate, rate_window=rate_window,
-        allow_redirect_hosts=allow_redirect_hosts))
+        allow_redirect_hosts=allow_redirect_hosts, channel=channel, report=report,
+        report_url=report_url, report_deadline=report_deadline))
     path = config_path or default_config_path()
     pinned = Operator(cfg, wait=wait).init(trust, path)
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
-               f"device id {cfg.device_id}; start with `deltaship-agent run`")
+               f"device id {cfg.device_id}, channel {cfg.channel}; start with "
+               "`deltaship-agent run`")
 
 
 @main.command()
@@ -198,7 +223,17 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
 @_config_option
 @_errors
 def run(once: bool, verbose: bool, config_path: Path | None) -> None:
-    """Poll the store and apply updates until stopped (SIGTERM/SIGINT stop it cleanly)."""
+    """Poll the store and apply updates until stopped (SIGTERM/SIGINT stop it cleanly).
+
+    \b
+    When it polls (so that a fleet never polls in step):
+      * the first poll comes after a random delay within the interval (--once: at once);
+      * then every interval, each one 80-120 % of it (random jitter);
+      * after the store failed (exit 4 in --once) n times in a row: a random delay between
+        0 and min(interval, 6 h, B * 2^(n-1)), B = min(interval / 8, 30 s), at least 1 s;
+      * never sooner than a Retry-After of the store's 429/503 answers (seconds or an HTTP
+        date; at most 6 h).
+    """
     logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
                         format="%(asctime)s deltaship-agent: %(message)s", stream=sys.stderr)
     cfg = _load(config_path)
@@ -238,6 +273,12 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
             f"{last.downloaded_bytes} bytes downloaded (full {last.full_bytes}), "
             f"{last.groups_changed} of {last.groups} groups changed")
     del info["root_version"], info["expires"]
+    r = report.rollout
+    if r:
+        share = f"{r['basis_points'] / 100:g} %"
+        info["rollout"] = (f"{r['candidate']} {r['state']} at {share} (fallback "
+                           f"{r['fallback']}); bucket {r['bucket']}: this device "
+                           f"{'is in' if r['in'] else 'is not in'}, runs {r['target']}")
     for e in report.expiries:  # the pinned root's, the release content's, its freshness'
         version = f"version {report.root_version}, " if e.name == "root" else ""
         when = "past" if e.at <= e.now else f"in {e.days_left} days"

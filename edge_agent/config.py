@@ -20,13 +20,15 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from manifest.errors import LocalError
+from manifest._fields import check_channel, check_device_id
+from manifest.constants import DEFAULT_CHANNEL
+from manifest.errors import FormatError, LocalError
 from manifest.storage.atomic import write_atomic
 
 from .hooks import parse_hooks
 
-__all__ = ["RULES", "AgentConfig", "check_config", "default_config_path", "load_config",
-           "save_config"]
+__all__ = ["REPORT_MODES", "RULES", "AgentConfig", "check_config", "default_config_path",
+           "load_config", "save_config"]
 
 
 def default_config_path() -> Path:
@@ -55,6 +57,12 @@ class AgentConfig:
     min_rate: float = 1024.0  # bytes/s over rate_window below which a transfer is abandoned
     rate_window: float = 60.0  # seconds
     allow_redirect_hosts: tuple[str, ...] = ()  # hosts an HTTP store may redirect to
+    channel: str = DEFAULT_CHANNEL  # the store's manifest this device follows (FORMAT.md §5.2)
+    # Device reports (edge_agent/report.py, docs/FORMAT.md §15): "off", or "store" (write
+    # reports/<device-id>.json to the store: needs write credentials); and/or POST to report_url.
+    report: str = "off"
+    report_url: str | None = None
+    report_deadline: float = 10.0  # seconds all report writes of one cycle may take
 
 
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",
@@ -109,6 +117,7 @@ class _Wrong(Exception):
 
 Rule = Callable[[Any], Any]  # the value as read from TOML -> the AgentConfig value, or _Wrong
 
+REPORT_MODES = ("off", "store")
 MAX_INTERVAL = 365 * 86400.0  # a poll interval (seconds)
 MAX_EXPIRY_GRACE = 3650 * 86400.0  # ten years: beyond, expiry arithmetic leaves the calendar
 
@@ -149,6 +158,36 @@ def _hosts(v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _channel(v: Any) -> str:
+    try:
+        return check_channel(v, "the channel")
+    except FormatError as e:
+        raise _Wrong(f"must be a channel name ({e})") from e
+
+
+def _device_id(v: Any) -> str:
+    """Empty (an older configuration: no reports) or a device id (FORMAT.md §15)."""
+    if v == "":
+        return ""
+    try:
+        return str(check_device_id(v))
+    except FormatError as e:
+        raise _Wrong("must be a device id: letters, digits, '.', '_', ':', '-', at most 128, "
+                     "starting with a letter or digit") from e
+
+
+def _report(v: Any) -> str:
+    if v not in REPORT_MODES:
+        raise _Wrong(f"must be one of {', '.join(map(repr, REPORT_MODES))}")
+    return str(v)
+
+
+def _url(v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", v):
+        raise _Wrong("must be an http:// or https:// URL")
+    return v
+
+
 def _hooks(v: Any) -> dict[str, object]:
     if not isinstance(v, dict):
         raise _Wrong("must be a table ([hooks]: see edge_agent/hooks.py)")
@@ -162,7 +201,7 @@ def _hooks(v: Any) -> dict[str, object]:
 RULES: dict[str, Rule] = {
     "store": _text("a store URL or path", empty=False),
     "model_dir": _path,
-    "device_id": _text("text"),
+    "device_id": _device_id,
     "interval": _number("seconds", 1, MAX_INTERVAL),
     "include": _patterns,
     "endpoint_url": _text("a URL", empty=False),
@@ -175,6 +214,10 @@ RULES: dict[str, Rule] = {
     "min_rate": _number("bytes per second", 1, 1e15),
     "rate_window": _number("seconds", 1, 86400),
     "allow_redirect_hosts": _hosts,
+    "channel": _channel,
+    "report": _report,
+    "report_url": _url,
+    "report_deadline": _number("seconds", 1, 3600),
 }
 
 

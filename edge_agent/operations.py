@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from manifest.canonical import loads_object
-from manifest.constants import MANIFEST_KEY
+from manifest.constants import DEFAULT_CHANNEL, manifest_key
 from manifest.download_plan import check_include
 from manifest.errors import (
     DeltashipError,
@@ -33,6 +33,7 @@ from manifest.errors import (
 from manifest.expiry import Expiry, expiries
 from manifest.metadata import ReleaseIndex, Root, Timestamp, format_time
 from manifest.storage.atomic import write_atomic
+from manifest.storage.location import parse_store_url
 from manifest.storage.retry import RetryPolicy
 from manifest.storage.source import TransferLimits, open_source
 from manifest.trust import (
@@ -44,6 +45,7 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig, check_config, save_config
+from .fleet import rollout_view
 from .repair import repair_version
 from .state import ROLLBACK, AgentState, SwitchEvent, rollback_target
 from .updater import Agent, utcnow
@@ -74,6 +76,10 @@ class StatusReport:
     root_version: int | None = None  # the pinned trust root's (None: none or unreadable)
     # The pinned root's, and the last verified manifest's content and freshness expiries.
     expiries: tuple[Expiry, ...] = ()
+    channel: str = DEFAULT_CHANNEL
+    # The last verified manifest's rollout as this device sees it (edge_agent.fleet), or None.
+    rollout: dict[str, Any] | None = None
+    report: str = "off"  # where reports go: "off", "store", the URL, or both
 
     @property
     def warnings(self) -> list[str]:
@@ -83,8 +89,10 @@ class StatusReport:
     def to_dict(self) -> dict[str, Any]:
         """``status --json``: these keys, in this order."""
         saved = self.state.to_dict()
-        return {"device_id": self.device_id, "current": self.current, "retained": self.retained,
+        return {"device_id": self.device_id, "channel": self.channel, "current": self.current,
+                "retained": self.retained, "rollout": self.rollout,
                 **{k: saved[k] for k in _STATUS_FIELDS},
+                "report": self.report, "report_pending": saved["report_pending"] is not None,
                 "root_version": self.root_version,
                 "expires": {e.name: e.to_dict() for e in self.expiries},
                 "store": self.store, "model_dir": self.model_dir}
@@ -129,6 +137,10 @@ class Operator:
         written, it is put back as it was, so a failed ``init`` leaves neither.
         """
         check_config(self.cfg)
+        if self.cfg.report == "store" and parse_store_url(self.cfg.store).kind == "http":
+            raise LocalError("--report store needs write access to the store: an s3:// or "
+                             "directory store (an http(s) store is read-only); use "
+                             "--report-url to POST reports instead")
         try:
             root_bytes = trust.read_bytes()
         except OSError as e:
@@ -182,9 +194,10 @@ class Operator:
         source = open_source(cfg.store, endpoint_url=cfg.endpoint_url, retry=_INIT_PROBE,
                              limits=limits, allow_redirect_hosts=cfg.allow_redirect_hosts)
         try:
-            data, _ = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, None)
+            data, _ = await source.get_small(manifest_key(cfg.channel), MAX_MANIFEST_SIZE, None)
             assert data is not None
-            manifest = verify_manifest(data, root, now=self.agent.now(), grace=self.agent.grace)
+            manifest = verify_manifest(data, root, now=self.agent.now(), grace=self.agent.grace,
+                                       channel=cfg.channel)
             pointer = manifest.current
             ibytes, _ = await source.get_small(pointer.index.key,
                                                min(pointer.index.length, MAX_INDEX_SIZE))
@@ -196,17 +209,24 @@ class Operator:
     def status(self) -> StatusReport:
         """What the device runs and what the agent last did (read without waiting for a
         running cycle: the state file is always whole)."""
-        layout = self.agent.layout
+        layout, cfg = self.agent.layout, self.cfg
         state = layout.read_state()
-        root_version, clocks = self._expiries()
-        return StatusReport(state.device_id or self.cfg.device_id, layout.live_version(),
-                            layout.retained(), state, self.cfg.store, str(self.cfg.model_dir),
-                            root_version, clocks)
+        root, ts = self._trusted()
+        live = layout.live_version()
+        device_id = state.device_id or cfg.device_id
+        rollout = None
+        if root is not None and ts is not None and ts.manifest.channel == cfg.channel:
+            rollout = rollout_view(ts.manifest, repository_id=root.repository_id,
+                                   device_id=device_id, running=live, now=self.agent.now())
+        sinks = [s for s in (cfg.report if cfg.report != "off" else None, cfg.report_url) if s]
+        return StatusReport(device_id, live, layout.retained(), state, cfg.store,
+                            str(cfg.model_dir), None if root is None else root.version,
+                            tuple(expiries(root, ts, self.agent.now())), cfg.channel, rollout,
+                            " and ".join(sinks) or "off")
 
-    def _expiries(self) -> tuple[int | None, tuple[Expiry, ...]]:
-        """The pinned root's version, and the expiries of it and of the last verified manifest
-        (content, freshness); what is missing or unreadable is left out (``status`` must always
-        answer)."""
+    def _trusted(self) -> tuple[Root | None, Timestamp | None]:
+        """The pinned root and the last verified manifest, for their expiries and rollout;
+        what is missing or unreadable is None (``status`` must always answer)."""
         try:
             root: Root | None = self.agent.root()
         except (DeltashipError, OSError):
@@ -216,8 +236,7 @@ class Operator:
             ts: Timestamp | None = Timestamp.from_dict(signed)
         except (DeltashipError, OSError, KeyError):
             ts = None
-        return (None if root is None else root.version,
-                tuple(expiries(root, ts, self.agent.now())))
+        return root, ts
 
     def rollback(self, to: str | None = None) -> RollbackResult:
         """Switch to a retained version (re-verified first) and pin the device there; works

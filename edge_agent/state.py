@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from manifest.constants import DEFAULT_CHANNEL
 from manifest.download_plan import Plan
 from manifest.errors import LocalError
 from manifest.metadata import FieldReader, Role, Root
@@ -244,6 +245,10 @@ class AgentState:
     last_update: UpdateRecord | None = None
     pending_switch: PendingSwitch | None = None
     history: list[SwitchEvent] = field(default_factory=list)
+    # The channel the floors and the manifest copy belong to (a state from before channels:
+    # stable), and the last device report that could not be sent (edge_agent/report.py).
+    channel: str = DEFAULT_CHANNEL
+    report_pending: dict[str, Any] | None = None
     unrecognized: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # -- transitions -----------------------------------------------------------------------
@@ -272,6 +277,18 @@ class AgentState:
             self.manifest_etag = None
         self.floor_keys = new
         return changed
+
+    def follow_channel(self, channel: str) -> bool:
+        """The device now follows ``channel``: the sequences and ETag of another channel's
+        manifest mean nothing for it (each channel has its own, docs/FORMAT.md §5.2). Returns
+        whether anything was forgotten (the caller drops its manifest copy)."""
+        if channel == self.channel:
+            return False
+        self.channel = channel
+        self.highest_sequence = 0
+        self.highest_timestamp = 0
+        self.manifest_etag = None
+        return True
 
     def forget_store(self) -> None:
         """Another repository was pinned: nothing verified for the old one counts."""
@@ -328,6 +345,8 @@ class AgentState:
                 pending_switch=(None if pending is None
                                 else PendingSwitch.from_dict(pending, "pending_switch")),
                 history=[SwitchEvent.from_dict(h, f"history[{i}]") for i, h in enumerate(history)],
+                channel=r.take("channel", str, DEFAULT_CHANNEL),
+                report_pending=r.take("report_pending", dict, None),
                 unrecognized=r.rest(),
             )
         except ValueError as e:  # bad UTF-8 or JSON, or _Malformed
@@ -353,6 +372,8 @@ class AgentState:
             "pending_switch": (None if self.pending_switch is None
                                else self.pending_switch.to_dict()),
             "history": [h.to_dict() for h in self.history[-HISTORY_KEPT:]],
+            "channel": self.channel,
+            "report_pending": self.report_pending,
         }
 
     def to_json(self) -> bytes:

@@ -20,7 +20,12 @@ when it starts and saved at named commit points, each where a restart must see w
 * "switch pending": saved before ``current`` moves, so a restart gives the switch's verdict;
 * "switch failed", "switched back": a failed check, saved before switching back;
 * "switch done": the verdict, the history entry and the last update; the plan is forgotten;
-* "cycle recorded": the outcome (or error) of the cycle, for ``status``.
+* "cycle recorded": the outcome (or error) of the cycle, for ``status``;
+* "report": the device report that could not be sent, kept for the next cycle (:mod:`.report`).
+
+The device follows one channel (its manifest key and ``manifest.channel``, docs/FORMAT.md
+§5.2) and runs what :func:`manifest.rollout.target_for` assigns it (§5.1): the candidate of a
+staged rollout when its bucket is in, else the manifest's ``current`` (the fallback).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from manifest.constants import MANIFEST_KEY
+from manifest.constants import manifest_key
 from manifest.download_plan import check_include, wanted_groups
 from manifest.errors import (
     DeltashipError,
@@ -46,6 +51,7 @@ from manifest.errors import (
     TransportError,
 )
 from manifest.metadata import (
+    Manifest,
     ObjectRef,
     ReleaseIndex,
     ReleasePointer,
@@ -65,11 +71,14 @@ from manifest.trust import (
 
 from .config import AgentConfig
 from .fetch import check_space, download, fetch_group, gather_all, verified_plan
+from .fleet import assignment
 from .hooks import parse_hooks
 from .install import install_file
 from .layout import DeviceLayout
+from .report import CycleOutcome, Reporter
 from .roots import check_root_expiry, pinned_root, walk_roots
-from .state import HEALTH_FAILED, AgentState, PendingSwitch, PlanRecord, SwitchEvent
+from .state import AgentState, PendingSwitch, PlanRecord
+from .verdict import SwitchVerdicts
 
 __all__ = ["Agent", "CycleResult"]
 
@@ -86,9 +95,11 @@ class CycleResult:
     version: str | None
     message: str
     downloaded: int = 0
+    target: str | None = None  # what the store asks this device to run (candidate or current)
+    skipped: bool = False  # the target failed here before: the device runs the fallback
 
 
-class Agent:
+class Agent(SwitchVerdicts):
     """The update loop of one device. A cycle (or an operator command,
     :mod:`edge_agent.operations`) holds the device's lock and its state (:meth:`holding_state`)
     and saves it at named commit points (:meth:`commit`)."""
@@ -99,7 +110,9 @@ class Agent:
         self.layout = DeviceLayout(cfg.model_dir)
         self.grace = timedelta(seconds=cfg.expiry_grace)
         self.hooks = parse_hooks(dict(cfg.hooks))
+        self.reporter = Reporter(cfg)
         self._state: AgentState | None = None
+        self._target: str | None = None  # this cycle's, once the manifest named it
 
     # -- the state a cycle or command holds ------------------------------------------------
 
@@ -143,14 +156,20 @@ class Agent:
         """Fetch the manifest (conditional GET), walk to the trust root it names, forget the
         floors of rotated keys, and verify it (docs/FORMAT.md §13); returns its bytes, the
         root it verified against and the timestamp."""
-        state, layout = self.state, self.layout
+        state, layout, channel = self.state, self.layout, self.cfg.channel
         root = self.root()
+        if state.follow_channel(channel):  # another channel's floors mean nothing here
+            log.warning("now following channel %r: forgetting the sequences of the other "
+                        "channel's manifest", channel)
+            layout.drop_manifest()
+            self.commit("channel changed")
+        key = manifest_key(channel)
         etag = state.manifest_etag if layout.has_manifest() else None
-        data, new_etag = await source.get_small(MANIFEST_KEY, MAX_MANIFEST_SIZE, etag)
+        data, new_etag = await source.get_small(key, MAX_MANIFEST_SIZE, etag)
         if data is None and layout.has_manifest():
             data = layout.load_manifest()  # unchanged since verified: check it again
         if data is None:  # the source refuses a 304 to an unconditional GET; never trust one
-            raise TransportError(f"{source.url}/{MANIFEST_KEY} answered 'not modified' but "
+            raise TransportError(f"{source.url}/{key} answered 'not modified' but "
                                  "this device keeps no copy of it: retry later")
         hint = peek_root_version(data)
         if hint > root.version:
@@ -164,7 +183,8 @@ class Agent:
             self.commit("fast-forward")
         check_root_expiry(root, self.now(), self.grace)
         ts = verify_manifest(data, root, now=self.now(), min_sequence=state.highest_sequence,
-                             min_timestamp=state.highest_timestamp, grace=self.grace)
+                             min_timestamp=state.highest_timestamp, grace=self.grace,
+                             channel=channel)
         if (ts.manifest.sequence > state.highest_sequence or ts.sequence > state.highest_timestamp
                 or new_etag != state.manifest_etag or not layout.has_manifest()):
             layout.save_manifest(data)
@@ -177,8 +197,10 @@ class Agent:
     # -- one cycle -------------------------------------------------------------------------
 
     async def cycle(self, source: Source) -> CycleResult:
-        """One update cycle; its outcome (or failure) is recorded in the state."""
+        """One update cycle; its outcome (or failure) is recorded in the state, then reported
+        (when configured: never failing or holding the update, :mod:`.report`)."""
         with self.holding_state():
+            started, self._target = self.now(), None
             try:
                 result = await self._cycle(source)
             except DeltashipError as e:
@@ -186,9 +208,33 @@ class Agent:
                     self._record("failed", e)
                 except DeltashipError as why:  # a full disk: keep the cycle's own error
                     log.warning("could not record the failure: %s", why)
+                await self.report(source, started, None, e)
                 raise
             self._record(result.message, None)
+            await self.report(source, started, result, None)
             return result
+
+    async def report(self, source: Source, started: datetime, result: CycleResult | None,
+                     error: DeltashipError | None) -> None:
+        """Deliver the cycle's report (and keep it if it could not be); never raises."""
+        if not self.reporter.enabled:
+            return
+        state = self.state
+        if result is None:
+            outcome = CycleOutcome("failed", self.layout.current(), self._target, str(error),
+                                   started, self.now())
+        else:
+            kind = {"pinned": "pinned", "skipped-failed": "skipped"}.get(result.outcome, "ok")
+            outcome = CycleOutcome("skipped" if result.skipped else kind, self.layout.current(),
+                                   result.target, None, started, self.now())
+        try:
+            report = self.reporter.build(self.root().repository_id, state, outcome)
+            pending = await self.reporter.deliver(source, report, state.report_pending)
+            if pending != state.report_pending:
+                state.report_pending = pending
+                self.commit("report")
+        except Exception as e:  # a report never fails an update
+            log.warning("device report: %s", e)
 
     def _record(self, result: str, error: DeltashipError | None) -> None:
         self.state.last_check = format_time(self.now())
@@ -202,12 +248,14 @@ class Agent:
         if state.pending_switch is not None:
             await self.finish_pending_switch(state.pending_switch)
         data, root, manifest = await self.verified_manifest(source)
-        target = manifest.current.version
         current = self.layout.current()
-        self.check_same_release(target, manifest.current.index)
+        pointer, skipped = self.choose(manifest.manifest, root, current)
+        target = pointer.version
+        self.check_same_release(target, pointer.index)
         if state.pinned:
             return CycleResult("pinned", current, f"pinned at {state.pinned} by an operator; "
-                               f"the store offers {target} (run `deltaship-agent resume`)")
+                               f"the store offers {target} (run `deltaship-agent resume`)",
+                               target=self._target)
         if current == target and self.cfg.include:  # `include` may have changed since
             check_include(self.local_index(target, root), self.cfg.include)
         if current == target and target in state.failed_versions:
@@ -216,21 +264,22 @@ class Agent:
                             "run `deltaship-agent resume`")
         if current == target:
             self.prune(target)  # finishes a prune a kill cut short after the switch
-            return CycleResult("up-to-date", current, f"up to date at {target}")
+            return CycleResult("up-to-date", current, f"up to date at {target}",
+                               target=self._target, skipped=skipped)
         if target in state.failed_versions:
             return CycleResult("skipped-failed", current,
                                f"{target} failed before and is not retried until a newer "
-                               "release or `deltaship-agent resume`")
+                               "release or `deltaship-agent resume`", target=self._target,
+                               skipped=True)
         if self.layout.has_version(target):
             self.verify_version(target, root)
             downloaded = 0
-        else:
-            ibytes, _ = await source.get_small(
-                manifest.current.index.key, min(manifest.current.index.length, MAX_INDEX_SIZE)
-            )
+        else:  # the index the target's pin names (a rollout's candidate has its own)
+            ibytes, _ = await source.get_small(pointer.index.key,
+                                               min(pointer.index.length, MAX_INDEX_SIZE))
             assert ibytes is not None
-            index = verify_index(ibytes, manifest.current, root)
-            downloaded = await self.install(source, index, ibytes, manifest.current.index)
+            index = verify_index(ibytes, pointer, root)
+            downloaded = await self.install(source, index, ibytes, pointer.index)
         self.check_still_valid(data, root)
         state.pending_switch = PendingSwitch(current, target)
         self.commit("switch pending")
@@ -239,7 +288,20 @@ class Agent:
         await self.check_health(target, current)
         self.commit_switch(target, current)
         return CycleResult("updated", target, f"updated {current or 'nothing'} -> {target}",
-                           downloaded)
+                           downloaded, target=self._target, skipped=skipped)
+
+    def choose(self, manifest: Manifest, root: Root, running: str | None
+               ) -> tuple[ReleasePointer, bool]:
+        """The release this device runs (:func:`.fleet.assignment`) and whether the one the
+        store assigned was skipped; a revoked candidate is recorded as failed at once."""
+        a = assignment(manifest, repository_id=root.repository_id, device_id=self.cfg.device_id,
+                       running=running, failed=self.state.failed_versions, now=self.now())
+        self._target = a.assigned
+        if a.revoked is not None and a.revoked not in self.state.failed_versions:
+            log.warning("%s was revoked: not taking it again", a.revoked)
+            self.state.mark_failed(a.revoked)
+            self.commit("revoked")
+        return a.pointer, a.skipped
 
     def check_same_release(self, version: str, pin: ObjectRef) -> None:
         """A retained ``version`` must be the release the manifest names (its index pin), not
@@ -259,85 +321,11 @@ class Agent:
         try:
             verify_manifest(manifest_bytes, root, now=self.now(),
                             min_sequence=self.state.highest_sequence,
-                            min_timestamp=self.state.highest_timestamp, grace=self.grace)
+                            min_timestamp=self.state.highest_timestamp, grace=self.grace,
+                            channel=self.cfg.channel)
         except ExpiredError as e:
             raise ExpiredError(f"{e} (it expired while the update was downloading; nothing was "
                                "switched)") from e
-
-    # -- the verdict on a switch -----------------------------------------------------------
-
-    def commit_switch(self, target: str, previous: str | None) -> None:
-        """The new version passed its checks: record it, forget the plan, prune."""
-        self.state.finish_update(target, previous, format_time(self.now()))
-        self.commit("switch done")
-        self.prune(target)
-
-    async def finish_pending_switch(self, pending: PendingSwitch) -> None:
-        """A previous run stopped before its switch's verdict was recorded: finish it now."""
-        target, previous = pending.to, pending.from_
-        if self.state.pinned:  # an operator decided since
-            self.state.pending_switch = None
-            self.commit("pending switch dropped: pinned")
-            return
-        if pending.failed is not None and previous is not None:
-            log.warning("recording the interrupted switch back from %s to %s", target, previous)
-            await self._switch_back(target, previous, HookError(pending.failed))
-        if self.layout.current() != target:  # it never switched
-            self.state.pending_switch = None
-            self.commit("pending switch dropped: never switched")
-            return
-        log.warning("the check of %s was interrupted: checking it again", target)
-        await self.check_health(target, previous)
-        self.commit_switch(target, previous)
-
-    async def check_health(self, target: str, previous: str | None) -> None:
-        """Notify the model server and check it; on failure switch back and remember.
-
-        Not on the first install: no model server can run before there is a model, and there
-        is nothing to switch back to. Any exception from a hook counts as a failure; if the
-        agent is stopped before the verdict is recorded, ``state.pending_switch`` makes the
-        next run finish it (see :meth:`finish_pending_switch`).
-        """
-        if self.hooks.empty or previous is None:
-            return
-        try:
-            await self.hooks.after_switch(target, self.layout.version_dir(target))
-            return
-        except Exception as e:
-            failure = e if isinstance(e, HookError) else HookError(f"hook error: {e!r}")
-        await self._switch_back(target, previous, failure)
-
-    async def _switch_back(self, target: str, previous: str, failure: HookError) -> None:
-        """Undo a failed switch and remember the failure; raises HookError. Idempotent: the
-        failure is saved first, so a stop half-way is finished by the next run."""
-        state = self.state
-        state.pending_switch = PendingSwitch(previous, target, failed=str(failure))
-        self.commit("switch failed")
-        back = self.layout.has_version(previous)
-        if back:
-            if self.layout.current() != previous:
-                self.layout.switch(previous)
-            try:
-                await self.hooks.after_switch(previous, self.layout.version_dir(previous))
-            except Exception as e:
-                log.error("the previous version %s is not healthy either: %s", previous, e)
-        state.mark_failed(target)
-        if back:
-            state.history.append(SwitchEvent.switch(format_time(self.now()), target, previous,
-                                                    HEALTH_FAILED))
-        state.plan = None
-        state.pending_switch = None
-        self.commit("switched back")
-        if not back:
-            raise HookError(f"{target} failed after the switch ({failure}), and {previous} is "
-                            "no longer on this device to switch back to: fix the model server "
-                            "or release a fixed version") from failure
-        self.prune(previous)  # the failed version's files go
-        raise HookError(
-            f"{target} failed after the switch ({failure}); switched back to "
-            f"{previous} and will not retry {target} until a newer release or "
-            "`deltaship-agent resume`"
-        ) from failure
 
     # -- installing a release --------------------------------------------------------------
 

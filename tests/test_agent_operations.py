@@ -203,10 +203,12 @@ def _index(version: str, dev: Device) -> ReleaseIndex:
 def test_status_of_a_fresh_device(dev: Device) -> None:
     report = dev.operator().status()
     assert report.to_dict() == {
-        "device_id": "dev-1", "current": None, "retained": [], "pinned": None,
+        "device_id": "dev-1", "channel": "stable", "current": None, "retained": [],
+        "rollout": None, "pinned": None,
         "failed_versions": [], "highest_sequence": 0, "highest_timestamp": 0, "last_check": None,
         "last_result": None, "last_error": None, "bytes_last_update": 0, "bytes_total": 0,
-        "plan": None, "last_update": None, "root_version": 1,
+        "plan": None, "last_update": None, "report": "off", "report_pending": False,
+        "root_version": 1,
         "expires": {"root": {"expires": "2027-03-01T12:00:00Z", "days_left": 365,
                              "warning": None}},
         "store": dev.cfg.store, "model_dir": str(dev.cfg.model_dir)}

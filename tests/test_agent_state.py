@@ -10,7 +10,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.service import next_poll_delay
 from edge_agent.state import (
     HISTORY_KEPT,
     AgentState,
@@ -70,19 +69,6 @@ def test_rollback_target_skips_failed_and_missing_versions() -> None:
     assert rollback_target(state, "v1", {"v1"}.__contains__) is None
 
 
-@pytest.mark.parametrize(("interval", "backoff", "retry_after", "delay"), [
-    (300.0, 2.0, None, 2.0),  # backing off
-    (300.0, None, None, 300.0),  # out of tries: the next poll
-    (300.0, 2.0, 42.0, 42.0),  # the store asks for more than the backoff
-    (30.0, None, 120.0, 120.0),  # ...or more than the interval
-    (300.0, 60.0, 10**6, 3600.0),  # but cannot park the device for more than an hour
-    (300.0, None, 10.0, 300.0),  # a shorter Retry-After does not make polls faster
-])
-def test_next_poll_delay(interval: float, backoff: float | None, retry_after: float | None,
-                         delay: float) -> None:
-    assert next_poll_delay(interval, backoff, retry_after) == delay
-
-
 # --- state.json: typed records, the same file shape -----------------------------------------
 
 # A state.json as the agent wrote it before typed records (and before `last_update` and
@@ -114,7 +100,8 @@ def test_an_old_state_file_loads_and_is_written_back_unchanged() -> None:
     assert (state.highest_timestamp, state.floor_keys) == (0, {})  # format v3's, not known then
     written = json.loads(state.to_json())
     assert written == {**OLD_STATE, "last_update": None, "pending_switch": None,
-                       "highest_timestamp": 0, "floor_keys": {}}
+                       "highest_timestamp": 0, "floor_keys": {}, "channel": "stable",
+                       "report_pending": None}
 
 
 def test_the_current_shape_round_trips_byte_for_byte() -> None:
@@ -139,6 +126,7 @@ def test_unknown_fields_are_kept_and_written_back() -> None:
     doc["floor_keys"] = {"release": {"keyids": ["aa"], "threshold": 1, "since": "root v2"},
                          "mirror": {"keyids": [], "threshold": 0}}
     doc["pending_switch"] = {"from": "v1", "to": "v2", "since": "boot 3"}
+    doc["channel"], doc["report_pending"] = "beta", {"state": "ok", "any": "thing"}
     doc["last_update"] = {"version": "v2", "from": "v1", "at": "2026-11-02T10:00:00Z",
                           "downloaded_bytes": 1, "planned_bytes": 1, "full_bytes": 2,
                           "groups_changed": 1, "groups": 2, "seconds": 4.5}

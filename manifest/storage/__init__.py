@@ -4,8 +4,9 @@
 * :mod:`.s3`: one S3 client configuration and one botocore error table for both faces.
 * :mod:`.store`: the publisher's synchronous face, :class:`Store` (read and write):
   :class:`LocalStore`, :class:`S3Store`, :func:`open_store`.
-* :mod:`.source`: the agent's asynchronous face, :class:`Source` (read-only, resumable,
-  retried): :class:`HttpSource`, :class:`S3Source`, :class:`LocalSource`, :func:`open_source`.
+* :mod:`.source`: the agent's asynchronous face, :class:`Source` (reads, resumable,
+  retried; one small bounded write for device reports): :class:`HttpSource`, :class:`S3Source`,
+  :class:`LocalSource`, :func:`open_source`.
 * :mod:`.retry`: the retry policy of the agent's face; :mod:`.atomic`: atomic local writes.
 
 Errors and exit codes: docs/ERRORS.md. Importing this package imports neither boto3 nor aiohttp:

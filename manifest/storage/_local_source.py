@@ -3,7 +3,8 @@
 Reads happen in worker threads; files are opened with :func:`._files.open_regular` and OS
 errors translated by :func:`._files.file_error`, as in the publisher's
 :class:`~manifest.storage.store.LocalStore`. A directory has no ETags: the base class derives
-one from the content.
+one from the content. The one write (a device report) is atomic
+(:func:`~manifest.storage.atomic.write_atomic`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import RangeNotSatisfiableError, RetryableError
 from ._files import file_error, key_path, open_regular
 from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._source_base import Body, Sleep, SourceBase
+from .atomic import write_atomic
 from .retry import DEFAULT_RETRY, RetryPolicy
 
 __all__ = ["LocalSource"]
@@ -31,6 +33,22 @@ class LocalSource(SourceBase):
                  sleep: Sleep = asyncio.sleep) -> None:
         self.root = Path(root).absolute()
         super().__init__(f"file://{self.root}", retry, max_rate, sleep, limits)
+
+    async def _put(self, key: str, data: bytes, deadline: float) -> None:
+        """Atomically replace ``key`` (its directory created); a report a reader sees is
+        whole. OS errors become ours (:func:`._files.file_error`)."""
+        path = key_path(self.root, key)
+
+        def write() -> None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(self.root)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as e:
+            raise file_error(e, self.root, self._where(key), writing=True) from e
 
     @asynccontextmanager
     async def _open(self, key: str, start: int, etag: str | None) -> AsyncIterator[Body | None]:

@@ -3,11 +3,14 @@
 The client comes from :func:`manifest.storage.s3.make_client` with botocore's retries off: one
 try per call, the source's :class:`~manifest.storage.retry.RetryPolicy` decides. Failures go
 through :func:`manifest.storage.s3.s3_error`, the table the publisher's face uses too.
+The one write (a device report) has its own client whose connect and read timeouts are the
+write's deadline: a hung endpoint cannot keep a worker thread (and the process) past it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import AsyncIterator
@@ -22,6 +25,7 @@ from .retry import DEFAULT_RETRY, RetryPolicy
 from .s3 import S3Settings, make_client, s3_error, s3_key
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
     from mypy_boto3_s3.type_defs import GetObjectOutputTypeDef
 
 __all__ = ["S3Source"]
@@ -48,7 +52,25 @@ class S3Source(SourceBase):
                               botocore_retries=False, connect_timeout=timeout,
                               read_timeout=timeout, max_pool_connections=32).resolve(os.environ)
         self.endpoint = settings.endpoint_name
+        self._settings = settings
         self._client = make_client(settings, self.url)
+        self._put_client: S3Client | None = None
+
+    async def _put(self, key: str, data: bytes, deadline: float) -> None:
+        import botocore.exceptions as bx
+
+        if self._put_client is None:
+            settings = dataclasses.replace(self._settings, connect_timeout=deadline,
+                                           read_timeout=deadline, max_pool_connections=2)
+            self._put_client = make_client(settings, self.url)
+        put = functools.partial(self._put_client.put_object, Bucket=self.bucket,
+                                Key=s3_key(self.prefix, key), Body=data,
+                                ContentType="application/json")
+        try:
+            await asyncio.to_thread(put)
+        except (bx.BotoCoreError, bx.ClientError) as e:
+            error = s3_error(e, self._where(key), self.bucket, self.endpoint)
+            raise (error or RetryableError(f"PUT {self._where(key)} failed")) from e
 
     @asynccontextmanager
     async def _open(self, key: str, start: int, etag: str | None) -> AsyncIterator[Body | None]:

@@ -17,7 +17,14 @@ modified") and, if it holds connections, :meth:`SourceBase.close`. Everything el
   as a :class:`RetryableError` (the partial file keeps its bytes; a try ended as too slow does
   not count as progress for the retry budget, so a drip cannot keep it full forever);
 * an answer that makes no sense for the request (304 to an unconditional GET, a body that does
-  not start where it was asked to) is the store's failure of one try, a ``RetryableError``.
+  not start where it was asked to) is the store's failure of one try, a ``RetryableError``;
+* a store that asks, with Retry-After, for a longer wait than the policy's ``cap`` is not
+  retried within the request: the final ``TransportError`` carries the Retry-After, and the
+  service waits at least that long before its next poll (:mod:`edge_agent.schedule`).
+
+The one write of the agent's face, :meth:`SourceBase.put_small` (a device report,
+docs/FORMAT.md §15), is small (at most :data:`MAX_PUT_SIZE` bytes), tried once and bounded by
+a deadline: a backend implements :meth:`SourceBase._put` (a read-only source refuses it).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from ..errors import (
     OversizeError,
     RangeNotSatisfiableError,
     RetryableError,
+    StoreConfigError,
+    TransportError,
     UntrustedDataError,
 )
 from ._pace import DEFAULT_LIMITS, Pace, TransferLimits
@@ -44,11 +53,12 @@ from ._partial_file import PartialFile, fsync_file, size_of
 from .location import check_key
 from .retry import RetryPolicy, RetryState, give_up
 
-__all__ = ["READ_SIZE", "Body", "Sleep", "SourceBase", "TransferLimits"]
+__all__ = ["MAX_PUT_SIZE", "READ_SIZE", "Body", "Sleep", "SourceBase", "TransferLimits"]
 
 log = logging.getLogger("manifest.storage")
 
 READ_SIZE = 256 * 1024  # the most bytes asked of a socket or file at once
+MAX_PUT_SIZE = 64 * 1024  # the most bytes put_small writes (a device report is at most 16 KiB)
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -127,6 +137,25 @@ class SourceBase:
     async def close(self) -> None:
         pass
 
+    async def _put(self, key: str, data: bytes, deadline: float) -> None:
+        """Write ``data`` at ``key`` (one try; ``deadline``: seconds a blocking call may take)."""
+        raise StoreConfigError(f"{self.url} is read-only for devices: reports go to an S3 or "
+                               "directory store, or by POST (report_url)")
+
+    async def put_small(self, key: str, data: bytes, deadline: float) -> None:
+        """Write a small object (at most :data:`MAX_PUT_SIZE` bytes), one try, within
+        ``deadline`` seconds (else a ``TransportError``)."""
+        where = self._where(key)
+        if len(data) > MAX_PUT_SIZE:
+            raise OversizeError(f"PUT {where}: {len(data)} bytes, over the {MAX_PUT_SIZE}-byte "
+                                "cap of a device's write")
+        try:
+            async with asyncio.timeout(deadline):
+                await self._put(key, data, deadline)
+        except TimeoutError as e:
+            raise TransportError(f"PUT {where} took longer than its {deadline:g} s "
+                                 "deadline") from e
+
     def _where(self, key: str) -> str:
         return f"{self.url}/{check_key(key)}"
 
@@ -151,6 +180,8 @@ class SourceBase:
                 return await attempt(state)
             except RetryableError as e:
                 delay = state.failed(e, e.retry_after)
+                if e.retry_after is not None and e.retry_after > self._retry.cap:
+                    delay = None  # the service waits that long before its next poll
                 if delay is None:
                     raise give_up(e, state.failures) from e
                 log.warning("%s; try %d of %d in %.1f s", e, state.failures + 1,

@@ -1,4 +1,4 @@
-"""The agent's face of the storage layer: a read-only, async :class:`Source`.
+"""The agent's face of the storage layer: an async :class:`Source`, read-only but for reports.
 
 A :class:`Source` reads the store layout of docs/FORMAT.md §1 (keys such as ``manifest.json`` or
 ``objects/<sha256>``, relative to the store's prefix). :func:`open_source` picks the backend
@@ -9,7 +9,8 @@ worker threads) or :class:`LocalSource` (``file:///path`` or a directory). The s
 
 Everything streams and every limit is enforced while streaming: :meth:`Source.get_small` stops
 reading past its cap, :meth:`Source.fetch` past the length the signed index pins. ``fetch``
-appends to a partial file that survives restarts and resumes it with a range request.
+appends to a partial file that survives restarts and resumes it with a range request. The one
+write, :meth:`Source.put_small`, is a device's report (S3 and directories only).
 
 Errors, from :mod:`manifest.errors`, by whose fault (the full table: docs/ERRORS.md):
 
@@ -37,7 +38,7 @@ from ._local_source import LocalSource
 from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._partial_file import BLOCK, FLUSH_SECONDS
 from ._s3_source import S3Source
-from ._source_base import READ_SIZE, Sleep
+from ._source_base import MAX_PUT_SIZE, READ_SIZE, Sleep
 from .location import parse_store_url
 from .retry import DEFAULT_RETRY, RetryPolicy
 
@@ -46,6 +47,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RETRY",
     "FLUSH_SECONDS",
+    "MAX_PUT_SIZE",
     "READ_SIZE",
     "HttpSource",
     "LocalSource",
@@ -76,6 +78,12 @@ class Source(Protocol):
 
         ``on_bytes`` gets the size of every chunk received, restarts included (wire bytes).
         """
+        ...
+
+    async def put_small(self, key: str, data: bytes, deadline: float) -> None:
+        """Write a small object (a device report: at most ``MAX_PUT_SIZE`` bytes), one try,
+        within ``deadline`` seconds. S3 and directories; an HTTP store is read-only
+        (``StoreConfigError``)."""
         ...
 
     async def close(self) -> None: ...
