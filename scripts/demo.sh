@@ -3,7 +3,8 @@
 # a trust root and releases; on the "device", the reference model server answering requests
 # under load and an agent service that downloads only what changed, hot-swaps the server
 # without a failed request, rolls a bad release back by itself, and follows a manual rollback
-# and a fleet revert.
+# and a fleet revert. Then a small fleet: a staged rollout, an automatic halt on a bad
+# candidate, and the fleet's status from the devices' reports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
@@ -151,5 +152,41 @@ for v, d, f in plans:
 print(f"the device downloaded {got:,} bytes for {len(plans)} installs; full downloads would "
       f"have cost {full:,} ({100 * (1 - got / full):.0f}% saved)")
 PY
+
+step "A fleet of 12 devices on a beta channel, each reporting to the store after every cycle"
+fleet="$work/fleet"
+deltaship-publish promote --store "$store" --from stable --to beta --version v2 \
+    --key "$work/keys/release.key" >/dev/null
+for i in $(seq -w 0 11); do
+    deltaship-agent init --store "$store" --trust "$work/root.json" --model-dir "$fleet/d$i" \
+        --config "$fleet/d$i.toml" --device-id "edge-$i" --channel beta --report store \
+        --health-command "python -m devtools.probe {path}" >/dev/null
+done
+fleet_poll() { for i in $(seq -w 0 11); do
+    deltaship-agent run --once --config "$fleet/d$i.toml" >/dev/null 2>&1 || true; done; }
+fleet_poll
+deltaship-publish fleet status --store "$store" --channel beta
+
+step "A staged rollout: v5 (two more experts trained) to 25 % of beta, then widened"
+python -m devtools.modelgen train-experts "$work/v2" "$work/v5" --expert 0:2 --expert 3:5
+deltaship-publish release "$work/v5" --store "$store" --channel beta --version v5 \
+    --rollout 25 --key "$work/keys/release.key" >"$work/rel5.txt"
+head -1 "$work/rel5.txt"
+fleet_poll
+deltaship-publish fleet status --store "$store" --channel beta
+adv() { deltaship-publish rollout --advance --store "$store" --channel beta --stages 25,100 \
+    --every 1s --max-failure-rate 10% --min-devices 2 --key "$work/keys/release.key"; }
+adv
+fleet_poll
+deltaship-publish fleet status --store "$store" --channel beta
+
+step "A bad candidate: v6 diverged; the devices that try it fail their health check"
+deltaship-publish release "$work/v3" --store "$store" --channel beta --version v6 \
+    --rollout 50 --key "$work/keys/release.key" >"$work/rel6.txt"
+head -1 "$work/rel6.txt"
+fleet_poll
+adv  # the failure rate is over 10 %: the rollout halts by itself
+fleet_poll
+deltaship-publish fleet status --store "$store" --channel beta
 
 step "Done in ${SECONDS} s (virtual environment included): everything started by this demo is stopped and its files removed"
