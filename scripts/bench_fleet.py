@@ -21,22 +21,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
+
 from devtools import modelgen
 from devtools.bench_report import intro, write_section
 from edge_agent.config import AgentConfig
+from edge_agent.layout import DeviceLayout
 from edge_agent.operations import Operator
 from edge_agent.service import open_agent_source
 from edge_agent.updater import Agent
+from manifest.constants import report_key
+from manifest.report import MAX_REPORT_SIZE, DeviceReport
+from manifest.rollout import bucket
+from manifest.storage.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -120,6 +129,48 @@ http {{
         return out
 
 
+class Collector:
+    """The fleet's report endpoint: devices POST their reports, it files each as
+    ``reports/<device-id>.json`` in the store (what ``fleet status`` reads)."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.loop = asyncio.new_event_loop()
+        self.port = free_port()
+        self.received = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _post(self, request: web.Request) -> web.Response:
+        data = await request.content.read(MAX_REPORT_SIZE + 1)
+        report = DeviceReport.from_bytes(data)
+        path = self.store / report_key(report.device_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, data)
+        self.received += 1
+        return web.Response(status=204)
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/report", self._post)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def __enter__(self) -> Collector:
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/report"
+
+
 @dataclass
 class Phase:
     name: str
@@ -161,11 +212,12 @@ class FleetBench:
         result: dict[str, object] = json.loads(out)
         return result
 
-    def devices(self, url: str) -> list[AgentConfig]:
+    def devices(self, url: str, report_url: str) -> list[AgentConfig]:
         cfgs = []
         for i in range(self.n):
             d = self.work / "devices" / f"edge-{i:04d}"
-            cfg = AgentConfig(store=url, model_dir=d / "model", device_id=f"edge-{i:04d}")
+            cfg = AgentConfig(store=url, model_dir=d / "model", device_id=f"edge-{i:04d}",
+                              report_url=report_url)
             Operator(cfg).init(self.work / "root.json", d / "agent.toml")
             cfgs.append(cfg)
         return cfgs
@@ -211,22 +263,49 @@ def main() -> None:
     b.pub("init", "--store", b.store, "--key", b.keys / "k.key", "--out", b.work / "root.json")
     b.release(v1, "v1")
     phases: list[Phase] = []
-    with Nginx(b.work, b.store.parent) as nginx:
+    checks: list[str] = []
+    n = args.devices
+    with Nginx(b.work, b.store.parent) as nginx, Collector(b.store) as collector:
         url = f"http://127.0.0.1:{nginx.port}/store"
-        cfgs = b.devices(url)
+        cfgs = b.devices(url, collector.url)
         phases.append(b.poll_all("first install of v1", cfgs, nginx))
         phases.append(b.poll_all("unchanged poll", cfgs, nginx))
         summary = b.release(v2, "v2")
         plan = next(int(str(x["download_bytes"])) for x in summary["bases"]  # type: ignore[union-attr]
                     if x["version"] == "v1")  # type: ignore[index]
         phases.append(b.poll_all("two retrained experts (v2)", cfgs, nginx))
-    n = args.devices
+        b.release(_v3, "v3", "--rollout", "10")
+        phases.append(b.poll_all("v3 as a 10 % rollout", cfgs, nginx))
+        repo_id = json.loads((b.work / "root.json").read_bytes())["signed"]["repository_id"]
+        expected = {c.device_id for c in cfgs if bucket(repo_id, "v3", c.device_id) < 1000}
+        on_v3 = {c.device_id for c in cfgs if DeviceLayout(c.model_dir).current() == "v3"}
+        sigma = math.sqrt(n * 0.1 * 0.9)
+        checks.append(f"10 % rollout: {len(on_v3)} devices took v3 (expected {n // 10} +/- "
+                      f"{2 * sigma:.0f} at two standard deviations); exactly the devices whose "
+                      f"bucket is below 1000: {on_v3 == expected}")
+        b.pub("rollout", "--store", b.store, "--halt", "--key", b.keys / "k.key")
+        phases.append(b.poll_all("halt", cfgs, nginx))
+        still = {c.device_id for c in cfgs if DeviceLayout(c.model_dir).current() == "v3"}
+        checks.append(f"halt: {len(still)} devices still on v3 (the same ones: {still == on_v3})")
+        b.pub("rollout", "--store", b.store, "--revoke", "--key", b.keys / "k.key")
+        phases.append(b.poll_all("revoke", cfgs, nginx))
+        back = [c for c in cfgs if DeviceLayout(c.model_dir).current() == "v2"]
+        checks.append(f"revoke: {len(back)} of {n} devices on v2 afterwards")
+        status = json.loads(b.pub("fleet", "status", "--store", b.store, "--json"))
+        truth: dict[str, int] = Counter(
+            DeviceLayout(c.model_dir).current() or "none" for c in cfgs)
+        reported = {v: sum(states.values()) for v, states in status["by_version"].items()}
+        checks.append(f"fleet status: {status['devices']} devices reported, per version "
+                      f"{dict(sorted(reported.items()))}; the truth {dict(sorted(truth.items()))}"
+                      f": equal {reported == dict(truth)}; reports received "
+                      f"{collector.received}")
     cmd = f"scripts/bench_fleet.py --devices {n} --wave {args.wave}"
+    nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [*intro("A fleet behind nginx (`scripts/bench_fleet.py`)", cmd, machine=""),
              f"{n} devices, the real agent code in one process, {args.wave} cycles at a time, "
-             "each device with its own model directory; nginx "
-             f"{subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}"
-             " serving the store on 127.0.0.1; bytes and requests from its access log.", "",
+             f"each device with its own model directory; {nginx_v.replace('nginx version: ', '')}"
+             " serving the store on 127.0.0.1 (bytes and requests from its access log); devices "
+             "POST their reports to a collector that files them in the store.", "",
              "| phase | time | requests | per device | body bytes | per device | failures |",
              "|---|---|---|---|---|---|---|"]
     for p in phases:
@@ -236,7 +315,8 @@ def main() -> None:
     lines += ["", f"The v2 plan of one device at v1 (the release summary): {plan} bytes of "
               f"objects; served for v2: {v2_phase.body_bytes} body bytes = "
               f"{v2_phase.body_bytes / (n * plan):.3f} x devices x plan (the rest: the "
-              "manifest and the release index)."]
+              "manifest and the release index, issue 12's small-update work).", ""]
+    lines += [f"* {c}" for c in checks]
     text = "\n".join(lines)
     print(text)
     write_section(args.out, "bench_fleet", text)
