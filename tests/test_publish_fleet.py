@@ -170,6 +170,7 @@ def test_the_readme_fleet_commands_run_as_written(cli: Cli, bucket: str,
     line once (schedule fields dropped)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Running a fleet", 1)[1].split("\n## ", 1)[0]
+    section = section.split("\n### On the devices", 1)[0]  # the publisher's part
     blocks = [b.split("```", 1)[0] for b in section.split("```sh\n")[1:]]
     cron = section.split("```crontab\n", 1)[1].split("```", 1)[0].strip().splitlines()[-1]
     assert len(blocks) == 3
