@@ -214,6 +214,10 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @_lifetime_options
 @click.option("--deltas-from", default=3, show_default=True, type=click.IntRange(min=0),
               help="Compute patches from this many most recent releases.")
+@click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(min=0),
+              metavar="N", help="Also compute patches from the 4 most recent checkpoint "
+              "releases, every N-th release of the channel (0: none), so devices far behind "
+              "still get patches.")
 @click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
               help="Grouping rule tried before the defaults: a regex with named captures.")
 @click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
@@ -231,7 +235,7 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, channel: str,
                 version: str, rollout_bp: int | None, keys: tuple[Path, ...],
                 draft: Path | None, expires_days: int, timestamp_days: int, deltas_from: int,
-                patterns: tuple[str, ...], level: int, workers: int | None,
+                checkpoint_every: int, patterns: tuple[str, ...], level: int, workers: int | None,
                 cache_dir: Path | None, cache_max_bytes: int, insecure_key_permissions: bool,
                 dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
@@ -259,7 +263,8 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
                         insecure_key_permissions=insecure_key_permissions, draft=draft,
                         lifetimes=Lifetimes(timedelta(days=expires_days),
                                             timedelta(days=timestamp_days)),
-                        channel=channel, rollout_basis_points=rollout_bp)
+                        channel=channel, rollout_basis_points=rollout_bp,
+                        checkpoint_every=checkpoint_every)
     if workers:
         cfg = dataclasses.replace(cfg, workers=workers)
     if cache_dir:

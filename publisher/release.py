@@ -103,6 +103,7 @@ class ReleaseConfig:
     # Basis points of a staged rollout: the new version becomes the candidate and what is
     # current stays the fallback. None: the new version is current for the whole channel.
     rollout_basis_points: int | None = None
+    checkpoint_every: int = 0  # also patch from every N-th release (release_plan.base_pointers)
 
 
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
@@ -115,7 +116,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     if cfg.draft is None:  # all signatures now: refuse missing keys before encoding anything
         check_signers(repo.root(), keys, ("release", "timestamp"), cfg.key_paths)
     check_new_version(repo, version, cfg.rollout_basis_points)
-    state = read_store_state(repo, version, cfg.deltas_from)
+    state = read_store_state(repo, version, cfg.deltas_from, cfg.checkpoint_every)
     cache = PublisherCache(cfg.cache_dir)
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
     try:
@@ -168,7 +169,8 @@ def check_new_version(repo: Repository, version: str, rollout_bp: int | None) ->
                          "nothing to fall back to: release the first version without --rollout")
 
 
-def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreState:
+def read_store_state(repo: Repository, version: str, deltas_from: int,
+                     checkpoint_every: int = 0) -> StoreState:
     """The verified store; refuses a ``version`` it already holds before reading any base."""
     current = repo.current_manifest()
     manifest = current.timestamp.manifest if current.timestamp else None
@@ -181,7 +183,7 @@ def read_store_state(repo: Repository, version: str, deltas_from: int) -> StoreS
     bases = tuple(
         repo.index(p, "the manifest" if manifest and p == manifest.current
                    else release_record_key(p.version, repo.channel))
-        for p in base_pointers(manifest, records, deltas_from)
+        for p in base_pointers(manifest, records, deltas_from, checkpoint_every)
     )
     return dataclasses.replace(state, bases=bases)
 

@@ -83,16 +83,27 @@ class StoreState:
 
 
 def base_pointers(
-    manifest: Manifest | None, records: Sequence[ReleaseRecord], k: int
+    manifest: Manifest | None, records: Sequence[ReleaseRecord], k: int,
+    checkpoint_every: int = 0, checkpoints: int = 4,
 ) -> list[ReleasePointer]:
-    """The current release, then the most recent others, up to ``k`` versions."""
+    """The current release, then the most recent others, up to ``k`` versions; then, with
+    ``checkpoint_every`` N > 0, the ``checkpoints`` most recent **checkpoint releases** not
+    already listed: every N-th release of the channel (the 1st, the N+1-th, ...; ``records``
+    oldest first). Patches from checkpoints let a device that fell further behind than ``k``
+    releases (and than the chains of earlier patches reach) still download a patch, not the
+    full group: it can reach a checkpoint through a short chain (docs/FORMAT.md §6)."""
     pointers: list[ReleasePointer] = []
     if manifest is not None:
         pointers.append(manifest.current)
     for r in reversed(records):
         if r.version not in {p.version for p in pointers}:
             pointers.append(r.pointer)
-    return pointers[: max(k, 0)]
+    recent = pointers[: max(k, 0)]
+    if checkpoint_every > 0:
+        marks = [r.pointer for i, r in enumerate(records) if i % checkpoint_every == 0]
+        seen = {p.version for p in recent}
+        recent += [p for p in reversed(marks) if p.version not in seen][:max(checkpoints, 0)]
+    return recent
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,22 @@ def test_index_and_uploads() -> None:
     assert ReleaseIndex.from_dict(index.to_dict()) == index
     assert objects_to_upload(chosen, files) == {
         full2.key: "/staging/full-2", files[0].entry.object.key: "/staging/file-x"}
+
+
+@pytest.mark.parametrize(
+    ("every", "count", "expected"),
+    [
+        pytest.param(0, 4, ["v10", "v9", "v8"], id="no-checkpoints"),
+        pytest.param(4, 4, ["v10", "v9", "v8", "v5", "v1"], id="every-4th"),
+        pytest.param(3, 2, ["v10", "v9", "v8", "v7", "v4"], id="capped-at-2"),
+        pytest.param(1, 1, ["v10", "v9", "v8", "v7"], id="every-release"),
+    ],
+)
+def test_checkpoint_releases_are_extra_bases(every: int, count: int,
+                                             expected: list[str]) -> None:
+    """The 1st, (N+1)-th, ... releases are checkpoints: the most recent ``count`` of them not
+    already among the last ``k`` are bases too, newest first."""
+    history = [f"v{i}" for i in range(1, 11)]
+    records = [_record(v, i + 1) for i, v in enumerate(history)]
+    got = base_pointers(_manifest("v10", 11), records, 3, every, count)
+    assert [p.version for p in got] == expected
