@@ -180,6 +180,7 @@ class Phase:
     wire_bytes: int
     failures: int
     outcomes: Counter[str]
+    by_uri: dict[str, int]  # body bytes per URI
 
 
 class FleetBench:
@@ -246,8 +247,26 @@ class FleetBench:
         time.sleep(0.2)  # nginx writes its log line after the response
         reqs = nginx.since(mark)
         failures = sum(1 for o in outcomes if o.startswith("failed"))
+        by_uri: dict[str, int] = Counter()
+        for r in reqs:
+            by_uri[r[1]] += r[3]
         return Phase(name, seconds, len(reqs), sum(r[3] for r in reqs), sum(r[4] for r in reqs),
-                     failures, Counter(o.split(":")[0] for o in outcomes))
+                     failures, Counter(o.split(":")[0] for o in outcomes), dict(by_uri))
+
+    def status_check(self, when: str, cfgs: list[AgentConfig]) -> str:
+        """``fleet status --json`` against what the devices' model directories hold."""
+        status = json.loads(self.pub("fleet", "status", "--store", self.store, "--json"))
+        truth = dict(Counter(DeviceLayout(c.model_dir).current() or "none" for c in cfgs))
+        reported = {v: sum(states.values()) for v, states in status["by_version"].items()}
+        failed = {f["version"]: f["devices"] for f in status["failures"]}
+        return (f"{when}: {status['devices']} devices reported, per version "
+                f"{dict(sorted(reported.items()))}, the truth {dict(sorted(truth.items()))}: "
+                f"equal {reported == truth}; failures per version {failed}")
+
+    def index_uri(self) -> str:
+        """The URI of the current release index (to tell it from the objects of a plan)."""
+        doc = json.loads((self.store / "manifest.json").read_bytes())
+        return f"/store/objects/{doc['signed']['manifest']['current']['index']['sha256']}"
 
 
 def main() -> None:
@@ -274,6 +293,7 @@ def main() -> None:
         plan = next(int(str(x["download_bytes"])) for x in summary["bases"]  # type: ignore[union-attr]
                     if x["version"] == "v1")  # type: ignore[index]
         phases.append(b.poll_all("two retrained experts (v2)", cfgs, nginx))
+        index_uri = b.index_uri()
         b.release(_v3, "v3", "--rollout", "10")
         phases.append(b.poll_all("v3 as a 10 % rollout", cfgs, nginx))
         repo_id = json.loads((b.work / "root.json").read_bytes())["signed"]["repository_id"]
@@ -287,18 +307,13 @@ def main() -> None:
         phases.append(b.poll_all("halt", cfgs, nginx))
         still = {c.device_id for c in cfgs if DeviceLayout(c.model_dir).current() == "v3"}
         checks.append(f"halt: {len(still)} devices still on v3 (the same ones: {still == on_v3})")
+        checks.append(b.status_check("fleet status after the halt", cfgs))
         b.pub("rollout", "--store", b.store, "--revoke", "--key", b.keys / "k.key")
         phases.append(b.poll_all("revoke", cfgs, nginx))
         back = [c for c in cfgs if DeviceLayout(c.model_dir).current() == "v2"]
         checks.append(f"revoke: {len(back)} of {n} devices on v2 afterwards")
-        status = json.loads(b.pub("fleet", "status", "--store", b.store, "--json"))
-        truth: dict[str, int] = Counter(
-            DeviceLayout(c.model_dir).current() or "none" for c in cfgs)
-        reported = {v: sum(states.values()) for v, states in status["by_version"].items()}
-        checks.append(f"fleet status: {status['devices']} devices reported, per version "
-                      f"{dict(sorted(reported.items()))}; the truth {dict(sorted(truth.items()))}"
-                      f": equal {reported == dict(truth)}; reports received "
-                      f"{collector.received}")
+        checks.append(b.status_check("fleet status after the revoke", cfgs))
+        checks.append(f"reports received by the collector: {collector.received}")
     cmd = f"scripts/bench_fleet.py --devices {n} --wave {args.wave}"
     nginx_v = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
     lines = [*intro("A fleet behind nginx (`scripts/bench_fleet.py`)", cmd, machine=""),
@@ -312,10 +327,13 @@ def main() -> None:
         lines.append(f"| {p.name} | {p.seconds:.1f} s | {p.requests} | {p.requests / n:.2f} | "
                      f"{p.body_bytes} | {p.body_bytes / n:.0f} | {p.failures} |")
     v2_phase = phases[2]
+    objects = sum(v for u, v in v2_phase.by_uri.items()
+                  if u.startswith("/store/objects/") and u != index_uri)
+    meta = v2_phase.body_bytes - objects
     lines += ["", f"The v2 plan of one device at v1 (the release summary): {plan} bytes of "
-              f"objects; served for v2: {v2_phase.body_bytes} body bytes = "
-              f"{v2_phase.body_bytes / (n * plan):.3f} x devices x plan (the rest: the "
-              "manifest and the release index, issue 12's small-update work).", ""]
+              f"objects. Served for v2: {objects} bytes of objects = {objects / (n * plan):.4f}"
+              f" x devices x plan, plus {meta} bytes of manifest and release index "
+              f"({meta / n:.0f} per device: issue 12's small-update work).", ""]
     lines += [f"* {c}" for c in checks]
     text = "\n".join(lines)
     print(text)
