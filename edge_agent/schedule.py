@@ -69,7 +69,9 @@ class PollSchedule:
         """Full-jitter backoff after the ``failures``-th transport failure in a row (1-based)."""
         exponent = min(max(failures - 1, 0), 64)
         ceiling = min(self.backoff_cap, self.backoff_base * 2.0**exponent)
-        return max(min(MIN_DELAY, ceiling), ceiling * rand)
+        # At least MIN_DELAY (or the cap, if smaller): with a short interval the first
+        # ceilings are under a second, and full jitter alone could make a tight loop.
+        return max(min(MIN_DELAY, self.backoff_cap), ceiling * rand)
 
     def next(self, failures: int, retry_after: float | None, rand: float) -> float:
         """The wait before the next poll: ``failures`` transport failures in a row (0: the

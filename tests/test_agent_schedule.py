@@ -177,3 +177,10 @@ def test_s3_retry_after_is_read() -> None:
         "GetObject")
     mapped = s3_error(err, "s3://b/p/manifest.json", "b", "AWS S3")
     assert isinstance(mapped, RetryableError) and mapped.retry_after == 42
+
+
+def test_a_short_interval_still_waits_the_minimum_after_a_failure() -> None:
+    """Found by hypothesis: interval 1 s, first failure, rand 0: the ceiling is 0.125 s, but
+    the wait is never under MIN_DELAY (or the cap, if smaller)."""
+    assert PollSchedule(1.0).next(1, None, 0.0) == pytest.approx(1.0)
+    assert PollSchedule(0.5).next(1, None, 0.0) == pytest.approx(0.5)
