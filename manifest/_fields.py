@@ -7,7 +7,7 @@ the public helpers are re-exported by :mod:`manifest.metadata`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -24,9 +24,11 @@ __all__ = [
     "check_header",
     "check_repository_id",
     "check_version",
+    "document_header",
     "format_time",
     "parse_list",
     "parse_time",
+    "read_document_header",
 ]
 
 # 2: the root, the manifest and the release index carry the store's ``repository_id``.
@@ -189,3 +191,18 @@ def parse_list(value: Any, where: str, parse: Callable[[Any, str], T]) -> list[T
     if not isinstance(value, list):
         raise FormatError(f"{where} must be a list")
     return [parse(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def read_document_header(r: FieldReader, type_name: str) -> str:
+    """A signed-or-pinned document's header: ``_type``, ``spec_version`` (:func:`check_header`)
+    and ``repository_id``, which is returned."""
+    check_header(r, type_name)
+    return check_repository_id(r.get("repository_id", str), f"{r.where} repository_id")
+
+
+def document_header(type_name: str, repository_id: str,
+                    unrecognized: Mapping[str, Any]) -> dict[str, Any]:
+    """The start of a document's ``to_dict``: the fields kept from a newer writer, then
+    ``_type``, ``spec_version`` and ``repository_id``."""
+    return {**unrecognized, "_type": type_name, "spec_version": SPEC_VERSION,
+            "repository_id": repository_id}

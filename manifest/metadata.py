@@ -29,12 +29,13 @@ from ._fields import (
     check_device_id,
     check_file_path,
     check_group_name,
-    check_header,
     check_repository_id,
     check_version,
+    document_header,
     format_time,
     parse_list,
     parse_time,
+    read_document_header,
 )
 from .constants import DEFAULT_CHANNEL, WEIGHT_INDEX_FILE
 from .entries import (
@@ -95,9 +96,7 @@ class ReleaseIndex:
     @classmethod
     def from_dict(cls, d: Any) -> ReleaseIndex:
         r = FieldReader(d, "release index")
-        check_header(r, cls.TYPE)
-        repository_id = check_repository_id(r.get("repository_id", str),
-                                            "release index repository_id")
+        repository_id = read_document_header(r, cls.TYPE)
         version = check_version(r.get("version", str))
         released_at = parse_time(r.get("released_at", str), "release index released_at")
         groups = tuple(parse_list(r.get("groups", list), "groups", GroupEntry.from_dict))
@@ -127,10 +126,7 @@ class ReleaseIndex:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self.unrecognized,
-            "_type": self.TYPE,
-            "spec_version": SPEC_VERSION,
-            "repository_id": self.repository_id,
+            **document_header(self.TYPE, self.repository_id, self.unrecognized),
             "version": self.version,
             "released_at": format_time(self.released_at),
             "deltas_from": list(self.deltas_from),
@@ -176,9 +172,7 @@ class ReleaseRecord:
     @classmethod
     def from_dict(cls, d: Any, where: str = "release record") -> ReleaseRecord:
         r = FieldReader(d, where)
-        check_header(r, cls.TYPE)
-        repository_id = check_repository_id(r.get("repository_id", str),
-                                            f"{where} repository_id")
+        repository_id = read_document_header(r, cls.TYPE)
         return cls(
             check_version(r.get("version", str), f"{where}.version"),
             r.count("sequence"),
@@ -190,10 +184,7 @@ class ReleaseRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self.unrecognized,
-            "_type": self.TYPE,
-            "spec_version": SPEC_VERSION,
-            "repository_id": self.repository_id,
+            **document_header(self.TYPE, self.repository_id, self.unrecognized),
             "version": self.version,
             "sequence": self.sequence,
             "released_at": format_time(self.released_at),
@@ -233,9 +224,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
         r = FieldReader(d, "manifest")
-        check_header(r, cls.TYPE)
-        repository_id = check_repository_id(r.get("repository_id", str),
-                                            "manifest repository_id")
+        repository_id = read_document_header(r, cls.TYPE)
         seq = r.count("sequence")
         expires = parse_time(r.get("expires", str), "manifest expires")
         published = parse_time(r.get("published_at", str), "manifest published_at")
@@ -249,10 +238,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         d = {
-            **self.unrecognized,
-            "_type": self.TYPE,
-            "spec_version": SPEC_VERSION,
-            "repository_id": self.repository_id,
+            **document_header(self.TYPE, self.repository_id, self.unrecognized),
             "channel": self.channel,
             "sequence": self.sequence,
             "expires": format_time(self.expires),
@@ -288,9 +274,7 @@ class Timestamp:
     @classmethod
     def from_dict(cls, d: Any) -> Timestamp:
         r = FieldReader(d, "timestamp")
-        check_header(r, cls.TYPE)
-        repository_id = check_repository_id(r.get("repository_id", str),
-                                            "timestamp repository_id")
+        repository_id = read_document_header(r, cls.TYPE)
         sequence = r.count("sequence")
         expires = parse_time(r.get("expires", str), "timestamp expires")
         root_version = r.count("root_version")
@@ -302,10 +286,7 @@ class Timestamp:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self.unrecognized,
-            "_type": self.TYPE,
-            "spec_version": SPEC_VERSION,
-            "repository_id": self.repository_id,
+            **document_header(self.TYPE, self.repository_id, self.unrecognized),
             "sequence": self.sequence,
             "expires": format_time(self.expires),
             "root_version": self.root_version,
@@ -366,8 +347,7 @@ class Root:
     @classmethod
     def from_dict(cls, d: Any) -> Root:
         r = FieldReader(d, "root")
-        check_header(r, cls.TYPE)
-        repository_id = check_repository_id(r.get("repository_id", str), "root repository_id")
+        repository_id = read_document_header(r, cls.TYPE)
         version = r.count("version")
         expires = parse_time(r.get("expires", str), "root expires")
         keys: dict[str, PublicKey] = {}
@@ -397,10 +377,7 @@ class Root:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **self.unrecognized,
-            "_type": self.TYPE,
-            "spec_version": SPEC_VERSION,
-            "repository_id": self.repository_id,
+            **document_header(self.TYPE, self.repository_id, self.unrecognized),
             "version": self.version,
             "expires": format_time(self.expires),
             "keys": {
