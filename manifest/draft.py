@@ -87,6 +87,7 @@ class Draft:
     documents: list[DraftDocument]
     base: Mapping[str, Any] = field(default_factory=dict)
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
+    _root: Root | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- the file --------------------------------------------------------------------------
 
@@ -129,8 +130,10 @@ class Draft:
     # -- roots -----------------------------------------------------------------------------
 
     def root(self) -> Root:
-        """The root the draft was made against (self-signature checked, expiry not)."""
-        return verify_root(self.trusted_root, now=None)
+        """The root the draft was made against (self-signature checked once, expiry not)."""
+        if self._root is None:
+            self._root = verify_root(self.trusted_root, now=None)
+        return self._root
 
     def new_root(self) -> Root | None:
         """The successor a ``root`` draft proposes (unsigned parts parsed, nothing verified)."""
