@@ -126,7 +126,7 @@ def prepare(work: Path, gb: float, t0: float) -> Model:
     nbytes, largest = moe_bytes(cfg)
     home = model_home(work, cfg)
     home.mkdir(parents=True, exist_ok=True)
-    shape = f"{cfg.layers} layers x {cfg.experts} experts, {nbytes / GB:.2f} GB"
+    shape = f"{cfg.layers} x {cfg.experts} experts, {nbytes / GB:.2f} GB"
     if not (home / "v1").exists():
         progress(f"{gb:g} GB: generating v1 ({shape})", t0)
     v1 = cached_model(home / "v1", lambda out: modelgen.generate_moe(out, cfg))
@@ -168,13 +168,14 @@ def measure(model: Model, run: Path, workers: int | None, t0: float) -> list[Row
         config = run / "agent.toml"
         setup(AGENT, "init", "--store", server.url, "--trust", run / "root.json", "--model-dir",
               run / "device", "--config", config)
-        fresh = release(STEPS[0], model.v1, "v1")
-        install = timed(STEPS[2], AGENT, "run", "--once", "--config", config)
-        update = release(STEPS[1], model.v2, "v2")
-        patch = timed(STEPS[3], AGENT, "run", "--once", "--config", config)
-    groups = int(json.loads(fresh.stdout)["groups_total"])
+        release_v1 = release(STEPS[0], model.v1, "v1")
+        install_v1 = timed(STEPS[2], AGENT, "run", "--once", "--config", config)
+        release_v2 = release(STEPS[1], model.v2, "v2")
+        update_v2 = timed(STEPS[3], AGENT, "run", "--once", "--config", config)
+    groups = int(json.loads(release_v1.stdout)["groups_total"])
+    timings = (release_v1, release_v2, install_v1, update_v2)  # in the order of STEPS
     return [Row(model, label, groups, t.seconds, t.peak_rss)
-            for label, t in zip(STEPS, (fresh, update, install, patch), strict=True)]
+            for label, t in zip(STEPS, timings, strict=True)]
 
 
 def disk_needed(models: list[tuple[float, bool]], keep: bool) -> float:
