@@ -1,0 +1,108 @@
+"""Helpers the benchmark scripts share: generated MoE models sized in GB (cached on disk), a
+store served over real HTTP, and a child process timed with its peak RSS.
+
+``scaled_moe(gb)`` grows a Mixtral-style model with its size the way real MoE families grow:
+more layers and more experts per layer, with the expert shape (hidden 1024, ffn 4096) and, from
+0.5 GB up, the vocabulary (32,000) fixed, so the largest tensor (the embedding, 65.5 MB) and
+with it the publisher's and the agent's memory bound stay the same at every size. Below 0.5 GB
+the vocabulary shrinks with the size so that development runs stay small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from devtools import modelgen
+from devtools.faulty_http import FaultyServer
+from manifest.safetensors_format import DTYPE_WIDTHS
+
+__all__ = ["Timed", "cached_model", "model_bytes", "moe_bytes", "run_timed", "scaled_moe",
+           "serve_store"]
+
+HIDDEN, FFN, VOCAB = 1024, 4096, 32000
+TIME = "/usr/bin/time"
+
+
+def moe_bytes(cfg: modelgen.MoEConfig) -> tuple[int, int]:
+    """Tensor bytes of ``cfg``'s model, and of its largest tensor."""
+    sizes = [math.prod(shape) * DTYPE_WIDTHS[cfg.dtype]
+             for _, shape in modelgen.moe_tensor_shapes(cfg)]
+    return sum(sizes), max(sizes)
+
+
+def scaled_moe(gb: float, seed: int = 31) -> modelgen.MoEConfig:
+    """A bf16 MoE of about ``gb`` GB (1e9 bytes): 2 layers per GB (at least 1), as many experts
+    per layer as fill the rest, one shard per GB (at least 1)."""
+    vocab = max(64, min(VOCAB, round(gb * 64000 / 64) * 64))
+    layers = max(1, round(2 * gb))
+    shared = modelgen.MoEConfig(layers=layers, experts=0, hidden=HIDDEN, ffn=FFN, vocab=vocab)
+    per_expert = 3 * HIDDEN * FFN * 2
+    experts = max(1, round((gb * 1e9 - moe_bytes(shared)[0]) / (layers * per_expert)))
+    return modelgen.MoEConfig(layers=layers, experts=experts, hidden=HIDDEN, ffn=FFN,
+                              vocab=vocab, shards=max(1, round(gb)), seed=seed)
+
+
+def cached_model(path: Path, make: Callable[[Path], object]) -> Path:
+    """``path``, made by ``make(tmp)`` and renamed into place unless it exists: an interrupted
+    run leaves no half-written model behind under the final name."""
+    if not path.exists():
+        tmp = path.with_name(path.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.rename(path)
+    return path
+
+
+def model_bytes(model: Path) -> int:
+    """Bytes of a model directory's safetensors files."""
+    return sum(p.stat().st_size for p in model.glob("*.safetensors"))
+
+
+@contextmanager
+def serve_store(root: Path) -> Iterator[FaultyServer]:
+    """``root`` over HTTP at ``server.url`` on 127.0.0.1 (a :class:`FaultyServer` with no
+    faults set, which logs every request), its event loop in a thread of this process."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = FaultyServer(root, "store")
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result()
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
+
+
+@dataclass(frozen=True)
+class Timed:
+    seconds: float
+    peak_rss: int  # bytes, the child's maximum resident set size
+    stdout: str
+
+
+def run_timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> Timed:
+    """Run ``cmd`` under ``/usr/bin/time -f %M``: wall seconds, peak RSS, stdout. A failing
+    command ends the benchmark with its stderr."""
+    if not Path(TIME).exists():
+        raise SystemExit(f"{TIME} is missing: apt-get install time")
+    t0 = time.perf_counter()
+    p = subprocess.run([TIME, "-f", "%M", *map(str, cmd)], capture_output=True, text=True,
+                       env=env)
+    seconds = time.perf_counter() - t0
+    lines = p.stderr.strip().splitlines()
+    if p.returncode != 0 or not lines or not lines[-1].isdigit():
+        raise SystemExit(f"{Path(str(cmd[0])).name} failed (exit {p.returncode}): "
+                         f"{p.stderr.strip()}")
+    return Timed(seconds, int(lines[-1]) * 1024, p.stdout)
