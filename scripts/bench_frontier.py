@@ -17,13 +17,15 @@ bitmaps, rotated planes) and the same parts are then coded with:
   with no context (o0), given the previous byte of its plane (o1 prev), given the byte of
   the next-higher plane of the same element (o1 plane), or given both (o2: high nibble of
   the previous byte + the higher plane's byte). Learning costs are included (counts start
-  at zero), so these are bounds such a coder approaches within a few bytes, not empirical entropies.
+  at zero), so these are bounds such a coder approaches within a few bytes, not empirical
+  entropies.
 
-Level 19 and the context estimates run on a sample of chunks (every k-th changed chunk, at
-most --sample-mb of input per pair) and are scaled by their ratio to the current codec on the
-same sample; such cells are marked ~. Times are single-threaded coding times of all changed
-chunks (scaled the same way when sampled); the patch-set reference is `zstd -3 --patch-from`
-(-T1) on the same pair, measured in the same run.
+Level 19 and the context estimates run on a sample of chunks (the chunks at evenly spaced
+byte offsets of the patch set, about --sample-mb of input per pair) and are scaled by their
+ratio to the current codec on the same sample (times by the input bytes); such cells are
+marked ~. Times are single-threaded coding times of all changed chunks (scaled the same way
+when sampled); the patch-set reference is `zstd -3 --patch-from` (-T1) on the same pair,
+measured in the same run.
 
 Usage: scripts/bench_frontier.py [--work DIR] [--out FILE] [--sample-mb 6] [--no-minilm]
 """
@@ -219,11 +221,12 @@ def measure(name: str, base: Path, new: Path, work: Path, sample_bytes: int) -> 
     res = PairResult(name)
     chunks = list(changed_chunks(base, new))
     res.changed_bytes = sum(len(c[0]) for c in chunks)
-    step = max(1, -(-res.changed_bytes // sample_bytes))
+    # The sample: every chunk that holds a multiple of ``stride`` bytes of the patch set.
+    stride = max(1, -(-res.changed_bytes // max(1, sample_bytes // CHUNK_BYTES)))
     all_parts: list[Part] = []
     sample_parts: list[Part] = []
-    cur, cur_sample, cur_s = 0, 0, 0.0
-    for i, (data, b, width) in enumerate(chunks):
+    cur, cur_sample, cur_s, pos, sampled_in = 0, 0, 0.0, 0, 0
+    for data, b, width in chunks:
         t0 = time.perf_counter()
         codec, frames = encode_chunk(data, b, width)
         cur_s += time.perf_counter() - t0
@@ -231,9 +234,11 @@ def measure(name: str, base: Path, new: Path, work: Path, sample_bytes: int) -> 
         ps = parts_of(codec, frames, width)
         all_parts += ps
         cur += n
-        if i % step == 0:
+        if pos % stride == 0 or pos // stride != (pos + len(data)) // stride:
             sample_parts += ps
             cur_sample += n
+            sampled_in += len(data)
+        pos += len(data)
     res.bytes["current"], res.seconds["current"] = cur, cur_s
     for level in (3, 9):
         res.bytes[f"zstd-{level}"], res.seconds[f"zstd-{level}"] = _timed(
@@ -241,7 +246,7 @@ def measure(name: str, base: Path, new: Path, work: Path, sample_bytes: int) -> 
     res.bytes["long"], res.seconds["long"] = _timed(lambda: _long_streams(all_parts))
     res.bytes["dict"], res.seconds["dict"] = _timed(lambda: _dict_parts(all_parts))
     scale = cur / cur_sample if cur_sample else 1.0
-    time_scale = float(step)
+    time_scale = res.changed_bytes / sampled_in if sampled_in else 1.0
     z19, z19_s = _timed(lambda: _zstd_parts(sample_parts, 19))
     res.bytes["zstd-19"], res.seconds["zstd-19"] = z19 * scale, z19_s * time_scale
     t0 = time.perf_counter()
