@@ -13,6 +13,10 @@ byte layout):
             of the non-zero bitmap (``numpy.packbits``, big-endian bit order), then the byte
             planes of the non-zero values only.
 ``planes``  the new bytes split into byte planes, one zstd frame per plane.
+``planes-rot``  ``planes`` of every element rotated left by one bit within its width: the
+            sign moves to bit 0, so the top plane of BF16 and F32 is exactly the exponent (the
+            only compressible part of a float) instead of sign + 7 exponent bits. The encoder
+            uses it instead of ``planes`` for widths >= 2; ``planes`` still decodes.
 ``zstd``    one zstd frame of the new bytes.
 
 Dtypes are only element widths (1, 2, 4, 8): BF16 and F8 values are never interpreted, only
@@ -40,12 +44,18 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 4 * 1024 * 1024
-CODECS = ("same", "delta", "delta-sparse", "planes", "zstd")
+CODECS = ("same", "delta", "delta-sparse", "planes", "planes-rot", "zstd")
 BASED_CODECS = frozenset({"same", "delta", "delta-sparse"})  # need the base's bytes
 # When delta coding saves less than this, planes and plain zstd are tried too.
 _RETRY_RATIO = 0.6
 # Bitmaps are an eighth of a plane and gain ~2 % from a slower level at little cost.
 _BITMAP_LEVEL = 9
+# Byte planes of tensors (exponents, mantissas, zigzag deltas) are nearly free of long repeats:
+# at zstd's fast levels LZ matches there cost more than they save and split Huffman blocks.
+# Below this level plane frames use a near-literal profile (fast strategy, 6-bit hash, minimum
+# match 7): 3-6 % smaller planes than level 3 and 2-4x faster (measured on the bench models).
+# From this level on, plane frames use zstd's own level (optimal parsers price matches).
+_PLANE_PROFILE_BELOW = 10
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -56,6 +66,20 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     cache = _local.__dict__.setdefault("c", {})
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=False)
+    return cache[level]  # type: ignore[no-any-return]
+
+
+def _plane_compressor(level: int) -> zstandard.ZstdCompressor:
+    """The compressor for byte-plane frames (see :data:`_PLANE_PROFILE_BELOW`)."""
+    if level >= _PLANE_PROFILE_BELOW:
+        return _compressor(level)
+    cache = _local.__dict__.setdefault("p", {})
+    if level not in cache:
+        params = zstandard.ZstdCompressionParameters(
+            strategy=zstandard.STRATEGY_FAST, window_log=17, chain_log=6, hash_log=6,
+            search_log=1, min_match=7, target_length=0, write_checksum=False,
+        )
+        cache[level] = zstandard.ZstdCompressor(compression_params=params)
     return cache[level]  # type: ignore[no-any-return]
 
 
@@ -84,6 +108,19 @@ def _join_planes(planes: list[bytes], width: int, count: int) -> np.ndarray:
     for i, p in enumerate(planes):
         out[:, i] = np.frombuffer(p, dtype=np.uint8)
     return out.reshape(-1).view(_UINT[width])
+
+
+def _rotl1(arr: np.ndarray, width: int) -> np.ndarray:
+    """Rotate each element left by one bit (sign to bit 0): the ``planes-rot`` transform."""
+    u = _UINT[width]
+    out: np.ndarray = (arr << u(1)) | (arr >> u(8 * width - 1))
+    return out
+
+
+def _rotr1(arr: np.ndarray, width: int) -> np.ndarray:
+    u = _UINT[width]
+    out: np.ndarray = (arr >> u(1)) | (arr << u(8 * width - 1))
+    return out
 
 
 def _zigzag(new: bytes, base: bytes, width: int) -> np.ndarray:
@@ -119,8 +156,8 @@ def _magnitude_order(base: bytes, width: int) -> np.ndarray:
     return order
 
 
-def _compress_all(parts: list[bytes], level: int) -> list[bytes]:
-    c = _compressor(level)
+def _compress_planes(parts: list[bytes], level: int) -> list[bytes]:
+    c = _plane_compressor(level)
     return [c.compress(p) for p in parts]
 
 
@@ -129,8 +166,9 @@ def _encode_delta(new: bytes, base: bytes, width: int, level: int) -> tuple[str,
     nonzero = zs != 0
     if 2 * int(np.count_nonzero(nonzero)) <= len(zs):
         bitmap = _compressor(max(level, _BITMAP_LEVEL)).compress(np.packbits(nonzero).tobytes())
-        return "delta-sparse", [bitmap, *_compress_all(_split_planes(zs[nonzero], width), level)]
-    return "delta", _compress_all(_split_planes(zs, width), level)
+        planes = _compress_planes(_split_planes(zs[nonzero], width), level)
+        return "delta-sparse", [bitmap, *planes]
+    return "delta", _compress_planes(_split_planes(zs, width), level)
 
 
 def encode_chunk(
@@ -147,14 +185,16 @@ def encode_chunk(
     else:
         best = ("", [])
         size = len(new) + 1
-    for codec in ("planes", "zstd"):
-        if codec == "planes" and width == 1:
+    # Rotated planes rather than plain planes for every width >= 2: on the bench models they are
+    # 0.2-1.2 % smaller in total and the plain ones are not worth a second try.
+    for codec in ("planes-rot", "zstd"):
+        if codec == "planes-rot" and width == 1:
             continue
-        if codec == "planes":
-            parts = _split_planes(np.frombuffer(new, dtype=_UINT[width]), width)
+        if codec == "planes-rot":
+            rotated = _rotl1(np.frombuffer(new, dtype=_UINT[width]), width)
+            frames = _compress_planes(_split_planes(rotated, width), level)
         else:
-            parts = [new]
-        frames = _compress_all(parts, level)
+            frames = [_compressor(level).compress(new)]
         if not best[0] or sum(map(len, frames)) < size:
             best, size = (codec, frames), sum(map(len, frames))
     return best
@@ -202,9 +242,12 @@ def decode_chunk(
     count = length // width
     if codec == "zstd":
         return _unpack(d, frames[0], length, codec)
-    if codec == "planes":
+    if codec in ("planes", "planes-rot"):
         parts = [_unpack(d, f, count, codec) for f in frames]
-        return _join_planes(parts, width, count).tobytes()
+        joined = _join_planes(parts, width, count)
+        if codec == "planes-rot":
+            joined = _rotr1(joined, width)
+        return joined.tobytes()
     assert base is not None
     if codec == "delta":
         zs = _join_planes([_unpack(d, f, count, codec) for f in frames], width, count)

@@ -28,6 +28,8 @@ from manifest.errors import FormatError
 WIDTHS = (1, 2, 4, 8)
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 DELTAS = BASED_CODECS - {"same"}
+# What the encoder writes without a base (plain ``planes`` is only decoded, for old containers).
+ENCODED_FULL = ("planes-rot", "zstd")
 PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -100,7 +102,8 @@ def _roundtrip(new: bytes, base: bytes | None, width: int) -> tuple[str, list[by
     assert codec in CODECS
     assert len(frames) == frame_count(codec, width)
     if base is None:
-        assert codec in ("planes", "zstd")
+        assert codec in ENCODED_FULL
+        assert width > 1 or codec == "zstd"
     assert (codec == "same") == (base is not None and new == base)
     out = decode_chunk(codec, frames, base, width, len(new))
     assert type(out) is bytes
@@ -181,7 +184,7 @@ def test_every_codec_decodes(width: int) -> None:
         _roundtrip(bytes(n), None, width)[0],
     }
     assert seen >= BASED_CODECS
-    assert seen & {"planes", "zstd"}
+    assert seen & set(ENCODED_FULL)
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -190,7 +193,72 @@ def test_tiny_incompressible_chunk_without_base(width: int) -> None:
     for count in (1, 2, 3, 16):
         new = np.random.default_rng(count).bytes(count * width)
         codec, _ = _roundtrip(new, None, width)
-        assert codec in ("planes", "zstd")
+        assert codec in ENCODED_FULL
+
+
+# ---------------------------------------------------------------------------------------------
+# planes-rot: the byte layout of docs/FORMAT.md, from a plain-Python reference
+
+
+def _reference_rot_planes(data: bytes, width: int) -> list[bytes]:
+    """Plane i = byte i (little endian) of each element rotated left by one bit in 8w bits."""
+    bits = 8 * width
+    mask = (1 << bits) - 1
+    planes = [bytearray() for _ in range(width)]
+    for j in range(0, len(data), width):
+        x = int.from_bytes(data[j : j + width], "little")
+        r = ((x << 1) | (x >> (bits - 1))) & mask
+        for i, b in enumerate(r.to_bytes(width, "little")):
+            planes[i].append(b)
+    return [bytes(p) for p in planes]
+
+
+EDGES = {w: [0, 1, 2, 1 << (8 * w - 1), (1 << (8 * w - 1)) - 1, (1 << (8 * w)) - 1,
+             (1 << (8 * w)) - 2, 0x7F, 0x80] for w in WIDTHS}
+
+
+@st.composite
+def rot_case(draw: st.DrawFn) -> tuple[int, bytes]:
+    """Any width; random bytes mixed with edge values (sign only, all ones, max positive...)."""
+    width, count = draw(width_and_count(max_count=300))
+    data = bytearray(draw(contents(width, count)))
+    for _ in range(draw(st.integers(0, min(count, 8)))):
+        j = draw(st.integers(0, count - 1))
+        v = draw(st.sampled_from(EDGES[width])) & ((1 << (8 * width)) - 1)
+        data[j * width : (j + 1) * width] = v.to_bytes(width, "little")
+    return width, bytes(data)
+
+
+@PROPS
+@given(rot_case(), st.sampled_from([1, 3, 9, 10, 19]))
+def test_planes_rot_matches_reference_layout(case: tuple[int, bytes], level: int) -> None:
+    """Frames built by the reference decode; the encoder's frames hold the reference planes."""
+    width, data = case
+    n = len(data) // width
+    ref = _reference_rot_planes(data, width)
+    frames = [zstandard.ZstdCompressor().compress(p) for p in ref]
+    assert decode_chunk("planes-rot", frames, None, width, len(data)) == data
+    codec, enc = encode_chunk(data, None, width, level)
+    if codec == "planes-rot":
+        d = zstandard.ZstdDecompressor()
+        assert [d.decompress(f, max_output_size=n) for f in enc] == ref
+    assert decode_chunk(codec, enc, None, width, len(data)) == data
+
+
+@pytest.mark.parametrize("width", (2, 4))
+def test_planes_rot_puts_the_float_exponent_in_one_plane(width: int) -> None:
+    """For BF16/F32 weights the top rotated plane is the exponent: smaller than plain planes."""
+    f32 = np.random.default_rng(5).normal(0.0, 0.02, 1 << 15).astype(np.float32)
+    u = f32.view(np.uint32)
+    arr = (u >> np.uint32(16)).astype(np.uint16) if width == 2 else u
+    data = arr.tobytes()
+    codec, frames = _roundtrip(data, None, width)
+    assert codec == "planes-rot"
+    top = zstandard.ZstdDecompressor().decompress(frames[-1], max_output_size=arr.size)
+    exponent = (arr >> (8 * width - 9)) & 0xFF
+    assert top == exponent.astype(np.uint8).tobytes()
+    plain = [zstandard.ZstdCompressor(level=3).compress(data[i::width]) for i in range(width)]
+    assert sum(map(len, frames)) < sum(map(len, plain))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,10 +305,12 @@ def _encoded(codec_wanted: str, width: int) -> tuple[str, list[bytes], bytes, by
     new = bytes(range(256)) * (n // 256)
     codec, frames = encode_chunk(new, None, width)
     if codec != codec_wanted:
-        parts = (
-            [new] if codec_wanted == "zstd" or width == 1
-            else [new[i::width] for i in range(width)]
-        )
+        if codec_wanted == "zstd":
+            parts = [new]
+        elif codec_wanted == "planes":
+            parts = [new[i::width] for i in range(width)]
+        else:
+            parts = _reference_rot_planes(new, width)
         codec, frames = codec_wanted, [zstandard.ZstdCompressor().compress(p) for p in parts]
     assert decode_chunk(codec, frames, None, width, n) == new
     return codec, frames, new, None

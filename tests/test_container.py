@@ -291,7 +291,7 @@ def test_release_roundtrip(
     full = pub.publish(v1)
     for r in full.results.values():
         assert r.task.base is None
-        assert set(r.codec_bytes) <= {"planes", "zstd"}
+        assert set(r.codec_bytes) <= {"planes-rot", "zstd"}
     v2 = MUTATIONS[mutation](v1)
     patch = pub.publish(v2)
     codecs = {c for r in patch.results.values() for c in r.codec_bytes}
