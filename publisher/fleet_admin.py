@@ -43,7 +43,6 @@ from .fleet import (
     fleet_status,
 )
 from .keys import check_signers, load_signing_keys
-from .release_plan import running_pointers
 from .repository import Repository
 
 __all__ = ["Signing", "advance", "change_rollout", "promote", "read_reports", "status"]
@@ -91,8 +90,9 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
             options: StoreOptions | None = None) -> Published:
     """Sign ``version`` of channel ``source`` (found through its verified release record) into
     channel ``target``'s manifest, and write ``target``'s record of it; nothing is uploaded
-    (objects are shared by every channel). With ``rollout_bp`` it becomes ``target``'s
-    candidate, what is current there staying the fallback."""
+    (objects are shared by every channel; the record's packed index forms are reused). With
+    ``rollout_bp`` it becomes ``target``'s candidate, what is current there staying the
+    fallback."""
     if source == target:
         raise LocalError(f"--from and --to are both {source!r}: promote moves a release from "
                          "one channel to another")
@@ -118,18 +118,14 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
     m = state.timestamp.manifest if state.timestamp else None
     if m is not None and m.current.version == version and m.rollout is None:
         raise AlreadyExistsError(f"{version!r} is already current in {dst.channel_text()}")
-    if rollout_bp is not None and m is None:
-        raise LocalError(f"{dst.channel_text()} has no release yet, so a staged rollout "
-                         "has nothing to fall back to: promote without --rollout first")
-    # The record's packed forms, plus deltas from what the target channel's devices run.
-    pointer = src.packed(record.pointer, running_pointers(m),
-                         named_by=release_record_key(version, source))
-    current, rollout = pointer, None
+    current, rollout = record.pointer, None
     if rollout_bp is not None:
-        assert m is not None
-        current, rollout = m.current, Rollout(pointer, rollout_bp)
+        if m is None:
+            raise LocalError(f"{dst.channel_text()} has no release yet, so a staged rollout "
+                             "has nothing to fall back to: promote without --rollout first")
+        current, rollout = m.current, Rollout(record.pointer, rollout_bp)
     new_record = None if existing is not None else ReleaseRecord(
-        version, state.next_sequence, now, pointer.index, repository_id=dst.root().repository_id)
+        version, state.next_sequence, now, record.index, repository_id=dst.root().repository_id)
     d = manifest_draft("promote", dst, now, current=current, action="promote",
                        record=new_record, lifetimes=signing.lifetimes, rollout=rollout)
     return finish(dst, d, signing.keys, signing.draft)
