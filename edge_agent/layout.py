@@ -363,6 +363,22 @@ class DeviceLayout:
             raise LocalError(f"version {version}'s release index has no readable pin ({e}): "
                              "remove that version") from e
 
+    def held_index(self, sha256: str) -> bytes | None:
+        """The bytes of a retained version's index whose saved pin is ``sha256``, re-read and
+        checked against that pin (a base for an index delta); None when no retained version
+        holds it intact."""
+        for version in self.retained():
+            try:
+                pin = self.index_pin(version)
+                if pin.sha256 != sha256:
+                    continue
+                data = self.load_index_bytes(version)
+            except (LocalError, OSError):
+                continue
+            if len(data) == pin.length and hashlib.sha256(data).hexdigest() == sha256:
+                return data
+        return None
+
     def build_version(
         self, index: ReleaseIndex, groups: set[str], files: dict[str, str]
     ) -> Path:

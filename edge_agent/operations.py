@@ -37,7 +37,6 @@ from manifest.storage.location import parse_store_url
 from manifest.storage.retry import RetryPolicy
 from manifest.storage.source import TransferLimits, open_source
 from manifest.trust import (
-    MAX_INDEX_SIZE,
     MAX_MANIFEST_SIZE,
     verify_index,
     verify_manifest,
@@ -199,10 +198,7 @@ class Operator:
             manifest = verify_manifest(data, root, now=self.agent.now(), grace=self.agent.grace,
                                        channel=cfg.channel)
             pointer = manifest.current
-            ibytes, _ = await source.get_small(pointer.index.key,
-                                               min(pointer.index.length, MAX_INDEX_SIZE))
-            assert ibytes is not None
-            return verify_index(ibytes, pointer, root)
+            return verify_index(await self.agent.fetch_index(source, pointer), pointer, root)
         finally:
             await source.close()
 

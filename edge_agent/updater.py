@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 
 from manifest.constants import manifest_key
 from manifest.download_plan import check_include, wanted_groups
+from manifest.entries import IndexDelta, PackedIndex
 from manifest.errors import (
     DeltashipError,
     ExpiredError,
@@ -50,6 +51,7 @@ from manifest.errors import (
     LocalError,
     TransportError,
 )
+from manifest.index_packing import unpack_index
 from manifest.metadata import (
     Manifest,
     ObjectRef,
@@ -275,9 +277,7 @@ class Agent(SwitchVerdicts):
             self.verify_version(target, root)
             downloaded = 0
         else:  # the index the target's pin names (a rollout's candidate has its own)
-            ibytes, _ = await source.get_small(pointer.index.key,
-                                               min(pointer.index.length, MAX_INDEX_SIZE))
-            assert ibytes is not None
+            ibytes = await self.fetch_index(source, pointer)
             index = verify_index(ibytes, pointer, root)
             downloaded = await self.install(source, index, ibytes, pointer.index)
         self.check_still_valid(data, root)
@@ -302,6 +302,31 @@ class Agent(SwitchVerdicts):
             self.state.mark_failed(a.revoked)
             self.commit("revoked")
         return a.pointer, a.skipped
+
+    async def fetch_index(self, source: Source, pointer: ReleasePointer) -> bytes:
+        """The bytes of the release index ``pointer`` names, by the cheapest form it offers
+        (docs/FORMAT.md §13 step 10): a delta from an index this device holds intact, else
+        the zstd form, else the raw object. A packed form is checked against its pin before
+        it is decoded and its result against the index pin (a mismatch is the store's fault,
+        never a reason to try another form); the caller verifies the index as always."""
+        pin = pointer.index
+        forms: list[tuple[PackedIndex | IndexDelta, bytes | None]] = []
+        for delta in pin.packing.deltas:
+            base = self.layout.held_index(delta.base)
+            if base is not None:
+                forms.append((delta, base))
+        if pin.packing.zstd is not None:
+            forms.append((pin.packing.zstd, None))
+        if not forms:
+            data, _ = await source.get_small(pin.key, min(pin.length, MAX_INDEX_SIZE))
+            assert data is not None
+            return data
+        form, base = min(forms, key=lambda f: f[0].length)
+        packed, _ = await source.get_small(form.key, min(form.length, MAX_INDEX_SIZE))
+        assert packed is not None
+        log.info("release index of %s: %d bytes as %s (%d unpacked)", pointer.version,
+                 len(packed), "a delta" if base is not None else "zstd", pin.length)
+        return unpack_index(packed, form, pin, base)
 
     def check_same_release(self, version: str, pin: ObjectRef) -> None:
         """A retained ``version`` must be the release the manifest names (its index pin), not

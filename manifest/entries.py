@@ -12,7 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._fields import FieldReader, check_file_path, check_group_name, check_version, parse_list
+from ._fields import (
+    HEX64,
+    FieldReader,
+    check_file_path,
+    check_group_name,
+    check_version,
+    parse_list,
+)
 from .constants import object_key
 from .errors import FormatError, OversizeError, UnsafeNameError
 
@@ -20,11 +27,16 @@ __all__ = [
     "MAX_CONTENT_LENGTH",
     "MAX_GROUP_CHAIN",
     "MAX_GROUP_TENSORS",
+    "MAX_INDEX_DELTAS",
+    "MAX_INDEX_SIZE",
     "MAX_TENSOR_RANK",
     "ChainStep",
     "FileEntry",
     "GroupEntry",
+    "IndexDelta",
+    "IndexPacking",
     "ObjectRef",
+    "PackedIndex",
     "PatchRef",
     "ReleasePointer",
     "TensorEntry",
@@ -38,6 +50,8 @@ MAX_CONTENT_LENGTH = 1 << 40  # bytes of one object, group file or file (1 TiB)
 MAX_GROUP_TENSORS = 1 << 16  # tensors in one group
 MAX_TENSOR_RANK = 16  # dimensions of one tensor
 MAX_GROUP_CHAIN = 256  # chain steps of one group (publishers write at most 16)
+MAX_INDEX_SIZE = 16 * 1024 * 1024  # bytes of a release index (and of each packed form of it)
+MAX_INDEX_DELTAS = 8  # delta forms one index reference lists
 
 
 def _length(r: FieldReader, key: str = "length") -> int:
@@ -55,6 +69,10 @@ class ObjectRef:
     length: int
     encoding: str  # "dspatch" (a patch container) or "zstd" (one zstd frame)
     unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # A release index's packed forms (index references only; ignored by ``==``: they are
+    # how the index travels, not what it is).
+    packing: IndexPacking = field(default_factory=lambda: IndexPacking(), compare=False,
+                                  kw_only=True)
 
     @property
     def key(self) -> str:
@@ -235,14 +253,117 @@ class FileEntry:
         }
 
 
+def _check_packed(sha256: Any, length: Any, where: str) -> None:
+    if not isinstance(sha256, str) or not HEX64.match(sha256):
+        raise FormatError(f"{where}.sha256 is not a lowercase hex sha256")
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise FormatError(f"{where}.length must be a positive integer")
+    if length > MAX_INDEX_SIZE:
+        raise OversizeError(f"{where}.length {length} is over the index cap {MAX_INDEX_SIZE}")
+
+
+@dataclass(frozen=True)
+class PackedIndex:
+    """The index as one zstd frame, stored at ``objects/<sha256>`` (docs/FORMAT.md §5)."""
+
+    sha256: str
+    length: int
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_packed(self.sha256, self.length, "index.zstd")
+
+    @property
+    def key(self) -> str:
+        return object_key(self.sha256)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> PackedIndex:
+        r = FieldReader(d, where)
+        return cls(r.sha256(), r.count("length"), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "sha256": self.sha256, "length": self.length}
+
+
+@dataclass(frozen=True)
+class IndexDelta:
+    """The index as one zstd frame coded with the index whose SHA-256 is ``base`` (JSON
+    ``from``) as a raw-content dictionary, stored at ``objects/<sha256>``."""
+
+    base: str
+    sha256: str
+    length: int
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, str) or not HEX64.match(self.base):
+            raise FormatError("index.deltas[].from is not a lowercase hex sha256")
+        _check_packed(self.sha256, self.length, "index.deltas[]")
+
+    @property
+    def key(self) -> str:
+        return object_key(self.sha256)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> IndexDelta:
+        r = FieldReader(d, where)
+        return cls(r.sha256("from"), r.sha256(), r.count("length"), r.rest())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.unrecognized, "from": self.base, "sha256": self.sha256,
+                "length": self.length}
+
+
+@dataclass(frozen=True)
+class IndexPacking:
+    """The packed forms of a release index a pointer offers besides the raw object: at most
+    :data:`MAX_INDEX_DELTAS` deltas, sorted by ``from`` (each base once)."""
+
+    zstd: PackedIndex | None = None
+    deltas: tuple[IndexDelta, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.deltas) > MAX_INDEX_DELTAS:
+            raise OversizeError(f"index.deltas lists {len(self.deltas)} deltas, more than "
+                                f"{MAX_INDEX_DELTAS}")
+        bases = [d.base for d in self.deltas]
+        if bases != sorted(set(bases)):
+            raise FormatError("index.deltas must be sorted by 'from', each base once")
+
+    def __bool__(self) -> bool:
+        return self.zstd is not None or bool(self.deltas)
+
+    def delta_from(self, base_sha256: str) -> IndexDelta | None:
+        return next((d for d in self.deltas if d.base == base_sha256), None)
+
+    def objects(self) -> list[str]:
+        """The sha256 of every packed object named here."""
+        return ([self.zstd.sha256] if self.zstd else []) + [d.sha256 for d in self.deltas]
+
+
 def index_ref(d: Any, where: str) -> ObjectRef:
-    """``{"sha256", "length"}`` of a release index object (its encoding is implicitly JSON)."""
+    """``{"sha256", "length"}`` of a release index object (its encoding is implicitly JSON),
+    with its optional packed forms ``zstd`` and ``deltas`` (:class:`IndexPacking`)."""
     r = FieldReader(d, where)
-    return ObjectRef(r.sha256(), r.count("length"), "json", r.rest())
+    sha256, length = r.sha256(), r.count("length")
+    zstd = r.take("zstd", dict, None)
+    deltas = r.take("deltas", list, [])
+    if len(deltas) > MAX_INDEX_DELTAS:
+        raise OversizeError(f"{where}.deltas lists more than {MAX_INDEX_DELTAS} deltas")
+    packing = IndexPacking(
+        None if zstd is None else PackedIndex.from_dict(zstd, f"{where}.zstd"),
+        tuple(parse_list(deltas, f"{where}.deltas", IndexDelta.from_dict)))
+    return ObjectRef(sha256, length, "json", r.rest(), packing=packing)
 
 
 def index_dict(ref: ObjectRef) -> dict[str, Any]:
-    return {**ref.unrecognized, "sha256": ref.sha256, "length": ref.length}
+    d = {**ref.unrecognized, "sha256": ref.sha256, "length": ref.length}
+    if ref.packing.zstd is not None:
+        d["zstd"] = ref.packing.zstd.to_dict()
+    if ref.packing.deltas:
+        d["deltas"] = [x.to_dict() for x in ref.packing.deltas]
+    return d
 
 
 @dataclass(frozen=True)

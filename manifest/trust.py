@@ -25,6 +25,7 @@ from typing import Any
 
 from .canonical import canonical_json, loads_object
 from .constants import DEFAULT_CHANNEL
+from .entries import MAX_INDEX_SIZE
 from .errors import (
     ExpiredError,
     FormatError,
@@ -59,7 +60,6 @@ __all__ = [
 
 MAX_ROOT_SIZE = 512 * 1024
 MAX_MANIFEST_SIZE = 64 * 1024
-MAX_INDEX_SIZE = 16 * 1024 * 1024
 MAX_ROOT_ROTATIONS = 256  # successors a device walks per poll (python-tuf's max_root_rotations)
 
 

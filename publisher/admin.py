@@ -18,6 +18,7 @@ from manifest.trust import sign_document
 from .drafts import DEFAULT_LIFETIMES, Lifetimes, Published, finish, manifest_draft
 from .keys import check_signers, load_public_key, load_signing_keys
 from .known_stores import KnownStore, KnownStores
+from .release_plan import running_pointers
 from .repository import Repository
 
 __all__ = [
@@ -146,7 +147,10 @@ def revert(
             and current.timestamp.manifest.rollout is None:
         raise AlreadyExistsError(f"{to_version!r} is already the current release (to extend "
                                  "its validity: `deltaship-publish refresh`)")
-    d = manifest_draft("revert", repo, now, current=record.pointer, action="revert",
+    running = running_pointers(current.timestamp.manifest if current.timestamp else None)
+    pointer = repo.packed(record.pointer, running,  # a delta from what devices run now
+                          named_by=release_record_key(to_version, channel))
+    d = manifest_draft("revert", repo, now, current=pointer, action="revert",
                        lifetimes=lifetimes)
     return finish(repo, d, keys, draft)
 

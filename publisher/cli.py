@@ -214,6 +214,11 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @_lifetime_options
 @click.option("--deltas-from", default=3, show_default=True, type=click.IntRange(min=0),
               help="Compute patches from this many most recent releases.")
+@click.option("--index-deltas", default=1, show_default=True, type=click.IntRange(0, 8),
+              metavar="N", help="Also ship the release index as deltas from the indexes of "
+              "the channel's current release (and rollout candidate) and its N most recent "
+              "releases, so an updating device downloads a few hundred bytes of metadata "
+              "(0: none; the zstd-compressed index is always written).")
 @click.option("--checkpoint-every", default=0, show_default=True, type=click.IntRange(min=0),
               metavar="N", help="Also compute patches from the 4 most recent checkpoint "
               "releases, every N-th release of the channel (0: none), so devices far behind "
@@ -235,7 +240,8 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, channel: str,
                 version: str, rollout_bp: int | None, keys: tuple[Path, ...],
                 draft: Path | None, expires_days: int, timestamp_days: int, deltas_from: int,
-                checkpoint_every: int, patterns: tuple[str, ...], level: int, workers: int | None,
+                index_deltas: int, checkpoint_every: int, patterns: tuple[str, ...],
+                level: int, workers: int | None,
                 cache_dir: Path | None, cache_max_bytes: int, insecure_key_permissions: bool,
                 dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
@@ -264,7 +270,7 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
                         lifetimes=Lifetimes(timedelta(days=expires_days),
                                             timedelta(days=timestamp_days)),
                         channel=channel, rollout_basis_points=rollout_bp,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, index_deltas=index_deltas)
     if workers:
         cfg = dataclasses.replace(cfg, workers=workers)
     if cache_dir:

@@ -90,8 +90,9 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
             options: StoreOptions | None = None) -> Published:
     """Sign ``version`` of channel ``source`` (found through its verified release record) into
     channel ``target``'s manifest, and write ``target``'s record of it; nothing is uploaded
-    (objects are shared by every channel). With ``rollout_bp`` it becomes ``target``'s
-    candidate, what is current there staying the fallback."""
+    (objects are shared by every channel; the record's packed index forms are reused). With
+    ``rollout_bp`` it becomes ``target``'s candidate, what is current there staying the
+    fallback."""
     if source == target:
         raise LocalError(f"--from and --to are both {source!r}: promote moves a release from "
                          "one channel to another")

@@ -3,9 +3,10 @@
 What is kept (docs/FORMAT.md §1, "Garbage collection"): for every channel (``stable`` at the
 store's top, the others under ``channels/<name>/``), the release indexes of its last ``keep``
 release records by sequence and of its manifest's current release and rollout candidate,
-together with every object those indexes reference (full objects, patches, chain steps,
-files); and every object younger than the grace period, whatever references it (a release or
-a draft in progress uploads its objects before anything names them).
+the packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
+every object those indexes reference (full objects, patches, chain steps, files); and every
+object younger than the grace period, whatever references it (a release or a draft in
+progress uploads its objects before anything names them).
 
 Everything else under ``objects/`` goes. Unreachable objects that no release record or
 manifest of any channel ever referenced are reported apart as *lost races* (a release that
@@ -233,9 +234,11 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     objects = store.list_objects(OBJECTS_PREFIX)
     present = {o.key[len(OBJECTS_PREFIX):] for o in objects}
     reachable = {k.index.sha256 for k in kept}
+    reachable |= {sha for k in kept for sha in k.index.packing.objects()}  # zstd, deltas
     for k in _unique(kept):
         reachable |= index_objects(_kept_index(store, k, present))
     referenced = set(reachable) | {ref.sha256 for ref in named}
+    referenced |= {sha for ref in named for sha in ref.packing.objects()}
     for ref in _unique_refs(named):
         if ref.sha256 in present and ref.sha256 not in {k.index.sha256 for k in kept}:
             index = _index_or_none(store, ref)

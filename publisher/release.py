@@ -71,6 +71,7 @@ from .release_plan import (
     base_pointers,
     build_index,
     choose_objects,
+    index_delta_bases,
     objects_to_upload,
     plan_encoding,
 )
@@ -104,6 +105,9 @@ class ReleaseConfig:
     # current stays the fallback. None: the new version is current for the whole channel.
     rollout_basis_points: int | None = None
     checkpoint_every: int = 0  # also patch from every N-th release (release_plan.base_pointers)
+    # Ship the index as deltas from what the channel runs and its N most recent releases'
+    # indexes (release_plan.index_delta_bases; 0: none, only the zstd form).
+    index_deltas: int = 1
 
 
 def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
@@ -142,7 +146,8 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             uploads = objects_to_upload(chosen, files)
             uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
             published = publish(repo, version, index_bytes, keys, now, cfg.lifetimes,
-                                cfg.draft, cfg.rollout_basis_points)
+                                cfg.draft, cfg.rollout_basis_points, cfg.index_deltas,
+                                state.records)
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -281,18 +286,23 @@ def upload(
 def publish(
     repo: Repository, version: str, index_bytes: bytes, keys: Sequence[SigningKey],
     now: datetime, lifetimes: Lifetimes, draft_path: Path | None,
-    rollout_bp: int | None = None,
+    rollout_bp: int | None = None, index_deltas: int = 1,
+    records: Sequence[ReleaseRecord] = (),
 ) -> Published:
-    """Write the index object, then draft the manifest and record naming it, and sign and
-    publish them (or save the draft for other key holders; see the module doc). With
-    ``rollout_bp`` the new version is the candidate of a staged rollout and what is current
-    stays the fallback."""
+    """Write the index object and its packed forms (zstd, and deltas from the indexes of
+    ``index_deltas`` of the channel's ``records``, oldest first:
+    :func:`~publisher.release_plan.index_delta_bases`),
+    then draft the manifest and record naming them, and sign and publish them (or save the
+    draft for other key holders; see the module doc). With ``rollout_bp`` the new version is
+    the candidate of a staged rollout and what is current stays the fallback."""
     index_ref = ObjectRef(hashlib.sha256(index_bytes).hexdigest(), len(index_bytes), "json")
     repo.store.put(index_ref.key, index_bytes)
     current = repo.current_manifest()
-    record = ReleaseRecord(version, current.next_sequence, now, index_ref,
+    manifest = current.timestamp.manifest if current.timestamp else None
+    bases = index_delta_bases(manifest, records, index_deltas)
+    new = repo.packed(ReleasePointer(version, index_ref), bases, data=index_bytes)
+    record = ReleaseRecord(version, current.next_sequence, now, new.index,
                            repository_id=repo.root().repository_id)
-    new = ReleasePointer(version, index_ref)
     rollout = None
     if rollout_bp is not None:
         assert current.timestamp is not None  # check_new_version

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 from manifest.download_plan import MAX_ROUTE_OBJECTS
-from manifest.entries import ChainStep
+from manifest.entries import MAX_INDEX_DELTAS, ChainStep
 from manifest.metadata import (
     FileEntry,
     GroupEntry,
@@ -53,8 +53,10 @@ __all__ = [
     "build_index",
     "carry_chain",
     "choose_objects",
+    "index_delta_bases",
     "objects_to_upload",
     "plan_encoding",
+    "running_pointers",
 ]
 
 
@@ -104,6 +106,31 @@ def base_pointers(
         seen = {p.version for p in recent}
         recent += [p for p in reversed(marks) if p.version not in seen][:max(checkpoints, 0)]
     return recent
+
+
+def running_pointers(manifest: Manifest | None) -> list[ReleasePointer]:
+    """What the devices of a channel run now: its current release and its rollout candidate."""
+    if manifest is None:
+        return []
+    out = [manifest.current]
+    if manifest.rollout is not None:
+        out.append(manifest.rollout.candidate)
+    return out
+
+
+def index_delta_bases(manifest: Manifest | None, records: Sequence[ReleaseRecord],
+                      n: int) -> list[ReleasePointer]:
+    """The releases whose indexes a new index is shipped as deltas from (docs/FORMAT.md §5.3),
+    most wanted first: with ``n`` > 0, what the channel's devices run now
+    (:func:`running_pointers`), then its ``n`` most recent releases (``records`` oldest
+    first); each index once, at most :data:`~manifest.entries.MAX_INDEX_DELTAS`."""
+    if n <= 0:
+        return []
+    out: list[ReleasePointer] = []
+    for p in running_pointers(manifest) + [r.pointer for r in reversed(records)][:n]:
+        if p.index.sha256 not in {q.index.sha256 for q in out}:
+            out.append(p)
+    return out[:MAX_INDEX_DELTAS]
 
 
 @dataclass(frozen=True)

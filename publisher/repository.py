@@ -18,8 +18,10 @@ following it checks; roots and objects are shared by every channel of the store.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -33,10 +35,12 @@ from manifest.constants import (
     ROOT_KEY,
     channel_prefix,
     manifest_key,
+    object_key,
     release_record_key,
     root_version_key,
 )
 from manifest.container import apply_container
+from manifest.entries import MAX_INDEX_DELTAS, IndexPacking
 from manifest.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -50,6 +54,7 @@ from manifest.errors import (
     StoreConfigError,
     UntrustedDataError,
 )
+from manifest.index_packing import pack_index
 from manifest.metadata import (
     GroupEntry,
     ObjectRef,
@@ -130,6 +135,7 @@ class Repository:
         self._root_bytes = b""
         self._chain: list[Root] | None = None
         self._current: CurrentManifest | None = None
+        self._indexes: dict[str, bytes] = {}  # index sha256 -> its bytes, once verified
 
     def root(self) -> Root:
         """The newest trust root (``root.json``), self-signed; an expired one still counts
@@ -349,8 +355,39 @@ class Repository:
 
     def index(self, pointer: ReleasePointer, named_by: str = "the manifest") -> ReleaseIndex:
         """The verified index ``pointer`` names (``named_by`` says where it comes from)."""
-        data = self.store.get(pointer.index.key, pointer.index.length)
-        return verify_index(data, pointer, self.root(), named_by=named_by)
+        return verify_index(self.index_bytes(pointer, named_by), pointer, self.root(),
+                            named_by=named_by)
+
+    def index_bytes(self, pointer: ReleasePointer, named_by: str = "the manifest") -> bytes:
+        """The exact bytes of the index ``pointer`` names, verified (read once per view)."""
+        data = self._indexes.get(pointer.index.sha256)
+        if data is None:
+            data = self.store.get(pointer.index.key, pointer.index.length)
+        verify_index(data, pointer, self.root(), named_by=named_by)
+        self._indexes[pointer.index.sha256] = data
+        return data
+
+    def packed(self, pointer: ReleasePointer, bases: Sequence[ReleasePointer],
+               max_deltas: int = MAX_INDEX_DELTAS, *, named_by: str = "the manifest",
+               data: bytes | None = None) -> ReleasePointer:
+        """``pointer`` with the packed forms of its index (docs/FORMAT.md §5.3): the ones it
+        names that the store still holds, the zstd form if missing, and deltas from the
+        indexes of ``bases`` (most wanted first; at most ``max_deltas``). Packed objects the
+        store lacks are uploaded here, before any manifest names them. ``data``: the index
+        bytes when the caller has them (just written), else they are read and verified."""
+        if data is None:
+            data = self.index_bytes(pointer, named_by)
+        old = pointer.index.packing
+        zstd = old.zstd if old.zstd is not None and self.store.exists(old.zstd.key) else None
+        keep = IndexPacking(zstd, tuple(d for d in old.deltas if self.store.exists(d.key)))
+        base_bytes = [self.index_bytes(b, f"the pointer to {b.version}") for b in bases
+                      if b.index.sha256 != pointer.index.sha256]
+        forms = pack_index(data, base_bytes, keep, max_deltas)
+        for sha, blob in forms.objects.items():
+            if not self.store.exists(object_key(sha)):
+                self.store.put(object_key(sha), blob)
+        return ReleasePointer(pointer.version,
+                              dataclasses.replace(pointer.index, packing=forms.packing))
 
     def fetch_object(self, ref: ObjectRef, dest: str, what: str) -> None:
         """Download an object to ``dest`` and check its length and sha256.

@@ -55,6 +55,9 @@ class Release:
     weight_map: dict[str, str]
     index_sha256: str
     index_length: int
+    # The packed forms of the index its record names (zstd, deltas): sha256 -> length.
+    index_forms: dict[str, int] = dataclasses.field(default_factory=dict)
+    index_deltas: dict[str, str] = dataclasses.field(default_factory=dict)  # from -> delta
 
     @property
     def expected(self) -> dict[str, str]:
@@ -73,7 +76,12 @@ def store_releases(store: Path) -> dict[str, Release]:
         groups = {g["file"]: g["sha256"] for g in index["groups"]}
         files = {f["path"]: f["sha256"] for f in index["files"]}
         wm = {t["name"]: g["file"] for g in index["groups"] for t in g["tensors"]}
-        out[index["version"]] = Release(index["version"], groups, files, wm, sha, length)
+        ref = record["index"]
+        forms = {f["sha256"]: f["length"] for f in [ref.get("zstd"), *ref.get("deltas", [])]
+                 if f is not None}
+        deltas = {d["from"]: d["sha256"] for d in ref.get("deltas", [])}
+        out[index["version"]] = Release(index["version"], groups, files, wm, sha, length, forms,
+                                        deltas)
     return out
 
 

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 
 from manifest.canonical import canonical_json
 from manifest.constants import manifest_key, object_key, release_record_key
-from manifest.entries import ChainStep
+from manifest.entries import ChainStep, IndexDelta, IndexPacking, PackedIndex
 from manifest.metadata import (
     FileEntry,
     GroupEntry,
@@ -51,6 +51,7 @@ class History:
     pool: list[str] = field(default_factory=list)  # object shas written so far
     young: set[str] = field(default_factory=set)
     n: int = 0
+    packed: bool = False  # pointers name packed index forms (zstd, a delta), written as objects
 
     def __post_init__(self) -> None:
         self.store.put("root.json", b"{}")
@@ -90,7 +91,13 @@ class History:
                                            repository_id=REPO_ID).to_dict())
         sha = self._object(data, young)
         self.refs[sha] = {r.sha256 for r in refs if r.sha256 != "0" * 64}
-        pointer = ReleasePointer(version, ObjectRef(sha, len(data), "json"))
+        packing = IndexPacking()
+        if self.packed:  # kept with the index: what its pointers and records name
+            z, d = (self._object(b"%s of %s" % (kind, sha.encode()), young)
+                    for kind in (b"zstd", b"delta"))
+            packing = IndexPacking(PackedIndex(z, 9), (IndexDelta("1" * 64, d, 5),))
+            self.refs[sha] |= {z, d}
+        pointer = ReleasePointer(version, ObjectRef(sha, len(data), "json", packing=packing))
         self.pointers[version] = pointer
         return pointer
 

@@ -243,8 +243,19 @@ def test_tampered_object_on_s3(s3_scene: Scene) -> None:
 # -- tampered release index -----------------------------------------------------------------
 
 
+def _raw_index_only(scene: Scene) -> None:
+    """Re-sign the genuine manifest without the index's packed forms (as a publisher before
+    them wrote it): the device fetches the raw index object, which the next tests tamper
+    with (the packed forms' own attacks: tests/test_index_packing.py)."""
+    def strip(m: dict[str, Any]) -> None:
+        for form in ("zstd", "deltas"):
+            m["current"]["index"].pop(form, None)
+    forge_manifest(scene.store, _key(scene.pub), strip)
+
+
 def test_tampered_index_byte(scene: Scene) -> None:
     scene.release()
+    _raw_index_only(scene)
     path = index_path(scene.store)
     data = bytearray(path.read_bytes())
     at = data.index(b'"version":"v2"') + len(b'"version":"v')
@@ -258,6 +269,7 @@ def test_index_reserialised_in_place(scene: Scene) -> None:
     keys in another order, as a tool might rewrite it): an index has no signature, the pin is
     on its exact bytes."""
     scene.release()
+    _raw_index_only(scene)
     path = index_path(scene.store)
     data = path.read_bytes()
     doc = json.loads(data)

@@ -135,6 +135,7 @@ def test_http_store_end_to_end(moe_family: MoEFamily, tmp_path: Path) -> None:
         def update(dev: Dev, version: str, base: str | None) -> None:
             rels = store_releases(store)
             indexes = {r.index_sha256 for r in rels.values()}
+            indexes |= {f for r in rels.values() for f in r.index_forms}
             mark = served.mark()
             out = dev.run("run", "--once", "-v")
             reqs, _ = served.since(mark)
@@ -148,14 +149,23 @@ def test_http_store_end_to_end(moe_family: MoEFamily, tmp_path: Path) -> None:
             # What crossed the wire = the plan = what the agent reports = the release summary.
             assert at_server == int(plan[2]) == status["bytes_last_update"] == expected, (
                 version, base, at_server, plan[0], status["bytes_last_update"], expected)
-            # One manifest GET, the index once (its pinned length), each object once, no errors.
+            # One manifest GET, the index once in one form (its pinned length: a delta from
+            # the index the device holds, else the zstd form), each object once, no errors.
             paths = [r.path for r in reqs]
             assert len(paths) == len(set(paths)), paths
             assert [r.status for r in reqs] == [200] * len(reqs)
             assert sum(p.endswith("/manifest.json") for p in paths) == 1
             index = rels[version]
-            assert [r.sent for r in reqs if r.path.endswith(index.index_sha256)] == [
-                index.index_length]
+            forms = {index.index_sha256: index.index_length, **index.index_forms}
+            got = [(r.path.rsplit("/", 1)[1], r.sent) for r in reqs
+                   if r.path.rsplit("/", 1)[1] in forms]
+            assert len(got) == 1 and got[0][1] == forms[got[0][0]], got
+            assert got[0][0] != index.index_sha256, "the raw index was fetched, not a packed form"
+            # The delta from the index the device holds if there is one, else the zstd form.
+            delta = index.index_deltas.get(rels[base].index_sha256) if base else None
+            [zstd] = [f for f in index.index_forms if f not in index.index_deltas.values()]
+            assert got[0][0] == (delta or zstd), got
+            assert (delta is not None) == (version in ("v2", "v3")), index.index_deltas
             assert_same_model(dev.live, models[version])
             finished_ok(dev, rels, version)
             vdir = dev.live.resolve()
@@ -202,7 +212,8 @@ class World:
 
     @property
     def index_shas(self) -> set[str]:
-        return {r.index_sha256 for r in self.releases.values()}
+        return ({r.index_sha256 for r in self.releases.values()}
+                | {f for r in self.releases.values() for f in r.index_forms})
 
     def device(self, template: Dev, where: Path, **changes: Any) -> Dev:
         return template.clone(where, **changes)

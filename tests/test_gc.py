@@ -49,13 +49,15 @@ def objects_in(store: Store) -> set[str]:
 
 
 @settings(max_examples=60, deadline=None)
-@given(ops, st.integers(1, 3))
+@given(ops, st.integers(1, 3), st.booleans())
 def test_gc_keeps_every_reachable_object_and_deletes_old_unreachable_ones(
-    history: list[tuple[Any, ...]], keep: int
+    history: list[tuple[Any, ...]], keep: int, packed: bool
 ) -> None:
+    """``packed``: every index pointer also names packed forms of its index (FORMAT §5.3),
+    which the oracle counts with the index (kept with it, referenced with it)."""
     with tempfile.TemporaryDirectory() as d:
         now = datetime.now(UTC).replace(microsecond=0)
-        h = History(LocalStore(d), now)
+        h = History(LocalStore(d), now, packed=packed)
         play(h, history)
         before = objects_in(h.store)
         reachable = h.reachable(keep)
