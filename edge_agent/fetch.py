@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from manifest.errors import DiskFullError, MissingKeyError, UntrustedDataError
 from manifest.metadata import ObjectRef, ReleaseIndex
 from manifest.storage.source import Source
 
-from .install import check_download, install_chain, install_group
+from .install import build_group, check_download, install_chain
 from .layout import DeviceLayout
 
 __all__ = ["SPACE_MARGIN", "check_space", "download", "fetch_group", "gather_all",
@@ -49,7 +50,7 @@ def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[s
         reused, bases = reused - seen - bases, bases - hashed
         if not reused and not bases:
             break
-        bad = layout.damaged_objects(reused, bases)
+        bad = _damaged_objects(layout, reused, bases)
         seen |= reused | bases
         hashed |= bases
         for sha in sorted(bad):
@@ -59,6 +60,21 @@ def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[s
         have -= bad
     layout.save_stamps()
     return plan
+
+
+def _damaged_objects(layout: DeviceLayout, reused: set[str], bases: set[str]) -> set[str]:
+    """:meth:`DeviceLayout.damaged_objects`, one object per task on every core (hashlib
+    releases the GIL): proving the bases of a dense update re-hashes most of the model."""
+    layout.damaged_objects((), ())  # loads the stamp table once, before the threads share it
+    shas = sorted(reused | bases)
+    if len(shas) < 2:
+        return layout.damaged_objects(reused, bases)
+
+    def one(sha: str) -> set[str]:
+        return layout.damaged_objects({sha} & reused, {sha} & bases)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as ex:
+        return set().union(*ex.map(one, shas))
 
 
 def check_space(layout: DeviceLayout, plan: Plan) -> None:
@@ -124,9 +140,12 @@ async def fetch_group(
             return
     assert step.object is not None
     obj = await download(layout, source, sem, step.object, g.name, on_bytes)
-    async with installing:
-        await asyncio.to_thread(install_group, layout, step, obj, executor)
-    layout.discard_download(step.object.sha256)
+    with layout.staged_object() as tmp:
+        async with installing:
+            await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
+        # Outside ``installing``: the fsync of this group overlaps the build of the next.
+        await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
+    await asyncio.to_thread(layout.discard_download, step.object.sha256)  # unlink can take ms
 
 
 async def gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:

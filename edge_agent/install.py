@@ -26,7 +26,7 @@ from manifest.trust import StreamVerifier
 
 from .layout import DeviceLayout
 
-__all__ = ["check_download", "install_chain", "install_file", "install_group"]
+__all__ = ["build_group", "check_download", "install_chain", "install_file", "install_group"]
 
 
 def check_download(path: Path, ref: ObjectRef, what: str) -> None:
@@ -91,24 +91,42 @@ def install_chain(
 
 def _build_group(layout: DeviceLayout, step: GroupStep, base_path: Path | None, obj: Path,
                  executor: ThreadPoolExecutor | None) -> None:
+    with layout.staged_object() as tmp:
+        _write_group(step, base_path, obj, tmp, executor)
+        layout.commit_object(tmp, step.group.sha256)
+
+
+def build_group(
+    layout: DeviceLayout, step: GroupStep, obj: Path, tmp: Path,
+    executor: ThreadPoolExecutor | None,
+) -> None:
+    """The CPU half of :func:`install_group`: rebuild the group file into ``tmp`` (a
+    :meth:`DeviceLayout.staged_object`) and check its sha256; the caller commits it
+    (:meth:`DeviceLayout.commit_object`: fsync, rename), which may overlap the next build."""
+    base = None
+    if step.kind == "patch":
+        assert step.base_sha256 is not None
+        base = layout.object_path(step.base_sha256)
+    _write_group(step, base, obj, tmp, executor)
+
+
+def _write_group(step: GroupStep, base_path: Path | None, obj: Path, tmp: Path,
+                 executor: ThreadPoolExecutor | None) -> None:
     g = step.group
     expected = (g.sha256, g.length)
-    with layout.staged_object() as tmp:
-        with open(tmp, "wb") as out:
-            try:
-                if base_path is not None:
-                    with SafetensorsFile(base_path) as base:
-                        sha = apply_container(obj, base, out, executor=executor,
-                                              expected=expected)
-                else:
-                    sha = apply_container(obj, None, out, executor=executor, expected=expected)
-            except (FormatError, HashMismatchError, OversizeError) as e:  # say which group
-                raise type(e)(f"group {g.name}: {e}") from e
-        if sha != g.sha256:
-            raise HashMismatchError(
-                f"group {g.name}: the patched file's sha256 differs from the release index"
-            )
-        layout.commit_object(tmp, g.sha256)
+    with open(tmp, "wb") as out:
+        try:
+            if base_path is not None:
+                with SafetensorsFile(base_path) as base:
+                    sha = apply_container(obj, base, out, executor=executor, expected=expected)
+            else:
+                sha = apply_container(obj, None, out, executor=executor, expected=expected)
+        except (FormatError, HashMismatchError, OversizeError) as e:  # say which group
+            raise type(e)(f"group {g.name}: {e}") from e
+    if sha != g.sha256:
+        raise HashMismatchError(
+            f"group {g.name}: the patched file's sha256 differs from the release index"
+        )
 
 
 def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:

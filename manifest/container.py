@@ -27,8 +27,9 @@ import hashlib
 import os
 import struct
 import tempfile
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
@@ -193,7 +194,7 @@ def read_header(f: IO[bytes], size: int) -> ContainerHeader:
 @dataclass(frozen=True)
 class _Job:
     codec: str
-    frames: list[bytes]
+    frames: list[tuple[int, int]]  # (offset in the container, length) of each frame
     base: TensorInfo | None
     start: int
     length: int
@@ -202,9 +203,10 @@ class _Job:
 
 def _plan(
     hdr: ContainerHeader, targets: list[TensorInfo], base: SafetensorsFile | None,
-    f: IO[bytes], payload_left: int,
+    pos: int, payload_left: int,
 ) -> Iterator[_Job]:
-    """Walk the header against the target's tensors, reading each chunk's frames in turn."""
+    """Walk the header against the target's tensors; each chunk's frames start at ``pos``,
+    the offset in the container after the previous chunk's (the workers read them)."""
     if len(hdr.tensors) != len(targets):
         raise FormatError("patch container does not list every tensor of its target")
     for rec, t in zip(hdr.tensors, targets, strict=True):
@@ -248,7 +250,10 @@ def _plan(
             if sum(lens) > payload_left:
                 raise FormatError("patch container payload is shorter than its header says")
             payload_left -= sum(lens)
-            frames = [f.read(n) for n in lens]
+            frames = []
+            for n in lens:
+                frames.append((pos, n))
+                pos += n
             yield _Job(codec, frames, bt if needs_base else None, start, end - start, t.width)
     if payload_left:
         raise FormatError("patch container has trailing bytes after its payload")
@@ -260,7 +265,7 @@ def apply_container(
     out: IO[bytes],
     *,
     executor: ThreadPoolExecutor | None = None,
-    in_flight: int = 4,
+    in_flight: int = 6,
     expected: tuple[str, int] | None = None,
 ) -> str:
     """Decode a container onto ``out``, return the sha256 of what was written.
@@ -305,25 +310,43 @@ def apply_container(
         written = len(prefix)
         payload_left = size - hdr.payload_start - hdr.prefix
 
+        fd = f.fileno()
+
         def decode(job: _Job) -> bytes:
+            frames = [_pread(fd, n, at) for at, n in job.frames]
             base_bytes = None
             if job.base is not None:
                 assert base is not None
                 base_bytes = base.read(job.base, job.start, job.length)
-            return decode_chunk(job.codec, job.frames, base_bytes, job.width, job.length)
+            return decode_chunk(job.codec, frames, base_bytes, job.width, job.length)
 
-        jobs = _plan(hdr, targets, base, f, payload_left)
-        for data in ordered_map(decode, jobs, executor, in_flight):
-            if written + len(data) > limit:  # the target header bounds it; never trust that
-                raise OversizeError(f"patch container output passes its {limit} bytes")
-            digest.update(data)
-            out.write(data)
-            written += len(data)
+        jobs = _plan(hdr, targets, base, hdr.payload_start + hdr.prefix, payload_left)
+        # Hashing (here) and writing (a thread of its own) overlap: both release the GIL, so
+        # the ordered consumer, the one serial stage, costs max(hash, write) per chunk.
+        with ThreadPoolExecutor(1) as writer:
+            writes: deque[Future[int]] = deque()
+            for data in ordered_map(decode, jobs, executor, in_flight):
+                if written + len(data) > limit:  # the target header bounds it; never trust it
+                    raise OversizeError(f"patch container output passes its {limit} bytes")
+                writes.append(writer.submit(out.write, data))
+                digest.update(data)
+                written += len(data)
+                while len(writes) > 2:
+                    writes.popleft().result()
+            for w in writes:
+                w.result()
     if written != hdr.target_length or digest.hexdigest() != hdr.target_sha256:
         raise HashMismatchError(
             "patched group file does not match the target sha256 its patch names"
         )
     return digest.hexdigest()
+
+
+def _pread(fd: int, n: int, at: int) -> bytes:
+    data = os.pread(fd, n, at)
+    if len(data) != n:
+        raise FormatError("patch container payload is shorter than its header says")
+    return data
 
 
 def _decompress_capped(frame: bytes, cap: int) -> bytes:

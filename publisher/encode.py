@@ -9,8 +9,9 @@ groups or one huge embedding.
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,9 @@ from .model_dir import SourceTensor
 
 __all__ = ["EncodeResult", "EncodeTask", "GroupLayout", "encode_all", "hash_groups", "layout_group"]
 
+# Groups whose container is being written while the next ones are coded (each holds its spooled
+# payload: up to the spool's 32 MiB in memory).
+_FINISHING = 2
 # The canonical group file's safetensors metadata: transformers refuses files without it.
 GROUP_METADATA = {"format": "pt"}
 
@@ -136,7 +140,7 @@ def encode_all(
     in_flight: int = 16,
     on_bytes: Callable[[int], None] = lambda n: None,
 ) -> Iterator[EncodeResult]:
-    """Encode every task; yields each result as soon as its container is written.
+    """Encode every task; yields the results in task order, each once its container is written.
 
     Up to ``in_flight`` chunks, holding at most ``4 x chunk_bytes`` of tensor data, are coded
     ahead of the writer: small chunks keep every core busy, large ones stay few.
@@ -156,26 +160,34 @@ def encode_all(
 
     builder: ContainerBuilder | None = None
     events = _events(tasks, chunk_bytes)
-    for ev in ordered_map(work, events, executor, in_flight, weight, 4 * chunk_bytes):
-        if isinstance(ev, tuple) and ev[0] == "group":
-            task = ev[1]
-            base_ref = None
-            if task.base is not None:
-                base_ref = (task.base_sha256 or "", task.base.size)
-            builder = ContainerBuilder(base_ref, chunk_bytes, level)
-            builder.set_prefix(task.layout.prefix)
-        elif isinstance(ev, tuple) and ev[0] == "tensor":
-            assert builder is not None
-            builder.add_tensor(*ev[1])
-        elif isinstance(ev, tuple) and ev[0] == "end":
-            assert builder is not None
-            yield _finish(ev[1], builder)
-            builder = None
-        else:
-            (codec, frames), n = ev
-            assert builder is not None
-            builder.add_chunk(codec, frames)
-            on_bytes(n)
+    # A finished group's container is written (and hashed) by a thread of its own while the
+    # next groups' chunks are coded: at most _FINISHING groups wait for it, in order.
+    with ThreadPoolExecutor(1) as finisher:
+        finishing: deque[Future[EncodeResult]] = deque()
+        for ev in ordered_map(work, events, executor, in_flight, weight, 4 * chunk_bytes):
+            if isinstance(ev, tuple) and ev[0] == "group":
+                task = ev[1]
+                base_ref = None
+                if task.base is not None:
+                    base_ref = (task.base_sha256 or "", task.base.size)
+                builder = ContainerBuilder(base_ref, chunk_bytes, level)
+                builder.set_prefix(task.layout.prefix)
+            elif isinstance(ev, tuple) and ev[0] == "tensor":
+                assert builder is not None
+                builder.add_tensor(*ev[1])
+            elif isinstance(ev, tuple) and ev[0] == "end":
+                assert builder is not None
+                while len(finishing) >= _FINISHING:
+                    yield finishing.popleft().result()
+                finishing.append(finisher.submit(_finish, ev[1], builder))
+                builder = None
+            else:
+                (codec, frames), n = ev
+                assert builder is not None
+                builder.add_chunk(codec, frames)
+                on_bytes(n)
+        while finishing:
+            yield finishing.popleft().result()
 
 
 def _finish(task: EncodeTask, builder: ContainerBuilder) -> EncodeResult:
