@@ -43,6 +43,7 @@ from ._attack_helpers import (
     Snapshot,
     forge_manifest,
     index_path,
+    manifest_of,
     now_utc,
     patch_object,
     publish,
@@ -151,7 +152,12 @@ def hang_bound(per_try: float, start_up: float) -> float:
 
 
 def _index_key(scene: Scene) -> str:
-    return f"objects/{index_path(scene.store).name}"
+    """The key of the index form the device at v1 fetches: the delta from its own index."""
+    ref = manifest_of(scene.store)["current"]["index"]
+    held = DeviceLayout(scene.dev.model_dir).index_pin("v1").sha256
+    (delta,) = [d for d in ref.get("deltas", []) if d["from"] == held]
+    assert delta["sha256"] != index_path(scene.store).name  # not the raw index
+    return f"objects/{delta['sha256']}"
 
 
 def _object_key(scene: Scene) -> str:
