@@ -19,13 +19,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._http_source import HttpSource
-    from ._s3_source import S3Source
     from .atomic import atomic_output, fsync_dir, write_atomic
     from .location import StoreLocation, check_key, parse_store_url
     from .retry import DEFAULT_RETRY, RetryPolicy, RetryState
     from .s3 import S3Settings
-    from .source import LocalSource, Source, TransferLimits, open_source
+    from .source import HttpSource, LocalSource, S3Source, Source, TransferLimits, open_source
     from .store import LocalStore, S3Store, Store, StoreOptions, open_store
 
 __all__ = [
@@ -57,9 +55,8 @@ _HOME = {
     **dict.fromkeys(["StoreLocation", "check_key", "parse_store_url"], "location"),
     **dict.fromkeys(["DEFAULT_RETRY", "RetryPolicy", "RetryState"], "retry"),
     "S3Settings": "s3",
-    "HttpSource": "_http_source",
-    "S3Source": "_s3_source",
-    **dict.fromkeys(["LocalSource", "Source", "TransferLimits", "open_source"], "source"),
+    **dict.fromkeys(["HttpSource", "LocalSource", "S3Source", "Source", "TransferLimits",
+                      "open_source"], "source"),
     **dict.fromkeys(["LocalStore", "S3Store", "Store", "StoreOptions", "open_store"], "store"),
 }
 

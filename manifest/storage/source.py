@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import MissingKeyError
 from ._local_source import LocalSource
@@ -40,6 +40,10 @@ from ._source_base import MAX_PUT_SIZE, READ_SIZE, Sleep
 from .location import parse_store_url
 from .retry import DEFAULT_RETRY, RetryPolicy
 
+if TYPE_CHECKING:
+    from ._http_source import HttpSource
+    from ._s3_source import S3Source
+
 __all__ = [
     "BLOCK",
     "DEFAULT_LIMITS",
@@ -47,12 +51,28 @@ __all__ = [
     "FLUSH_SECONDS",
     "MAX_PUT_SIZE",
     "READ_SIZE",
+    "HttpSource",
     "LocalSource",
     "MissingKeyError",
+    "S3Source",
     "Source",
     "TransferLimits",
     "open_source",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``HttpSource`` and ``S3Source`` on first use: their modules import aiohttp and botocore's
+    table, which a directory store never needs."""
+    if name == "HttpSource":
+        from ._http_source import HttpSource
+
+        return HttpSource
+    if name == "S3Source":
+        from ._s3_source import S3Source
+
+        return S3Source
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Source(Protocol):
