@@ -46,6 +46,17 @@ def pytest_configure(config: pytest.Config) -> None:
         compileall.compile_dir(root / package, quiet=2)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: tests marked ``slow`` run before the others (otherwise in file order).
+
+    With ``-n 2 --dist loadgroup`` each worker takes the next test when it is almost idle, so
+    a long end-to-end test collected last (``test_trust_e2e.py``) would keep one worker busy
+    while the other has nothing left; started first, the short tests fill in around them and
+    both workers finish together. (xdist groups are scheduled before single tests anyway.)
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _atomic_conditional_puts() -> None:
     """Give moto's server S3's guarantee for racing conditional PUTs.
 

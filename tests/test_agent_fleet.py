@@ -85,6 +85,7 @@ def test_changing_channel_forgets_the_other_channels_floors(tmp_path: Path) -> N
 # -- staged rollouts ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_rollout_membership_halt_and_complete_on_16_devices(tmp_path: Path) -> None:
     """25 % of v2: exactly the devices whose bucket is below 2500 take it, the others stay on
     the fallback v1. Halted: nobody new takes v2 (a device that was in but had not polled stays
@@ -133,6 +134,7 @@ def test_rollout_membership_halt_and_complete_on_16_devices(tmp_path: Path) -> N
     assert devices[0].status()["rollout"] is None
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_revoke_sends_devices_back_and_is_not_retried(tmp_path: Path) -> None:
     """A candidate at 100 % is revoked: devices on it switch back to the fallback, every device
     records it as failed, and re-activating the same candidate does not bring it back (only a

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from devtools import modelgen
 from manifest.rollout import bucket
 
@@ -26,6 +28,7 @@ def _live(model_dir: Path) -> str | None:
         return None
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_a_bad_candidate_is_halted_by_the_reports_and_fleet_status_counts_the_truth(
         cli: Cli, release_key: Path, moe_family: MoEFamily, tmp_path: Path) -> None:
     bad = modelgen.diverge(moe_family.v2, tmp_path / "bad",
