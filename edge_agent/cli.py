@@ -244,12 +244,12 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
       * never sooner than a Retry-After of the store's 429/503 answers (seconds or an HTTP
         date; at most 6 h).
     """
-    logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
-                        format="%(asctime)s deltaship-agent: %(message)s", stream=sys.stderr)
     import asyncio
 
     from .service import run_forever
 
+    logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
+                        format="%(asctime)s deltaship-agent: %(message)s", stream=sys.stderr)
     cfg = _load(config_path)
     code = asyncio.run(run_forever(cfg, once=once))
     if once:
