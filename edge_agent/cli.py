@@ -8,7 +8,6 @@ on stderr and its exit code.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -33,8 +32,13 @@ from .config import (
     load_config,
 )
 from .hook_flags import TIMING_FLAGS, hooks_from_flags
-from .operations import Operator, StatusReport
-from .service import run_forever
+
+if TYPE_CHECKING:
+    from .operations import Operator, StatusReport
+
+# The update machinery (operations, service, updater and what they import) is loaded by the
+# commands that run it, not by `--help` or flag parsing: start-up time matters to cron jobs and
+# small devices (docs/BENCHMARKS.md, bench_startup).
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,6 +67,12 @@ _wait_option = click.option(
 
 def _load(config_path: Path | None) -> AgentConfig:
     return load_config(config_path or default_config_path())
+
+
+def _operator(cfg: AgentConfig, **options: Any) -> Operator:
+    from .operations import Operator
+
+    return Operator(cfg, **options)
 
 
 def _device_id(explicit: str | None) -> str:
@@ -211,7 +221,7 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
         allow_redirect_hosts=allow_redirect_hosts, channel=channel, report=report,
         report_url=report_url, report_deadline=report_deadline))
     path = config_path or default_config_path()
-    pinned = Operator(cfg, wait=wait).init(trust, path)
+    pinned = _operator(cfg, wait=wait).init(trust, path)
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
                f"device id {cfg.device_id}, channel {cfg.channel}; start with "
                "`deltaship-agent run`")
@@ -234,12 +244,16 @@ def run(once: bool, verbose: bool, config_path: Path | None) -> None:
       * never sooner than a Retry-After of the store's 429/503 answers (seconds or an HTTP
         date; at most 6 h).
     """
+    import asyncio
+
+    from .service import run_forever
+
     logging.basicConfig(level=logging.INFO if verbose or not once else logging.WARNING,
                         format="%(asctime)s deltaship-agent: %(message)s", stream=sys.stderr)
     cfg = _load(config_path)
     code = asyncio.run(run_forever(cfg, once=once))
     if once:
-        click.echo(Operator(cfg).status().state.last_result or "")
+        click.echo(_operator(cfg).status().state.last_result or "")
     sys.exit(code)
 
 
@@ -251,7 +265,7 @@ def status(as_json: bool, config_path: Path | None) -> None:
     """Current and retained versions, pin, failed versions, last check and error, the plan in
     progress, what the last update downloaded, and every expiry (the trust root, the release
     content, its freshness) with a warning line when one is near or past."""
-    report = Operator(_load(config_path)).status()
+    report = _operator(_load(config_path)).status()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
@@ -296,7 +310,7 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
 @_errors
 def rollback(to_version: str | None, wait: float, config_path: Path | None) -> None:
     """Switch to a retained version (re-verified) and pin the device there; works offline."""
-    result = Operator(_load(config_path), wait=wait).rollback(to_version)
+    result = _operator(_load(config_path), wait=wait).rollback(to_version)
     click.echo(f"rolled back {result.previous} -> {result.version}; "
                "pinned until `deltaship-agent resume`")
     if result.unhealthy is not None:
@@ -309,7 +323,7 @@ def rollback(to_version: str | None, wait: float, config_path: Path | None) -> N
 @_errors
 def resume(wait: float, config_path: Path | None) -> None:
     """Unpin the device and forget failed versions: follow the store again."""
-    was = Operator(_load(config_path), wait=wait).resume()
+    was = _operator(_load(config_path), wait=wait).resume()
     click.echo(f"resumed (was pinned at {was})" if was else "resumed (was not pinned)")
 
 
@@ -320,7 +334,7 @@ def resume(wait: float, config_path: Path | None) -> None:
 @_errors
 def verify(repair: bool, wait: float, config_path: Path | None) -> None:
     """Re-hash the live version against its signed index (exit 2 when files are damaged)."""
-    result = Operator(_load(config_path), wait=wait).verify(repair)
+    result = _operator(_load(config_path), wait=wait).verify(repair)
     current = result.version
     if not result.damaged:
         click.echo(f"{current}: every file matches its signed sha256")
@@ -388,6 +402,8 @@ def serve(model_dir: Path | None, host: str, port: int, threads: int, poll_inter
       deltaship-agent init ... --notify-signal /run/deltaship-serve.pid \
           --health-url http://127.0.0.1:8000/healthz --health-expect-version
     """
+    import asyncio
+
     from .serving.server import ServeConfig
     from .serving.server import serve as run_server
 

@@ -25,8 +25,6 @@ from manifest.constants import DEFAULT_CHANNEL
 from manifest.errors import FormatError, LocalError
 from manifest.storage.atomic import write_atomic
 
-from .hooks import parse_hooks
-
 __all__ = ["REPORT_MODES", "RULES", "AgentConfig", "check_config", "default_config_path",
            "load_config", "save_config"]
 
@@ -191,6 +189,8 @@ def _url(v: Any) -> str:
 def _hooks(v: Any) -> dict[str, object]:
     if not isinstance(v, dict):
         raise _Wrong("must be a table ([hooks]: see edge_agent/hooks.py)")
+    from .hooks import parse_hooks  # asyncio: not for `--help`
+
     try:
         parse_hooks(v)
     except LocalError as e:

@@ -14,8 +14,6 @@ from urllib.parse import urlsplit
 
 from manifest.errors import LocalError
 
-from .hooks import parse_hooks
-
 __all__ = ["TIMING_FLAGS", "hooks_from_flags"]
 
 # The parameters with defaults that only mean something next to another flag.
@@ -88,5 +86,7 @@ def hooks_from_flags(given: Collection[str], notify_http: tuple[str, ...],
     elif health_command is not None:
         table["health"] = {"kind": "command", "argv": _argv("--health-command", health_command),
                            **check}
+    from .hooks import parse_hooks  # asyncio: not for `--help`
+
     parse_hooks(table)
     return table

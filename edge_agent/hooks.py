@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from manifest.errors import HookError, LocalError
 
 __all__ = ["Hooks", "parse_hooks"]
@@ -117,6 +115,8 @@ async def _attempt(hook: Hook, version: str, path: Path, what: str) -> None:
 
 async def _run(hook: Hook, version: str, path: Path) -> None:
     if hook.kind == "http":
+        import aiohttp  # only when an HTTP hook runs: importing it costs more than a cycle
+
         url = _fill(hook.url, version, path)
         try:
             async with aiohttp.ClientSession() as session, session.request(

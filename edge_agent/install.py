@@ -15,9 +15,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import zstandard
-
-from manifest.container import apply_container
 from manifest.download_plan import GroupStep
 from manifest.errors import FormatError, HashMismatchError, OversizeError, SafetensorsError
 from manifest.metadata import FileEntry, ObjectRef
@@ -58,6 +55,8 @@ def install_chain(
     intermediate content is built under ``tmp/`` and verified against its step's sha256 and
     length before the next step reads it; the last builds the group file as
     :func:`install_group` does. Intermediates are removed whatever happens."""
+    from manifest.container import apply_container  # numpy: only when a group is built
+
     assert step.kind == "chain" and step.base_sha256 is not None
     assert len(objs) == len(step.chain) + 1
     g = step.group
@@ -112,6 +111,8 @@ def build_group(
 
 def _write_group(step: GroupStep, base_path: Path | None, obj: Path, tmp: Path,
                  executor: ThreadPoolExecutor | None) -> None:
+    from manifest.container import apply_container  # numpy: only when a group is built
+
     g = step.group
     expected = (g.sha256, g.length)
     with open(tmp, "wb") as out:
@@ -131,6 +132,8 @@ def _write_group(step: GroupStep, base_path: Path | None, obj: Path, tmp: Path,
 
 def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:
     """Decompress a zstd-coded file, capped at its declared length, and check its sha256."""
+    import zstandard  # only when a file is installed
+
     v = StreamVerifier(entry.sha256, entry.length, f"file {entry.path}")
     with layout.staged_object() as tmp:
         try:

@@ -18,14 +18,11 @@ and body): a report never goes to another host than the one configured.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
 from urllib.parse import urljoin, urlsplit
-
-import aiohttp
 
 from manifest.constants import report_key
 from manifest.errors import DeltashipError, TransportError
@@ -45,6 +42,8 @@ _KEEP_METHOD = (307, 308)  # the redirects that keep a POST a POST (with its bod
 
 def agent_version() -> str:
     """The installed ``deltaship`` package's version (``unknown`` outside an install)."""
+    import importlib.metadata  # only when a report is made
+
     try:
         return importlib.metadata.version("deltaship")
     except importlib.metadata.PackageNotFoundError:
@@ -75,6 +74,8 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 async def post_report(url: str, data: bytes, deadline: float) -> None:
     """POST ``data`` (JSON) to ``url``; a 2xx answer is delivery. Redirects: 307/308 to the
     same origin only, at most :data:`MAX_REDIRECTS`. Failures are ``TransportError``."""
+    import aiohttp  # only when a report is posted: importing it costs more than a cycle
+
     timeout = aiohttp.ClientTimeout(total=deadline)
     headers = {"Content-Type": "application/json"}
     try:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import zstandard
+from typing import TYPE_CHECKING
 
 from .entries import (
     MAX_INDEX_DELTAS,
@@ -30,6 +29,9 @@ from .entries import (
     PackedIndex,
 )
 from .errors import FormatError, HashMismatchError, LocalError, OversizeError
+
+if TYPE_CHECKING:  # zstandard is imported where a form is coded: an up-to-date poll needs none
+    import zstandard
 
 __all__ = ["ZSTD_LEVEL", "PackedForms", "form_name", "pack_delta", "pack_index", "pack_zstd",
            "unpack_index"]
@@ -42,17 +44,23 @@ def _sha(data: bytes) -> str:
 
 
 def _dictionary(base: bytes) -> zstandard.ZstdCompressionDict:
+    import zstandard
+
     return zstandard.ZstdCompressionDict(base, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
 def pack_zstd(index: bytes) -> bytes:
     """The index as one zstd frame (level 19, content size in the frame header)."""
+    import zstandard
+
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(index)
 
 
 def pack_delta(index: bytes, base: bytes) -> bytes:
     """The index as one zstd frame coded with ``base`` (another index's exact bytes) as a
     raw-content dictionary (level 19, content size in the frame header)."""
+    import zstandard
+
     c = zstandard.ZstdCompressor(level=ZSTD_LEVEL, dict_data=_dictionary(base),
                                  write_content_size=True, write_dict_id=False)
     return c.compress(index)
@@ -124,6 +132,8 @@ def unpack_index(packed: bytes, form: PackedIndex | IndexDelta, pin: ObjectRef,
     Raises :class:`HashMismatchError` / :class:`FormatError` (the store's fault) when the
     packed bytes or their result differ from the pins, :class:`LocalError` when ``base`` is
     not the delta's base (the caller's fault)."""
+    import zstandard
+
     what = form_name(form)
     if len(packed) != form.length:
         raise HashMismatchError(f"{what} is {len(packed)} bytes, {named_by} pins {form.length}")

@@ -255,6 +255,7 @@ class Device:
         self.model_dir = model_dir
         self.config = model_dir.parent / f"{model_dir.name}.toml"
         self.env = env if env is not None else (cli.env() if cli else dict(os.environ))
+        self.command = [str(BIN / "deltaship-agent")]  # how the agent is started
         if root is not None:
             self.agent("init", "--store", store, "--trust", root, "--model-dir", model_dir,
                        "--config", self.config, "--device-id", "dev-1", *extra)
@@ -269,7 +270,7 @@ class Device:
 
     def agent(self, *args: object, check: bool = True,
               timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [str(BIN / "deltaship-agent"), *map(str, args)]
+        cmd = [*self.command, *map(str, args)]
         try:
             p = subprocess.run(cmd, cwd=self.model_dir.parent, env=self.env, text=True,
                                capture_output=True, timeout=timeout)

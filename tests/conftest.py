@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import logging
 import os
 import subprocess
@@ -27,6 +28,33 @@ S3_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_MAX_ATTEMPTS": "2",
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Compile the project's modules once, before the workers start.
+
+    The tests start several hundred ``deltaship-agent`` and ``deltaship-publish`` processes,
+    most with ``PYTHONDONTWRITEBYTECODE=1`` (``agent_env``); without bytecode on disk each of
+    them would compile every module it imports again. Python still reads ``__pycache__``
+    under that setting, and checks each file against its source's mtime and size, so an edited
+    module is never run stale.
+    """
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller did it
+        return
+    root = Path(__file__).resolve().parent.parent
+    for package in ("edge_agent", "manifest", "publisher", "devtools"):
+        compileall.compile_dir(root / package, quiet=2)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: tests marked ``slow`` run before the others (otherwise in file order).
+
+    With ``-n 2 --dist loadgroup`` each worker takes the next test when it is almost idle, so
+    a long end-to-end test collected last (``test_trust_e2e.py``) would keep one worker busy
+    while the other has nothing left; started first, the short tests fill in around them and
+    both workers finish together. (xdist groups are scheduled before single tests anyway.)
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def _atomic_conditional_puts() -> None:

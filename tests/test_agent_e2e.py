@@ -61,6 +61,7 @@ def _release(cli: Cli, store: str, model: Path, version: str, key: Path) -> dict
                                   cli.cwd / "cache").stdout)
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_install_update_skip_and_rollback(cli: Cli, published: tuple[str, Path],
                                           release_key: Path, moe_family: MoEFamily,
                                           tmp_path: Path) -> None:

@@ -125,6 +125,7 @@ def finished_ok(dev: Dev, releases: dict[str, Release], version: str) -> None:
 # -- 1. an HTTP store end to end -------------------------------------------------------------
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_http_store_end_to_end(moe_family: MoEFamily, tmp_path: Path) -> None:
     store, root, key = new_store(tmp_path)
     models = {"v1": moe_family.v1, "v2": moe_family.v2, "v3": moe_family.v3,

@@ -85,16 +85,20 @@ def test_changing_channel_forgets_the_other_channels_floors(tmp_path: Path) -> N
 # -- staged rollouts ---------------------------------------------------------------------------
 
 
-def test_rollout_membership_halt_and_complete_on_40_devices(tmp_path: Path) -> None:
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
+def test_rollout_membership_halt_and_complete_on_16_devices(tmp_path: Path) -> None:
     """25 % of v2: exactly the devices whose bucket is below 2500 take it, the others stay on
     the fallback v1. Halted: nobody new takes v2 (a device that was in but had not polled stays
-    on v1), those on it stay. Completed (v2 current, no rollout): everyone runs v2."""
+    on v1), those on it stay. Completed (v2 current, no rollout): everyone runs v2.
+
+    16 devices: 4 of these ids are in (one of them the late device), 12 out; the formula itself
+    is checked over many ids in tests/test_fleet_formats.py."""
     store = fleet_store(tmp_path)
     v1, v2 = store.index("v1"), store.index("v2")
     store.manifest(v1)
     trust = store.signed_roots[0]
     devices = [AgentDevice(tmp_path / f"d{i:02d}", str(store.path), trust, f"edge-{i:05d}")
-               for i in range(40)]
+               for i in range(16)]
     for p in run_all(devices, "run", "--once"):
         ok(p)
     assert {d.current for d in devices} == {"v1"}
@@ -102,7 +106,9 @@ def test_rollout_membership_halt_and_complete_on_40_devices(tmp_path: Path) -> N
     share = 2500
     store.manifest(v1, rollout=rollout(v2, share), action="rollout")
     inside = {d.device_id for d in devices if bucket(REPO_ID, "v2", d.device_id) < share}
-    assert 0 < len(inside) < 40  # the formula spreads 40 ids (deterministic for these ids)
+    # The formula spreads the ids (deterministic for these): the late device, and others on
+    # both sides that poll.
+    assert 2 <= len(inside) <= len(devices) - 2
     late = next(d for d in devices if d.device_id in inside)  # in, but does not poll yet
     polling = [d for d in devices if d is not late]
     for p in run_all(polling, "run", "--once"):
@@ -128,6 +134,7 @@ def test_rollout_membership_halt_and_complete_on_40_devices(tmp_path: Path) -> N
     assert devices[0].status()["rollout"] is None
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_revoke_sends_devices_back_and_is_not_retried(tmp_path: Path) -> None:
     """A candidate at 100 % is revoked: devices on it switch back to the fallback, every device
     records it as failed, and re-activating the same candidate does not bring it back (only a

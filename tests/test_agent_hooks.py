@@ -39,6 +39,7 @@ def _with_hooks(dev: Device, toml: str) -> None:
         f.write("\n[hooks]\n" + toml + "\n")
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_failing_health_check_switches_back_and_is_not_retried(
         cli: Cli, fleet: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
         tmp_path: Path) -> None:

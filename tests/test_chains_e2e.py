@@ -81,6 +81,7 @@ def consecutive_patch_bytes(indexes: list[ReleaseIndex]) -> int:
     return total
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_a_device_eight_releases_behind_follows_chains(
     cli: Cli, release_key: Path, eight_releases: list[Path], tmp_path: Path
 ) -> None:

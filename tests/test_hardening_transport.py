@@ -35,7 +35,7 @@ from devtools.hostile_http import HostileServer, Misbehaviour, ThreadedServer
 from edge_agent.config import load_config, save_config
 from edge_agent.layout import DeviceLayout
 from manifest.metadata import format_time
-from manifest.storage.retry import DEFAULT_RETRY
+from manifest.storage.retry import DEFAULT_RETRY, RetryPolicy
 
 from ._attack_helpers import (
     Device,
@@ -51,10 +51,29 @@ from ._attack_helpers import (
 from .conftest import BIN, MoEFamily
 
 ERROR = "deltaship-agent: error: "
-TRIES = DEFAULT_RETRY.attempts
+# The agent's own retry policy with its waits shortened: the same number of tries, the same
+# doubling and jitter, but 0.05 s instead of 0.5 s after the first failure (capped at 0.4 s).
+# These tests are about what the agent does when it gives up, not about how long it waits in
+# between (tests/test_storage_retry.py pins the policy's delays); the default waits would
+# add about 12 s of sleep to every run that gives up.
+RETRY = RetryPolicy(attempts=DEFAULT_RETRY.attempts, base=0.05, cap=0.4,
+                    jitter=DEFAULT_RETRY.jitter)
+TRIES = RETRY.attempts
 # The most the retry loop sleeps between the tries of one request (no jitter shortens it).
-BACKOFF = sum(min(DEFAULT_RETRY.cap, DEFAULT_RETRY.base * 2**i) for i in range(TRIES - 1))
+BACKOFF = sum(min(RETRY.cap, RETRY.base * 2**i) for i in range(TRIES - 1))
 PREFIX = "store"
+# The real agent's entry point with RETRY as its retry policy (read when the store is opened).
+AGENT = f"""
+import sys
+import edge_agent.service as service
+from manifest.storage.retry import RetryPolicy
+service.DEFAULT_RETRY = RetryPolicy(attempts={RETRY.attempts}, base={RETRY.base},
+                                    cap={RETRY.cap}, jitter={RETRY.jitter})
+from edge_agent.cli import main
+sys.argv[0] = "deltaship-agent"
+main()
+"""
+AGENT_COMMAND = [sys.executable, "-c", AGENT]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +132,7 @@ def scene(published: Published, device_v1: Device, tmp_path: Path) -> Iterator[S
     shutil.copytree(published.snapshots["v2"], store)
     with ThreadedServer(HostileServer(store, PREFIX)) as served:
         dev = device_v1.clone(tmp_path / "dev", served.url)
+        dev.command = AGENT_COMMAND
         assert dev.current() == "v1"
         yield Scene(published, store, dev, served, tmp_path)
 
@@ -217,7 +237,7 @@ def test_service_survives_nonsense_and_records_it(scene: Scene) -> None:
     scene.configure(interval=1.0)
     scene.server.misbehave(re.escape(_index_key(scene)) + "$", Misbehaviour(status=304))
     before = scene.dev.snapshot(scene.tmp)
-    proc = subprocess.Popen([str(BIN / "deltaship-agent"), "run", "--config", scene.dev.config],
+    proc = subprocess.Popen([*AGENT_COMMAND, "run", "--config", scene.dev.config],
                             env=scene.dev.env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -285,7 +305,7 @@ def test_service_backs_off_after_a_bug(scene: Scene) -> None:
 
 def test_slow_manifest_hits_its_deadline(scene: Scene, start_up: float) -> None:
     """The issue's drip: the manifest at one byte every 2 s (the 64 KiB cap allows days)."""
-    deadline = 3.0
+    deadline = 1.0
     scene.configure(document_deadline=deadline)
     scene.server.misbehave(r"^manifest\.json$", Misbehaviour(drip=(1, 2.0)))
     before = scene.dev.snapshot(scene.tmp)
@@ -299,10 +319,10 @@ def test_slow_manifest_hits_its_deadline(scene: Scene, start_up: float) -> None:
 
 
 def test_slow_object_is_abandoned_and_resumed(scene: Scene, start_up: float) -> None:
-    """An object sent at 20 bytes/s, under a minimum of 1 KiB/s over 2 s: each try ends as too
+    """An object sent at 20 bytes/s, under a minimum of 1 KiB/s over 1 s: each try ends as too
     slow and keeps its bytes; slow tries are no progress, so the agent gives up; later the
     download resumes where it stopped."""
-    window = 2.0
+    window = 1.0
     scene.configure(min_rate=1024.0, rate_window=window)
     key = _object_key(scene)
     drip = (2, 0.1)  # 20 bytes/s: the six tries get nowhere near the end of the object
@@ -329,10 +349,12 @@ def test_slow_object_is_abandoned_and_resumed(scene: Scene, start_up: float) -> 
     assert (last.status, last.range) == (206, f"bytes={have}-")
 
 
-def test_manifest_expiring_during_a_slow_download(scene: Scene) -> None:
+def test_manifest_expiring_during_a_slow_download(scene: Scene, start_up: float) -> None:
     """The manifest is valid when verified, then the objects take until after its expiry: the
     agent checks again with the time after the download and does not switch."""
-    lead = 20.0  # seconds for the agent to start and verify the manifest
+    # Seconds for the agent to start and verify the manifest: a generous multiple of a start-up
+    # measured here and now.
+    lead = max(8.0, 6 * start_up)
     expires = now_utc() + timedelta(seconds=lead)
     forge_manifest(scene.store, scene.pub.signing_keys(),
                    lambda m: m.update(expires=format_time(expires)))

@@ -36,6 +36,7 @@ def dir_store(tmp_path: Path) -> str:
     return str(tmp_path / "store")
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_channels_are_isolated_and_promote_moves_exactly_one_version(
         cli: Cli, any_store: str, moe_family: MoEFamily) -> None:
     f = Fleet.init(cli, any_store)
@@ -117,6 +118,7 @@ def test_channel_env_revert_refresh_and_a_draft_made_for_beta(
     assert f.raw(MANIFEST_KEY) == stable
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_refusals_are_one_line_and_change_nothing(cli: Cli, dir_store: str,
                                                   moe_family: MoEFamily) -> None:
     f = Fleet.init(cli, dir_store)
@@ -164,6 +166,7 @@ def test_refusals_are_one_line_and_change_nothing(cli: Cli, dir_store: str,
     assert after == before
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_the_readme_fleet_commands_run_as_written(cli: Cli, bucket: str,
                                                   moe_family: MoEFamily) -> None:
     """Every shell block of README "Running a fleet", in order, against S3, then its crontab

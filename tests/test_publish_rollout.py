@@ -45,6 +45,7 @@ def _staged(cli: Cli, url: str, moe: MoEFamily, percent: str = "1") -> Fleet:
     return f
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_rollout_transitions(cli: Cli, any_store: str, moe_family: MoEFamily) -> None:
     f = _staged(cli, any_store, moe_family, "0.5")
     m = f.manifest()
@@ -189,6 +190,7 @@ def _candidate_reports(f: Fleet, version: str, ok: int, failed: int, offset: int
                              target=version, error="health check failed") for i in range(failed)))
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_advance_widens_when_healthy_and_waits_otherwise(cli: Cli, any_store: str,
                                                          moe_family: MoEFamily) -> None:
     f = _staged(cli, any_store, moe_family, "1")
@@ -220,6 +222,7 @@ def test_advance_widens_when_healthy_and_waits_otherwise(cli: Cli, any_store: st
     assert len(text) == 1 and text[0].startswith("none: no rollout in progress")
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_advance_halts_or_revokes_a_failing_candidate(cli: Cli, any_store: str,
                                                       moe_family: MoEFamily) -> None:
     f = _staged(cli, any_store, moe_family, "5")

@@ -172,6 +172,7 @@ def test_revert(cli: Cli, bucket: str, release_key: Path, moe_family: MoEFamily,
     assert s3["sequence"] == 4 and s3["bases"][0]["version"] == "v1"
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_concurrent_releases_exactly_one_wins(cli: Cli, bucket: str, release_key: Path,
                                               moe_family: MoEFamily, tmp_path: Path) -> None:
     from devtools import modelgen

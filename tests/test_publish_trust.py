@@ -356,6 +356,7 @@ def _dead_endpoint() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_two_of_three_release_signed_on_three_machines(
         cli: Cli, bucket: str, tmp_path: Path, moe_family: MoEFamily) -> None:
     store = f"s3://{bucket}/fleet"

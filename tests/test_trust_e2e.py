@@ -156,6 +156,7 @@ def _one_line(p: subprocess.CompletedProcess[str], code: int, *needles: str) -> 
 # -- (a) offline through three root rotations ---------------------------------------------------
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_device_offline_through_three_rotations_catches_up_in_one_poll(
         cli: Cli, site: Site, keys: Keys, moe_family: MoEFamily, tmp_path: Path) -> None:
     root = _init(cli, site, tmp_path, "--root-key", keys["root1"], "--release-key",
@@ -213,6 +214,7 @@ def _forge(cli: Cli, site: Site, thief: Path, *, sequence: int, root_version: in
     return data
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_compromise_drill(cli: Cli, site: Site, keys: Keys, moe_family: MoEFamily,
                           tmp_path: Path) -> None:
     # The stolen key is the release key (which also times stamps: no --timestamp-key). The
@@ -285,6 +287,7 @@ def _refresh_command(store: str, key: Path) -> list[str]:
     return [str(BIN / "deltaship-publish"), *out[1:]]
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py)
 def test_a_weekly_refresh_keeps_devices_updating_for_400_days(
         cli: Cli, keys: Keys, moe_family: MoEFamily, tmp_path: Path) -> None:
     assert shutil.which("faketime"), "scripts/test.sh installs Debian's faketime package"

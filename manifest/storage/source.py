@@ -30,17 +30,19 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import MissingKeyError
-from ._http_source import HttpSource
 from ._local_source import LocalSource
 from ._pace import DEFAULT_LIMITS, TransferLimits
 from ._partial_file import BLOCK, FLUSH_SECONDS
-from ._s3_source import S3Source
 from ._source_base import MAX_PUT_SIZE, READ_SIZE, Sleep
 from .location import parse_store_url
 from .retry import DEFAULT_RETRY, RetryPolicy
+
+if TYPE_CHECKING:
+    from ._http_source import HttpSource
+    from ._s3_source import S3Source
 
 __all__ = [
     "BLOCK",
@@ -57,6 +59,20 @@ __all__ = [
     "TransferLimits",
     "open_source",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``HttpSource`` and ``S3Source`` on first use: their modules import aiohttp and botocore's
+    table, which a directory store never needs."""
+    if name == "HttpSource":
+        from ._http_source import HttpSource
+
+        return HttpSource
+    if name == "S3Source":
+        from ._s3_source import S3Source
+
+        return S3Source
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Source(Protocol):
@@ -113,11 +129,17 @@ def open_source(
     if max_rate is not None and max_rate <= 0:
         raise ValueError(f"max_rate must be positive, not {max_rate}")
     location = parse_store_url(url)
+    # A backend's module is imported when a store of its kind is opened: aiohttp alone takes
+    # longer to import than an up-to-date cycle on a directory store.
     if location.kind == "s3":
+        from ._s3_source import S3Source
+
         return S3Source(location.bucket, location.prefix, endpoint_url=endpoint_url,
                         profile=profile, region=region, retry=retry, max_rate=max_rate,
                         limits=limits, sleep=sleep)
     if location.kind == "http":
+        from ._http_source import HttpSource
+
         return HttpSource(location.url, retry=retry, max_rate=max_rate, limits=limits,
                           allow_redirect_hosts=allow_redirect_hosts, sleep=sleep)
     assert location.path is not None
