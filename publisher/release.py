@@ -8,7 +8,8 @@ Each step takes typed values and returns a new frozen one (the pure ones are in
     plan_encoding     -> EncodePlan        reuse what a base has, encode the rest
     encode            -> EncodeResult...   full objects and patches, staged on disk
     choose_objects    -> ChosenObjects     a patch only if smaller than the full object
-    ship_files        -> ShippedFile...    the non-tensor files as zstd objects
+    start_ship_files  -> ShippedFile...    the non-tensor files as zstd objects (overlapped
+                                           with encode, on the same pool)
     build_index       -> ReleaseIndex
     upload            -> UploadStats       the objects the store lacks
     publish                                index; then the draft of the manifest and
@@ -32,7 +33,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -128,6 +129,8 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             listing = model.listing()
             groups = hash_model_groups(model, rules, ex, cfg.progress)
             plan = plan_encoding(groups, state.bases, staging)
+            # The other files are compressed on the same pool, overlapped with the groups.
+            shipping = start_ship_files(model, state.bases, staging, cfg.level, ex)
             with contextlib.ExitStack() as open_files:
                 base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
                 t_enc = time.monotonic()
@@ -136,7 +139,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             chosen = choose_objects(plan, results)
             for path in chosen.rejected:  # free the disk before the next step writes to it
                 os.unlink(path)
-            files = ship_files(model, state.bases, staging, cfg.level)
+            files = tuple(f.result() for f in shipping)
         index = build_index(version, now, groups, chosen, files, state.bases,
                             state.root.repository_id)
         index_bytes = canonical_json(index.to_dict())
@@ -237,25 +240,27 @@ def encode(
         bar.close()
 
 
-def ship_files(
-    model: ModelDir, bases: Sequence[ReleaseIndex], staging: Path, level: int
-) -> tuple[ShippedFile, ...]:
-    """Each non-tensor file as a zstd object; unchanged files reuse their object."""
+def start_ship_files(
+    model: ModelDir, bases: Sequence[ReleaseIndex], staging: Path, level: int,
+    ex: ThreadPoolExecutor,
+) -> list[Future[ShippedFile]]:
+    """Each non-tensor file as a zstd object (level 19 at least: they are small and shipped
+    whole), one task per file on ``ex``; a file a base already has reuses its object."""
     known = {f.sha256: f.object for idx in bases for f in idx.files}
-    out: list[ShippedFile] = []
-    for rel in model.other_files:
-        data = (model.path / rel).read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        if sha in known:
-            out.append(ShippedFile(FileEntry(rel, sha, len(data), known[sha]), None))
-            continue
-        blob = zstandard.ZstdCompressor(level=max(level, 19)).compress(data)
-        ref = ObjectRef(hashlib.sha256(blob).hexdigest(), len(blob), "zstd")
-        path = staging / f"file-{ref.sha256}"
-        path.write_bytes(blob)
-        known[sha] = ref
-        out.append(ShippedFile(FileEntry(rel, sha, len(data), ref), str(path)))
-    return tuple(out)
+    return [ex.submit(_ship_file, model.path / rel, rel, known, staging / f"file-{i}", level)
+            for i, rel in enumerate(model.other_files)]
+
+
+def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
+               level: int) -> ShippedFile:
+    data = src.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    if sha in known:
+        return ShippedFile(FileEntry(rel, sha, len(data), known[sha]), None)
+    blob = zstandard.ZstdCompressor(level=max(level, 19)).compress(data)
+    ref = ObjectRef(hashlib.sha256(blob).hexdigest(), len(blob), "zstd")
+    staged.write_bytes(blob)
+    return ShippedFile(FileEntry(rel, sha, len(data), ref), str(staged))
 
 
 def upload(

@@ -439,3 +439,88 @@ def test_chunk_ranges_examples() -> None:
     assert list(chunk_ranges(10, 10, 4)) == [(0, 4), (4, 8), (8, 10)]
     assert list(chunk_ranges(10, 6, 4)) == [(0, 4), (4, 6), (6, 10)]
     assert list(chunk_ranges(12, 8, 8)) == [(0, 8), (8, 12)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the choice between codecs: alternatives coded in full only when a sample says they may win
+
+
+_BIG = 1 << 20  # larger than two samples: the sampled path
+
+
+def _bf16_like(count: int, seed: int) -> bytes:
+    """BF16 bit patterns of normal weights: rotated planes beat plain zstd on them."""
+    f32 = np.random.default_rng(seed).normal(0, 0.02, count).astype(np.float32)
+    return (f32.view(np.uint32) >> np.uint32(16)).astype(np.uint16).tobytes()
+
+
+def _repetitive(nbytes: int, seed: int) -> bytes:
+    """A random 4 KiB block repeated: plain zstd (long matches) beats any byte-plane coding."""
+    block = np.random.default_rng(seed).bytes(4096)
+    return (block * (nbytes // 4096 + 1))[:nbytes]
+
+
+class _CountingCompressor:
+    def __init__(self, inner: zstandard.ZstdCompressor, sizes: list[int]) -> None:
+        self._inner, self._sizes = inner, sizes
+
+    def compress(self, data: bytes) -> bytes:
+        self._sizes.append(len(data))
+        out: bytes = self._inner.compress(data)
+        return out
+
+
+def _plain_zstd_inputs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The input sizes of every plain-zstd (non-plane) compression from now on."""
+    import manifest.codecs as codecs
+
+    sizes: list[int] = []
+    real = codecs._compressor
+    monkeypatch.setattr(codecs, "_compressor",
+                        lambda level: _CountingCompressor(real(level), sizes))
+    return sizes
+
+
+def test_full_object_skips_the_full_plain_zstd_when_planes_win_the_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    new = _bf16_like(_BIG // 2, seed=1)
+    sizes = _plain_zstd_inputs(monkeypatch)
+    codec, frames = _roundtrip(new, None, 2)
+    assert codec == "planes-rot"
+    assert sizes and max(sizes) < len(new)  # only the sample was coded as plain zstd
+    # and skipping it lost nothing: the full plain zstd frame would have been larger
+    full = zstandard.ZstdCompressor(level=3).compress(new)
+    assert sum(map(len, frames)) < len(full)
+
+
+@pytest.mark.parametrize("width", [2, 4])
+def test_full_object_keeps_plain_zstd_where_it_wins(
+    width: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = _repetitive(_BIG, seed=width)
+    sizes = _plain_zstd_inputs(monkeypatch)
+    codec, frames = _roundtrip(new, None, width)
+    assert codec == "zstd"
+    assert len(new) in sizes
+    assert frames == [zstandard.ZstdCompressor(level=3, write_checksum=False).compress(new)]
+
+
+def test_poor_delta_retries_plain_zstd_where_it_wins() -> None:
+    base = np.random.default_rng(5).bytes(_BIG)
+    new = _repetitive(_BIG, seed=6)
+    codec, frames = _roundtrip(new, base, 2)
+    assert codec == "zstd"
+    assert sum(map(len, frames)) < len(new) // 50
+
+
+def test_poor_delta_skips_full_retries_that_lose_the_sample(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unrelated BF16 weights: the delta saves little, the sample shows the retries lose too,
+    so no plain zstd of the whole chunk is coded."""
+    base, new = _bf16_like(_BIG // 2, seed=7), _bf16_like(_BIG // 2, seed=8)
+    sizes = _plain_zstd_inputs(monkeypatch)
+    codec, _ = _roundtrip(new, base, 2)
+    assert codec in ("delta", "planes-rot")
+    assert all(s < len(new) for s in sizes)

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import ConflictError, MissingKeyError, OversizeError
 from ._files import file_error, key_path, missing_directory, open_regular
 from ._listing import StoredObject
-from .atomic import atomic_output, write_atomic
+from .atomic import atomic_output, fsync_dir, write_atomic
 from .location import check_prefix
 
 __all__ = ["LocalStore"]
@@ -77,12 +77,45 @@ class LocalStore:
             write_atomic(path, data)
 
     def put_file(self, key: str, path: str) -> None:
+        """Store the file at ``path`` as ``key``, atomically and durably.
+
+        When ``path`` is on the store's filesystem the object is a hard link to it (no copy:
+        the publisher's staged objects are written once), so the caller must not modify
+        ``path`` in place afterwards (deleting or replacing it is fine); elsewhere it is copied.
+        """
         self._require_root()
         dest = key_path(self.root, key)
-        with open(path, "rb") as src, self._errors(key, writing=True):
+        with self._errors(key, writing=True):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(dest) as out:
-                shutil.copyfileobj(src, out, COPY_BLOCK)
+            if self._link(path, dest):
+                return
+        with open(path, "rb") as src, self._errors(key, writing=True), atomic_output(dest) as out:
+            shutil.copyfileobj(src, out, COPY_BLOCK)
+
+    @staticmethod
+    def _link(path: str, dest: Path) -> bool:
+        """Hard-link ``path`` to ``dest`` as :func:`atomic_output` would write it (mode 0644,
+        fsynced, renamed into place, directory fsynced); False if it cannot be linked."""
+        tmp = f"{dest.parent}/.tmp-{os.urandom(8).hex()}"
+        try:
+            os.link(path, tmp, follow_symlinks=False)
+        except OSError:  # another filesystem, no hard links there, ...: copy instead
+            return False
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fchmod(fd, 0o644)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+            tmp = ""
+            fsync_dir(dest.parent)
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return True
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
