@@ -82,6 +82,7 @@ class PartialFile:
         self._pending = 0
         self._fd = -1
         self._flushed = time.monotonic()
+        self._writing: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> PartialFile:
         self._fd = await asyncio.to_thread(self._open)
@@ -108,7 +109,11 @@ class PartialFile:
         self._flushed = time.monotonic()
         chunks, self._chunks, self._pending = self._chunks, [], 0
         if chunks:
-            await asyncio.to_thread(self._write, chunks)
+            # Shielded: a try ended by its pace (a timeout cancels it) leaves the write to
+            # finish in its thread; __aexit__ waits for it, so writes never overlap and the
+            # digest follows the file's bytes in order.
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, chunks))
+            await asyncio.shield(self._writing)
 
     def _write(self, chunks: list[bytes]) -> None:
         _write_all(self._fd, chunks, self.path)
@@ -116,7 +121,12 @@ class PartialFile:
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await self._flush()  # keep what arrived, also when the transfer failed
+            if self._writing is not None and not self._writing.done():
+                await asyncio.wait([self._writing])  # a cancelled try's write, still running
+            if self._writing is None or self._writing.exception() is None:
+                await self._flush()  # keep what arrived, also when the transfer failed
+            # else: the disk failed; the next try resumes from what the file holds (the
+            # digest reads back the bytes it did not see).
         finally:
             os.close(self._fd)
 
