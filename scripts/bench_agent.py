@@ -248,8 +248,12 @@ def traffic(server: FaultyServer, since: int, device: Path, version: str) -> dic
     return out
 
 
-def object_paths(server: FaultyServer, since: int) -> list[str]:
-    return [r.path for r in server.requests[since:] if f"/{OBJECTS_PREFIX}" in r.path]
+def object_paths(server: FaultyServer, since: int, device: Path, version: str) -> list[str]:
+    """The request paths of the store objects the release index names (patches, full objects,
+    files), not the index's own packed forms (a delta decodes only with its base index)."""
+    named = {m.decode() for m in _SHA256.findall(DeviceLayout(device).load_index_bytes(version))}
+    return [r.path for r in server.requests[since:] if f"/{OBJECTS_PREFIX}" in r.path
+            and r.path.rsplit("/", 1)[-1] in named]
 
 
 def disk_write_rate(work: Path, size: int = 256 * 2**20) -> float:
@@ -341,7 +345,8 @@ def big_runs(work: Path, gb: float) -> tuple[list[str], list[str], int, float]:
             mark = len(server.requests)
             seconds, rss = fleet.run_agent(config)
             got = sum(traffic(server, mark, fleet.work / "device", version).values())
-            limit = apply_limit(fleet.store, object_paths(server, mark),
+            limit = apply_limit(fleet.store,
+                                object_paths(server, mark, fleet.work / "device", version),
                                 fleet.work / "device" / "objects")
             full = int(summary["full_download_bytes"])  # type: ignore[call-overload]
             rows.append(f"| {version}: {label} | {got / MB:.1f} MB of {full / MB:.1f} MB | "

@@ -128,7 +128,11 @@ class PartialFile:
             # else: the disk failed; the next try resumes from what the file holds (the
             # digest reads back the bytes it did not see).
         finally:
-            os.close(self._fd)
+            fd, writing = self._fd, self._writing
+            if writing is not None and not writing.done():  # cancelled again meanwhile
+                writing.add_done_callback(lambda _: os.close(fd))  # never a reused number
+            else:
+                os.close(fd)
 
 
 def _disk_error(e: OSError, path: Path) -> LocalError:
