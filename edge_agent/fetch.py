@@ -22,7 +22,7 @@ from manifest.errors import DiskFullError, MissingKeyError, UntrustedDataError
 from manifest.metadata import ObjectRef, ReleaseIndex
 from manifest.storage.source import Source
 
-from .install import build_group, check_download, install_chain
+from .install import build_group, check_digest, install_chain
 from .layout import DeviceLayout
 
 __all__ = ["SPACE_MARGIN", "check_space", "download", "fetch_group", "gather_all",
@@ -94,17 +94,32 @@ async def download(
     layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
     on_bytes: Callable[[int], None],
 ) -> Path:
-    """Fetch (or finish fetching) the store object ``ref`` and check it; a bad one is
-    discarded, so that it is fetched anew."""
+    """Fetch (or finish fetching) the store object ``ref`` and check its length and sha256
+    (hashed while it was received) before anything reads it; a bad one is discarded, so that
+    it is fetched anew. Partial downloads are not fsynced: one that a power loss (or anything
+    else) damaged before this run fails the check and is fetched once more from byte 0 here."""
     dest = layout.download_path(ref.sha256)
     async with sem:
-        await source.fetch(ref.key, dest, ref.length, on_bytes)
+        resumed = await asyncio.to_thread(_size, dest)
+        sha = await source.fetch(ref.key, dest, ref.length, on_bytes)
+        if sha != ref.sha256 and resumed:
+            log.warning("the partial download of %s (%s) was damaged before this run "
+                        "(%d bytes kept): downloading it again", what, ref.key, resumed)
+            await asyncio.to_thread(layout.discard_download, ref.sha256)
+            sha = await source.fetch(ref.key, dest, ref.length, on_bytes)
     try:
-        await asyncio.to_thread(check_download, dest, ref, f"object for {what}")
+        check_digest(sha, ref, f"object for {what}")
     except Exception:  # not a cancellation: the download may be good
-        layout.discard_download(ref.sha256)
+        await asyncio.to_thread(layout.discard_download, ref.sha256)
         raise
     return dest
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 async def fetch_group(

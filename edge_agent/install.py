@@ -23,16 +23,17 @@ from manifest.trust import StreamVerifier
 
 from .layout import DeviceLayout
 
-__all__ = ["build_group", "check_download", "install_chain", "install_file", "install_group"]
+__all__ = ["build_group", "check_digest", "install_chain", "install_file", "install_group"]
 
 
-def check_download(path: Path, ref: ObjectRef, what: str) -> None:
-    """Length and sha256 of a finished download (the caller discards a bad one)."""
-    v = StreamVerifier(ref.sha256, ref.length, what)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            v.update(block)
-    v.finish()
+def check_digest(sha256: str, ref: ObjectRef, what: str) -> None:
+    """The sha256 of a finished download (its length was checked while it was received)
+    against its pin (the caller discards a bad one)."""
+    if sha256 != ref.sha256:
+        raise HashMismatchError(
+            f"{what} sha256 {sha256[:16]}... differs from the pinned {ref.sha256[:16]}...: "
+            "it was corrupted or tampered with"
+        )
 
 
 def install_group(

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -379,23 +380,29 @@ class Agent(SwitchVerdicts):
                 self._save_progress(counted[0])
 
         sem = asyncio.Semaphore(max(1, self.cfg.downloads))
-        # One install at a time (its chunks use both worker threads): memory stays at a few
-        # chunks whatever the model size, while downloads go on in parallel.
+        # One install at a time (its chunks use a worker thread per core): memory stays at a
+        # few chunks whatever the model size, while the downloads of the next steps go on.
+        # ``ahead`` bounds the steps in flight (downloading, downloaded or installing), so the
+        # finished downloads waiting for the installer stay few; steps take it in plan order.
         installing = asyncio.Semaphore(1)
-        with ThreadPoolExecutor(2) as ex:
+        ahead = asyncio.Semaphore(2 * max(1, self.cfg.downloads))
+        with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as ex:
 
             async def group_task(step_i: int) -> None:
                 step = plan.groups[step_i]
-                await fetch_group(self.layout, source, sem, installing, step, on_bytes, ex)
+                async with ahead:
+                    await fetch_group(self.layout, source, sem, installing, step, on_bytes, ex)
                 progress.advance(step.group.length)
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file
-                obj = await download(self.layout, source, sem, entry.object, entry.path, on_bytes)
-                async with installing:
-                    await asyncio.to_thread(install_file, self.layout, entry, obj)
+                async with ahead:
+                    obj = await download(self.layout, source, sem, entry.object, entry.path,
+                                         on_bytes)
+                    async with installing:
+                        await asyncio.to_thread(install_file, self.layout, entry, obj)
+                    await asyncio.to_thread(self.layout.discard_download, entry.object.sha256)
                 progress.advance(entry.length)
-                self.layout.discard_download(entry.object.sha256)
 
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]
             tasks += [file_task(i) for i, s in enumerate(plan.files) if not s.have]

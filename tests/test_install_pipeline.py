@@ -1,5 +1,6 @@
-"""The agent's install pipeline: the parallel proof of local objects, and a decode whose hashing
-and writing overlap (a writer thread) must fail exactly as a serial one would.
+"""The agent's install pipeline: the parallel proof of local objects, a decode whose hashing
+and writing overlap (a writer thread) must fail exactly as a serial one would, and downloads
+hashed while they are received (not fsynced; a damaged partial file is fetched again).
 
 Structure only, never timing: the speed is measured by scripts/bench_agent.py against the
 machine's limit in the same run.
@@ -7,9 +8,12 @@ machine's limit in the same run.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import json
+import os
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,9 +21,15 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from edge_agent.fetch import _damaged_objects
+from devtools.faulty_http import FaultyServer
+from edge_agent.fetch import _damaged_objects, download
 from edge_agent.layout import DeviceLayout
 from manifest.container import apply_container
+from manifest.errors import HashMismatchError, LocalError
+from manifest.metadata import ObjectRef
+from manifest.storage._partial_file import Digest
+from manifest.storage.retry import RetryPolicy
+from manifest.storage.source import Source, open_source
 from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group
 from publisher.model_dir import open_model
 
@@ -116,3 +126,112 @@ def test_a_failing_write_is_raised_not_lost(
         apply_container(obj, None, out, executor=ex, expected=(sha, length))  # type: ignore[arg-type]
     assert info.value.errno == errno.ENOSPC
     assert len(out.written) <= room
+
+
+# --- downloads: hashed while received, never fsynced, a damaged partial file fetched again ----
+
+
+@pytest.fixture
+async def http_store(tmp_path: Path) -> AsyncIterator[tuple[FaultyServer, Source]]:
+    (tmp_path / "http").mkdir()
+    srv = FaultyServer(tmp_path / "http", "store")
+    await srv.start()
+    source = open_source(srv.url, retry=RetryPolicy(attempts=4, base=0.0, cap=0.0))
+    yield srv, source
+    await source.close()
+    await srv.stop()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def test_fetch_returns_the_sha256_of_the_file_it_wrote(
+        http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
+    """Fresh, cut off and resumed (the prefix on disk is hashed once, then the rest as it
+    arrives), already complete, longer than pinned, and empty: the digest is always the
+    file's, and the file holds exactly the object."""
+    server, source = http_store
+    data = os.urandom(3 * 2**20 + 123)
+    server.put("objects/a", data)
+    server.put("objects/e", b"")
+    dest = tmp_path / "d"
+
+    assert await source.fetch("objects/a", dest, len(data)) == _sha(data)
+    assert dest.read_bytes() == data
+
+    dest.write_bytes(data[:2**20 + 7])  # a partial file from an earlier run
+    server.faults.truncations = [2**20]  # and this run is cut off once more
+    assert await source.fetch("objects/a", dest, len(data)) == _sha(data)
+    assert dest.read_bytes() == data
+    assert [r.range for r in server.requests[-2:]] == [f"bytes={2**20 + 7}-",
+                                                        f"bytes={2 * 2**20 + 7}-"]
+
+    n = len(server.requests)
+    assert await source.fetch("objects/a", dest, len(data)) == _sha(data)  # complete
+    assert len(server.requests) == n
+
+    dest.write_bytes(data + b"extra")  # longer than pinned: downloaded again
+    assert await source.fetch("objects/a", dest, len(data)) == _sha(data)
+    assert dest.read_bytes() == data
+
+    dest.write_bytes(b"junk")
+    assert await source.fetch("objects/e", dest, 0) == _sha(b"")
+    assert dest.read_bytes() == b""
+
+
+def test_digest_follows_the_file_it_covers(tmp_path: Path) -> None:
+    path = tmp_path / "p"
+    path.write_bytes(b"abcdef")
+    d = Digest()
+    d.catch_up(path, 4)
+    assert d.size == 4 and d.hexdigest() == _sha(b"abcd")
+    d.update([b"ef", b"gh"])
+    assert d.size == 8 and d.hexdigest() == _sha(b"abcdefgh")
+    d.catch_up(path, 3)  # the file was cut below what the digest covers: start over
+    assert d.size == 3 and d.hexdigest() == _sha(b"abc")
+    with pytest.raises(LocalError, match="shorter"):
+        d.catch_up(path, 10)
+
+
+async def test_a_damaged_partial_download_is_fetched_again_from_byte_0(
+        http_store: tuple[FaultyServer, Source], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Partial downloads are not fsynced: after a power loss one may hold garbage (here: its
+    length survived, its bytes did not). Its digest fails the pin, and the object is fetched
+    again from byte 0, in the same update."""
+    server, source = http_store
+    data = os.urandom(2 * 2**20)
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    server.put(ref.key, data)
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    layout.download_path(ref.sha256).write_bytes(b"\0" * 2**20)  # zeroed blocks
+    got: list[int] = []
+
+    path = await download(layout, source, asyncio.Semaphore(1), ref, "g", got.append)
+
+    assert path.read_bytes() == data
+    assert [r.range for r in server.requests] == [f"bytes={2**20}-", None]
+    assert sum(got) == 2**20 + len(data)  # wire bytes, the second fetch included
+    assert "was damaged before this run" in caplog.text
+
+
+async def test_a_download_that_fails_its_pin_is_refused_and_discarded(
+        http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
+    server, source = http_store
+    data = os.urandom(2**20)
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    server.put(ref.key, data[:-1] + b"!")  # the store serves other bytes of the same length
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    with pytest.raises(HashMismatchError, match="object for g sha256"):
+        await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None)
+    assert not layout.download_path(ref.sha256).exists()
+    assert len(server.requests) == 1  # a fresh download that fails is not fetched twice
+
+    layout.download_path(ref.sha256).write_bytes(data[:1000])  # a resumed one is, once
+    with pytest.raises(HashMismatchError):
+        await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None)
+    assert [r.range for r in server.requests[1:]] == ["bytes=1000-", None]
+    assert not layout.download_path(ref.sha256).exists()

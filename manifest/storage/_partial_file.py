@@ -1,7 +1,14 @@
-"""A download's partial file: appended to in blocks by worker threads, kept across restarts.
+"""A download's partial file: appended to in blocks by worker threads, kept across restarts,
+hashed while it is written.
 
 A block is written when it reaches :data:`BLOCK` bytes or :data:`FLUSH_SECONDS` after the last
-write, so a killed agent loses at most that much of a download, also on a slow link. Failures
+write, so a killed agent loses at most that much of a download, also on a slow link. The
+chunks of a block are written as they arrived (``writev``, no join) and fed to a SHA-256 in the
+same worker thread, so a finished download never needs to be read again to be checked.
+
+A partial file is never fsynced: it is checked against the length and SHA-256 the index pins
+before anything parses it, so after a power loss a partial file whose bytes were lost or
+garbled fails that check and is fetched again from byte 0 (:mod:`edge_agent.fetch`). Failures
 of the local disk are :class:`~manifest.errors.DiskFullError` or
 :class:`~manifest.errors.LocalError` naming the file.
 """
@@ -9,49 +16,123 @@ of the local disk are :class:`~manifest.errors.DiskFullError` or
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from pathlib import Path
 
 from ..errors import LocalError, disk_full
 
-__all__ = ["BLOCK", "FLUSH_SECONDS", "PartialFile", "fsync_file", "size_of"]
+__all__ = ["BLOCK", "FLUSH_SECONDS", "Digest", "PartialFile", "empty_file", "size_of"]
 
 BLOCK = 1024 * 1024  # bytes gathered before a write to the partial file
 FLUSH_SECONDS = 0.5  # ...or seconds since the last write (slow links)
+_IOV_MAX = 512  # the most buffers given to one writev (Linux allows 1024)
+_READ_BLOCK = 4 * 1024 * 1024  # reading a resumed download's prefix to hash it
+
+
+class Digest:
+    """The SHA-256 of a partial file's first :attr:`size` bytes, kept across tries of one
+    download so that the bytes already on disk are read (and hashed) once."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def catch_up(self, path: Path, start: int) -> None:
+        """Make the digest cover the file's first ``start`` bytes (blocking: reads what the
+        digest has not seen, from disk; starts over when the file was cut below it)."""
+        if start < self.size:
+            self._hash, self.size = hashlib.sha256(), 0
+        if start == self.size:
+            return
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(self.size)
+                buf = bytearray(_READ_BLOCK)
+                view = memoryview(buf)
+                while self.size < start:
+                    n = f.readinto(view[:min(_READ_BLOCK, start - self.size)])
+                    if not n:
+                        raise LocalError(f"{path} is shorter than the {start} bytes it held")
+                    self._hash.update(view[:n])
+                    self.size += n
+        except OSError as e:
+            raise LocalError(f"cannot read {path}: {e.strerror or e}") from e
+
+    def update(self, chunks: list[bytes]) -> None:
+        for c in chunks:
+            self._hash.update(c)
+            self.size += len(c)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
 
 
 class PartialFile:
-    """A download's partial file, cut at ``start`` and appended to in blocks by a thread."""
+    """A download's partial file, cut at ``start`` and appended to in blocks by a thread;
+    ``digest`` (covering at most the first ``start`` bytes) is brought up to ``start`` when it
+    opens and follows every byte written."""
 
-    def __init__(self, path: Path, start: int) -> None:
+    def __init__(self, path: Path, start: int, digest: Digest) -> None:
         self.path = path
         self.size = start
-        self._buf = bytearray()
+        self.digest = digest
+        self._chunks: list[bytes] = []
+        self._pending = 0
         self._fd = -1
         self._flushed = time.monotonic()
+        self._writing: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> PartialFile:
-        self._fd = await asyncio.to_thread(_open_at, self.path, self.size)
+        self._fd = await asyncio.to_thread(self._open)
         return self
 
+    def _open(self) -> int:
+        fd = _open_at(self.path, self.size)
+        try:
+            self.digest.catch_up(self.path, self.size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     async def append(self, chunk: bytes) -> None:
-        self._buf += chunk
+        self._chunks.append(chunk)  # kept as received: no copy
+        self._pending += len(chunk)
         self.size += len(chunk)
-        if len(self._buf) >= BLOCK or time.monotonic() - self._flushed >= FLUSH_SECONDS:
+        if (self._pending >= BLOCK or len(self._chunks) >= _IOV_MAX
+                or time.monotonic() - self._flushed >= FLUSH_SECONDS):
             await self._flush()
 
     async def _flush(self) -> None:
         self._flushed = time.monotonic()
-        data, self._buf = self._buf, bytearray()
-        if data:
-            await asyncio.to_thread(_write_all, self._fd, data, self.path)
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        if chunks:
+            # Shielded: a try ended by its pace (a timeout cancels it) leaves the write to
+            # finish in its thread; __aexit__ waits for it, so writes never overlap and the
+            # digest follows the file's bytes in order.
+            self._writing = asyncio.ensure_future(asyncio.to_thread(self._write, chunks))
+            await asyncio.shield(self._writing)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        _write_all(self._fd, chunks, self.path)
+        self.digest.update(chunks)  # only what is on disk: a failed write is read back later
 
     async def __aexit__(self, *exc: object) -> None:
         try:
-            await self._flush()  # keep what arrived, also when the transfer failed
+            if self._writing is not None and not self._writing.done():
+                await asyncio.wait([self._writing])  # a cancelled try's write, still running
+            if self._writing is None or self._writing.exception() is None:
+                await self._flush()  # keep what arrived, also when the transfer failed
+            # else: the disk failed; the next try resumes from what the file holds (the
+            # digest reads back the bytes it did not see).
         finally:
-            os.close(self._fd)
+            fd, writing = self._fd, self._writing
+            if writing is not None and not writing.done():  # cancelled again meanwhile
+                writing.add_done_callback(lambda _: os.close(fd))  # never a reused number
+            else:
+                os.close(fd)
 
 
 def _disk_error(e: OSError, path: Path) -> LocalError:
@@ -72,23 +153,24 @@ def _open_at(path: Path, start: int) -> int:
     return fd
 
 
-def _write_all(fd: int, data: bytearray, path: Path) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, chunks: list[bytes], path: Path) -> None:
+    views = [memoryview(c) for c in chunks if c]
     try:
-        while view:
-            view = view[os.write(fd, view):]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
     except OSError as e:
         raise _disk_error(e, path) from e
 
 
-def fsync_file(path: Path) -> None:
-    """Make ``path`` durable; creates it empty if missing (a zero-length object)."""
+def empty_file(path: Path) -> None:
+    """Make ``path`` an empty file (a zero-length object: nothing to download)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
     except OSError as e:
         raise _disk_error(e, path) from e
 

@@ -6,8 +6,10 @@ modified") and, if it holds connections, :meth:`SourceBase.close`. Everything el
 * :meth:`SourceBase.get_small` stops reading past its cap;
 * :meth:`SourceBase.fetch` appends to a partial file (:mod:`._partial_file`) and resumes it with
   ``Range: bytes=N-``; objects are content-addressed and immutable, so no ``If-Range`` is
-  needed. It checks lengths, not content: the caller hashes the finished file and deletes it on
-  a mismatch;
+  needed. It checks lengths, not content: it returns the SHA-256 of the finished file, computed
+  while the bytes arrive (a resumed file's prefix is read once), and the caller compares it
+  with the pinned one and deletes the file on a mismatch. Nothing is fsynced: a download is
+  worth nothing until it matches its pin, which a file damaged by a power loss does not;
 * a :class:`RetryableError` is retried with the source's :class:`RetryPolicy`, whose budget
   resets whenever the partial file grows beyond its longest length yet; once the tries are
   spent, :func:`~manifest.storage.retry.give_up` gives the final ``TransportError``;
@@ -49,7 +51,7 @@ from ..errors import (
     UntrustedDataError,
 )
 from ._pace import DEFAULT_LIMITS, Pace, TransferLimits
-from ._partial_file import PartialFile, fsync_file, size_of
+from ._partial_file import Digest, PartialFile, empty_file, size_of
 from .location import check_key
 from .retry import RetryPolicy, RetryState, give_up
 
@@ -57,7 +59,7 @@ __all__ = ["MAX_PUT_SIZE", "READ_SIZE", "Body", "Sleep", "SourceBase", "Transfer
 
 log = logging.getLogger("manifest.storage")
 
-READ_SIZE = 256 * 1024  # the most bytes asked of a socket or file at once
+READ_SIZE = 1024 * 1024  # the most bytes asked of a socket or file at once
 MAX_PUT_SIZE = 64 * 1024  # the most bytes put_small writes (a device report is at most 16 KiB)
 T = TypeVar("T")
 Sleep = Callable[[float], Awaitable[None]]
@@ -126,6 +128,9 @@ class SourceBase:
         self._retry = retry
         self._sleep = sleep
         self._bandwidth = _Bandwidth(max_rate) if max_rate else None
+        # Under a rate cap, a read is at most a quarter second of it: the cap stays smooth.
+        self._read_size = (max(16 * 1024, min(READ_SIZE, int(max_rate / 4))) if max_rate
+                           else READ_SIZE)
         self._limits = limits
 
     def _open(
@@ -208,7 +213,7 @@ class SourceBase:
                     raise OversizeError(f"{where} is {body.total} bytes, over its "
                                         f"{max_size}-byte cap")
                 data = bytearray()
-                while chunk := await body.read(min(READ_SIZE, max_size + 1 - len(data))):
+                while chunk := await body.read(min(self._read_size, max_size + 1 - len(data))):
                     data += chunk
                     if len(data) > max_size:
                         raise OversizeError(f"{where} is larger than its {max_size}-byte cap")
@@ -221,9 +226,12 @@ class SourceBase:
 
     async def fetch(
         self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = lambda n: None
-    ) -> None:
+    ) -> str:
+        """Download exactly ``length`` bytes of ``key`` into ``dest`` (resuming a partial
+        file); returns the SHA-256 (hex) of the whole file, hashed while it was written."""
         where = self._where(key)
         dest = Path(dest)
+        digest = Digest()  # across tries: the bytes on disk are hashed once
         # Progress means a partial file longer than ever before: a server that ignores Range
         # and drops every connection at the same point cannot keep the budget full forever.
         best = min(size_of(dest), length)
@@ -236,6 +244,7 @@ class SourceBase:
                             "downloading it again", where, dest, have, length)
                 have = 0
             if have == length:
+                await asyncio.to_thread(_whole, dest, length, digest)
                 return
             if have:
                 log.info("%s: resuming at byte %d of %d", where, have, length)
@@ -246,8 +255,9 @@ class SourceBase:
                     if body is None:  # no ETag was sent: a 304 makes no sense
                         raise RetryableError(f"GET {where} answered 304 Not Modified to a "
                                              "request that was not conditional")
-                    async with PartialFile(dest, _check_body(body, have, length, where)) as out:
-                        while chunk := await body.read(min(READ_SIZE, length - out.size + 1)):
+                    start = _check_body(body, have, length, where)
+                    async with PartialFile(dest, start, digest) as out:
+                        while chunk := await body.read(min(self._read_size, length - out.size + 1)):
                             if out.size + len(chunk) > length:
                                 raise OversizeError(f"{where} sent more than the {length} bytes "
                                                     "the index pins")
@@ -274,7 +284,15 @@ class SourceBase:
         except UntrustedDataError:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
             raise
-        await asyncio.to_thread(fsync_file, dest)
+        assert digest.size == length
+        return digest.hexdigest()
+
+
+def _whole(dest: Path, length: int, digest: Digest) -> None:
+    """The digest of a partial file that is already complete (a zero-length one is created)."""
+    if length == 0:
+        empty_file(dest)
+    digest.catch_up(dest, length)
 
 
 def _check_body(body: Body, have: int, length: int, where: str) -> int:

@@ -89,8 +89,9 @@ class Source(Protocol):
 
     async def fetch(
         self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = ...
-    ) -> None:
-        """Download exactly ``length`` bytes into ``dest``, resuming a partial file; fsync.
+    ) -> str:
+        """Download exactly ``length`` bytes into ``dest``, resuming a partial file; returns
+        the SHA-256 (hex) of the file, hashed as it was written (it is not fsynced).
 
         ``on_bytes`` gets the size of every chunk received, restarts included (wire bytes).
         """
