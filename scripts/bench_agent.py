@@ -2,7 +2,7 @@
 """Benchmark the edge agent; writes its section of docs/BENCHMARKS.md.
 
 Measures, in one run, with a real `deltaship-agent run --once` process against a real HTTP
-server over a local store (bytes counted at the server):
+server over a local store (nginx; bytes counted from its access log):
 
 * every body byte the server sends per update, by kind (manifest and root, release index in
   whatever form, objects), vs a full download and vs `zstd -19 --long=27 --patch-from` on the
@@ -19,7 +19,6 @@ Usage: scripts/bench_agent.py [--big-gb 2.0] [--work DIR] [--out FILE] [--big-on
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import json
 import os
@@ -27,7 +26,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +34,10 @@ from functools import partial
 from pathlib import Path
 
 import zstandard
-from aiohttp import web
 
 from devtools import modelgen
 from devtools.bench_report import intro, write_section
-from devtools.faulty_http import FaultyServer, Served
+from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
 from manifest.constants import MANIFEST_KEY, OBJECTS_PREFIX, ROOT_KEY, ROOTS_PREFIX
 from manifest.container import MAGIC, apply_container, read_header
@@ -52,70 +49,14 @@ BIN = Path(sys.executable).parent
 MB = 1e6
 
 
-class StoreServer(FaultyServer):
-    """:class:`FaultyServer` without faults, at the cost of a CDN rather than a test: it runs on
-    the agent's cores, so what it spends is taken from the agent. A file's ETag (its sha256)
-    is computed once per (size, mtime), not per request, and bodies go out in 1 MiB views,
-    not 64 kB copies. Every body byte is still logged as written to the socket; a ranged
-    request (a resumed download: none in this benchmark) is served by the parent."""
-
-    BLOCK = 1 << 20
-
-    def __init__(self, root: Path, prefix: str = "store") -> None:
-        super().__init__(root, prefix)
-        self._etags: dict[tuple[str, int, int], str] = {}
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        key = request.match_info["key"]
-        path = self.root / key
-        if request.headers.get("Range") or ".." in key.split("/") or not path.is_file():
-            return await super()._handle(request)
-        log = Served(request.path, None, request.headers.get("If-None-Match"))
-        self.requests.append(log)
-        data = await asyncio.to_thread(path.read_bytes)
-        st = path.stat()
-        tag = (key, st.st_size, st.st_mtime_ns)
-        if tag not in self._etags:
-            self._etags[tag] = f'"{hashlib.sha256(data).hexdigest()}"'
-        etag = self._etags[tag]
-        if log.if_none_match == etag:
-            log.status = 304
-            return web.Response(status=304, headers={"ETag": etag})
-        resp = web.StreamResponse(status=200, headers={"ETag": etag, "Accept-Ranges": "bytes"})
-        resp.content_length = len(data)
-        log.status = 200
-        await resp.prepare(request)
-        view = memoryview(data)
-        for i in range(0, len(data), self.BLOCK):
-            block = view[i:i + self.BLOCK]
-            await resp.write(block)
-            log.sent += len(block)
-        await resp.write_eof()
-        return resp
-
-
 @contextmanager
-def http_server(root: Path) -> Iterator[FaultyServer]:
-    """The store directory over HTTP on 127.0.0.1, in a thread with its own event loop."""
-    loop = asyncio.new_event_loop()
-    server = StoreServer(root, "store")
-    ready = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(server.start())
-        ready.set()
-        loop.run_forever()
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    ready.wait()
-    try:
+def http_server(root: Path) -> Iterator[Nginx]:
+    """The store directory over HTTP on 127.0.0.1: nginx, a CDN stand-in in its own processes
+    (``sendfile``, its own ETags and 304s), so the agent does not share its interpreter with a
+    Python server and shares the cores only with nginx's small cost. Requests and body bytes
+    come from nginx's access log."""
+    with Nginx(root.parent, root.parent, prefix=root.name) as server:
         yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        t.join()
 
 
 class Fleet:
@@ -228,7 +169,7 @@ KINDS = ("manifest", "index", "objects")
 _SHA256 = re.compile(rb"[0-9a-f]{64}")
 
 
-def traffic(server: FaultyServer, since: int, device: Path, version: str) -> dict[str, int]:
+def traffic(server: Nginx, since: int, device: Path, version: str) -> dict[str, int]:
     """Every body byte the server sent since request ``since``, by kind: ``manifest`` (the
     signed manifest and trust roots), ``objects`` (store objects the release index names:
     patches, full objects, files) and ``index`` (any other store object: the release index, in
@@ -248,7 +189,7 @@ def traffic(server: FaultyServer, since: int, device: Path, version: str) -> dic
     return out
 
 
-def object_paths(server: FaultyServer, since: int, device: Path, version: str) -> list[str]:
+def object_paths(server: Nginx, since: int, device: Path, version: str) -> list[str]:
     """The request paths of the store objects the release index names (patches, full objects,
     files), not the index's own packed forms (a delta decodes only with its base index)."""
     named = {m.decode() for m in _SHA256.findall(DeviceLayout(device).load_index_bytes(version))}
@@ -380,8 +321,9 @@ def main() -> None:
     cores = os.cpu_count() or 1
     lines = [
         *intro("Edge agent (`scripts/bench_agent.py`)", cmd),
-        "A real `deltaship-agent run --once` process per update, against a real HTTP server over"
-        " a local store. Downloaded bytes are counted at the server: every response body of"
+        "A real `deltaship-agent run --once` process per update, against nginx (a CDN"
+        " stand-in, in its own processes) serving a local store. Downloaded bytes are counted"
+        " from nginx's access log: every response body of"
         " the update, by kind: *manifest* (the signed manifest and any trust root), *index*"
         " (the release index, in whatever form the manifest names it: any store object the"
         " release index does not name), *objects* (patches, full objects, files).",
