@@ -10,11 +10,10 @@ the vocabulary shrinks with the size so that development runs stay small.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import shutil
 import subprocess
-import threading
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from devtools import modelgen
-from devtools.faulty_http import FaultyServer
+from devtools.nginx import Nginx
 from manifest.safetensors_format import DTYPE_WIDTHS
 
 __all__ = ["Timed", "cached_model", "model_bytes", "moe_bytes", "run_timed", "scaled_moe",
@@ -68,21 +67,16 @@ def model_bytes(model: Path) -> int:
 
 
 @contextmanager
-def serve_store(root: Path) -> Iterator[FaultyServer]:
-    """``root`` over HTTP at ``server.url`` on 127.0.0.1 (a :class:`FaultyServer` with no
-    faults set, which logs every request), its event loop in a thread of this process."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = FaultyServer(root, "store")
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result()
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join()
-        loop.close()
+def serve_store(root: Path) -> Iterator[Nginx]:
+    """``root`` over HTTP at ``server.url`` (``http://127.0.0.1:PORT/store``), served by nginx
+    (:class:`devtools.nginx.Nginx`: its own processes, ``sendfile``), which logs every request;
+    its configuration and logs live in a temporary directory of their own."""
+    with tempfile.TemporaryDirectory(prefix="deltaship-nginx-") as tmp:
+        www = Path(tmp) / "www"
+        www.mkdir()
+        (www / "store").symlink_to(root.resolve())
+        with Nginx(Path(tmp), www, "store") as server:
+            yield server
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Python server for the interpreter, and little for the cores."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -44,7 +45,11 @@ class Nginx:
         (self.dir / "tmp").mkdir(parents=True)
         self.log = self.dir / "access.log"
         self.port = free_port()
+        # Started as root, nginx's workers would run as nobody and could not read a store
+        # under a private directory (pytest's tmp, a 0700 work directory): keep this user.
+        user = "user root;" if os.geteuid() == 0 else ""
         conf = f"""
+{user}
 worker_processes 2;
 pid {self.dir}/nginx.pid;
 error_log {self.dir}/error.log warn;
@@ -72,6 +77,7 @@ http {{
         self.conf = self.dir / "nginx.conf"
         self.conf.write_text(conf)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._final: list[Logged] | None = None
 
     def __enter__(self) -> Nginx:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -90,6 +96,7 @@ http {{
         if self.proc is not None:
             self.proc.send_signal(signal.SIGQUIT)
             self.proc.wait(timeout=30)
+            self._final = self._logged()  # readable after the log's directory is gone
 
     def mark(self) -> int:
         return self.log.stat().st_size if self.log.exists() else 0
@@ -113,5 +120,12 @@ http {{
     def requests(self) -> list[Logged]:
         """Every request logged so far (nginx logs a request after its response: give it a
         moment after the client finished)."""
+        if self._final is not None:
+            return self._final
         time.sleep(0.2)
+        return self._logged()
+
+    def _logged(self) -> list[Logged]:
+        if not self.log.exists():
+            return []
         return [Logged(m, uri, status, body) for m, uri, status, body, _ in self.since(0)]

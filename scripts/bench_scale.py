@@ -6,7 +6,7 @@ experts grow with the size, the largest tensor stays the same), in one run:
 
 * `deltaship-publish release` of v1 (fresh) and of v2 (two experts and the routers retrained)
   into a local directory store;
-* `deltaship-agent run --once` against that store over a real local HTTP server: a fresh
+* `deltaship-agent run --once` against that store served by nginx on 127.0.0.1: a fresh
   install of v1, then the update to v2;
 
 each a real process, its wall time and peak RSS by `/usr/bin/time -f %M`. Then a least-squares
@@ -272,9 +272,9 @@ def write_report(rows: list[Row], out: Path, cmd: str, workers: int | None) -> N
         " 2 layers per GB, as many experts per layer as fill the size, one shard per GB; v2"
         " retrains two experts and every router). Each step is one real process, timed by"
         f" `/usr/bin/time -f %M` (wall time, peak RSS): `release` into a local directory store,"
-        " `deltaship-agent run --once` against that store over a local HTTP server (in the"
-        " benchmark's process, competing for the same cores: it reads and hashes each object it"
-        " serves, for its ETag). MB/s and s per GB are of the whole model, also for the updates."
+        " `deltaship-agent run --once` against that store served by nginx on 127.0.0.1 (a CDN"
+        " stand-in in its own processes, sending files with sendfile). MB/s and s per GB are of"
+        " the whole model, also for the updates."
         f" Largest tensor (the embedding): {', '.join(f'{b / 1e6:.1f} MB' for b in largest)};"
         " memory bound = 256 MiB + 4 x largest tensor. Models come from the page cache (they"
         " were generated or read just before).",

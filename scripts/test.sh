@@ -4,9 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_venv.sh
 # System tools some tests drive for real (unit files, a process as another user, mounts,
-# a clock moved forward).
+# a clock moved forward, nginx as the benchmarks' CDN stand-in).
 missing=()
-for tool in systemd-analyze:systemd setpriv:util-linux unshare:util-linux mount:mount faketime:faketime; do
+for tool in systemd-analyze:systemd setpriv:util-linux unshare:util-linux mount:mount faketime:faketime nginx:nginx-light; do
     command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
