@@ -198,7 +198,12 @@ def object_paths(server: Nginx, since: int, device: Path, version: str) -> list[
 
 
 def disk_write_rate(work: Path, size: int = 256 * 2**20) -> float:
-    """Bytes per second of a write of ``size`` bytes followed by fsync (this run's disk)."""
+    """Bytes per second of a write of ``size`` bytes followed by fsync (this run's disk), the
+    better of two tries."""
+    return max(_disk_write_once(work, size) for _ in range(2))
+
+
+def _disk_write_once(work: Path, size: int) -> float:
     path = work / "disk-probe"
     block = os.urandom(1 << 22)
     t0 = time.perf_counter()
@@ -284,16 +289,22 @@ def big_runs(work: Path, gb: float) -> tuple[list[str], list[str], int, float]:
                                       ("v3", v3, "dense fine-tune")):
             summary = fleet.release(model, version)
             mark = len(server.requests)
+            objects = fleet.work / "device" / "objects"
+            held = set(os.listdir(objects)) if objects.is_dir() else set()
             seconds, rss = fleet.run_agent(config)
+            written = sum((objects / n).stat().st_size for n in set(os.listdir(objects)) - held)
             got = sum(traffic(server, mark, fleet.work / "device", version).values())
-            limit = apply_limit(fleet.store,
-                                object_paths(server, mark, fleet.work / "device", version),
-                                fleet.work / "device" / "objects")
+            cpu = apply_limit(fleet.store,
+                              object_paths(server, mark, fleet.work / "device", version), objects)
+            io = written / disk
+            limit = max(cpu, io)
             full = int(summary["full_download_bytes"])  # type: ignore[call-overload]
             rows.append(f"| {version}: {label} | {got / MB:.1f} MB of {full / MB:.1f} MB | "
                         f"{seconds:.1f} s | {size / MB / seconds:.0f} MB/s | "
-                        f"{size / MB / limit:.0f} MB/s ({limit:.1f} s) | "
-                        f"**{limit / seconds:.2f}x** | {rss / 2**20:.0f} MiB |")
+                        f"{cpu:.2f} s | {written / MB:.0f} MB: {io:.2f} s | "
+                        f"{size / MB / limit:.0f} MB/s | "
+                        f"**{limit / seconds:.2f}x** ({cpu / seconds:.2f}x of CPU alone) | "
+                        f"{rss / 2**20:.0f} MiB |")
             print(rows[-1], flush=True)
         mark = len(server.requests)
         fleet.run_agent(config)
@@ -353,15 +364,19 @@ def main() -> None:
         f" and the SHA-256 of the output; for a patch update also the SHA-256 of every base"
         f" (FORMAT.md section 10 re-proves a base before it is used). Done with the product's"
         f" libraries (hashlib, zstandard, numpy, which release the GIL) on a thread pool of"
-        f" {cores} workers (one per core), inputs warm in the page cache, best of 2. It writes"
-        f" nothing: no download file, no page-cache write of the output, no fsync, no HTTP;"
-        f" those are part of the agent's overhead in the ratio. For scale, this run's disk took"
-        f" {disk / MB:.0f} MB/s for a 256 MiB write + fsync. Ratio = limit time / agent time"
-        f" (target: at least 0.6x for the fresh install and the dense update).",
+        f" {cores} workers (one per core), inputs warm in the page cache, best of 2; it writes"
+        f" nothing (*CPU limit*). The agent must also write the group files it builds and"
+        f" fsync them before the switch (the download files are written but never fsynced):"
+        f" *disk limit* = the bytes of the new group files and files the update wrote, at this"
+        f" run's disk rate ({disk / MB:.0f} MB/s for a 256 MiB write + fsync, best of 2)."
+        f" Limit = the larger of the two (the work of a perfect pipeline that overlaps them);"
+        f" ratio = limit time / agent time (target: at least 0.6x for the fresh install and the"
+        f" dense update), and beside it the ratio to the CPU limit alone. HTTP (nginx, on the"
+        f" same cores) is in neither limit.",
         "",
-        "| update | downloaded | wall time | model materialised per second | limit |"
-        " ratio | peak RSS |",
-        "|---|---|---|---|---|---|---|",
+        "| update | downloaded | wall time | model materialised per second | CPU limit |"
+        " disk limit | limit as throughput | ratio | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
         *big,
         "",
         "### Cost of an unchanged poll",
