@@ -151,6 +151,7 @@ def measure(model: Model, run: Path, workers: int | None, t0: float) -> list[Row
         subprocess.run(list(map(str, cmd)), check=True, capture_output=True, env=env)
 
     def timed(label: str, *cmd: str | Path) -> Timed:
+        os.sync()  # the writeback of a model just generated must not land in the next step
         r = run_timed(cmd, env)
         progress(f"{model.target_gb:g} GB: {label}: {r.seconds:.1f} s, "
                  f"{model.nbytes / 1e6 / r.seconds:.0f} MB/s, peak RSS "
@@ -242,7 +243,7 @@ def where_one_machine_stops(fits: dict[str, Fit], rows: list[Row]) -> list[str]:
         " works for a model past that size:",
         "",
         "* a machine with more cores: hashing and encoding run on `--workers` threads (default:"
-        " every core); how the time scales with the cores is not measured here;",
+        " every core); the release section above has one against two workers on this machine;",
         "* the publisher next to the store (a machine in the bucket's region, or on the storage"
         " host for a directory or MinIO store): a fresh release uploads the whole compressed"
         " model, which this local benchmark does not pay;",
