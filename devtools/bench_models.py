@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +78,21 @@ def serve_store(root: Path) -> Iterator[Nginx]:
         (www / "store").symlink_to(root.resolve())
         with Nginx(Path(tmp), www, "store") as server:
             yield server
+
+
+def publish_store(work: Path, model: Path, version: str = "v1") -> Path:
+    """With the installed ``deltaship-publish``: a key, a directory store ``work/store`` and
+    ``model`` released into it as ``version``; returns the store. A failing step raises
+    :class:`subprocess.CalledProcessError` with its output."""
+    pub = Path(sys.executable).parent / "deltaship-publish"
+    store, key = work / "store", work / "keys" / "release.key"
+    store.mkdir()
+    for argv in (("keygen", "--out", key.parent, "--name", key.stem),
+                 ("init", "--store", store, "--key", key),
+                 ("release", model, "--store", store, "--version", version, "--key", key)):
+        subprocess.run([str(pub), *map(str, argv)], cwd=work, check=True, capture_output=True,
+                       text=True, timeout=300)
+    return store
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ Method (one run, real processes, the installed console scripts):
 1. Generate a tiny MoE (``devtools/modelgen.py``; its size does not matter here), publish it
    as v1 into a directory store with ``deltaship-publish``, and install it on two devices with
    ``deltaship-agent run --once``: one reading the store directory, one reading it over plain
-   HTTP (``devtools/faulty_http.py`` on 127.0.0.1: ETags, 304 on If-None-Match).
+   HTTP (nginx on 127.0.0.1, ``devtools.bench_models.serve_store``: ETags, 304 on
+   If-None-Match).
 2. Commands, each run ``--runs`` times, round robin (so that a busy spell of a shared machine
    touches every command alike): ``python -c pass`` and ``python -c "import aiohttp"`` (the
    anchors: the interpreter alone and the HTTP client alone), ``deltaship-agent --help``,
@@ -27,21 +28,19 @@ Usage: scripts/bench_startup.py [--runs 21] [--out FILE]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from devtools import modelgen
+from devtools.bench_models import publish_store, serve_store
 from devtools.bench_report import intro, write_section
-from devtools.faulty_http import FaultyServer
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -94,36 +93,11 @@ def _run(*argv: object, cwd: Path) -> str:
     return p.stdout
 
 
-class Served:
-    """The store directory over HTTP on 127.0.0.1, on an event loop in a daemon thread."""
-
-    def __init__(self, store: Path) -> None:
-        self.server = FaultyServer(store, "store")
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(30)
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 def setup(work: Path) -> Path:
     """A directory store with v1 published; returns the store."""
     model = modelgen.generate_moe(work / "m1", modelgen.MoEConfig(
         layers=2, experts=4, hidden=64, ffn=128, vocab=256, seed=1))
-    store = work / "store"
-    store.mkdir()
-    pub = BIN / "deltaship-publish"
-    _run(pub, "keygen", "--out", work / "keys", "--name", "release", cwd=work)
-    key = work / "keys" / "release.key"
-    _run(pub, "init", "--store", store, "--key", key, cwd=work)
-    _run(pub, "release", model, "--store", store, "--version", "v1", "--key", key, cwd=work)
-    return store
+    return publish_store(work, model)
 
 
 def device(work: Path, store_url: str, name: str) -> Path:
@@ -190,7 +164,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
         work = Path(tmp)
         store = setup(work)
-        with Served(store) as url:
+        with serve_store(store) as server:
+            url = server.url
             dir_cfg = device(work, str(store), "dir-device")
             http_cfg = device(work, url, "http-device")
             commands = [

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from devtools import modelgen
+from devtools.bench_models import publish_store
 
 from ._served_store import ServedStore
 
@@ -77,14 +78,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
     work = tmp_path_factory.mktemp("startup")
     model = modelgen.generate_moe(work / "m1", modelgen.MoEConfig(
         layers=1, experts=2, hidden=32, ffn=64, vocab=64, seed=1))
-    store = work / "store"
-    store.mkdir()
-    pub = BIN / "deltaship-publish"
-    _run(pub, "keygen", "--out", work / "keys", "--name", "release", cwd=work)
-    key = work / "keys" / "release.key"
-    _run(pub, "init", "--store", store, "--key", key, cwd=work)
-    _run(pub, "release", model, "--store", store, "--version", "v1", "--key", key, cwd=work)
-    return Published(store, work)
+    return Published(publish_store(work, model), work)
 
 
 def test_up_to_date_cycle_on_a_directory_store_imports_nothing_heavy(
