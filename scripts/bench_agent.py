@@ -27,15 +27,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import zstandard
 
 from devtools import modelgen
+from devtools.bench_models import serve_store
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
@@ -47,16 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BIN = Path(sys.executable).parent
 MB = 1e6
-
-
-@contextmanager
-def http_server(root: Path) -> Iterator[Nginx]:
-    """The store directory over HTTP on 127.0.0.1: nginx, a CDN stand-in in its own processes
-    (``sendfile``, its own ETags and 304s), so the agent does not share its interpreter with a
-    Python server and shares the cores only with nginx's small cost. Requests and body bytes
-    come from nginx's access log."""
-    with Nginx(root.parent, root.parent, prefix=root.name) as server:
-        yield server
 
 
 class Fleet:
@@ -239,7 +228,7 @@ def small_pairs(work: Path) -> list[str]:
         modelgen.train_experts(v4, v5, experts=[(2, 3)], seed=15)
     fleet = Fleet(work, "agent-small")
     rows = []
-    with http_server(fleet.store) as server:
+    with serve_store(fleet.store) as server:
         config = fleet.device(server.url)
         fleet.release(v1, "v1")
         fleet.run_agent(config)
@@ -282,7 +271,7 @@ def big_runs(work: Path, gb: float) -> tuple[list[str], list[str], int, float]:
     fleet = Fleet(work, "agent-big")
     disk = disk_write_rate(fleet.work)
     rows = []
-    with http_server(fleet.store) as server:
+    with serve_store(fleet.store) as server:
         config = fleet.device(server.url)
         for version, model, label in (("v1", v1, "fresh install"),
                                       ("v2", v2, "2 experts trained"),
