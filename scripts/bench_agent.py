@@ -34,7 +34,7 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
-from devtools.bench_models import serve_store
+from devtools.bench_models import run_timed, serve_store
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
@@ -81,13 +81,8 @@ class Fleet:
 
     def run_agent(self, config: Path) -> tuple[float, int]:
         """One `run --once`: wall seconds and peak RSS in bytes."""
-        t0 = time.perf_counter()
-        p = subprocess.run(["/usr/bin/time", "-f", "%M", str(BIN / "deltaship-agent"), "run",
-                            "--once", "--config", config], capture_output=True, text=True)
-        seconds = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise SystemExit(f"agent failed: {p.stderr}")
-        return seconds, int(p.stderr.strip().splitlines()[-1]) * 1024
+        r = run_timed([BIN / "deltaship-agent", "run", "--once", "--config", config])
+        return r.seconds, r.peak_rss
 
 
 def _sha256_file(path: Path) -> None:
