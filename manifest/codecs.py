@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import zstandard
@@ -39,6 +40,7 @@ __all__ = [
     "CODECS",
     "chunk_ranges",
     "decode_chunk",
+    "decode_chunk_into",
     "encode_chunk",
     "frame_count",
 ]
@@ -63,7 +65,9 @@ _BITMAP_LEVEL = 9
 # From this level on, plane frames use zstd's own level (optimal parsers price matches).
 _PLANE_PROFILE_BELOW = 10
 
-_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_UINT: dict[int, type[np.unsignedinteger[Any]]] = {
+    1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64,
+}
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _local = threading.local()
 
@@ -109,23 +113,10 @@ def _split_planes(arr: np.ndarray, width: int) -> list[bytes]:
     return [b[:, i].tobytes() for i in range(width)]
 
 
-def _join_planes(planes: list[bytes], width: int, count: int) -> np.ndarray:
-    out = np.empty((count, width), dtype=np.uint8)
-    for i, p in enumerate(planes):
-        out[:, i] = np.frombuffer(p, dtype=np.uint8)
-    return out.reshape(-1).view(_UINT[width])
-
-
 def _rotl1(arr: np.ndarray, width: int) -> np.ndarray:
     """Rotate each element left by one bit (sign to bit 0): the ``planes-rot`` transform."""
     u = _UINT[width]
     out: np.ndarray = (arr << u(1)) | (arr >> u(8 * width - 1))
-    return out
-
-
-def _rotr1(arr: np.ndarray, width: int) -> np.ndarray:
-    u = _UINT[width]
-    out: np.ndarray = (arr >> u(1)) | (arr << u(8 * width - 1))
     return out
 
 
@@ -135,13 +126,6 @@ def _zigzag(new: bytes, base: bytes, width: int) -> np.ndarray:
     s = d.view(_INT[width])
     z: np.ndarray = (d << u(1)) ^ (s >> (8 * width - 1)).view(u)
     return z
-
-
-def _unzigzag_add(z: np.ndarray, base: bytes, width: int) -> bytes:
-    u = _UINT[width]
-    d = (z >> u(1)) ^ (u(0) - (z & u(1)))
-    out: bytes = (d + np.frombuffer(base, dtype=u)).tobytes()
-    return out
 
 
 def _magnitude_order(base: bytes, width: int) -> np.ndarray:
@@ -252,23 +236,89 @@ def frame_count(codec: str, width: int) -> int:
     return planes + 1 if codec == "delta-sparse" else planes
 
 
-def _unpack(d: zstandard.ZstdDecompressor, frame: bytes, size: int, codec: str) -> bytes:
+def _scratch(slot: str, nbytes: int) -> np.ndarray:
+    """A uint8 buffer of ``nbytes`` owned by this thread, reused from chunk to chunk.
+
+    Decoding is a few passes over buffers of a chunk's size; fresh arrays for each pass would
+    make the kernel zero new pages for every chunk (measured: most of a fresh install's
+    system time). A worker keeps at most a few buffers of the largest chunk it decoded, which
+    the container format caps (``MAX_CHUNK_BYTES``)."""
+    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("s", {})
+    buf = bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[slot] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def _unpack_into(d: zstandard.ZstdDecompressor, frame: bytes, out: np.ndarray,
+                 codec: str) -> None:
+    """Decompress one frame into ``out`` (uint8, contiguous), which it must fill exactly."""
+    size = out.nbytes
     try:
         declared = zstandard.frame_content_size(frame)
         if declared not in (-1, size):
             raise FormatError(f"{codec} frame declares {declared} bytes, expected {size}")
-        part: bytes = d.decompress(frame, max_output_size=size)
+        reader = d.stream_reader(frame)
+        view = out.data.cast("B")
+        got = 0
+        while got < size:
+            n = reader.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        extra = reader.read(1) if got == size else b""
     except zstandard.ZstdError as e:
         raise FormatError(f"corrupt zstd frame in a {codec} chunk: {e}") from e
-    if len(part) != size:
-        raise FormatError(f"{codec} frame decodes to {len(part)} bytes, expected {size}")
-    return part
+    if got != size or extra:
+        more = "more than " if extra else ""
+        raise FormatError(f"{codec} frame decodes to {more}{got} bytes, expected {size}")
+
+
+def _join_planes_into(d: zstandard.ZstdDecompressor, frames: list[bytes], width: int,
+                      out: np.ndarray, codec: str) -> None:
+    """Decompress ``width`` byte-plane frames and interleave them into ``out`` (unsigned
+    integers of ``width`` bytes, little endian: plane i is byte i of every element)."""
+    count = len(out)
+    if width == 1:
+        _unpack_into(d, frames[0], out, codec)
+        return
+    planes = _scratch("planes", count * width).reshape(width, count)
+    for i, frame in enumerate(frames):
+        _unpack_into(d, frame, planes[i], codec)
+    if width == 2:  # BF16 and F16, nearly every byte of an LLM: two passes, no strides
+        np.left_shift(planes[1], 8, out=out, dtype=np.uint16)
+        np.bitwise_or(out, planes[0], out=out)
+        return
+    cols = out.view(np.uint8).reshape(count, width)
+    for i in range(width):
+        cols[:, i] = planes[i]
+
+
+def _rotr1_inplace(arr: np.ndarray, width: int) -> None:
+    """Undo :func:`_rotl1` in place."""
+    u = _UINT[width]
+    low = _scratch("tmp", arr.nbytes).view(u)
+    np.right_shift(arr, u(1), out=low)
+    np.left_shift(arr, u(8 * width - 1), out=arr)
+    np.bitwise_or(arr, low, out=arr)
 
 
 def decode_chunk(
     codec: str, frames: list[bytes], base: bytes | None, width: int, length: int
 ) -> bytes:
     """Invert :func:`encode_chunk`; every frame's output is capped at its expected size."""
+    out = decode_chunk_into(codec, frames, base, width, length,
+                            np.empty(length, dtype=np.uint8))
+    return out.tobytes() if codec != "same" else base  # type: ignore[return-value]
+
+
+def decode_chunk_into(
+    codec: str, frames: list[bytes], base: bytes | None, width: int, length: int,
+    out: np.ndarray,
+) -> memoryview:
+    """:func:`decode_chunk` into ``out`` (a uint8 array of at least ``length`` bytes, which the
+    caller may reuse once it is done with the result); returns a view of the chunk's bytes:
+    of ``out``, or of ``base`` for ``same``."""
     if codec not in CODECS:
         raise FormatError(f"unknown chunk codec {codec!r}")
     if len(frames) != frame_count(codec, width):
@@ -281,27 +331,40 @@ def decode_chunk(
         raise FormatError(f"{codec} chunk without a matching base range")
     if codec == "same":
         assert base is not None
-        return base
+        return memoryview(base)
     d = _decompressor()
+    dst = out[:length]
+    result = dst.data
+    u = _UINT[width]
+    values = dst.view(u)
     count = length // width
     if codec == "zstd":
-        return _unpack(d, frames[0], length, codec)
+        _unpack_into(d, frames[0], dst, codec)
+        return result
     if codec in ("planes", "planes-rot"):
-        parts = [_unpack(d, f, count, codec) for f in frames]
-        joined = _join_planes(parts, width, count)
+        _join_planes_into(d, frames, width, values, codec)
         if codec == "planes-rot":
-            joined = _rotr1(joined, width)
-        return joined.tobytes()
+            _rotr1_inplace(values, width)
+        return result
     assert base is not None
+    zs = _scratch("zigzag", length).view(u)
     if codec == "delta":
-        zs = _join_planes([_unpack(d, f, count, codec) for f in frames], width, count)
+        _join_planes_into(d, frames, width, zs, codec)
     else:
-        mask_bytes = _unpack(d, frames[0], (count + 7) // 8, codec)
-        nonzero = np.unpackbits(np.frombuffer(mask_bytes, dtype=np.uint8), count=count)
-        nonzero = nonzero.view(bool)
+        mask = _scratch("mask", (count + 7) // 8)
+        _unpack_into(d, frames[0], mask, codec)
+        nonzero = np.unpackbits(mask, count=count).view(bool)
         k = int(np.count_nonzero(nonzero))
-        zs = np.zeros(count, dtype=_UINT[width])
-        zs[nonzero] = _join_planes([_unpack(d, f, k, codec) for f in frames[1:]], width, k)
-    z = np.empty_like(zs)
-    z[_magnitude_order(base, width)] = zs
-    return _unzigzag_add(z, base, width)
+        packed = _scratch("packed", k * width).view(u)
+        _join_planes_into(d, frames[1:], width, packed, codec)
+        zs.fill(0)
+        zs[nonzero] = packed
+    values[_magnitude_order(base, width)] = zs
+    # Undo the zigzag and add the base, in place: d = (z >> 1) ^ -(z & 1); new = d + base.
+    sign = _scratch("tmp", length).view(u)
+    np.bitwise_and(values, u(1), out=sign)
+    np.subtract(u(0), sign, out=sign)
+    np.right_shift(values, u(1), out=values)
+    np.bitwise_xor(values, sign, out=values)
+    np.add(values, np.frombuffer(base, dtype=u), out=values)
+    return result

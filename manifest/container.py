@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import struct
 import tempfile
 from collections import deque
@@ -33,10 +34,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol
 
+import numpy as np
 import zstandard
 
 from .canonical import canonical_json, loads_object
-from .codecs import BASED_CODECS, CODECS, chunk_ranges, decode_chunk, frame_count
+from .codecs import BASED_CODECS, CODECS, chunk_ranges, decode_chunk_into, frame_count
 from .errors import FormatError, HashMismatchError, OversizeError, SafetensorsError
 from .parallel import ordered_map
 from .safetensors_format import MAX_HEADER_SIZE, SafetensorsFile, TensorInfo, parse_header
@@ -311,25 +313,37 @@ def apply_container(
         payload_left = size - hdr.payload_start - hdr.prefix
 
         fd = f.fileno()
+        # Output buffers of one chunk each, reused once their chunk is hashed and written:
+        # at most in_flight + 3 exist (decoding, waiting, being written).
+        free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
 
-        def decode(job: _Job) -> bytes:
+        def decode(job: _Job) -> tuple[memoryview, np.ndarray]:
             frames = [_pread(fd, n, at) for at, n in job.frames]
             base_bytes = None
             if job.base is not None:
                 assert base is not None
                 base_bytes = base.read(job.base, job.start, job.length)
-            return decode_chunk(job.codec, frames, base_bytes, job.width, job.length)
+            try:
+                buf = free.get_nowait()
+            except queue.Empty:
+                buf = np.empty(hdr.chunk_bytes, dtype=np.uint8)
+            data = decode_chunk_into(job.codec, frames, base_bytes, job.width, job.length, buf)
+            return data, buf
+
+        def write(data: memoryview, buf: np.ndarray) -> None:
+            out.write(data)
+            free.put(buf)
 
         jobs = _plan(hdr, targets, base, hdr.payload_start + hdr.prefix, payload_left)
         # Hashing (here) and writing (a thread of its own) overlap: both release the GIL, so
         # the ordered consumer, the one serial stage, costs max(hash, write) per chunk.
         with ThreadPoolExecutor(1) as writer:
-            writes: deque[Future[int]] = deque()
-            for data in ordered_map(decode, jobs, executor, in_flight):
+            writes: deque[Future[None]] = deque()
+            for data, buf in ordered_map(decode, jobs, executor, in_flight):
                 if written + len(data) > limit:  # the target header bounds it; never trust it
                     raise OversizeError(f"patch container output passes its {limit} bytes")
-                writes.append(writer.submit(out.write, data))
                 digest.update(data)
+                writes.append(writer.submit(write, data, buf))
                 written += len(data)
                 while len(writes) > 2:
                     writes.popleft().result()

@@ -23,7 +23,7 @@ import aiohttp
 
 from ..errors import MissingKeyError, RangeNotSatisfiableError, RetryableError, StoreConfigError
 from ._pace import DEFAULT_LIMITS, TransferLimits
-from ._source_base import Body, Sleep, SourceBase
+from ._source_base import READ_SIZE, Body, Sleep, SourceBase
 from ._wire import content_range, one_line, redirect_target, retry_after_seconds
 from .retry import DEFAULT_RETRY, RetryPolicy
 
@@ -50,7 +50,7 @@ class HttpSource(SourceBase):
         if self._session is None:  # created lazily: aiohttp wants a running event loop
             # Byte offsets must be those of the stored object: no transparent decompression.
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout, auto_decompress=False,
+                timeout=self._timeout, auto_decompress=False, read_bufsize=READ_SIZE,
                 headers={"Accept-Encoding": "identity"},
             )
         return self._session
