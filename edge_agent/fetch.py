@@ -15,21 +15,44 @@ import os
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from manifest.download_plan import GroupStep, Plan, local_inputs, make_plan
-from manifest.errors import DiskFullError, MissingKeyError, UntrustedDataError
+from manifest.errors import DiskFullError, LocalError, MissingKeyError, UntrustedDataError
 from manifest.metadata import ObjectRef, ReleaseIndex
 from manifest.storage.source import Source
 
-from .install import build_group, check_digest, install_chain
+from .install import Obj, build_group, check_digest, install_chain
 from .layout import DeviceLayout
 
-__all__ = ["SPACE_MARGIN", "check_space", "download", "fetch_group", "gather_all",
-           "verified_plan"]
+__all__ = ["HOLD_BYTES", "SPACE_MARGIN", "Held", "check_space", "download", "fetch_group",
+           "gather_all", "verified_plan"]
 
 log = logging.getLogger("deltaship.agent")
 SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
+# Downloads held in memory at once, from their first byte until the group they build is built
+# (manifest.storage._partial_file): fast links never write a download to the device's disk.
+HOLD_BYTES = 128 * 1024 * 1024
+
+
+class Held:
+    """The bytes of downloads held in memory by one install, at most ``limit`` at once; a
+    download that does not fit is written to disk as before. Used from the event loop only."""
+
+    def __init__(self, limit: int = HOLD_BYTES) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 
 
 def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[str]) -> Plan:
@@ -90,29 +113,80 @@ def check_space(layout: DeviceLayout, plan: Plan) -> None:
         )
 
 
+@overload
 async def download(
     layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
     on_bytes: Callable[[int], None],
-) -> Path:
+) -> Path: ...
+
+
+@overload
+async def download(
+    layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
+    on_bytes: Callable[[int], None], held: Held | None,
+) -> Obj: ...
+
+
+async def download(
+    layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, ref: ObjectRef, what: str,
+    on_bytes: Callable[[int], None], held: Held | None = None,
+) -> Obj:
     """Fetch (or finish fetching) the store object ``ref`` and check its length and sha256
     (hashed while it was received) before anything reads it; a bad one is discarded, so that
     it is fetched anew. Partial downloads are not fsynced: one that a power loss (or anything
-    else) damaged before this run fails the check and is fetched once more from byte 0 here."""
+    else) damaged before this run fails the check and is fetched once more from byte 0 here.
+
+    With ``held``, a download that fits in it may come back as bytes, never written to disk;
+    the caller gives its length back to ``held`` once it is done with them."""
     dest = layout.download_path(ref.sha256)
-    async with sem:
-        resumed = await asyncio.to_thread(_size, dest)
-        sha = await source.fetch(ref.key, dest, ref.length, on_bytes)
-        if sha != ref.sha256 and resumed:
-            log.warning("the partial download of %s (%s) was damaged before this run "
-                        "(%d bytes kept): downloading it again", what, ref.key, resumed)
-            await asyncio.to_thread(layout.discard_download, ref.sha256)
-            sha = await source.fetch(ref.key, dest, ref.length, on_bytes)
+    hold = held is not None and held.take(ref.length)
+    data: bytes | None = None
     try:
-        check_digest(sha, ref, f"object for {what}")
-    except Exception:  # not a cancellation: the download may be good
-        await asyncio.to_thread(layout.discard_download, ref.sha256)
-        raise
-    return dest
+        async with sem:
+            resumed = await asyncio.to_thread(_size, dest)
+            sha, data = await _fetch(source, ref, dest, on_bytes, hold)
+            if sha != ref.sha256 and resumed:
+                log.warning("the partial download of %s (%s) was damaged before this run "
+                            "(%d bytes kept): downloading it again", what, ref.key, resumed)
+                await asyncio.to_thread(layout.discard_download, ref.sha256)
+                sha, data = await _fetch(source, ref, dest, on_bytes, hold)
+        try:
+            check_digest(sha, ref, f"object for {what}")
+        except Exception:  # not a cancellation: the download may be good
+            data = None
+            await asyncio.to_thread(layout.discard_download, ref.sha256)
+            raise
+    finally:
+        if hold and data is None:
+            assert held is not None
+            held.give(ref.length)
+    return dest if data is None else data
+
+
+async def _fetch(source: Source, ref: ObjectRef, dest: Path, on_bytes: Callable[[int], None],
+                 hold: bool) -> tuple[str, bytes | None]:
+    if hold:
+        return await source.fetch_held(ref.key, dest, ref.length, on_bytes)
+    return await source.fetch(ref.key, dest, ref.length, on_bytes), None
+
+
+def keep(layout: DeviceLayout, ref: ObjectRef, obj: Obj) -> None:
+    """On a failure before ``obj`` was built: write it to disk if it was held, so that the
+    next try does not download it again (best effort; blocking, on failure paths only)."""
+    if not isinstance(obj, bytes):
+        return
+    try:
+        layout.keep_download(ref.sha256, obj)
+    except LocalError as e:
+        layout.discard_download(ref.sha256)
+        log.warning("could not keep the download of %s for the next try: %s", ref.key, e)
+
+
+def release(held: Held | None, obj: Obj) -> None:
+    """Give a held download's bytes back to ``held`` (the caller drops ``obj``); a path
+    (nothing held) is ignored."""
+    if held is not None and isinstance(obj, bytes):
+        held.give(len(obj))
 
 
 def _size(path: Path) -> int:
@@ -125,26 +199,40 @@ def _size(path: Path) -> int:
 async def fetch_group(
     layout: DeviceLayout, source: Source, sem: asyncio.Semaphore, installing: asyncio.Semaphore,
     step: GroupStep, on_bytes: Callable[[int], None], executor: ThreadPoolExecutor,
+    held: Held | None = None,
 ) -> None:
-    """Download and install one group ``step`` (not ``have``); installs take ``installing``
-    (one at a time). A chain whose object the store lacks or that fails verification is
-    replaced by the group's full object (logged); a transport failure is raised (the update
-    is retried, and finished downloads are kept)."""
+    """Download and install one group ``step`` (not ``have``); installs take ``installing``.
+    A chain whose object the store lacks or that fails verification is replaced by the
+    group's full object (logged); a transport failure is raised (the update is retried, and
+    finished downloads are kept). Downloads may be held in memory in ``held``."""
     g = step.group
     if step.kind == "chain":
         chain_objects = step.objects
         try:
-            paths = [asyncio.ensure_future(download(layout, source, sem, o, g.name, on_bytes))
-                     for o in chain_objects]
+            paths = [asyncio.ensure_future(
+                download(layout, source, sem, o, g.name, on_bytes, held))
+                for o in chain_objects]
             try:
                 objs = await asyncio.gather(*paths)
             except BaseException:
                 for t in paths:
                     t.cancel()
-                await asyncio.gather(*paths, return_exceptions=True)
+                for r in await asyncio.gather(*paths, return_exceptions=True):
+                    if isinstance(r, bytes):
+                        release(held, r)
                 raise
-            async with installing:
-                await asyncio.to_thread(install_chain, layout, step, objs, executor)
+            try:
+                async with installing:
+                    await asyncio.to_thread(install_chain, layout, step, objs, executor)
+            except BaseException as e:
+                if not isinstance(e, (MissingKeyError, UntrustedDataError)):
+                    for o, one in zip(chain_objects, objs, strict=True):
+                        keep(layout, o, one)
+                raise
+            finally:
+                for one in objs:
+                    release(held, one)
+                del objs
         except (MissingKeyError, UntrustedDataError) as e:
             log.warning("group %s: the chain of %d patches failed (%s): fetching the full "
                         "object instead", g.name, len(chain_objects), e)
@@ -154,13 +242,21 @@ async def fetch_group(
         if step.kind == "chain":
             return
     assert step.object is not None
-    obj = await download(layout, source, sem, step.object, g.name, on_bytes)
-    with layout.staged_object() as tmp:
-        async with installing:
-            await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
-        # Outside ``installing``: the fsync of this group overlaps the build of the next.
-        await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
-    await asyncio.to_thread(layout.discard_download, step.object.sha256)  # unlink can take ms
+    obj = await download(layout, source, sem, step.object, g.name, on_bytes, held)
+    on_disk = isinstance(obj, Path)
+    try:
+        with layout.staged_object() as tmp:
+            async with installing:
+                await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
+            # Outside ``installing``: the fsync of this group overlaps the build of the next.
+            await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
+    except BaseException:
+        keep(layout, step.object, obj)
+        raise
+    finally:
+        release(held, obj)
+    if on_disk:
+        await asyncio.to_thread(layout.discard_download, step.object.sha256)  # unlink: ms
 
 
 async def gather_all(tasks: list[Coroutine[Any, Any, None]]) -> None:

@@ -11,6 +11,7 @@ as soon as the next one is built.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +24,9 @@ from manifest.trust import StreamVerifier
 
 from .layout import DeviceLayout
 
-__all__ = ["build_group", "check_digest", "install_chain", "install_file", "install_group"]
+Obj = Path | bytes  # a verified download: its file, or its bytes (held in memory)
+
+__all__ = ["Obj", "build_group", "check_digest", "install_chain", "install_file", "install_group"]
 
 
 def check_digest(sha256: str, ref: ObjectRef, what: str) -> None:
@@ -37,7 +40,7 @@ def check_digest(sha256: str, ref: ObjectRef, what: str) -> None:
 
 
 def install_group(
-    layout: DeviceLayout, step: GroupStep, obj: Path, executor: ThreadPoolExecutor | None
+    layout: DeviceLayout, step: GroupStep, obj: Obj, executor: ThreadPoolExecutor | None
 ) -> None:
     """Rebuild a group file from its downloaded object; never writes more than the index's
     ``length`` for the group (the free-space check counted that)."""
@@ -49,7 +52,7 @@ def install_group(
 
 
 def install_chain(
-    layout: DeviceLayout, step: GroupStep, objs: Sequence[Path],
+    layout: DeviceLayout, step: GroupStep, objs: Sequence[Obj],
     executor: ThreadPoolExecutor | None,
 ) -> None:
     """Apply a chain (``objs``: the downloads of ``step.objects``, in order): each
@@ -89,7 +92,7 @@ def install_chain(
         _build_group(layout, step, base, objs[-1], executor)
 
 
-def _build_group(layout: DeviceLayout, step: GroupStep, base_path: Path | None, obj: Path,
+def _build_group(layout: DeviceLayout, step: GroupStep, base_path: Path | None, obj: Obj,
                  executor: ThreadPoolExecutor | None) -> None:
     with layout.staged_object() as tmp:
         _write_group(step, base_path, obj, tmp, executor)
@@ -97,7 +100,7 @@ def _build_group(layout: DeviceLayout, step: GroupStep, base_path: Path | None, 
 
 
 def build_group(
-    layout: DeviceLayout, step: GroupStep, obj: Path, tmp: Path,
+    layout: DeviceLayout, step: GroupStep, obj: Obj, tmp: Path,
     executor: ThreadPoolExecutor | None,
 ) -> None:
     """The CPU half of :func:`install_group`: rebuild the group file into ``tmp`` (a
@@ -110,7 +113,7 @@ def build_group(
     _write_group(step, base, obj, tmp, executor)
 
 
-def _write_group(step: GroupStep, base_path: Path | None, obj: Path, tmp: Path,
+def _write_group(step: GroupStep, base_path: Path | None, obj: Obj, tmp: Path,
                  executor: ThreadPoolExecutor | None) -> None:
     from manifest.container import apply_container  # numpy: only when a group is built
 
@@ -131,14 +134,15 @@ def _write_group(step: GroupStep, base_path: Path | None, obj: Path, tmp: Path,
         )
 
 
-def install_file(layout: DeviceLayout, entry: FileEntry, obj: Path) -> None:
+def install_file(layout: DeviceLayout, entry: FileEntry, obj: Obj) -> None:
     """Decompress a zstd-coded file, capped at its declared length, and check its sha256."""
     import zstandard  # only when a file is installed
 
     v = StreamVerifier(entry.sha256, entry.length, f"file {entry.path}")
     with layout.staged_object() as tmp:
         try:
-            with open(obj, "rb") as src, open(tmp, "wb") as out:
+            with (io.BytesIO(obj) if isinstance(obj, bytes) else open(obj, "rb")) as src, \
+                    open(tmp, "wb") as out:
                 reader = zstandard.ZstdDecompressor().stream_reader(src)
                 while block := reader.read(1 << 20):
                     v.update(block)  # raises as soon as the output passes the declared length

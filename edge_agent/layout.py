@@ -216,6 +216,20 @@ class DeviceLayout:
     def discard_download(self, sha256: str) -> None:
         self.download_path(sha256).unlink(missing_ok=True)
 
+    def keep_download(self, sha256: str, data: bytes) -> None:
+        """Write a verified download that was held in memory to its partial file, so that the
+        next try finds it whole instead of fetching it again (an update that failed before it
+        was built). Not fsynced: like any partial download it is verified before use."""
+        with disk_errors(self.root):
+            fd = os.open(self.download_path(sha256),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+
     def partial_download_bytes(self) -> int:
         """Bytes already downloaded (they count towards the space an update needs)."""
         return sum(p.stat().st_size for p in self.downloads.iterdir())

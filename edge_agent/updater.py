@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from manifest.constants import manifest_key
 from manifest.download_plan import check_include, wanted_groups
@@ -73,7 +74,16 @@ from manifest.trust import (
 )
 
 from .config import AgentConfig
-from .fetch import check_space, download, fetch_group, gather_all, verified_plan
+from .fetch import (
+    Held,
+    check_space,
+    download,
+    fetch_group,
+    gather_all,
+    keep,
+    release,
+    verified_plan,
+)
 from .fleet import assignment
 from .hooks import parse_hooks
 from .install import install_file
@@ -86,6 +96,7 @@ from .verdict import SwitchVerdicts
 __all__ = ["Agent", "CycleResult"]
 
 log = logging.getLogger("deltaship.agent")
+INSTALLS = 2  # groups built at once (each hashes its output on a thread of its own)
 
 
 def utcnow() -> datetime:
@@ -380,28 +391,40 @@ class Agent(SwitchVerdicts):
                 self._save_progress(counted[0])
 
         sem = asyncio.Semaphore(max(1, self.cfg.downloads))
-        # One install at a time (its chunks use a worker thread per core): memory stays at a
-        # few chunks whatever the model size, while the downloads of the next steps go on.
-        # ``ahead`` bounds the steps in flight (downloading, downloaded or installing), so the
-        # finished downloads waiting for the installer stay few; steps take it in plan order.
-        installing = asyncio.Semaphore(1)
+        # Two installs at once (their chunks share a worker thread per core): each hashes its
+        # output on a thread of its own, the one serial stage of a build, while memory stays
+        # at a few chunks per install whatever the model size, and the downloads of the next
+        # steps go on. ``ahead`` bounds the steps in flight (downloading, downloaded or
+        # installing), so the finished downloads waiting for an installer stay few; steps take
+        # it in plan order. Downloads are held in memory, not written, within ``held``.
+        installing = asyncio.Semaphore(INSTALLS)
         ahead = asyncio.Semaphore(2 * max(1, self.cfg.downloads))
+        held = Held()
         with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as ex:
 
             async def group_task(step_i: int) -> None:
                 step = plan.groups[step_i]
                 async with ahead:
-                    await fetch_group(self.layout, source, sem, installing, step, on_bytes, ex)
+                    await fetch_group(self.layout, source, sem, installing, step, on_bytes, ex,
+                                      held)
                 progress.advance(step.group.length)
 
             async def file_task(step_i: int) -> None:
                 entry = plan.files[step_i].file
                 async with ahead:
                     obj = await download(self.layout, source, sem, entry.object, entry.path,
-                                         on_bytes)
-                    async with installing:
-                        await asyncio.to_thread(install_file, self.layout, entry, obj)
-                    await asyncio.to_thread(self.layout.discard_download, entry.object.sha256)
+                                         on_bytes, held)
+                    try:
+                        async with installing:
+                            await asyncio.to_thread(install_file, self.layout, entry, obj)
+                    except BaseException:
+                        keep(self.layout, entry.object, obj)
+                        raise
+                    finally:
+                        release(held, obj)
+                    if isinstance(obj, Path):
+                        await asyncio.to_thread(self.layout.discard_download,
+                                                entry.object.sha256)
                 progress.advance(entry.length)
 
             tasks = [group_task(i) for i, s in enumerate(plan.groups) if s.kind != "have"]

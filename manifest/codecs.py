@@ -26,7 +26,7 @@ their bit patterns, so every codec is bit-exact for every dtype.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ _PLANE_PROFILE_BELOW = 10
 _UINT: dict[int, type[np.unsignedinteger[Any]]] = {
     1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64,
 }
+Frame = bytes | memoryview  # a zstd frame as decoding takes it (a slice of a held download)
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _local = threading.local()
 
@@ -250,7 +251,7 @@ def _scratch(slot: str, nbytes: int) -> np.ndarray:
     return buf[:nbytes]
 
 
-def _unpack_into(d: zstandard.ZstdDecompressor, frame: bytes, out: np.ndarray,
+def _unpack_into(d: zstandard.ZstdDecompressor, frame: Frame, out: np.ndarray,
                  codec: str) -> None:
     """Decompress one frame into ``out`` (uint8, contiguous), which it must fill exactly."""
     size = out.nbytes
@@ -274,7 +275,7 @@ def _unpack_into(d: zstandard.ZstdDecompressor, frame: bytes, out: np.ndarray,
         raise FormatError(f"{codec} frame decodes to {more}{got} bytes, expected {size}")
 
 
-def _join_planes_into(d: zstandard.ZstdDecompressor, frames: list[bytes], width: int,
+def _join_planes_into(d: zstandard.ZstdDecompressor, frames: Sequence[Frame], width: int,
                       out: np.ndarray, codec: str) -> None:
     """Decompress ``width`` byte-plane frames and interleave them into ``out`` (unsigned
     integers of ``width`` bytes, little endian: plane i is byte i of every element)."""
@@ -304,7 +305,7 @@ def _rotr1_inplace(arr: np.ndarray, width: int) -> None:
 
 
 def decode_chunk(
-    codec: str, frames: list[bytes], base: bytes | None, width: int, length: int
+    codec: str, frames: Sequence[Frame], base: bytes | None, width: int, length: int
 ) -> bytes:
     """Invert :func:`encode_chunk`; every frame's output is capped at its expected size."""
     out = decode_chunk_into(codec, frames, base, width, length,
@@ -313,7 +314,7 @@ def decode_chunk(
 
 
 def decode_chunk_into(
-    codec: str, frames: list[bytes], base: bytes | None, width: int, length: int,
+    codec: str, frames: Sequence[Frame], base: bytes | None, width: int, length: int,
     out: np.ndarray,
 ) -> memoryview:
     """:func:`decode_chunk` into ``out`` (a uint8 array of at least ``length`` bytes, which the

@@ -24,6 +24,7 @@ a container cannot make a device write more than its index says, whatever its ow
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import queue
 import struct
@@ -262,7 +263,7 @@ def _plan(
 
 
 def apply_container(
-    container: str | os.PathLike[str],
+    container: str | os.PathLike[str] | bytes,
     base: SafetensorsFile | None,
     out: IO[bytes],
     *,
@@ -277,9 +278,12 @@ def apply_container(
     ``expected``: the (sha256, length) the signed index declares for the output. A container
     whose target differs is refused before anything is written, and writing stops before the
     output could pass that length (a device checks its free space against it).
+    ``container`` is a file's path, or the container's bytes (a download held in memory).
     """
-    size = os.path.getsize(container)
-    with open(container, "rb") as f:
+    held = isinstance(container, bytes)
+    size = len(container) if isinstance(container, bytes) else os.path.getsize(container)
+    with (io.BytesIO(container) if isinstance(container, bytes)
+          else open(container, "rb")) as f:
         hdr = read_header(f, size)
         limit = hdr.target_length
         if expected is not None:
@@ -312,13 +316,21 @@ def apply_container(
         written = len(prefix)
         payload_left = size - hdr.payload_start - hdr.prefix
 
-        fd = f.fileno()
+        view = memoryview(container) if isinstance(container, bytes) else None
+        fd = -1 if held else f.fileno()
+
+        def frame_at(at: int, n: int) -> bytes | memoryview:
+            if view is None:
+                return _pread(fd, n, at)
+            if at + n > size:
+                raise FormatError("patch container payload is shorter than its header says")
+            return view[at:at + n]  # no copy
         # Output buffers of one chunk each, reused once their chunk is hashed and written:
         # at most in_flight + 3 exist (decoding, waiting, being written).
         free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
 
         def decode(job: _Job) -> tuple[memoryview, np.ndarray]:
-            frames = [_pread(fd, n, at) for at, n in job.frames]
+            frames = [frame_at(at, n) for at, n in job.frames]
             base_bytes = None
             if job.base is not None:
                 assert base is not None

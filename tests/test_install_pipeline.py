@@ -22,10 +22,10 @@ import pytest
 from safetensors.numpy import save_file
 
 from devtools.faulty_http import FaultyServer
-from edge_agent.fetch import _damaged_objects, download
+from edge_agent.fetch import Held, _damaged_objects, download, keep, release
 from edge_agent.layout import DeviceLayout
 from manifest.container import apply_container
-from manifest.errors import HashMismatchError, LocalError
+from manifest.errors import FormatError, HashMismatchError, LocalError
 from manifest.metadata import ObjectRef
 from manifest.storage._partial_file import Digest
 from manifest.storage.retry import RetryPolicy
@@ -100,11 +100,13 @@ class _FailingOut:
         return len(data)
 
 
+@pytest.mark.parametrize("held", [False, True], ids=["file", "held"])
 @pytest.mark.parametrize("workers", [None, 1, 2])
 def test_decode_writes_every_byte_in_order(
-    full_object: tuple[Path, str, int], tmp_path: Path, workers: int | None
+    full_object: tuple[Path, str, int], tmp_path: Path, workers: int | None, held: bool
 ) -> None:
-    obj, sha, length = full_object
+    path, sha, length = full_object
+    obj: Path | bytes = path.read_bytes() if held else path  # a download held in memory
     out = _FailingOut(length)
     if workers is None:
         got = apply_container(obj, None, out, expected=(sha, length))  # type: ignore[arg-type]
@@ -126,6 +128,18 @@ def test_a_failing_write_is_raised_not_lost(
         apply_container(obj, None, out, executor=ex, expected=(sha, length))  # type: ignore[arg-type]
     assert info.value.errno == errno.ENOSPC
     assert len(out.written) <= room
+
+
+@pytest.mark.parametrize("cut", [1, 1000, 100_000])
+def test_a_held_container_cut_short_is_refused(
+    full_object: tuple[Path, str, int], cut: int
+) -> None:
+    """The bytes of a held download are bounds-checked as a file's reads are."""
+    path, sha, length = full_object
+    data = path.read_bytes()[:-cut]
+    with pytest.raises(FormatError, match="shorter than its header says"):
+        apply_container(data, None, _FailingOut(length),  # type: ignore[arg-type]
+                        expected=(sha, length))
 
 
 # --- downloads: hashed while received, never fsynced, a damaged partial file fetched again ----
@@ -235,3 +249,55 @@ async def test_a_download_that_fails_its_pin_is_refused_and_discarded(
         await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None)
     assert [r.range for r in server.requests[1:]] == ["bytes=1000-", None]
     assert not layout.download_path(ref.sha256).exists()
+
+
+async def test_a_download_within_the_hold_budget_comes_back_as_bytes(
+        http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
+    """Held downloads are never written to the device's disk; the budget bounds how many bytes
+    are held at once, and one that does not fit is written as before."""
+    server, source = http_store
+    data = os.urandom(2 * 2**20)
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    server.put(ref.key, data)
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    held = Held(limit=3 * 2**20)
+
+    obj = await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None, held)
+    assert obj == data and held.used == len(data)
+    assert not layout.download_path(ref.sha256).exists()
+
+    # The budget is taken: a second one the same size goes to disk, whole and verified.
+    second = await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None, held)
+    assert isinstance(second, Path) and second.read_bytes() == data and held.used == len(data)
+    release(held, obj)
+    release(held, second)
+    assert held.used == 0
+
+
+async def test_a_held_download_that_fails_its_pin_gives_its_budget_back(
+        http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
+    server, source = http_store
+    data = os.urandom(2**20)
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    server.put(ref.key, data[:-1] + b"!")
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    held = Held()
+    with pytest.raises(HashMismatchError, match="object for g sha256"):
+        await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None, held)
+    assert held.used == 0 and not layout.download_path(ref.sha256).exists()
+
+
+def test_a_held_download_is_kept_on_disk_when_its_update_fails(tmp_path: Path) -> None:
+    """An update that fails after a download was verified (a full disk while building, a
+    cancelled sibling) writes the held bytes to the partial file: the next try finds it
+    whole and does not download it again."""
+    data = os.urandom(2**20 + 3)
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    keep(layout, ref, data)
+    assert layout.download_path(ref.sha256).read_bytes() == data
+    keep(layout, ref, layout.download_path(ref.sha256))  # a path: already on disk, untouched
+    assert layout.download_path(ref.sha256).read_bytes() == data

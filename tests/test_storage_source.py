@@ -7,6 +7,7 @@ Byte counts come from the server (what crossed the wire), not from the client.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -485,3 +486,110 @@ async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert 128 * 1024 <= dest.stat().st_size < MiB
+
+
+# --- held downloads: kept in memory while they are fast, spilled to disk when they are not ----
+
+
+async def test_a_held_download_comes_back_as_bytes_and_writes_nothing(
+        server: FaultyServer, http: Source, tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB + 17)
+    server.put("objects/a", data)
+    got: list[int] = []
+    sha, held = await http.fetch_held("objects/a", tmp_path / "d", len(data), got.append)
+    assert held == data and sha == hashlib.sha256(data).hexdigest()
+    assert not (tmp_path / "d").exists()  # never written, so never read back nor deleted
+    assert sum(got) == len(data) and len(server.requests) == 1
+
+
+async def test_a_held_download_past_its_hold_time_is_spilled_to_disk(
+        server: FaultyServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow link: once the download runs past HOLD_SECONDS its bytes go to the partial file
+    (where a restart resumes them) and the rest follows them there."""
+    monkeypatch.setattr("manifest.storage._source_base.HOLD_SECONDS", 0.2)
+    data = os.urandom(MiB)
+    server.put("objects/a", data)
+    source = open_source(server.url, max_rate=2 * MiB)  # about half a second
+    try:
+        sha, held = await source.fetch_held("objects/a", tmp_path / "d", len(data))
+    finally:
+        await source.close()
+    assert held is None and sha == hashlib.sha256(data).hexdigest()
+    assert (tmp_path / "d").read_bytes() == data and len(server.requests) == 1
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncation"])
+async def test_a_broken_held_download_is_spilled_and_resumed_with_range(
+        server: FaultyServer, http: Source, tmp_path: Path, fault: str) -> None:
+    data = os.urandom(3 * MiB)
+    server.put("objects/a", data)
+    if fault == "reset":
+        server.faults.resets = [MiB]
+    else:
+        server.faults.truncations = [MiB + 5]
+    sha, held = await http.fetch_held("objects/a", tmp_path / "d", len(data))
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert held is None and (tmp_path / "d").read_bytes() == data  # resumed on disk
+    first, second = server.requests
+    assert first.range is None and second.status == 206 and second.range is not None
+    resumed_at = int(second.range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < resumed_at <= MiB + 5
+    assert server.bytes_sent <= len(data) + MiB
+
+
+async def test_a_cancelled_held_download_keeps_what_arrived(
+        server: FaultyServer, tmp_path: Path) -> None:
+    """A try cancelled mid-way (the agent stopping, a sibling download failing) writes what
+    it held, so that the next run resumes it instead of starting over."""
+    data = os.urandom(2 * MiB)
+    server.put("objects/a", data)
+    source = open_source(server.url, max_rate=MiB)
+    dest = tmp_path / "d"
+    got: list[int] = []
+    try:
+        task = asyncio.ensure_future(source.fetch_held("objects/a", dest, len(data), got.append))
+        while sum(got) < 256 * 1024:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await source.close()
+    kept = dest.read_bytes()
+    assert len(kept) >= 256 * 1024 and kept == data[:len(kept)]
+
+
+async def test_a_killed_held_download_on_a_slow_link_loses_at_most_its_hold_time(
+        server: FaultyServer, tmp_path: Path) -> None:
+    """SIGKILL (a real one) can cost a held download only what arrived before it was spilled:
+    past HOLD_SECONDS the partial file holds the bytes, as for a written download."""
+    import signal
+    import subprocess
+    import sys
+
+    from manifest.storage._partial_file import HOLD_SECONDS
+
+    server.put("objects/a", os.urandom(MiB))
+    dest = tmp_path / "partial"
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from manifest.storage.source import open_source\n"
+        "async def main():\n"
+        f"    s = open_source({server.url!r}, max_rate=128 * 1024)\n"
+        f"    await s.fetch_held('objects/a', Path({str(dest)!r}), {MiB})\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 30
+        while (not dest.exists() or dest.stat().st_size < 128 * 1024) and proc.poll() is None:
+            assert time.monotonic() < deadline, "nothing was written to the partial file"
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    # Spilled at HOLD_SECONDS (128 KiB/s: about 2 s of bytes at once), then written as it came.
+    assert int(128 * 1024 * HOLD_SECONDS * 0.5) <= dest.stat().st_size < MiB

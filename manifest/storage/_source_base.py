@@ -51,7 +51,7 @@ from ..errors import (
     UntrustedDataError,
 )
 from ._pace import DEFAULT_LIMITS, Pace, TransferLimits
-from ._partial_file import Digest, PartialFile, empty_file, size_of
+from ._partial_file import HOLD_SECONDS, Digest, PartialFile, empty_file, size_of
 from .location import check_key
 from .retry import RetryPolicy, RetryState, give_up
 
@@ -229,7 +229,23 @@ class SourceBase:
     ) -> str:
         """Download exactly ``length`` bytes of ``key`` into ``dest`` (resuming a partial
         file); returns the SHA-256 (hex) of the whole file, hashed while it was written."""
+        sha, _ = await self._fetch(key, dest, length, on_bytes, hold=False)
+        return sha
+
+    async def fetch_held(
+        self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = lambda n: None
+    ) -> tuple[str, bytes | None]:
+        """:meth:`fetch`, but a download from byte 0 is held in memory (see
+        :mod:`._partial_file`): returns the SHA-256 and the object's bytes, or None for them
+        when the download was (or had been) written to ``dest``."""
+        return await self._fetch(key, dest, length, on_bytes, hold=True)
+
+    async def _fetch(
+        self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None], hold: bool
+    ) -> tuple[str, bytes | None]:
         where = self._where(key)
+        hold_until = time.monotonic() + HOLD_SECONDS if hold else None
+        held: bytes | None = None
         dest = Path(dest)
         digest = Digest()  # across tries: the bytes on disk are hashed once
         # Progress means a partial file longer than ever before: a server that ignores Range
@@ -237,7 +253,7 @@ class SourceBase:
         best = min(size_of(dest), length)
 
         async def attempt(state: RetryState) -> None:
-            nonlocal best
+            nonlocal best, held
             have = size_of(dest)
             if have > length:
                 log.warning("%s: partial file %s holds %d bytes, more than the %d expected: "
@@ -256,7 +272,7 @@ class SourceBase:
                         raise RetryableError(f"GET {where} answered 304 Not Modified to a "
                                              "request that was not conditional")
                     start = _check_body(body, have, length, where)
-                    async with PartialFile(dest, start, digest) as out:
+                    async with PartialFile(dest, start, digest, hold_until, length) as out:
                         while chunk := await body.read(min(self._read_size, length - out.size + 1)):
                             if out.size + len(chunk) > length:
                                 raise OversizeError(f"{where} sent more than the {length} bytes "
@@ -278,6 +294,7 @@ class SourceBase:
                     state.progress()
             if out.size < length:
                 raise RetryableError(f"GET {where} ended after {out.size} of {length} bytes")
+            held = out.data
 
         try:
             await self._retrying(attempt)
@@ -285,7 +302,7 @@ class SourceBase:
             await asyncio.to_thread(dest.unlink, missing_ok=True)
             raise
         assert digest.size == length
-        return digest.hexdigest()
+        return digest.hexdigest(), held
 
 
 def _whole(dest: Path, length: int, digest: Digest) -> None:

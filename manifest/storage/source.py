@@ -97,6 +97,14 @@ class Source(Protocol):
         """
         ...
 
+    async def fetch_held(
+        self, key: str, dest: Path, length: int, on_bytes: Callable[[int], None] = ...
+    ) -> tuple[str, bytes | None]:
+        """:meth:`fetch`, holding a download from byte 0 in memory for at most
+        ``HOLD_SECONDS`` (then it is written to ``dest`` and goes on as :meth:`fetch`);
+        returns the SHA-256 and the bytes, or None when the object is in ``dest``."""
+        ...
+
     async def put_small(self, key: str, data: bytes, deadline: float) -> None:
         """Write a small object (a device report: at most ``MAX_PUT_SIZE`` bytes), one try,
         within ``deadline`` seconds. S3 and directories; an HTTP store is read-only
