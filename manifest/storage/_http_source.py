@@ -126,6 +126,11 @@ def http_body(resp: aiohttp.ClientResponse, where: str) -> Body | None:
 
     async def read(n: int) -> bytes:
         try:
+            if n >= READ_SIZE:  # no rate cap: the bytes as they arrived, not joined (a copy)
+                while True:
+                    data, end_of_http_chunk = await resp.content.readchunk()
+                    if data or not end_of_http_chunk:
+                        return data  # b"": the end of the body
             return await resp.content.read(n)
         except (aiohttp.ClientError, TimeoutError) as e:
             raise RetryableError(f"GET {where} broke off: {one_line(e)}") from e
