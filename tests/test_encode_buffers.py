@@ -83,7 +83,8 @@ def test_frames_do_not_alias_reused_buffers() -> None:
 
 def test_threads_coding_at_once_get_their_own_scratch() -> None:
     rng = np.random.default_rng(4)
-    items = [(_bf16_like(rng, 300_000 + 1000 * i).tobytes(), None) for i in range(12)]
+    items: list[tuple[bytes, bytes | None]] = [
+        (_bf16_like(rng, 300_000 + 1000 * i).tobytes(), None) for i in range(12)]
     items += [(new, _bf16_like(rng, len(new) // 2).tobytes()) for new, _ in items[:6]]
     expected = [encode_chunk(new, base, 2) for new, base in items]
     with ThreadPoolExecutor(4) as ex:
