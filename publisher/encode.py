@@ -25,8 +25,8 @@ from .model_dir import SourceTensor
 
 __all__ = ["EncodeResult", "EncodeTask", "GroupLayout", "encode_all", "hash_groups", "layout_group"]
 
-# Groups whose container is being written while the next ones are coded (each holds its spooled
-# payload: up to the spool's 32 MiB in memory).
+# Groups whose container is being written while the next ones are coded, each by a thread of
+# its own (each holds its payload: up to the builder's 32 MiB in memory).
 _FINISHING = 2
 # The canonical group file's safetensors metadata: transformers refuses files without it.
 GROUP_METADATA = {"format": "pt"}
@@ -181,9 +181,9 @@ def encode_all(
 
     builder: ContainerBuilder | None = None
     events = _events(tasks, chunk_bytes)
-    # A finished group's container is written (and hashed) by a thread of its own while the
-    # next groups' chunks are coded: at most _FINISHING groups wait for it, in order.
-    with ThreadPoolExecutor(1) as finisher:
+    # Finished groups' containers are written (and hashed) by threads of their own while the
+    # next groups' chunks are coded: at most _FINISHING groups at once, yielded in order.
+    with ThreadPoolExecutor(_FINISHING) as finisher:
         finishing: deque[Future[EncodeResult]] = deque()
         for ev in ordered_map(work, events, executor, in_flight, weight, 4 * chunk_bytes):
             if isinstance(ev, tuple) and ev[0] == "group":

@@ -11,7 +11,8 @@ Each step takes typed values and returns a new frozen one (the pure ones are in
     start_ship_files  -> ShippedFile...    the non-tensor files as zstd objects (overlapped
                                            with encode, on the same pool)
     build_index       -> ReleaseIndex
-    upload            -> UploadStats       the objects the store lacks
+    upload            -> UploadStats       the objects the store lacks (full objects start
+                                           as soon as they are written: uploads.py)
     publish                                index; then the draft of the manifest and
                                            release record, signed and published (or saved
                                            with --draft for other key holders)
@@ -54,7 +55,7 @@ from manifest.metadata import (
 )
 from manifest.safetensors_format import SafetensorsFile
 from manifest.signing import SigningKey
-from manifest.storage.store import Store, StoreOptions, open_store
+from manifest.storage.store import StoreOptions, open_store
 
 from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir
 from .drafts import DEFAULT_LIFETIMES, Lifetimes, Published, finish, manifest_draft
@@ -78,6 +79,7 @@ from .release_plan import (
 )
 from .repository import Repository
 from .summary import ReleaseSummary, Timings, UploadStats, summarise
+from .uploads import Uploads
 
 __all__ = ["ReleaseConfig", "default_cache_dir", "release"]
 
@@ -124,6 +126,8 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     state = read_store_state(repo, version, cfg.deltas_from, cfg.checkpoint_every)
     cache = PublisherCache(cfg.cache_dir)
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
+    # Full objects upload as soon as they are written, overlapped with encoding (uploads.py).
+    uploads = Uploads(repo.store, cfg.workers)
     try:
         with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
             listing = model.listing()
@@ -134,7 +138,8 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             with contextlib.ExitStack() as open_files:
                 base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
                 t_enc = time.monotonic()
-                results = encode(plan, base_files, ex, cfg.level, cfg.progress)
+                results = encode(plan, base_files, ex, cfg.level, cfg.progress,
+                                 None if cfg.dry_run else uploads)
                 encode_seconds = time.monotonic() - t_enc
             chosen = choose_objects(plan, results)
             for path in chosen.rejected:  # free the disk before the next step writes to it
@@ -146,13 +151,13 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
         uploaded = UploadStats()
         published: Published | None = None
         if not cfg.dry_run:
-            uploads = objects_to_upload(chosen, files)
-            uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
+            uploaded = uploads.finish(objects_to_upload(chosen, files), cfg.progress)
             published = publish(repo, version, index_bytes, keys, now, cfg.lifetimes,
                                 cfg.draft, cfg.rollout_basis_points, cfg.index_deltas,
                                 state.records)
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
+        uploads.close()  # before the staged files go
         shutil.rmtree(staging, ignore_errors=True)
         cache.end(cfg.cache_max_bytes)
     timings = Timings(time.monotonic() - t0, encode_seconds)
@@ -224,9 +229,11 @@ def open_base_files(
 
 def encode(
     plan: EncodePlan, base_files: dict[str, SafetensorsFile], ex: ThreadPoolExecutor,
-    level: int, progress: bool | None,
+    level: int, progress: bool | None, uploads: Uploads | None = None,
 ) -> tuple[EncodeResult, ...]:
-    """Every job of ``plan``, written to its ``out_path``; results in job order."""
+    """Every job of ``plan``, written to its ``out_path``; results in job order. Each full
+    object starts uploading to ``uploads`` once written (every full object ships:
+    :func:`~publisher.release_plan.choose_objects`)."""
     tasks = [
         EncodeTask(j.layout, j.sha256, None, None, j.out_path) if j.base is None else
         EncodeTask(j.layout, j.sha256, base_files[j.base.group.sha256], j.base.group.sha256,
@@ -234,10 +241,15 @@ def encode(
         for j in plan.jobs
     ]
     bar = Progress("encoding", sum(t.layout.length for t in tasks), enabled=progress)
+    results: list[EncodeResult] = []
     try:
-        return tuple(encode_all(tasks, ex, level=level, on_bytes=bar.advance))
+        for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
+            if uploads is not None and r.task.base is None:
+                uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
+            results.append(r)
     finally:
         bar.close()
+    return tuple(results)
 
 
 def start_ship_files(
@@ -261,31 +273,6 @@ def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
     ref = ObjectRef(hashlib.sha256(blob).hexdigest(), len(blob), "zstd")
     staged.write_bytes(blob)
     return ShippedFile(FileEntry(rel, sha, len(data), ref), str(staged))
-
-
-def upload(
-    store: Store, uploads: dict[str, str], workers: int, progress: bool | None
-) -> UploadStats:
-    """Upload what the store lacks (objects are immutable: an existing key is skipped)."""
-    bar = Progress("uploading", sum(os.path.getsize(p) for p in uploads.values()),
-                   enabled=progress)
-
-    def one(item: tuple[str, str]) -> int:
-        key, path = item
-        size = os.path.getsize(path)
-        if store.exists(key):
-            bar.advance(size)
-            return 0
-        store.put_file(key, path)
-        bar.advance(size)
-        return size
-
-    try:
-        with ThreadPoolExecutor(max(4, workers)) as ex:
-            sizes = list(ex.map(one, uploads.items()))
-    finally:
-        bar.close()
-    return UploadStats(sum(1 for s in sizes if s), sum(sizes))
 
 
 def publish(
