@@ -131,15 +131,21 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     try:
         with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
             listing = model.listing()
-            groups = hash_model_groups(model, rules, ex, cfg.progress)
-            plan = plan_encoding(groups, state.bases, staging)
+            early = None if cfg.dry_run else uploads
             # The other files are compressed on the same pool, overlapped with the groups.
             shipping = start_ship_files(model, state.bases, staging, cfg.level, ex)
-            with contextlib.ExitStack() as open_files:
-                base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
+            if state.bases:  # hash first: groups a base has are reused, not encoded
+                groups = hash_model_groups(model, rules, ex, cfg.progress)
+                plan = plan_encoding(groups, state.bases, staging)
+                with contextlib.ExitStack() as open_files:
+                    base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
+                    t_enc = time.monotonic()
+                    results = encode(plan, base_files, ex, cfg.level, cfg.progress, early)
+                    encode_seconds = time.monotonic() - t_enc
+            else:  # nothing to reuse or patch from: every group is encoded, and hashed on the way
                 t_enc = time.monotonic()
-                results = encode(plan, base_files, ex, cfg.level, cfg.progress,
-                                 None if cfg.dry_run else uploads)
+                groups, plan, results = hash_and_encode(model, rules, staging, ex, cfg.level,
+                                                        cfg.progress, early)
                 encode_seconds = time.monotonic() - t_enc
             chosen = choose_objects(plan, results)
             for path in chosen.rejected:  # free the disk before the next step writes to it
@@ -213,6 +219,42 @@ def hash_model_groups(
     finally:
         bar.close()
     return tuple(HashedGroup(g, sha) for g, sha in zip(layouts, shas, strict=True))
+
+
+def hash_and_encode(
+    model: ModelDir, rules: Sequence[GroupRule], staging: Path, ex: ThreadPoolExecutor,
+    level: int, progress: bool | None, uploads: Uploads | None = None,
+) -> tuple[tuple[HashedGroup, ...], EncodePlan, tuple[EncodeResult, ...]]:
+    """A release without bases: :func:`hash_model_groups`, :func:`plan_encoding` and
+    :func:`encode` in one read of the model, every group file hashed from the chunks read to
+    encode it. The plan is :func:`plan_encoding`'s (no base: a full object per distinct
+    content), its jobs staged where they were encoded; a group whose content an earlier
+    group has is encoded twice and its second object dropped (identical contents are rare).
+    Full objects start uploading to ``uploads`` once written, as in :func:`encode`."""
+    layouts = [layout_group(g, [model.tensors[t] for t in ts])
+               for g, ts in assign_groups(model.tensors, rules).items()]
+    tasks = [EncodeTask(layout, None, None, None, str(staging / f"group-{i}"))
+             for i, layout in enumerate(layouts)]
+    bar = Progress("hashing and encoding", sum(t.layout.length for t in tasks),
+                   enabled=progress)
+    groups: list[HashedGroup] = []
+    kept: dict[str, EncodeResult] = {}
+    try:
+        for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
+            assert r.task.sha256 is not None
+            groups.append(HashedGroup(r.task.layout, r.task.sha256))
+            if r.task.sha256 in kept:
+                os.unlink(r.task.out_path)
+                continue
+            kept[r.task.sha256] = r
+            if uploads is not None:
+                uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
+    finally:
+        bar.close()
+    plan = plan_encoding(groups, (), staging)
+    jobs = tuple(dataclasses.replace(j, out_path=kept[j.sha256].task.out_path)
+                 for j in plan.jobs)
+    return tuple(groups), dataclasses.replace(plan, jobs=jobs), tuple(kept.values())
 
 
 def open_base_files(
