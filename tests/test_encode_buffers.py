@@ -8,6 +8,8 @@ from a fresh ``bytes`` input and must never alias a buffer that is reused for th
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -120,3 +122,19 @@ def test_read_into_reports_a_file_shrinking_while_read(tmp_path: Path) -> None:
         os.truncate(path, f.data_start + 100)
         with pytest.raises(SafetensorsError, match="file shrank while being read"):
             f.read_into(t, 0, memoryview(bytearray(t.nbytes)))
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("3", "3")])
+def test_the_publisher_starts_no_blas_threads_unless_asked(
+    given: str | None, expected: str
+) -> None:
+    """numpy is imported after publisher/__init__ defaults OPENBLAS_NUM_THREADS to 1 (its
+    threads only spin: the publisher never calls BLAS); a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if given is not None:
+        env["OPENBLAS_NUM_THREADS"] = given
+    code = ("import publisher, os, sys; assert 'numpy' in sys.modules; "
+            "print(os.environ['OPENBLAS_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    assert out.strip() == expected
