@@ -233,16 +233,19 @@ def hash_and_encode(
     Full objects start uploading to ``uploads`` once written, as in :func:`encode`."""
     layouts = [layout_group(g, [model.tensors[t] for t in ts])
                for g, ts in assign_groups(model.tensors, rules).items()]
-    tasks = [EncodeTask(layout, None, None, None, str(staging / f"group-{i}"))
-             for i, layout in enumerate(layouts)]
+    paths = [str(staging / f"group-{i}") for i in range(len(layouts))]
+    # Largest groups first: the serial end of a group (its hash, writing its container) then
+    # overlaps the coding of smaller ones instead of trailing the release.
+    tasks = [EncodeTask(layouts[i], None, None, None, paths[i])
+             for i in sorted(range(len(layouts)), key=lambda i: -layouts[i].length)]
     bar = Progress("hashing and encoding", sum(t.layout.length for t in tasks),
                    enabled=progress)
-    groups: list[HashedGroup] = []
+    hashed: dict[str, HashedGroup] = {}  # by staged path
     kept: dict[str, EncodeResult] = {}
     try:
         for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
             assert r.task.sha256 is not None
-            groups.append(HashedGroup(r.task.layout, r.task.sha256))
+            hashed[r.task.out_path] = HashedGroup(r.task.layout, r.task.sha256)
             if r.task.sha256 in kept:
                 os.unlink(r.task.out_path)
                 continue
@@ -251,10 +254,11 @@ def hash_and_encode(
                 uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
     finally:
         bar.close()
+    groups = [hashed[path] for path in paths]
     plan = plan_encoding(groups, (), staging)
     jobs = tuple(dataclasses.replace(j, out_path=kept[j.sha256].task.out_path)
                  for j in plan.jobs)
-    return tuple(groups), dataclasses.replace(plan, jobs=jobs), tuple(kept.values())
+    return tuple(groups), dataclasses.replace(plan, jobs=jobs), tuple(kept[j.sha256] for j in jobs)
 
 
 def open_base_files(
@@ -282,16 +286,17 @@ def encode(
                    j.out_path)
         for j in plan.jobs
     ]
+    tasks.sort(key=lambda t: -t.layout.length)  # largest first, as in hash_and_encode
     bar = Progress("encoding", sum(t.layout.length for t in tasks), enabled=progress)
-    results: list[EncodeResult] = []
+    results: dict[str, EncodeResult] = {}
     try:
         for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
             if uploads is not None and r.task.base is None:
                 uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
-            results.append(r)
+            results[r.task.out_path] = r
     finally:
         bar.close()
-    return tuple(results)
+    return tuple(results[j.out_path] for j in plan.jobs)
 
 
 def start_ship_files(
