@@ -70,6 +70,8 @@ _UINT: dict[int, type[np.unsignedinteger[Any]]] = {
 }
 Frame = bytes | memoryview  # a zstd frame as decoding takes it (a slice of a held download)
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+# What the encoder reads chunks from: any C-contiguous buffer (only read, never kept).
+Buffer = bytes | bytearray | memoryview | np.ndarray
 _local = threading.local()
 
 
@@ -107,29 +109,66 @@ def chunk_ranges(nbytes: int, overlap: int, chunk: int) -> Iterator[tuple[int, i
             yield start, min(start + chunk, hi)
 
 
-def _split_planes(arr: np.ndarray, width: int) -> list[bytes]:
+def _u8(buf: Buffer) -> np.ndarray:
+    """``buf`` as a flat uint8 array, without a copy."""
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def _split_planes(values: np.ndarray, width: int, slot: str) -> list[np.ndarray]:
+    """Byte planes of ``values`` (unsigned, ``width`` bytes), in this thread's scratch ``slot``.
+
+    The planes are views of a buffer reused from chunk to chunk (see :func:`_scratch`): they
+    must be compressed before this thread splits the next chunk. Width 1 is ``values`` itself.
+    """
     if width == 1:
-        return [arr.tobytes()]
-    b = arr.view(np.uint8).reshape(-1, width)
-    return [b[:, i].tobytes() for i in range(width)]
+        return [values.view(np.uint8)]
+    count = len(values)
+    planes = _scratch(slot, count * width).reshape(width, count)
+    if width == 2:  # BF16 and F16: a truncating cast and a shift, no strided copies
+        np.copyto(planes[0], values, casting="unsafe")
+        np.right_shift(values, np.uint16(8), out=planes[1], casting="unsafe")
+    else:
+        cols = values.view(np.uint8).reshape(count, width)
+        for i in range(width):
+            np.copyto(planes[i], cols[:, i])
+    return list(planes)
 
 
-def _rotl1(arr: np.ndarray, width: int) -> np.ndarray:
-    """Rotate each element left by one bit (sign to bit 0): the ``planes-rot`` transform."""
+def _rotl1_planes(values: np.ndarray, width: int) -> list[np.ndarray]:
+    """Byte planes of every element rotated left by one bit (sign to bit 0): the
+    ``planes-rot`` transform, in this thread's scratch buffers (see :func:`_split_planes`)."""
+    count = len(values)
+    if width == 2:  # plane 0 = (v << 1 | v >> 15) & 0xFF, plane 1 = (v >> 7) & 0xFF
+        planes = _scratch("enc-planes", 2 * count).reshape(2, count)
+        sign = _scratch("enc-tmp", count)
+        np.left_shift(values, np.uint16(1), out=planes[0], casting="unsafe")
+        np.right_shift(values, np.uint16(15), out=sign, casting="unsafe")
+        np.bitwise_or(planes[0], sign, out=planes[0])
+        np.right_shift(values, np.uint16(7), out=planes[1], casting="unsafe")
+        return list(planes)
     u = _UINT[width]
-    out: np.ndarray = (arr << u(1)) | (arr >> u(8 * width - 1))
-    return out
+    rotated = _scratch("enc-rot", count * width).view(u)
+    low = _scratch("enc-tmp", count * width).view(u)
+    np.left_shift(values, u(1), out=rotated)
+    np.right_shift(values, u(8 * width - 1), out=low)
+    np.bitwise_or(rotated, low, out=rotated)
+    return _split_planes(rotated, width, "enc-planes")
 
 
-def _zigzag(new: bytes, base: bytes, width: int) -> np.ndarray:
+def _zigzag(new: Buffer, base: Buffer, width: int) -> np.ndarray:
+    """Zigzag of ``new - base`` (wrapping), in this thread's scratch slot ``enc-zigzag``."""
     u = _UINT[width]
-    d = np.frombuffer(new, dtype=u) - np.frombuffer(base, dtype=u)  # wraps
-    s = d.view(_INT[width])
-    z: np.ndarray = (d << u(1)) ^ (s >> (8 * width - 1)).view(u)
-    return z
+    b = np.frombuffer(base, dtype=u)
+    d = _scratch("enc-zigzag", b.nbytes).view(u)
+    np.subtract(np.frombuffer(new, dtype=u), b, out=d)  # wraps
+    sign = _scratch("enc-tmp", b.nbytes).view(u)
+    np.right_shift(d.view(_INT[width]), 8 * width - 1, out=sign.view(_INT[width]))
+    np.left_shift(d, u(1), out=d)
+    np.bitwise_xor(d, sign, out=d)
+    return d
 
 
-def _magnitude_order(base: bytes, width: int) -> np.ndarray:
+def _magnitude_order(base: Buffer, width: int) -> np.ndarray:
     """Stable order of elements by the 8 bits below the sign bit of each base element.
 
     For BF16 and F32 those bits are the exponent (for F16: exponent and top mantissa bits; for
@@ -147,34 +186,32 @@ def _magnitude_order(base: bytes, width: int) -> np.ndarray:
     return order
 
 
-def _compress_planes(parts: list[bytes], level: int) -> list[bytes]:
+def _compress_planes(parts: list[np.ndarray], level: int) -> list[bytes]:
     c = _plane_compressor(level)
-    return [c.compress(p) for p in parts]
+    return [c.compress(p.data) for p in parts]
 
 
-def _encode_delta(new: bytes, base: bytes, width: int, level: int) -> tuple[str, list[bytes]]:
-    zs = _zigzag(new, base, width)[_magnitude_order(base, width)]
-    nonzero = zs != 0
-    if 2 * int(np.count_nonzero(nonzero)) <= len(zs):
-        bitmap = _compressor(max(level, _BITMAP_LEVEL)).compress(np.packbits(nonzero).tobytes())
-        planes = _compress_planes(_split_planes(zs[nonzero], width), level)
+def _encode_delta(new: Buffer, base: Buffer, width: int, level: int) -> tuple[str, list[bytes]]:
+    zs = _zigzag(new, base, width)
+    ordered = _scratch("enc-ordered", zs.nbytes).view(zs.dtype)
+    np.take(zs, _magnitude_order(base, width), out=ordered)
+    nonzero = ordered != 0
+    if 2 * int(np.count_nonzero(nonzero)) <= len(ordered):
+        bitmap = _compressor(max(level, _BITMAP_LEVEL)).compress(np.packbits(nonzero).data)
+        planes = _compress_planes(_split_planes(ordered[nonzero], width, "enc-planes"), level)
         return "delta-sparse", [bitmap, *planes]
-    return "delta", _compress_planes(_split_planes(zs, width), level)
+    return "delta", _compress_planes(_split_planes(ordered, width, "enc-planes"), level)
 
 
-def _planes_rot(new: bytes, width: int, level: int) -> list[bytes]:
-    rotated = _rotl1(np.frombuffer(new, dtype=_UINT[width]), width)
-    return _compress_planes(_split_planes(rotated, width), level)
-
-
-def _encode_full(codec: str, new: bytes, width: int, level: int) -> list[bytes]:
-    """The frames of ``new`` under a codec that needs no base (``planes-rot`` or ``zstd``)."""
+def _encode_full(codec: str, new: np.ndarray, width: int, level: int) -> list[bytes]:
+    """The frames of ``new`` (uint8) under a codec that needs no base (``planes-rot`` or
+    ``zstd``)."""
     if codec == "planes-rot":
-        return _planes_rot(new, width, level)
-    return [_compressor(level).compress(new)]
+        return _compress_planes(_rotl1_planes(new.view(_UINT[width]), width), level)
+    return [_compressor(level).compress(new.data)]
 
 
-def _worth_trying(codec: str, new: bytes, base: bytes | None, width: int, level: int,
+def _worth_trying(codec: str, new: np.ndarray, base: np.ndarray | None, width: int, level: int,
                   primary: str) -> bool:
     """Whether the full ``codec`` attempt may beat ``primary``, judged on a sample.
 
@@ -193,10 +230,20 @@ def _worth_trying(codec: str, new: bytes, base: bytes | None, width: int, level:
     return theirs <= mine * (1 + _SAMPLE_MARGIN)
 
 
+def _same(new: Buffer, base: Buffer) -> bool:
+    if isinstance(new, bytes) and isinstance(base, bytes):
+        return new == base
+    return _u8(new).data == _u8(base).data
+
+
 def encode_chunk(
-    new: bytes, base: bytes | None, width: int, level: int = 3
+    new: Buffer, base: Buffer | None, width: int, level: int = 3
 ) -> tuple[str, list[bytes]]:
     """Code one chunk; returns the codec name and its frames. ``base`` has the same length.
+
+    ``new`` and ``base`` are any C-contiguous buffers (bytes, a numpy array, a memoryview);
+    they are only read, and the frames never refer to them or to this thread's scratch
+    buffers, so the caller may reuse both as soon as this returns.
 
     Which codec wins is decided by coding: the chunk's primary codec (``delta`` against a base,
     else ``planes-rot``; plain ``zstd`` for width 1) is always coded in full; the others (when a
@@ -204,26 +251,28 @@ def encode_chunk(
     close on a sample of the chunk (:func:`_worth_trying`), or on every chunk too small to
     sample. The smallest coding is kept.
     """
-    if base is not None:
-        if new == base:
+    data = _u8(new)
+    ref = None if base is None else _u8(base)
+    if base is not None and ref is not None:
+        if _same(new, base):
             return "same", []
-        best = _encode_delta(new, base, width, level)
+        best = _encode_delta(data, ref, width, level)
         size = sum(map(len, best[1]))
-        if size <= _RETRY_RATIO * len(new):
+        if size <= _RETRY_RATIO * len(data):
             return best
         # Rotated planes rather than plain planes for every width >= 2: on the bench models
         # they are 0.2-1.2 % smaller in total and the plain ones are not worth a second try.
         others = ["planes-rot", "zstd"] if width > 1 else ["zstd"]
     else:
         first = "planes-rot" if width > 1 else "zstd"
-        best = (first, _encode_full(first, new, width, level))
+        best = (first, _encode_full(first, data, width, level))
         size = sum(map(len, best[1]))
         others = ["zstd"] if width > 1 else []
-    sampled = len(new) >= 2 * _SAMPLE_BYTES
+    sampled = len(data) >= 2 * _SAMPLE_BYTES
     for codec in others:
-        if sampled and not _worth_trying(codec, new, base, width, level, best[0]):
+        if sampled and not _worth_trying(codec, data, ref, width, level, best[0]):
             continue
-        frames = _encode_full(codec, new, width, level)
+        frames = _encode_full(codec, data, width, level)
         if sum(map(len, frames)) < size:
             best, size = (codec, frames), sum(map(len, frames))
     return best

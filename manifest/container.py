@@ -59,6 +59,8 @@ MAX_CONTAINER_HEADER = 16 * 1024 * 1024
 # The largest chunk a decoder accepts (publishers write 4 MiB, codecs.CHUNK_BYTES): decoding
 # holds a few chunks in memory, so this bounds a device's memory whatever a container says.
 MAX_CHUNK_BYTES = 16 * 1024 * 1024
+# A builder holds this much payload in memory, then spills it to a temporary file.
+_HELD_BYTES = 32 * 1024 * 1024
 TYPE = "deltaship.patch"
 
 
@@ -82,20 +84,35 @@ class _TensorRecord:
 
 
 class ContainerBuilder:
-    """Collects frames into a spooled payload, then writes the container in one pass."""
+    """Collects frames (kept as they are up to 32 MiB, then in a temporary file), then writes
+    the container in one pass."""
 
     def __init__(self, base: tuple[str, int] | None, chunk_bytes: int, level: int) -> None:
         self.base = base
         self.chunk_bytes = chunk_bytes
         self.level = level
-        self._payload = tempfile.SpooledTemporaryFile(max_size=32 * 1024 * 1024)  # noqa: SIM115
+        # The frames as zstd returned them (no copy) up to _HELD_BYTES, then a temporary file.
+        self._frames: list[bytes] = []
+        self._held = 0
+        self._spill: IO[bytes] | None = None
         self._prefix_len = 0
         self._tensors: list[_TensorRecord] = []
         self.codec_bytes: dict[str, int] = {}
 
+    def _write(self, frame: bytes) -> None:
+        if self._spill is None and self._held + len(frame) > _HELD_BYTES:
+            self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish/close
+            self._spill.writelines(self._frames)
+            self._frames = []
+        if self._spill is not None:
+            self._spill.write(frame)
+        else:
+            self._frames.append(frame)
+        self._held += len(frame)
+
     def set_prefix(self, prefix: bytes) -> None:
         frame = zstandard.ZstdCompressor(level=self.level).compress(prefix)
-        self._payload.write(frame)
+        self._write(frame)
         self._prefix_len = len(frame)
 
     def add_tensor(self, name: str, base: str | None, overlap: int) -> None:
@@ -104,7 +121,7 @@ class ContainerBuilder:
     def add_chunk(self, codec: str, frames: list[bytes]) -> None:
         self._tensors[-1].chunks.append([codec, [len(f) for f in frames]])
         for f in frames:
-            self._payload.write(f)
+            self._write(f)
         self.codec_bytes[codec] = self.codec_bytes.get(codec, 0) + sum(map(len, frames))
 
     def header(self, target_sha256: str, target_length: int) -> dict[str, Any]:
@@ -127,15 +144,19 @@ class ContainerBuilder:
         """Write the container to ``out``; returns its length."""
         raw = canonical_json(self.header(target_sha256, target_length))
         out.write(MAGIC + struct.pack("<Q", len(raw)) + raw)
-        self._payload.seek(0)
-        while block := self._payload.read(1 << 20):
-            out.write(block)
-        total = 16 + len(raw) + self._payload.tell()
-        self._payload.close()
-        return total
+        for frame in self._frames:
+            out.write(frame)
+        if self._spill is not None:
+            self._spill.seek(0)
+            while block := self._spill.read(1 << 20):
+                out.write(block)
+        self.close()
+        return 16 + len(raw) + self._held
 
     def close(self) -> None:
-        self._payload.close()
+        self._frames = []
+        if self._spill is not None:
+            self._spill.close()
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,21 @@ class SafetensorsFile:
             out += piece
         return bytes(out)
 
+    def read_into(self, tensor: TensorInfo, offset: int, out: memoryview) -> None:
+        """Fill ``out`` (a writable byte buffer) with the tensor's data from ``offset`` on: the
+        same bytes as :meth:`read`, without allocating (the caller reuses ``out``)."""
+        length = out.nbytes
+        if offset < 0 or offset + length > tensor.nbytes:
+            raise ValueError(f"range {offset}+{length} outside tensor {tensor.name!r}")
+        view = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        pos = self.data_start + tensor.begin + offset
+        got = 0
+        while got < length:
+            n = os.preadv(self._fd, [view[got:]], pos + got)
+            if not n:
+                raise _fail(self.path, "file shrank while being read")
+            got += n
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -41,6 +41,10 @@ class SourceTensor:
     def read(self, offset: int, length: int) -> bytes:
         return self.file.read(self.info, offset, length)
 
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the tensor's bytes from ``offset`` on (no allocation)."""
+        self.file.read_into(self.info, offset, out)
+
 
 @dataclass(frozen=True)
 class ModelFiles:

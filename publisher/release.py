@@ -11,7 +11,8 @@ Each step takes typed values and returns a new frozen one (the pure ones are in
     start_ship_files  -> ShippedFile...    the non-tensor files as zstd objects (overlapped
                                            with encode, on the same pool)
     build_index       -> ReleaseIndex
-    upload            -> UploadStats       the objects the store lacks
+    upload            -> UploadStats       the objects the store lacks (full objects start
+                                           as soon as they are written: uploads.py)
     publish                                index; then the draft of the manifest and
                                            release record, signed and published (or saved
                                            with --draft for other key holders)
@@ -54,7 +55,7 @@ from manifest.metadata import (
 )
 from manifest.safetensors_format import SafetensorsFile
 from manifest.signing import SigningKey
-from manifest.storage.store import Store, StoreOptions, open_store
+from manifest.storage.store import StoreOptions, open_store
 
 from .cache import DEFAULT_CACHE_MAX_BYTES, PublisherCache, default_cache_dir
 from .drafts import DEFAULT_LIFETIMES, Lifetimes, Published, finish, manifest_draft
@@ -78,6 +79,7 @@ from .release_plan import (
 )
 from .repository import Repository
 from .summary import ReleaseSummary, Timings, UploadStats, summarise
+from .uploads import Uploads
 
 __all__ = ["ReleaseConfig", "default_cache_dir", "release"]
 
@@ -124,17 +126,26 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     state = read_store_state(repo, version, cfg.deltas_from, cfg.checkpoint_every)
     cache = PublisherCache(cfg.cache_dir)
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
+    # Full objects upload as soon as they are written, overlapped with encoding (uploads.py).
+    uploads = Uploads(repo.store, cfg.workers)
     try:
         with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
             listing = model.listing()
-            groups = hash_model_groups(model, rules, ex, cfg.progress)
-            plan = plan_encoding(groups, state.bases, staging)
+            early = None if cfg.dry_run else uploads
             # The other files are compressed on the same pool, overlapped with the groups.
             shipping = start_ship_files(model, state.bases, staging, cfg.level, ex)
-            with contextlib.ExitStack() as open_files:
-                base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
+            if state.bases:  # hash first: groups a base has are reused, not encoded
+                groups = hash_model_groups(model, rules, ex, cfg.progress)
+                plan = plan_encoding(groups, state.bases, staging)
+                with contextlib.ExitStack() as open_files:
+                    base_files = open_base_files(plan, repo, cfg.cache_dir, open_files)
+                    t_enc = time.monotonic()
+                    results = encode(plan, base_files, ex, cfg.level, cfg.progress, early)
+                    encode_seconds = time.monotonic() - t_enc
+            else:  # nothing to reuse or patch from: every group is encoded, and hashed on the way
                 t_enc = time.monotonic()
-                results = encode(plan, base_files, ex, cfg.level, cfg.progress)
+                groups, plan, results = hash_and_encode(model, rules, staging, ex, cfg.level,
+                                                        cfg.progress, early)
                 encode_seconds = time.monotonic() - t_enc
             chosen = choose_objects(plan, results)
             for path in chosen.rejected:  # free the disk before the next step writes to it
@@ -146,13 +157,13 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
         uploaded = UploadStats()
         published: Published | None = None
         if not cfg.dry_run:
-            uploads = objects_to_upload(chosen, files)
-            uploaded = upload(repo.store, uploads, cfg.workers, cfg.progress)
+            uploaded = uploads.finish(objects_to_upload(chosen, files), cfg.progress)
             published = publish(repo, version, index_bytes, keys, now, cfg.lifetimes,
                                 cfg.draft, cfg.rollout_basis_points, cfg.index_deltas,
                                 state.records)
             KnownStores(cfg.known_stores).remember(repo.store.url, state.root, now)
     finally:
+        uploads.close()  # before the staged files go
         shutil.rmtree(staging, ignore_errors=True)
         cache.end(cfg.cache_max_bytes)
     timings = Timings(time.monotonic() - t0, encode_seconds)
@@ -210,6 +221,46 @@ def hash_model_groups(
     return tuple(HashedGroup(g, sha) for g, sha in zip(layouts, shas, strict=True))
 
 
+def hash_and_encode(
+    model: ModelDir, rules: Sequence[GroupRule], staging: Path, ex: ThreadPoolExecutor,
+    level: int, progress: bool | None, uploads: Uploads | None = None,
+) -> tuple[tuple[HashedGroup, ...], EncodePlan, tuple[EncodeResult, ...]]:
+    """A release without bases: :func:`hash_model_groups`, :func:`plan_encoding` and
+    :func:`encode` in one read of the model, every group file hashed from the chunks read to
+    encode it. The plan is :func:`plan_encoding`'s (no base: a full object per distinct
+    content), its jobs staged where they were encoded; a group whose content an earlier
+    group has is encoded twice and its second object dropped (identical contents are rare).
+    Full objects start uploading to ``uploads`` once written, as in :func:`encode`."""
+    layouts = [layout_group(g, [model.tensors[t] for t in ts])
+               for g, ts in assign_groups(model.tensors, rules).items()]
+    paths = [str(staging / f"group-{i}") for i in range(len(layouts))]
+    # Largest groups first: the serial end of a group (its hash, writing its container) then
+    # overlaps the coding of smaller ones instead of trailing the release.
+    tasks = [EncodeTask(layouts[i], None, None, None, paths[i])
+             for i in sorted(range(len(layouts)), key=lambda i: -layouts[i].length)]
+    bar = Progress("hashing and encoding", sum(t.layout.length for t in tasks),
+                   enabled=progress)
+    hashed: dict[str, HashedGroup] = {}  # by staged path
+    kept: dict[str, EncodeResult] = {}
+    try:
+        for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
+            assert r.task.sha256 is not None
+            hashed[r.task.out_path] = HashedGroup(r.task.layout, r.task.sha256)
+            if r.task.sha256 in kept:
+                os.unlink(r.task.out_path)
+                continue
+            kept[r.task.sha256] = r
+            if uploads is not None:
+                uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
+    finally:
+        bar.close()
+    groups = [hashed[path] for path in paths]
+    plan = plan_encoding(groups, (), staging)
+    jobs = tuple(dataclasses.replace(j, out_path=kept[j.sha256].task.out_path)
+                 for j in plan.jobs)
+    return tuple(groups), dataclasses.replace(plan, jobs=jobs), tuple(kept[j.sha256] for j in jobs)
+
+
 def open_base_files(
     plan: EncodePlan, repo: Repository, cache_dir: Path, stack: contextlib.ExitStack
 ) -> dict[str, SafetensorsFile]:
@@ -224,20 +275,28 @@ def open_base_files(
 
 def encode(
     plan: EncodePlan, base_files: dict[str, SafetensorsFile], ex: ThreadPoolExecutor,
-    level: int, progress: bool | None,
+    level: int, progress: bool | None, uploads: Uploads | None = None,
 ) -> tuple[EncodeResult, ...]:
-    """Every job of ``plan``, written to its ``out_path``; results in job order."""
+    """Every job of ``plan``, written to its ``out_path``; results in job order. Each full
+    object starts uploading to ``uploads`` once written (every full object ships:
+    :func:`~publisher.release_plan.choose_objects`)."""
     tasks = [
         EncodeTask(j.layout, j.sha256, None, None, j.out_path) if j.base is None else
         EncodeTask(j.layout, j.sha256, base_files[j.base.group.sha256], j.base.group.sha256,
                    j.out_path)
         for j in plan.jobs
     ]
+    tasks.sort(key=lambda t: -t.layout.length)  # largest first, as in hash_and_encode
     bar = Progress("encoding", sum(t.layout.length for t in tasks), enabled=progress)
+    results: dict[str, EncodeResult] = {}
     try:
-        return tuple(encode_all(tasks, ex, level=level, on_bytes=bar.advance))
+        for r in encode_all(tasks, ex, level=level, on_bytes=bar.advance):
+            if uploads is not None and r.task.base is None:
+                uploads.start(ObjectRef(r.sha256, r.length, "dspatch").key, r.task.out_path)
+            results[r.task.out_path] = r
     finally:
         bar.close()
+    return tuple(results[j.out_path] for j in plan.jobs)
 
 
 def start_ship_files(
@@ -261,31 +320,6 @@ def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
     ref = ObjectRef(hashlib.sha256(blob).hexdigest(), len(blob), "zstd")
     staged.write_bytes(blob)
     return ShippedFile(FileEntry(rel, sha, len(data), ref), str(staged))
-
-
-def upload(
-    store: Store, uploads: dict[str, str], workers: int, progress: bool | None
-) -> UploadStats:
-    """Upload what the store lacks (objects are immutable: an existing key is skipped)."""
-    bar = Progress("uploading", sum(os.path.getsize(p) for p in uploads.values()),
-                   enabled=progress)
-
-    def one(item: tuple[str, str]) -> int:
-        key, path = item
-        size = os.path.getsize(path)
-        if store.exists(key):
-            bar.advance(size)
-            return 0
-        store.put_file(key, path)
-        bar.advance(size)
-        return size
-
-    try:
-        with ThreadPoolExecutor(max(4, workers)) as ex:
-            sizes = list(ex.map(one, uploads.items()))
-    finally:
-        bar.close()
-    return UploadStats(sum(1 for s in sizes if s), sum(sizes))
 
 
 def publish(
