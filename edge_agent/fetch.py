@@ -32,7 +32,7 @@ log = logging.getLogger("deltaship.agent")
 SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
 # Downloads held in memory at once, from their first byte until the group they build is built
 # (manifest.storage._partial_file): fast links never write a download to the device's disk.
-HOLD_BYTES = 128 * 1024 * 1024
+HOLD_BYTES = 64 * 1024 * 1024
 
 
 class Held:
