@@ -11,6 +11,7 @@ the vocabulary shrinks with the size so that development runs stay small.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,22 @@ def run_timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> T
         raise SystemExit(f"{Path(str(cmd[0])).name} failed (exit {p.returncode}): "
                          f"{p.stderr.strip()}")
     return Timed(seconds, int(lines[-1]) * 1024, p.stdout)
+
+
+def settle(*dirs: Path) -> None:
+    """Start a measurement from the same memory state: flush the writes of earlier steps, drop
+    the page cache (as root; on this VM a full page cache makes every new page cost a reclaim,
+    which made writes 2-3x slower from one run to the next), then read every file under
+    ``dirs`` once, so that the inputs are warm and the rest of the memory is free."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass  # not root: the page cache stays as it is
+    for d in dirs:
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                with open(p, "rb") as f:
+                    while f.read(1 << 22):
+                        pass

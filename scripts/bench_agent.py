@@ -35,7 +35,7 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
-from devtools.bench_models import run_timed, serve_store
+from devtools.bench_models import run_timed, serve_store, settle
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
@@ -91,23 +91,6 @@ def _sha256_file(path: Path) -> None:
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-
-
-def settle(*dirs: Path) -> None:
-    """Start a measurement from the same memory state: flush the writes of earlier steps, drop
-    the page cache (as root; on this VM a full page cache makes every new page cost a reclaim,
-    which made writes 2-3x slower from one run to the next), then read every file under
-    ``dirs`` once, so that the inputs are warm and the rest of the memory is free."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass  # not root: the page cache stays as it is
-    for d in dirs:
-        for p in sorted(d.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                _sha256_file(p)
 
 
 def _decode_object(obj: Path, objects: Path, out_dir: Path | None) -> None:

@@ -39,6 +39,7 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
+from devtools.bench_models import settle
 from devtools.bench_report import intro, write_section
 from manifest.codecs import CHUNK_BYTES, encode_chunk
 from publisher.encode import (
@@ -301,6 +302,7 @@ def big_model(work: Path, gb: float, workers: int) -> dict[str, object]:
     if not (keys / "k.key").exists():
         subprocess.run([pub, "keygen", "--out", keys, "--name", "k"], check=True)
     key = str(keys / "k.key")
+    settle(v1, v2)
     with open_model(v1) as m1, open_model(v2) as m2, ThreadPoolExecutor(1) as ex:
         g1, g2 = _layouts(m1), _layouts(m2)
         sha1 = dict(zip(g1, hash_groups(list(g1.values()), ex), strict=True))
@@ -321,6 +323,7 @@ def big_model(work: Path, gb: float, workers: int) -> dict[str, object]:
             store.mkdir()
             subprocess.run([pub, "init", "--store", store, "--key", key], check=True,
                            capture_output=True)
+        settle(model, *([] if fresh else [store]))  # the same memory state for every run
         t0 = time.perf_counter()
         p = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", pub, "release", model, "--store",
                             store, "--version", version, "--key", key, "--cache-dir", cache,
@@ -442,7 +445,9 @@ def write_report(rows: list[Row], big: dict[str, object] | None, out: Path, cmd:
             f" kept) in place of zstd -3 of the raw bytes, which shows how much of the gap is"
             f" the codec and how much the pipeline. *CPU*: the release's user + system seconds"
             f" and the limit's CPU seconds ({fresh_cpu:.1f} s) over them, steadier than wall"
-            f" times when other work shares the machine.",
+            f" times when other work shares the machine. The limits and every release start"
+            f" from the same memory state (`settle`: earlier writes flushed, page cache dropped,"
+            f" inputs read once).",
             "",
             "| step | workers | time | throughput | limit | ratio | codec limit: ratio |"
             " CPU: ratio | peak RSS | device download |",
