@@ -119,6 +119,13 @@ def run_timed(cmd: Sequence[str | Path], env: dict[str, str] | None = None) -> T
     return Timed(seconds, int(lines[-1]) * 1024, p.stdout)
 
 
+def warm_imports(*modules: str) -> None:
+    """Import ``modules`` once in a throwaway interpreter, so that a timed process that starts
+    right after :func:`settle` does not read its code from a cold disk (a service's code is in
+    memory; the in-process limits it is compared with have theirs imported)."""
+    subprocess.run([sys.executable, "-c", "import " + ", ".join(modules)], check=True)
+
+
 def settle(*dirs: Path) -> None:
     """Start a measurement from the same memory state: flush the writes of earlier steps, drop
     the page cache (as root; on this VM a full page cache makes every new page cost a reclaim,

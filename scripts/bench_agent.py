@@ -35,7 +35,7 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
-from devtools.bench_models import run_timed, serve_store, settle
+from devtools.bench_models import run_timed, serve_store, settle, warm_imports
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
@@ -308,6 +308,8 @@ def big_runs(work: Path, gb: float) -> tuple[list[str], list[str], int, float]:
             objects = fleet.work / "device" / "objects"
             held = set(os.listdir(objects)) if objects.is_dir() else set()
             settle(fleet.store / "objects", fleet.work / "device" / "objects")
+            warm_imports("edge_agent.cli", "edge_agent.service", "edge_agent.updater",
+                         "manifest.container", "manifest.storage.source", "aiohttp", "nacl")
             seconds, rss = fleet.run_agent(config)
             written = sum((objects / n).stat().st_size for n in set(os.listdir(objects)) - held)
             got = sum(traffic(server, mark, fleet.work / "device", version).values())

@@ -39,7 +39,7 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
-from devtools.bench_models import settle
+from devtools.bench_models import settle, warm_imports
 from devtools.bench_report import intro, write_section
 from manifest.codecs import CHUNK_BYTES, encode_chunk
 from publisher.encode import (
@@ -324,6 +324,7 @@ def big_model(work: Path, gb: float, workers: int) -> dict[str, object]:
             subprocess.run([pub, "init", "--store", store, "--key", key], check=True,
                            capture_output=True)
         settle(model, *([] if fresh else [store]))  # the same memory state for every run
+        warm_imports("publisher.cli", "publisher.release", "manifest.container", "nacl")
         t0 = time.perf_counter()
         p = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", pub, "release", model, "--store",
                             store, "--version", version, "--key", key, "--cache-dir", cache,
