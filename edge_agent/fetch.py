@@ -10,9 +10,10 @@ the store or fails verification.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, overload
@@ -25,8 +26,8 @@ from manifest.storage.source import Source
 from .install import Obj, build_group, check_digest, install_chain
 from .layout import DeviceLayout
 
-__all__ = ["HOLD_BYTES", "SPACE_MARGIN", "Held", "check_space", "download", "fetch_group",
-           "gather_all", "verified_plan"]
+__all__ = ["HOLD_BYTES", "SPACE_MARGIN", "Held", "built_from", "check_space", "download",
+           "fetch_group", "gather_all", "keep", "release", "verified_plan"]
 
 log = logging.getLogger("deltaship.agent")
 SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
@@ -51,8 +52,6 @@ class Held:
 
     def give(self, n: int) -> None:
         self.used -= n
-
-
 
 
 def verified_plan(layout: DeviceLayout, index: ReleaseIndex, include: Iterable[str]) -> Plan:
@@ -189,6 +188,21 @@ def release(held: Held | None, obj: Obj) -> None:
         held.give(len(obj))
 
 
+@contextlib.contextmanager
+def built_from(layout: DeviceLayout, held: Held | None, ref: ObjectRef,
+               obj: Obj) -> Iterator[Obj]:
+    """``obj`` (the verified download of ``ref``) while what it builds is built: on a failure
+    a held download is written to disk for the next try (:func:`keep`); either way its bytes
+    are given back to ``held`` (:func:`release`)."""
+    try:
+        yield obj
+    except BaseException:
+        keep(layout, ref, obj)
+        raise
+    finally:
+        release(held, obj)
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -218,21 +232,14 @@ async def fetch_group(
                 for t in paths:
                     t.cancel()
                 for r in await asyncio.gather(*paths, return_exceptions=True):
-                    if isinstance(r, bytes):
+                    if not isinstance(r, BaseException):
                         release(held, r)
                 raise
-            try:
+            with contextlib.ExitStack() as building:
+                for o, one in zip(chain_objects, objs, strict=True):
+                    building.enter_context(built_from(layout, held, o, one))
                 async with installing:
                     await asyncio.to_thread(install_chain, layout, step, objs, executor)
-            except BaseException as e:
-                if not isinstance(e, (MissingKeyError, UntrustedDataError)):
-                    for o, one in zip(chain_objects, objs, strict=True):
-                        keep(layout, o, one)
-                raise
-            finally:
-                for one in objs:
-                    release(held, one)
-                del objs
         except (MissingKeyError, UntrustedDataError) as e:
             log.warning("group %s: the chain of %d patches failed (%s): fetching the full "
                         "object instead", g.name, len(chain_objects), e)
@@ -243,19 +250,12 @@ async def fetch_group(
             return
     assert step.object is not None
     obj = await download(layout, source, sem, step.object, g.name, on_bytes, held)
-    on_disk = isinstance(obj, Path)
-    try:
-        with layout.staged_object() as tmp:
-            async with installing:
-                await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
-            # Outside ``installing``: the fsync of this group overlaps the build of the next.
-            await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
-    except BaseException:
-        keep(layout, step.object, obj)
-        raise
-    finally:
-        release(held, obj)
-    if on_disk:
+    with built_from(layout, held, step.object, obj), layout.staged_object() as tmp:
+        async with installing:
+            await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
+        # Outside ``installing``: the fsync of this group overlaps the build of the next.
+        await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
+    if isinstance(obj, Path):
         await asyncio.to_thread(layout.discard_download, step.object.sha256)  # unlink: ms
 
 

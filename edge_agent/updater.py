@@ -76,12 +76,11 @@ from manifest.trust import (
 from .config import AgentConfig
 from .fetch import (
     Held,
+    built_from,
     check_space,
     download,
     fetch_group,
     gather_all,
-    keep,
-    release,
     verified_plan,
 )
 from .fleet import assignment
@@ -414,14 +413,9 @@ class Agent(SwitchVerdicts):
                 async with ahead:
                     obj = await download(self.layout, source, sem, entry.object, entry.path,
                                          on_bytes, held)
-                    try:
+                    with built_from(self.layout, held, entry.object, obj):
                         async with installing:
                             await asyncio.to_thread(install_file, self.layout, entry, obj)
-                    except BaseException:
-                        keep(self.layout, entry.object, obj)
-                        raise
-                    finally:
-                        release(held, obj)
                     if isinstance(obj, Path):
                         await asyncio.to_thread(self.layout.discard_download,
                                                 entry.object.sha256)

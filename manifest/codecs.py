@@ -255,8 +255,9 @@ def encode_chunk(
     sample. The smallest coding is kept.
     """
     data = _u8(new)
-    ref = None if base is None else _u8(base)
-    if base is not None and ref is not None:
+    ref = None
+    if base is not None:
+        ref = _u8(base)
         if _same(new, base):
             return "same", []
         best = _encode_delta(data, ref, width, level)
@@ -292,9 +293,9 @@ def frame_count(codec: str, width: int) -> int:
 def _scratch(slot: str, nbytes: int) -> np.ndarray:
     """A uint8 buffer of ``nbytes`` owned by this thread, reused from chunk to chunk.
 
-    Decoding is a few passes over buffers of a chunk's size; fresh arrays for each pass would
+    Coding is a few passes over buffers of a chunk's size; fresh arrays for each pass would
     make the kernel zero new pages for every chunk (measured: most of a fresh install's
-    system time). A worker keeps at most a few buffers of the largest chunk it decoded, which
+    system time). A thread keeps at most a few buffers of the largest chunk it coded, which
     the container format caps (``MAX_CHUNK_BYTES``)."""
     bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("s", {})
     buf = bufs.get(slot)
@@ -348,7 +349,7 @@ def _join_planes_into(d: zstandard.ZstdDecompressor, frames: Sequence[Frame], wi
 
 
 def _rotr1_inplace(arr: np.ndarray, width: int) -> None:
-    """Undo :func:`_rotl1` in place."""
+    """Undo the ``planes-rot`` rotation (:func:`_rotl1_planes`) in place."""
     u = _UINT[width]
     low = _scratch("tmp", arr.nbytes).view(u)
     np.right_shift(arr, u(1), out=low)
@@ -360,9 +361,8 @@ def decode_chunk(
     codec: str, frames: Sequence[Frame], base: bytes | None, width: int, length: int
 ) -> bytes:
     """Invert :func:`encode_chunk`; every frame's output is capped at its expected size."""
-    out = decode_chunk_into(codec, frames, base, width, length,
-                            np.empty(length, dtype=np.uint8))
-    return out.tobytes() if codec != "same" else base  # type: ignore[return-value]
+    return bytes(decode_chunk_into(codec, frames, base, width, length,
+                                   np.empty(length, dtype=np.uint8)))
 
 
 def decode_chunk_into(

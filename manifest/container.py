@@ -301,10 +301,9 @@ def apply_container(
     output could pass that length (a device checks its free space against it).
     ``container`` is a file's path, or the container's bytes (a download held in memory).
     """
-    held = isinstance(container, bytes)
-    size = len(container) if isinstance(container, bytes) else os.path.getsize(container)
-    with (io.BytesIO(container) if isinstance(container, bytes)
-          else open(container, "rb")) as f:
+    held = container if isinstance(container, bytes) else None
+    with io.BytesIO(held) if held is not None else open(container, "rb") as f:
+        size = len(held) if held is not None else os.fstat(f.fileno()).st_size
         hdr = read_header(f, size)
         limit = hdr.target_length
         if expected is not None:
@@ -337,8 +336,8 @@ def apply_container(
         written = len(prefix)
         payload_left = size - hdr.payload_start - hdr.prefix
 
-        view = memoryview(container) if isinstance(container, bytes) else None
-        fd = -1 if held else f.fileno()
+        view = None if held is None else memoryview(held)
+        fd = -1 if held is not None else f.fileno()
 
         def frame_at(at: int, n: int) -> bytes | memoryview:
             if view is None:
@@ -346,6 +345,7 @@ def apply_container(
             if at + n > size:
                 raise FormatError("patch container payload is shorter than its header says")
             return view[at:at + n]  # no copy
+
         # Output buffers of one chunk each, reused once their chunk is hashed and written:
         # at most in_flight + 3 exist (decoding, waiting, being written).
         free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()

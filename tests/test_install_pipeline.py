@@ -208,6 +208,17 @@ def test_digest_follows_the_file_it_covers(tmp_path: Path) -> None:
         d.catch_up(path, 10)
 
 
+def _served_object(server: FaultyServer, tmp_path: Path, data: bytes,
+                   served: bytes | None = None) -> tuple[ObjectRef, DeviceLayout]:
+    """An object pinned as ``data`` that the store serves as ``served`` (default ``data``),
+    and an empty device layout."""
+    ref = ObjectRef(_sha(data), len(data), "dspatch")
+    server.put(ref.key, data if served is None else served)
+    layout = DeviceLayout(tmp_path / "dev")
+    layout.prepare()
+    return ref, layout
+
+
 async def test_a_damaged_partial_download_is_fetched_again_from_byte_0(
         http_store: tuple[FaultyServer, Source], tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -216,10 +227,7 @@ async def test_a_damaged_partial_download_is_fetched_again_from_byte_0(
     again from byte 0, in the same update."""
     server, source = http_store
     data = os.urandom(2 * 2**20)
-    ref = ObjectRef(_sha(data), len(data), "dspatch")
-    server.put(ref.key, data)
-    layout = DeviceLayout(tmp_path / "dev")
-    layout.prepare()
+    ref, layout = _served_object(server, tmp_path, data)
     layout.download_path(ref.sha256).write_bytes(b"\0" * 2**20)  # zeroed blocks
     got: list[int] = []
 
@@ -235,10 +243,8 @@ async def test_a_download_that_fails_its_pin_is_refused_and_discarded(
         http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
     server, source = http_store
     data = os.urandom(2**20)
-    ref = ObjectRef(_sha(data), len(data), "dspatch")
-    server.put(ref.key, data[:-1] + b"!")  # the store serves other bytes of the same length
-    layout = DeviceLayout(tmp_path / "dev")
-    layout.prepare()
+    # The store serves other bytes of the same length.
+    ref, layout = _served_object(server, tmp_path, data, data[:-1] + b"!")
     with pytest.raises(HashMismatchError, match="object for g sha256"):
         await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None)
     assert not layout.download_path(ref.sha256).exists()
@@ -257,10 +263,7 @@ async def test_a_download_within_the_hold_budget_comes_back_as_bytes(
     are held at once, and one that does not fit is written as before."""
     server, source = http_store
     data = os.urandom(2 * 2**20)
-    ref = ObjectRef(_sha(data), len(data), "dspatch")
-    server.put(ref.key, data)
-    layout = DeviceLayout(tmp_path / "dev")
-    layout.prepare()
+    ref, layout = _served_object(server, tmp_path, data)
     held = Held(limit=3 * 2**20)
 
     obj = await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None, held)
@@ -279,10 +282,7 @@ async def test_a_held_download_that_fails_its_pin_gives_its_budget_back(
         http_store: tuple[FaultyServer, Source], tmp_path: Path) -> None:
     server, source = http_store
     data = os.urandom(2**20)
-    ref = ObjectRef(_sha(data), len(data), "dspatch")
-    server.put(ref.key, data[:-1] + b"!")
-    layout = DeviceLayout(tmp_path / "dev")
-    layout.prepare()
+    ref, layout = _served_object(server, tmp_path, data, data[:-1] + b"!")
     held = Held()
     with pytest.raises(HashMismatchError, match="object for g sha256"):
         await download(layout, source, asyncio.Semaphore(1), ref, "g", lambda n: None, held)

@@ -174,14 +174,18 @@ def test_parse_header_names_the_given_path() -> None:
     assert info.value.path == "shard-3.safetensors"
 
 
-def test_file_shrinking_while_read_is_reported(tmp_path: Path) -> None:
+@pytest.mark.parametrize("read", ["read", "read_into"])
+def test_file_shrinking_while_read_is_reported(tmp_path: Path, read: str) -> None:
     path = tmp_path / "m.safetensors"
     save_file({"w": np.arange(1000, dtype=np.int32)}, str(path))
     with SafetensorsFile(path) as f:
         t = f.tensors["w"]
         os.truncate(path, f.data_start + 100)
         with pytest.raises(SafetensorsError, match="file shrank while being read"):
-            f.read(t)
+            if read == "read":
+                f.read(t)
+            else:
+                f.read_into(t, 0, memoryview(bytearray(t.nbytes)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -455,23 +455,21 @@ def test_store_urls(url: str, expected: tuple[type, str] | str) -> None:
     assert isinstance(source, expected[0]) and source.url == expected[1]
 
 
-async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
-        server: FaultyServer, tmp_path: Path) -> None:
-    """The partial file is written every FLUSH_SECONDS too, not only per 1 MiB block: a
-    SIGKILLed process (a real one) loses at most that much of a slow download."""
+async def _killed_on_a_slow_link(server: FaultyServer, dest: Path, method: str) -> int:
+    """Start a real process downloading 1 MiB at 128 KiB/s with ``Source.<method>`` into
+    ``dest``, SIGKILL it once ``dest`` holds 128 KiB; return the length ``dest`` kept."""
     import signal
     import subprocess
     import sys
 
     server.put("objects/a", os.urandom(MiB))
-    dest = tmp_path / "partial"
     script = (
         "import asyncio, sys\n"
         "from pathlib import Path\n"
         "from manifest.storage.source import open_source\n"
         "async def main():\n"
         f"    s = open_source({server.url!r}, max_rate=128 * 1024)\n"
-        f"    await s.fetch('objects/a', Path({str(dest)!r}), {MiB})\n"
+        f"    await s.{method}('objects/a', Path({str(dest)!r}), {MiB})\n"
         "asyncio.run(main())\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script])
@@ -485,7 +483,15 @@ async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert 128 * 1024 <= dest.stat().st_size < MiB
+    return dest.stat().st_size
+
+
+async def test_a_killed_download_on_a_slow_link_keeps_what_arrived(
+        server: FaultyServer, tmp_path: Path) -> None:
+    """The partial file is written every FLUSH_SECONDS too, not only per 1 MiB block: a
+    SIGKILLed process (a real one) loses at most that much of a slow download."""
+    kept = await _killed_on_a_slow_link(server, tmp_path / "partial", "fetch")
+    assert 128 * 1024 <= kept < MiB
 
 
 # --- held downloads: kept in memory while they are fast, spilled to disk when they are not ----
@@ -563,33 +569,8 @@ async def test_a_killed_held_download_on_a_slow_link_loses_at_most_its_hold_time
         server: FaultyServer, tmp_path: Path) -> None:
     """SIGKILL (a real one) can cost a held download only what arrived before it was spilled:
     past HOLD_SECONDS the partial file holds the bytes, as for a written download."""
-    import signal
-    import subprocess
-    import sys
-
     from manifest.storage._partial_file import HOLD_SECONDS
 
-    server.put("objects/a", os.urandom(MiB))
-    dest = tmp_path / "partial"
-    script = (
-        "import asyncio, sys\n"
-        "from pathlib import Path\n"
-        "from manifest.storage.source import open_source\n"
-        "async def main():\n"
-        f"    s = open_source({server.url!r}, max_rate=128 * 1024)\n"
-        f"    await s.fetch_held('objects/a', Path({str(dest)!r}), {MiB})\n"
-        "asyncio.run(main())\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script])
-    try:
-        deadline = time.monotonic() + 30
-        while (not dest.exists() or dest.stat().st_size < 128 * 1024) and proc.poll() is None:
-            assert time.monotonic() < deadline, "nothing was written to the partial file"
-            await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kept = await _killed_on_a_slow_link(server, tmp_path / "partial", "fetch_held")
     # Spilled at HOLD_SECONDS (128 KiB/s: about 2 s of bytes at once), then written as it came.
-    assert int(128 * 1024 * HOLD_SECONDS * 0.5) <= dest.stat().st_size < MiB
+    assert int(128 * 1024 * HOLD_SECONDS * 0.5) <= kept < MiB
