@@ -265,7 +265,10 @@ def _faketime_env(cli: Cli, day: int) -> dict[str, str]:
     env["FAKETIME_DONT_RESET"] = "1"
     lib = subprocess.run(["dpkg", "-L", "libfaketime"], text=True, capture_output=True,
                          check=False).stdout.split()
-    so = next((p for p in lib if p.endswith("libfaketime.so.1")), None)
+    # The thread-safe build: the agent and publisher read the clock from several threads at
+    # once, and the plain libfaketime.so.1 is not safe for that (it crashed an agent with
+    # SIGSEGV once in this suite; libfaketime's README and wolfcw/libfaketime#151).
+    so = next((p for p in lib if p.endswith("libfaketimeMT.so.1")), None)
     assert so, "libfaketime is missing: scripts/test.sh installs Debian's faketime package"
     env["LD_PRELOAD"] = so
     return env
