@@ -226,7 +226,8 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
 @click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
               help="Grouping rule tried before the defaults: a regex with named captures.")
 @click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
-              help="zstd level for tensor data.")
+              help="zstd level for tensor data and for non-tensor files over 16 MiB "
+                   "(smaller files are coded at level 19).")
 @click.option("--workers", type=click.IntRange(min=1), help="Threads (default: CPU count).")
 @cache_dir_option
 @click.option("--cache-max-bytes", callback=_size, default=str(DEFAULT_CACHE_MAX_BYTES),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,14 +23,14 @@ import pytest
 import zstandard
 
 from manifest.constants import WEIGHT_INDEX_FILE
-from manifest.errors import OversizeError
+from manifest.errors import ModelError, OversizeError
 from manifest.metadata import ReleaseIndex
 from manifest.safetensors_format import SafetensorsFile
 from manifest.storage.store import StoreOptions, open_store
 from publisher.cache import PublisherCache
 
 from ._device import current_index
-from .conftest import Cli, MoEFamily
+from .conftest import BIN, Cli, MoEFamily
 from .test_publish_errors import _one_line_error
 
 Snapshot = dict[str, tuple[int, int]]
@@ -154,6 +156,113 @@ def test_hugging_face_cache_snapshot_ships_every_file(
         data = zstandard.ZstdDecompressor().decompress(obj, max_output_size=f.length)
         assert data == (snap / f.path).read_bytes()
     assert _tree(tmp_path / "hf") == hf_before  # the Hugging Face cache is only read
+
+
+def _peak_rss_of(cli: Cli, env: dict[str, str], report: Path, *args: object) -> int:
+    """Peak RSS (bytes) of one ``deltaship-publish`` process, read by a tiny parent (the
+    ru_maxrss of its only child), which must succeed."""
+    code = ("import resource, subprocess, sys\n"
+            "p = subprocess.run(sys.argv[2:])\n"
+            "open(sys.argv[1], 'w').write(str(resource.getrusage("
+            "resource.RUSAGE_CHILDREN).ru_maxrss * 1024))\n"
+            "sys.exit(p.returncode)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(report),
+                        str(BIN / "deltaship-publish"), *map(str, args)],
+                       cwd=cli.cwd, env=env, text=True, capture_output=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return int(report.read_text())
+
+
+def test_a_large_non_tensor_file_is_streamed_in_bounded_memory(
+    cli: Cli, env: dict[str, str], store: Path, release_key: Path, moe_family: MoEFamily,
+    tmp_path: Path,
+) -> None:
+    """A 256 MiB ``original/consolidated.00.pth`` beside the safetensors (as Hugging Face
+    repositories of Llama ship) costs the release no more than a small fraction of its size
+    in memory, measured against the same release without it; the stored object rebuilds
+    the file exactly, and the next release reuses it without reading it into memory."""
+    big = 256 << 20
+    plain = tmp_path / "plain"
+    shutil.copytree(moe_family.v1, plain)
+    model = tmp_path / "model"
+    shutil.copytree(moe_family.v1, model)
+    (model / "original").mkdir()
+    pth = model / "original" / "consolidated.00.pth"
+    block = os.urandom(1 << 20)
+    with open(pth, "wb") as f:
+        for i in range(big >> 20):  # compressible, but every MiB differs from the last
+            f.write(block[i:] + block[:i])
+    other = tmp_path / "other-store"
+    other.mkdir()
+    cli.publish("init", "--store", other, "--key", release_key, env=env)
+    baseline = _peak_rss_of(cli, env, tmp_path / "rss0", "release", plain, "--store", other,
+                            "--version", "v1", "--key", release_key, "--cache-dir",
+                            tmp_path / "cache0")
+    rss = _peak_rss_of(cli, env, tmp_path / "rss1", "release", model, "--store", store,
+                       "--version", "v1", "--key", release_key, "--cache-dir",
+                       tmp_path / "cache1")
+    assert rss < baseline + big // 4, (rss, baseline)
+
+    entry = {f.path: f for f in _index(store).files}["original/consolidated.00.pth"]
+    want = hashlib.sha256(pth.read_bytes()).hexdigest()
+    assert (entry.sha256, entry.length) == (want, big)
+    got = hashlib.sha256()
+    with open(store / entry.object.key, "rb") as obj:
+        assert hashlib.sha256(obj.read()).hexdigest() == entry.object.sha256
+        obj.seek(0)
+        reader = zstandard.ZstdDecompressor().stream_reader(obj)
+        while chunk := reader.read(1 << 20):
+            got.update(chunk)
+    assert got.hexdigest() == want
+    assert entry.object.length < big // 8
+
+    objects = set(os.listdir(store / "objects"))
+    (model / "config.json").write_text('{"note": "v2"}')
+    again = _peak_rss_of(cli, env, tmp_path / "rss2", "release", model, "--store", store,
+                         "--version", "v2", "--key", release_key, "--cache-dir",
+                         tmp_path / "cache1")
+    assert again < baseline + big // 4, (again, baseline)
+    reused = {f.path: f for f in _index(store).files}["original/consolidated.00.pth"]
+    assert reused.object == entry.object
+    added = set(os.listdir(store / "objects")) - objects
+    assert entry.object.sha256 not in added and len(added) <= 4  # index, its forms, config
+
+
+def test_a_file_that_changes_while_it_is_shipped_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between hashing a large file and compressing it, another process appends to it: the
+    release stops with a ModelError rather than ship bytes its index does not describe."""
+    rel = importlib.import_module("publisher.release")  # the package exports release()
+    src = tmp_path / "weights.pth"
+    src.write_bytes(os.urandom(1 << 16) * ((rel.SMALL_FILE >> 16) + 1))
+    hash_file = rel._hash_file
+
+    def hash_then_grow(path: Path) -> tuple[str, int]:
+        out = hash_file(path)
+        with open(path, "ab") as f:
+            f.write(b"appended")
+        return out
+
+    monkeypatch.setattr(rel, "_hash_file", hash_then_grow)
+    with pytest.raises(ModelError, match="changed while it was read"):
+        rel._ship_file(src, "weights.pth", {}, tmp_path / "staged", 3)
+
+    same_size = tmp_path / "same-size.pth"
+    same_size.write_bytes(src.read_bytes())
+
+    def hash_then_flip(path: Path) -> tuple[str, int]:
+        out = hash_file(path)
+        with open(path, "r+b") as f:
+            f.seek(12345)
+            byte = f.read(1)
+            f.seek(12345)
+            f.write(bytes([byte[0] ^ 1]))
+        return out
+
+    monkeypatch.setattr(rel, "_hash_file", hash_then_flip)
+    with pytest.raises(ModelError, match="changed while it was read"):
+        rel._ship_file(same_size, "same-size.pth", {}, tmp_path / "staged", 3)
 
 
 @pytest.mark.parametrize("bad", ["dangling", "directory", "fifo", "unsafe-name"])
