@@ -32,6 +32,7 @@ from .cli_options import (
     channel_option,
     draft_option,
     errors,
+    exclude_option,
     insecure_key_option,
     lifetime_options,
     now,
@@ -225,6 +226,7 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
               "still get patches.")
 @click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
               help="Grouping rule tried before the defaults: a regex with named captures.")
+@exclude_option
 @click.option("--level", default=3, show_default=True, type=click.IntRange(1, 22),
               help="zstd level for tensor data and for non-tensor files over 16 MiB "
                    "(smaller files are coded at level 19).")
@@ -242,16 +244,17 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
                 version: str, rollout_bp: int | None, keys: tuple[Path, ...],
                 draft: Path | None, expires_days: int, timestamp_days: int, deltas_from: int,
                 index_deltas: int, checkpoint_every: int, patterns: tuple[str, ...],
-                level: int, workers: int | None,
+                exclude: tuple[str, ...], level: int, workers: int | None,
                 cache_dir: Path | None, cache_max_bytes: int, insecure_key_permissions: bool,
                 dry_run: bool, as_json: bool) -> None:
     """Release MODEL_DIR as VERSION: per-group patches, signed index and manifest.
 
     MODEL_DIR holds *.safetensors (one file, or shards with model.safetensors.index.json)
     and any other files (config.json, tokenizer files), which ship too; symlinks to files
-    are followed (a Hugging Face cache snapshot works), hidden files are skipped, and the
-    summary lists what was read, shipped and skipped. Tensors are grouped
-    per routed expert, per layer, and embeddings/norm/heads (see `inspect`). For each changed
+    are followed (a Hugging Face cache snapshot works), hidden files and those matching
+    --exclude are skipped, and the summary lists what was read, shipped and skipped.
+    Tensors are grouped per routed expert, per layer, and embeddings/norm/heads (see
+    `inspect`). For each changed
     group a full object and patches from the last --deltas-from releases are uploaded;
     unchanged groups cost nothing. The summary shows, per base version, what a device at that
     version downloads.
@@ -265,7 +268,7 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
     except FormatError as e:  # the user's flag, not data from the store
         raise LocalError(str(e)) from e
     cfg = ReleaseConfig(model_dir, store_url, version, keys, deltas_from, dry_run, patterns,
-                        StoreOptions(endpoint_url), level=level,
+                        exclude, StoreOptions(endpoint_url), level=level,
                         progress=False if as_json else None, cache_max_bytes=cache_max_bytes,
                         insecure_key_permissions=insecure_key_permissions, draft=draft,
                         lifetimes=Lifetimes(timedelta(days=expires_days),
@@ -308,6 +311,9 @@ def _print_summary(s: ReleaseSummary) -> None:
     if s.skipped_files:
         click.echo(f"  hidden, not shipped ({len(s.skipped_files)}): "
                    f"{_names(s.skipped_files)}")
+    if s.excluded_files:
+        click.echo(f"  excluded, not shipped ({len(s.excluded_files)}): "
+                   f"{_names(s.excluded_files)}")
 
 
 def _names(names: tuple[str, ...], limit: int = 12) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .cache import PublisherCache, default_cache_dir
-from .cli_options import cache_dir_option, errors
+from .cli_options import cache_dir_option, errors, exclude_option
 from .grouping import assign_groups, parse_pattern
 from .model_dir import open_model
 from .progress import human_bytes
@@ -23,13 +23,15 @@ def register(main: click.Group) -> None:
     @click.argument("model_dir", type=click.Path(path_type=Path))
     @click.option("--group-pattern", "patterns", multiple=True, metavar="REGEX",
                   help="Grouping rule tried before the defaults: a regex with named captures.")
+    @exclude_option
     @click.option("--json", "as_json", is_flag=True, help="Print the group map as JSON.")
     @errors
-    def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], as_json: bool) -> None:
+    def inspect_cmd(model_dir: Path, patterns: tuple[str, ...], exclude: tuple[str, ...],
+                    as_json: bool) -> None:
         """Show how MODEL_DIR's tensors are grouped (one file and one patch per group), and
-        which other files a release ships and which hidden ones it skips."""
+        which other files a release ships and which hidden or --exclude'd ones it skips."""
         rules = [parse_pattern(p) for p in patterns]
-        with open_model(model_dir) as model:
+        with open_model(model_dir, exclude) as model:
             groups = assign_groups(model.tensors, rules)
             sizes = {g: sum(model.tensors[t].info.nbytes for t in ts) for g, ts in groups.items()}
             if as_json:
@@ -37,7 +39,8 @@ def register(main: click.Group) -> None:
                                                   for g, ts in groups.items()],
                                        "tensor_files": model.tensor_files,
                                        "files": model.other_files,
-                                       "skipped_files": model.skipped_files}, indent=2))
+                                       "skipped_files": model.skipped_files,
+                                       "excluded_files": model.excluded_files}, indent=2))
                 return
             click.echo(f"{len(groups)} groups, {len(model.tensors)} tensors, "
                        f"{len(model.other_files)} other files")
@@ -47,6 +50,8 @@ def register(main: click.Group) -> None:
                 click.echo(f"  file {f}")
             for f in model.skipped_files:
                 click.echo(f"  skipped (hidden) {f}")
+            for f in model.excluded_files:
+                click.echo(f"  skipped (--exclude) {f}")
 
 
     @main.group("cache")

@@ -127,3 +127,12 @@ def cache_dir_option(fn: F) -> F:
         help="Where base versions are cached (default $XDG_CACHE_HOME/deltaship/publisher, "
         "else ~/.cache/deltaship/publisher).",
     )(fn)
+
+
+def exclude_option(fn: F) -> F:
+    return click.option(
+        "--exclude", multiple=True, metavar="GLOB",
+        help="Leave out the non-tensor files whose path in MODEL_DIR matches GLOB "
+        "(shell-style; 'original/' means everything under original/, as the Hugging Face "
+        "Hub's ignore_patterns): e.g. --exclude 'original/' --exclude '*.pth'. Repeatable.",
+    )(fn)

@@ -13,14 +13,20 @@ What is read, and from where (the same rule for tensor files and other files):
 * a symlink to a directory, a dangling symlink, a FIFO, device or socket is refused, never
   skipped in silence;
 * hidden files and directories (``.gitattributes``, ``.cache/``) are skipped and listed in
-  :attr:`ModelDir.skipped_files`, so a release can report everything it left out.
+  :attr:`ModelDir.skipped_files`, so a release can report everything it left out;
+* other files matching an ``exclude`` pattern (``release --exclude``: shell-style, on the
+  relative POSIX path, a pattern ending in ``/`` meaning everything under that directory, as
+  the Hugging Face Hub's ``ignore_patterns``) are left out and listed in
+  :attr:`ModelDir.excluded_files`; a pattern matching a tensor file is refused.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +59,7 @@ class ModelFiles:
     tensor_files: tuple[str, ...]  # read; their tensors ship as group files
     other_files: tuple[str, ...]  # shipped as they are
     skipped_files: tuple[str, ...]  # hidden, not shipped (a directory ends with "/")
+    excluded_files: tuple[str, ...] = ()  # matched an exclude pattern, not shipped
 
 
 @dataclass
@@ -63,10 +70,11 @@ class ModelDir:
     shards: list[SafetensorsFile] = field(default_factory=list)
     tensor_files: list[str] = field(default_factory=list)  # relative POSIX paths, read
     skipped_files: list[str] = field(default_factory=list)  # hidden: not shipped ("dir/")
+    excluded_files: list[str] = field(default_factory=list)  # matched an exclude pattern
 
     def listing(self) -> ModelFiles:
         return ModelFiles(tuple(self.tensor_files), tuple(self.other_files),
-                          tuple(self.skipped_files))
+                          tuple(self.skipped_files), tuple(self.excluded_files))
 
     def close(self) -> None:
         for s in self.shards:
@@ -132,14 +140,23 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
     return names, None
 
 
-def open_model(path: str | os.PathLike[str]) -> ModelDir:
+def open_model(path: str | os.PathLike[str], exclude: Sequence[str] = ()) -> ModelDir:
+    """Open the model directory at ``path``; ``exclude``: patterns of other files to leave
+    out (see the module doc)."""
     root = Path(path)
+    patterns = [p + "*" if p.endswith("/") else p for p in exclude]
     if not root.is_dir():
         raise ModelError(f"model directory {root} does not exist or is not a directory")
     names, weight_map = _shard_names(root)
     if not names:
         raise ModelError(f"{root} holds no *.safetensors files: is this a model directory?")
     what = f"{root / INDEX_NAME} names" if weight_map is not None else "the model directory holds"
+    read = names + ([INDEX_NAME] if weight_map is not None else [])
+    for pat, given in zip(patterns, exclude, strict=True):
+        hit = [n for n in read if fnmatch.fnmatchcase(n, pat)]
+        if hit:
+            raise ModelError(f"--exclude {given!r} matches {hit[0]}, which the release reads "
+                             "for its tensors: exclude only other files")
     paths = [_model_file(root, name, what) for name in names]
     model = ModelDir(root, {}, tensor_files=list(names))
     try:
@@ -160,7 +177,10 @@ def open_model(path: str | os.PathLike[str]) -> ModelDir:
             missing = set(weight_map) - set(model.tensors)
             if missing:
                 raise ModelError(f"{INDEX_NAME} lists {sorted(missing)[0]!r}, found in no shard")
-        model.other_files, model.skipped_files = _other_files(root, set(names) | {INDEX_NAME})
+        shipped, model.skipped_files = _other_files(root, set(names) | {INDEX_NAME})
+        for rel in shipped:
+            out = any(fnmatch.fnmatchcase(rel, pat) for pat in patterns)
+            (model.excluded_files if out else model.other_files).append(rel)
     except BaseException:
         model.close()
         raise

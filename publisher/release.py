@@ -100,6 +100,7 @@ class ReleaseConfig:
     deltas_from: int = 3
     dry_run: bool = False
     group_patterns: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # other files left out (model_dir.open_model)
     store_options: StoreOptions = field(default_factory=StoreOptions)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     level: int = 3
@@ -136,7 +137,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     # Full objects upload as soon as they are written, overlapped with encoding (uploads.py).
     uploads = Uploads(repo.store, cfg.workers)
     try:
-        with open_model(cfg.model_dir) as model, ThreadPoolExecutor(cfg.workers) as ex:
+        with open_model(cfg.model_dir, cfg.exclude) as model, ThreadPoolExecutor(cfg.workers) as ex:
             listing = model.listing()
             early = None if cfg.dry_run else uploads
             # The other files are compressed on the same pool, overlapped with the groups.

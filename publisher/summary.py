@@ -65,6 +65,7 @@ class ReleaseSummary:
     tensor_files: tuple[str, ...] = ()  # the model's safetensors files that were read
     other_files: tuple[str, ...] = ()  # the model's other files, shipped as they are
     skipped_files: tuple[str, ...] = ()  # hidden files and directories, not shipped
+    excluded_files: tuple[str, ...] = ()  # other files matching --exclude, not shipped
     draft: str | None = None  # the draft file written instead of publishing (--draft)
     draft_missing: tuple[str, ...] = ()  # signatures the draft still needs
     channel: str = "stable"
@@ -73,7 +74,8 @@ class ReleaseSummary:
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["bases"] = [b.__dict__ for b in self.bases]
-        for k in ("tensor_files", "other_files", "skipped_files", "draft_missing"):
+        for k in ("tensor_files", "other_files", "skipped_files", "excluded_files",
+                  "draft_missing"):
             d[k] = list(d[k])
         return d
 
@@ -117,6 +119,7 @@ def summarise(
         tensor_files=model_files.tensor_files if model_files else (),
         other_files=model_files.other_files if model_files else (),
         skipped_files=model_files.skipped_files if model_files else (),
+        excluded_files=model_files.excluded_files if model_files else (),
         draft=str(published.draft_path) if published and published.draft_path else None,
         draft_missing=published.missing if published else (),
     )

@@ -22,6 +22,7 @@ import boto3
 import pytest
 import zstandard
 
+from devtools import modelgen
 from manifest.constants import WEIGHT_INDEX_FILE
 from manifest.errors import ModelError, OversizeError
 from manifest.metadata import ReleaseIndex
@@ -304,6 +305,65 @@ def test_inspect_lists_symlinked_files(cli: Cli, env: dict[str, str], moe_family
     text = cli.publish("inspect", snap, env=env).stdout
     assert "  file tokenizer_config.json\n" in text
     assert "  skipped (hidden) .gitattributes\n" in text
+
+
+def test_exclude_leaves_out_other_files_and_says_so(
+    cli: Cli, env: dict[str, str], store: Path, release_key: Path, moe_family: MoEFamily,
+    tmp_path: Path,
+) -> None:
+    """``--exclude 'original/' --exclude '*.bin'``, as one leaves out the duplicate weights of
+    a Hugging Face Llama repository: those files are listed as excluded (text and --json, by
+    inspect and release), the index does not name them, the store has no object of them."""
+    model = tmp_path / "model"
+    shutil.copytree(moe_family.v1, model)
+    (model / "original").mkdir()
+    (model / "original" / "consolidated.00.pth").write_bytes(b"duplicate weights" * 1000)
+    (model / "original" / "params.json").write_text('{"dim": 64}')
+    (model / "training_args.bin").write_bytes(b"pickle" * 100)
+    excl = ["--exclude", "original/", "--exclude", "*.bin"]
+    # in the order of the walk: a directory's files, then its subdirectories
+    excluded = ["training_args.bin", "original/consolidated.00.pth", "original/params.json"]
+
+    d = json.loads(cli.publish("inspect", model, *excl, "--json", env=env).stdout)
+    assert (d["files"], d["excluded_files"]) == (["config.json", "tokenizer.json"], excluded)
+    text = cli.publish("inspect", model, *excl, env=env).stdout
+    assert "  skipped (--exclude) original/params.json\n" in text
+
+    out = _release(cli, env, store, model, "v1", release_key, *excl, check=True).stdout
+    assert f"excluded, not shipped (3): {', '.join(excluded)}" in out
+    index = _index(store)
+    assert sorted(f.path for f in index.files) == ["config.json", "tokenizer.json"]
+    shipped = {f.object.sha256 for f in index.files}
+    for rel in excluded:  # no object in the store holds any of them
+        frame = zstandard.ZstdCompressor(level=19).compress((model / rel).read_bytes())
+        assert hashlib.sha256(frame).hexdigest() not in shipped
+    assert len(shipped) == 2
+
+    (model / "config.json").write_text('{"v": 2}')
+    d = json.loads(_release(cli, env, store, model, "v2", release_key, *excl, "--json",
+                            check=True).stdout)
+    assert d["excluded_files"] == excluded and "original/params.json" not in d["other_files"]
+
+
+@pytest.mark.parametrize("pattern", ["*.safetensors", "model-0000?-of-*", "*.json"])
+def test_exclude_matching_a_tensor_file_is_refused(
+    cli: Cli, env: dict[str, str], store: Path, release_key: Path, tmp_path: Path,
+    moe_family: MoEFamily, pattern: str,
+) -> None:
+    """A pattern that would leave out a file the release reads for its tensors (a shard, the
+    sharded-checkpoint index) is a mistake: exit 2, one line naming the file, nothing
+    written."""
+    if pattern == "*.safetensors":
+        model = moe_family.v1
+    else:  # sharded: two shards and their index
+        model = modelgen.generate_moe(tmp_path / "sharded", modelgen.MoEConfig(
+            layers=1, experts=2, hidden=32, ffn=64, vocab=64, shards=2, seed=1))
+    shards = sorted(p.name for p in model.glob("*.safetensors"))
+    before = _tree(store)
+    p = _release(cli, env, store, model, "v1", release_key, "--exclude", pattern)
+    hit = WEIGHT_INDEX_FILE if pattern == "*.json" else shards[0]
+    _one_line_error(p, 2, f"--exclude {pattern!r} matches {hit}", "exclude only other files")
+    assert _tree(store) == before
 
 
 # --------------------------------------------------------------------------- 15: the cache
