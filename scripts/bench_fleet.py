@@ -34,6 +34,7 @@ from pathlib import Path
 from aiohttp import web
 
 from devtools import modelgen
+from devtools.bench_models import settle
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx, free_port
 from edge_agent.config import AgentConfig
@@ -161,6 +162,7 @@ class FleetBench:
         return out
 
     def poll_all(self, name: str, cfgs: list[AgentConfig], nginx: Nginx) -> Phase:
+        settle(self.store, self.work / "devices")  # every phase from the same memory state
         mark = nginx.mark()
         t0 = time.perf_counter()
         outcomes = asyncio.run(self._all(cfgs))
@@ -245,7 +247,9 @@ def main() -> None:
              f"{n} devices, the real agent code in one process, {args.wave} cycles at a time, "
              f"each device with its own model directory; {nginx_v.replace('nginx version: ', '')}"
              " serving the store on 127.0.0.1 (bytes and requests from its access log); devices "
-             "POST their reports to a collector that files them in the store.", "",
+             "POST their reports to a collector that files them in the store. Every phase starts"
+             " from the same memory state (`settle`: earlier writes flushed, page cache dropped,"
+             " the store and the devices' files read once).", "",
              "| phase | time | requests | per device | body bytes | per device | failures |",
              "|---|---|---|---|---|---|---|"]
     for p in phases:

@@ -41,6 +41,8 @@ from devtools.bench_models import (
     run_timed,
     scaled_moe,
     serve_store,
+    settle,
+    warm_imports,
 )
 from devtools.bench_report import intro, write_section
 
@@ -150,8 +152,12 @@ def measure(model: Model, run: Path, workers: int | None, t0: float) -> list[Row
     def setup(*cmd: str | Path) -> None:
         subprocess.run(list(map(str, cmd)), check=True, capture_output=True, env=env)
 
-    def timed(label: str, *cmd: str | Path) -> Timed:
-        os.sync()  # the writeback of a model just generated must not land in the next step
+    def timed(label: str, inputs: tuple[Path, ...], *cmd: str | Path) -> Timed:
+        # The same memory state for every step: earlier writes flushed, page cache dropped,
+        # this step's inputs read once, the program's code warm (as bench_agent/bench_publish).
+        settle(*inputs)
+        warm_imports("publisher.cli", "publisher.release", "edge_agent.cli",
+                     "edge_agent.updater", "manifest.container", "nacl")
         r = run_timed(cmd, env)
         progress(f"{model.target_gb:g} GB: {label}: {r.seconds:.1f} s, "
                  f"{model.nbytes / 1e6 / r.seconds:.0f} MB/s, peak RSS "
@@ -159,8 +165,8 @@ def measure(model: Model, run: Path, workers: int | None, t0: float) -> list[Row
         return r
 
     def release(label: str, model_dir: Path, version: str) -> Timed:
-        return timed(label, PUBLISH, "release", model_dir, "--store", store, "--version",
-                     version, "--key", key, "--cache-dir", cache, "--json",
+        return timed(label, (model_dir, cache), PUBLISH, "release", model_dir, "--store", store,
+                     "--version", version, "--key", key, "--cache-dir", cache, "--json",
                      *(["--workers", str(workers)] if workers else []))
 
     setup(PUBLISH, "keygen", "--out", key.parent, "--name", key.stem)
@@ -170,9 +176,10 @@ def measure(model: Model, run: Path, workers: int | None, t0: float) -> list[Row
         setup(AGENT, "init", "--store", server.url, "--trust", run / "root.json", "--model-dir",
               run / "device", "--config", config)
         release_v1 = release(STEPS[0], model.v1, "v1")
-        install_v1 = timed(STEPS[2], AGENT, "run", "--once", "--config", config)
+        install_v1 = timed(STEPS[2], (store,), AGENT, "run", "--once", "--config", config)
         release_v2 = release(STEPS[1], model.v2, "v2")
-        update_v2 = timed(STEPS[3], AGENT, "run", "--once", "--config", config)
+        update_v2 = timed(STEPS[3], (store, run / "device"), AGENT, "run", "--once",
+                          "--config", config)
     groups = int(json.loads(release_v1.stdout)["groups_total"])
     timings = (release_v1, release_v2, install_v1, update_v2)  # in the order of STEPS
     return [Row(model, label, groups, t.seconds, t.peak_rss)
@@ -277,8 +284,10 @@ def write_report(rows: list[Row], out: Path, cmd: str, workers: int | None) -> N
         " stand-in in its own processes, sending files with sendfile). MB/s and s per GB are of"
         " the whole model, also for the updates."
         f" Largest tensor (the embedding): {', '.join(f'{b / 1e6:.1f} MB' for b in largest)};"
-        " memory bound = 256 MiB + 4 x largest tensor. Models come from the page cache (they"
-        " were generated or read just before).",
+        " memory bound = 256 MiB + 4 x largest tensor. Every step starts from the same memory"
+        " state (`settle`: earlier writes flushed, page cache dropped, the step's inputs read"
+        " once: the model and the publisher's cache for a release, the store and the device's"
+        " files for the agent).",
         "",
         *table,
         "",
