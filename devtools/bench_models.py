@@ -20,14 +20,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from devtools import modelgen
 from devtools.nginx import Nginx
 from manifest.safetensors_format import DTYPE_WIDTHS
 
-__all__ = ["Timed", "cached_model", "model_bytes", "moe_bytes", "run_timed", "scaled_moe",
-           "serve_store"]
+__all__ = ["Timed", "agent_moe_family", "cached_model", "model_bytes", "moe_bytes", "run_timed",
+           "scaled_moe", "serve_store"]
 
 HIDDEN, FFN, VOCAB = 1024, 4096, 32000
 TIME = "/usr/bin/time"
@@ -50,6 +51,23 @@ def scaled_moe(gb: float, seed: int = 31) -> modelgen.MoEConfig:
     experts = max(1, round((gb * 1e9 - moe_bytes(shared)[0]) / (layers * per_expert)))
     return modelgen.MoEConfig(layers=layers, experts=experts, hidden=HIDDEN, ffn=FFN,
                               vocab=vocab, shards=max(1, round(gb)), seed=seed)
+
+
+def agent_moe_family(work: Path) -> list[Path]:
+    """The small MoE chain of the bytes-per-update benchmarks (52.9 MB, bf16), made once under
+    ``work``: v1; v2 two experts trained; v3 a dense fine-tune; v4 the vocabulary +64 rows;
+    v5 a single retrained expert."""
+    cfg = modelgen.MoEConfig(layers=4, experts=8, hidden=320, ffn=640, vocab=8000, seed=11)
+    steps: list[Callable[[Path, Path], object]] = [
+        lambda prev, out: modelgen.train_experts(prev, out, experts=[(0, 1), (0, 5)], seed=12),
+        lambda prev, out: modelgen.dense_finetune(prev, out, seed=13),
+        lambda prev, out: modelgen.expand_vocab(prev, out, 64, seed=14),
+        lambda prev, out: modelgen.train_experts(prev, out, experts=[(2, 3)], seed=15),
+    ]
+    family = [cached_model(work / "moe-v1", lambda out: modelgen.generate_moe(out, cfg))]
+    for i, step in enumerate(steps, start=2):
+        family.append(cached_model(work / f"agent-moe-v{i}", partial(step, family[-1])))
+    return family
 
 
 def cached_model(path: Path, make: Callable[[Path], object]) -> Path:

@@ -35,7 +35,13 @@ from pathlib import Path
 import zstandard
 
 from devtools import modelgen
-from devtools.bench_models import run_timed, serve_store, settle, warm_imports
+from devtools.bench_models import (
+    agent_moe_family,
+    run_timed,
+    serve_store,
+    settle,
+    warm_imports,
+)
 from devtools.bench_report import intro, write_section
 from devtools.nginx import Nginx
 from edge_agent.layout import DeviceLayout
@@ -240,19 +246,7 @@ def zstd19(old: Path, new: Path, work: Path) -> int:
 
 
 def small_pairs(work: Path) -> list[str]:
-    cfg = modelgen.MoEConfig(layers=4, experts=8, hidden=320, ffn=640, vocab=8000, seed=11)
-    v1 = work / "moe-v1"
-    if not v1.exists():
-        modelgen.generate_moe(v1, cfg)
-    v2, v3, v4, v5 = (work / f"agent-moe-v{i}" for i in range(2, 6))
-    if not v2.exists():
-        modelgen.train_experts(v1, v2, experts=[(0, 1), (0, 5)], seed=12)
-    if not v3.exists():
-        modelgen.dense_finetune(v2, v3, seed=13)
-    if not v4.exists():
-        modelgen.expand_vocab(v3, v4, 64, seed=14)
-    if not v5.exists():
-        modelgen.train_experts(v4, v5, experts=[(2, 3)], seed=15)
+    v1, v2, v3, v4, v5 = agent_moe_family(work)
     fleet = Fleet(work, "agent-small")
     rows = []
     with serve_store(fleet.store) as server:
