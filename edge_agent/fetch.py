@@ -228,11 +228,17 @@ async def fetch_group(
                 for o in chain_objects]
             try:
                 objs = await asyncio.gather(*paths)
-            except BaseException:
+            except BaseException as e:
                 for t in paths:
                     t.cancel()
-                for r in await asyncio.gather(*paths, return_exceptions=True):
+                # The finished downloads are verified: kept for the next try (docs/FORMAT.md
+                # §10), unless the full object replaces the chain.
+                fallback = isinstance(e, (MissingKeyError, UntrustedDataError))
+                done = await asyncio.gather(*paths, return_exceptions=True)
+                for o, r in zip(chain_objects, done, strict=True):
                     if not isinstance(r, BaseException):
+                        if not fallback:
+                            keep(layout, o, r)
                         release(held, r)
                 raise
             with contextlib.ExitStack() as building:
