@@ -147,6 +147,7 @@ async def download(
             if sha != ref.sha256 and resumed:
                 log.warning("the partial download of %s (%s) was damaged before this run "
                             "(%d bytes kept): downloading it again", what, ref.key, resumed)
+                data = None  # dropped: the budget is given back if what follows fails
                 await asyncio.to_thread(layout.discard_download, ref.sha256)
                 sha, data = await _fetch(source, ref, dest, on_bytes, hold)
         try:
