@@ -11,6 +11,7 @@ cycle over such a link failed the same way.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -113,3 +114,34 @@ async def test_a_dripped_body_cut_short_is_spilled_and_resumed_over_http(
     # What makes this test meaningful: the first try's bytes came in more reads than one
     # writev takes buffers (IOV_MAX, 1024 on Linux).
     assert len(chunks) > 1024 + 1
+
+
+async def test_a_held_download_cancelled_as_it_ends_is_spilled(tmp_path: Path) -> None:
+    """The cancellation (a sibling group failed) comes as the last byte arrived, while the
+    held download is being finished (hashed, joined): what it held is written, as for any
+    cancelled held download, instead of being lost with the try."""
+    from devtools.faulty_http import FaultyServer
+
+    (tmp_path / "http").mkdir()
+    server = FaultyServer(tmp_path / "http", "store")
+    await server.start()
+    data = os.urandom(3 * MiB + 5)
+    server.put("objects/a", data)
+    source = open_source(server.url)
+    dest = tmp_path / "d"
+    got = [0]
+
+    def on_bytes(n: int) -> None:
+        got[0] += n
+        if got[0] == len(data):
+            task.cancel()
+
+    try:
+        task = asyncio.ensure_future(source.fetch_held("objects/a", dest, len(data), on_bytes))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await source.close()
+        await server.stop()
+    assert got[0] == len(data)
+    assert dest.read_bytes() == data  # the next try finds it whole

@@ -173,8 +173,14 @@ class PartialFile:
                 if self._writing is not None and not self._writing.done():
                     await asyncio.wait([self._writing])  # a cancelled try's hashing
                 if exc[0] is None and self.size == self._length:
-                    await self._flush()
-                    self.data = await asyncio.to_thread(b"".join, self._kept)
+                    try:
+                        await self._flush()
+                        self.data = await asyncio.to_thread(b"".join, self._kept)
+                    except BaseException:  # cancelled while finishing: spilled like any
+                        if self._writing is not None and not self._writing.done():
+                            await asyncio.wait([self._writing])  # its hashing
+                        await self._spill()
+                        raise
                     self._kept = None
                     return
                 await self._spill()  # the next try, or the next run, resumes it from disk
