@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from manifest.download_plan import GroupStep, Plan, local_inputs, make_plan
 from manifest.errors import DiskFullError, LocalError, MissingKeyError, UntrustedDataError
@@ -27,7 +27,7 @@ from .install import Obj, build_group, check_digest, install_chain
 from .layout import DeviceLayout
 
 __all__ = ["HOLD_BYTES", "SPACE_MARGIN", "Held", "built_from", "check_space", "download",
-           "fetch_group", "gather_all", "keep", "release", "verified_plan"]
+           "fetch_group", "finish_in_thread", "gather_all", "keep", "release", "verified_plan"]
 
 log = logging.getLogger("deltaship.agent")
 SPACE_MARGIN = 16 * 1024 * 1024  # free bytes an update leaves on the disk at the least
@@ -147,6 +147,7 @@ async def download(
             if sha != ref.sha256 and resumed:
                 log.warning("the partial download of %s (%s) was damaged before this run "
                             "(%d bytes kept): downloading it again", what, ref.key, resumed)
+                data = None  # dropped: the budget is given back if what follows fails
                 await asyncio.to_thread(layout.discard_download, ref.sha256)
                 sha, data = await _fetch(source, ref, dest, on_bytes, hold)
         try:
@@ -203,6 +204,26 @@ def built_from(layout: DeviceLayout, held: Held | None, ref: ObjectRef,
         release(held, obj)
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def finish_in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``asyncio.to_thread`` for a build: when the update is cancelled (another group failed)
+    it waits for the call to end, since a thread cannot be stopped. Only then do the caller's
+    exit handlers run: the staged file is removed once nothing writes to it (its space is
+    free again) and a held download is kept on a disk the build no longer fills."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller sees
+        raise
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -228,18 +249,24 @@ async def fetch_group(
                 for o in chain_objects]
             try:
                 objs = await asyncio.gather(*paths)
-            except BaseException:
+            except BaseException as e:
                 for t in paths:
                     t.cancel()
-                for r in await asyncio.gather(*paths, return_exceptions=True):
+                # The finished downloads are verified: kept for the next try (docs/FORMAT.md
+                # §10), unless the full object replaces the chain.
+                fallback = isinstance(e, (MissingKeyError, UntrustedDataError))
+                done = await asyncio.gather(*paths, return_exceptions=True)
+                for o, r in zip(chain_objects, done, strict=True):
                     if not isinstance(r, BaseException):
+                        if not fallback:
+                            keep(layout, o, r)
                         release(held, r)
                 raise
             with contextlib.ExitStack() as building:
                 for o, one in zip(chain_objects, objs, strict=True):
                     building.enter_context(built_from(layout, held, o, one))
                 async with installing:
-                    await asyncio.to_thread(install_chain, layout, step, objs, executor)
+                    await finish_in_thread(install_chain, layout, step, objs, executor)
         except (MissingKeyError, UntrustedDataError) as e:
             log.warning("group %s: the chain of %d patches failed (%s): fetching the full "
                         "object instead", g.name, len(chain_objects), e)
@@ -252,7 +279,7 @@ async def fetch_group(
     obj = await download(layout, source, sem, step.object, g.name, on_bytes, held)
     with built_from(layout, held, step.object, obj), layout.staged_object() as tmp:
         async with installing:
-            await asyncio.to_thread(build_group, layout, step, obj, tmp, executor)
+            await finish_in_thread(build_group, layout, step, obj, tmp, executor)
         # Outside ``installing``: the fsync of this group overlaps the build of the next.
         await asyncio.to_thread(layout.commit_object, tmp, g.sha256)
     if isinstance(obj, Path):

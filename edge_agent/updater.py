@@ -80,6 +80,7 @@ from .fetch import (
     check_space,
     download,
     fetch_group,
+    finish_in_thread,
     gather_all,
     verified_plan,
 )
@@ -415,7 +416,7 @@ class Agent(SwitchVerdicts):
                                          on_bytes, held)
                     with built_from(self.layout, held, entry.object, obj):
                         async with installing:
-                            await asyncio.to_thread(install_file, self.layout, entry, obj)
+                            await finish_in_thread(install_file, self.layout, entry, obj)
                     if isinstance(obj, Path):
                         await asyncio.to_thread(self.layout.discard_download,
                                                 entry.object.sha256)

@@ -38,7 +38,7 @@ __all__ = ["BLOCK", "FLUSH_SECONDS", "HOLD_SECONDS", "Digest", "PartialFile", "e
 BLOCK = 1024 * 1024  # bytes gathered before a write to the partial file
 FLUSH_SECONDS = 0.5  # ...or seconds since the last write (slow links)
 HOLD_SECONDS = 2.0  # the longest a download is held in memory before it is spilled to disk
-_IOV_MAX = 512  # the most buffers given to one writev (Linux allows 1024)
+_IOV_MAX = 512  # the most buffers given to one writev (Linux refuses more than 1024)
 _READ_BLOCK = 4 * 1024 * 1024  # reading a resumed download's prefix to hash it
 
 
@@ -173,8 +173,14 @@ class PartialFile:
                 if self._writing is not None and not self._writing.done():
                     await asyncio.wait([self._writing])  # a cancelled try's hashing
                 if exc[0] is None and self.size == self._length:
-                    await self._flush()
-                    self.data = await asyncio.to_thread(b"".join, self._kept)
+                    try:
+                        await self._flush()
+                        self.data = await asyncio.to_thread(b"".join, self._kept)
+                    except BaseException:  # cancelled while finishing: spilled like any
+                        if self._writing is not None and not self._writing.done():
+                            await asyncio.wait([self._writing])  # its hashing
+                        await self._spill()
+                        raise
                     self._kept = None
                     return
                 await self._spill()  # the next try, or the next run, resumes it from disk
@@ -214,15 +220,19 @@ def _open_at(path: Path, start: int) -> int:
 
 
 def _write_all(fd: int, chunks: list[bytes], path: Path) -> None:
+    """Write ``chunks`` in order, at most :data:`_IOV_MAX` buffers per ``writev`` (a spilled
+    held download can be thousands of chunks: one network read each; past IOV_MAX the
+    kernel refuses the whole call with EINVAL)."""
     views = [memoryview(c) for c in chunks if c]
+    i = 0  # views[:i] are written
     try:
-        while views:
-            n = os.writev(fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if views and n:
-                views[0] = views[0][n:]
+        while i < len(views):
+            n = os.writev(fd, views[i:i + _IOV_MAX])
+            while i < len(views) and n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            if n:
+                views[i] = views[i][n:]
     except OSError as e:
         raise _disk_error(e, path) from e
 
