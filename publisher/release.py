@@ -44,7 +44,7 @@ import zstandard
 
 from manifest.canonical import canonical_json
 from manifest.constants import DEFAULT_CHANNEL, release_record_key
-from manifest.errors import AlreadyExistsError, LocalError, ModelError
+from manifest.errors import AlreadyExistsError, LocalError, ModelError, disk_full
 from manifest.metadata import (
     FileEntry,
     ObjectRef,
@@ -336,7 +336,10 @@ def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
         if sha in known:
             return ShippedFile(FileEntry(rel, sha, length, known[sha]), None)
         ref, again = _compress_file(src, staged, level, length)
-    except OSError as e:
+    except OSError as e:  # reading the model, or writing its object to the staging directory
+        full = disk_full(e, staged.parent)
+        if full is not None:
+            raise full from e
         raise ModelError(f"cannot read {src}: {e.strerror or e}") from e
     except zstandard.ZstdError as e:  # the size differs from the one just hashed
         raise ModelError(f"{src} changed while it was read ({e}): release again once the "
