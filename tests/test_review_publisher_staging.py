@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 
 from devtools import modelgen
 
-from .conftest import Cli
+from .conftest import BIN, Cli
 from .test_publish_errors import _one_line_error
 
 
@@ -73,3 +75,43 @@ def test_a_full_staging_disk_names_the_cache_not_the_model(
     assert "cannot read" not in p.stderr and "working directory" not in p.stderr
     assert not (store / "manifest.json").exists()
     assert not list(cache.glob("release-*"))  # the staging went with the failed release
+
+
+def test_ctrl_c_while_a_large_file_is_shipped_stops_at_once(
+    cli: Cli, store: Path, release_key: Path, tmp_path: Path,
+) -> None:
+    """SIGINT while a 20 MiB non-tensor file is streamed at level 19: the release says
+    "interrupted" (exit 130) without compressing the rest of the file first. The anchor is the
+    same release uninterrupted, in this run (almost all of it compressing that file)."""
+    model = _model(tmp_path / "model", hidden=16, extra=20 << 20)
+    args = ["release", model, "--version", "v1", "--key", release_key, "--level", "19",
+            "--workers", "2"]
+    other = tmp_path / "other-store"
+    other.mkdir()
+    cli.publish("init", "--store", other, "--key", release_key)
+    t0 = time.monotonic()
+    cli.publish(*args, "--store", other, "--cache-dir", tmp_path / "cache0")
+    anchor = time.monotonic() - t0
+
+    cache = tmp_path / "cache"
+    cmd = [str(BIN / "deltaship-publish"), *map(str, args), "--store", str(store),
+           "--cache-dir", str(cache)]
+    p = subprocess.Popen(cmd, cwd=cli.cwd, env=cli.env(), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Every other file has its staged object open: the large one is being compressed.
+        while len(list(cache.glob("release-*/file-*"))) < 3:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        t1 = time.monotonic()
+        _, err = p.communicate(timeout=60 + 3 * anchor)
+        stopped_after = time.monotonic() - t1
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert (p.returncode, err.strip()) == (130, "deltaship-publish: interrupted"), err
+    assert stopped_after < anchor / 2, (stopped_after, anchor)
+    assert not (store / "manifest.json").exists()
+    assert not list(cache.glob("release-*"))
