@@ -148,6 +148,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
             # The other files are compressed on the same pool, overlapped with the groups.
             shipping = start_ship_files(model, state.bases, staging, cfg.level, ex, stop)
             if state.bases:  # hash first: groups a base has are reused, not encoded
+                read = _tensor_files_state(model)  # hashed and encoded in separate reads
                 groups = hash_model_groups(model, rules, ex, cfg.progress)
                 plan = plan_encoding(groups, state.bases, staging)
                 with contextlib.ExitStack() as open_files:
@@ -155,6 +156,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
                     t_enc = time.monotonic()
                     results = encode(plan, base_files, ex, cfg.level, cfg.progress, early)
                     encode_seconds = time.monotonic() - t_enc
+                _check_unchanged(model, read)
             else:  # nothing to reuse or patch from: every group is encoded, and hashed on the way
                 t_enc = time.monotonic()
                 groups, plan, results = hash_and_encode(model, rules, staging, ex, cfg.level,
@@ -184,6 +186,25 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
                         published)
     return dataclasses.replace(summary, channel=cfg.channel,
                                rollout_basis_points=cfg.rollout_basis_points)
+
+
+def _tensor_files_state(model: ModelDir) -> list[tuple[str, int, int, int]]:
+    """Each tensor file's path, inode, size and modification time."""
+    try:
+        return [(s.path, (st := os.stat(s.path)).st_ino, st.st_size, st.st_mtime_ns)
+                for s in model.shards]
+    except OSError as e:
+        raise ModelError(f"cannot read {e.filename}: {e.strerror or e}") from e
+
+
+def _check_unchanged(model: ModelDir, before: list[tuple[str, int, int, int]]) -> None:
+    """Refuse a release whose tensor files were written between hashing and encoding them:
+    its index would name group hashes its objects do not rebuild."""
+    after = _tensor_files_state(model)
+    for (path, *was), (_, *now) in zip(before, after, strict=True):
+        if was != now:
+            raise ModelError(f"{path} changed while it was read: release again once the "
+                             "model directory is no longer being written")
 
 
 @contextlib.contextmanager
