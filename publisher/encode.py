@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 from manifest.codecs import CHUNK_BYTES, chunk_ranges, encode_chunk
 from manifest.container import ContainerBuilder
+from manifest.errors import disk_errors
 from manifest.parallel import ordered_map
 from manifest.safetensors_format import SafetensorsFile, TensorInfo, build_header
 
@@ -278,11 +280,13 @@ def encode_all(
 
 def _finish(task: EncodeTask, builder: ContainerBuilder) -> EncodeResult:
     assert task.sha256 is not None
-    h = _HashingWriter(task.out_path)
-    try:
-        length = builder.finish(task.sha256, task.layout.length, h)
-    finally:
-        h.close()
+    # A full disk names the staging directory (the publisher cache), not the working one.
+    with disk_errors(os.path.dirname(task.out_path)):
+        h = _HashingWriter(task.out_path)
+        try:
+            length = builder.finish(task.sha256, task.layout.length, h)
+        finally:
+            h.close()
     return EncodeResult(task, length, h.hexdigest(), dict(builder.codec_bytes))
 
 

@@ -32,8 +32,9 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,7 +45,7 @@ import zstandard
 
 from manifest.canonical import canonical_json
 from manifest.constants import DEFAULT_CHANNEL, release_record_key
-from manifest.errors import AlreadyExistsError, LocalError, ModelError
+from manifest.errors import AlreadyExistsError, LocalError, ModelError, disk_full
 from manifest.metadata import (
     FileEntry,
     ObjectRef,
@@ -136,13 +137,18 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
     staging = cache.begin()  # held with other releases until `end`; `cache clear` waits
     # Full objects upload as soon as they are written, overlapped with encoding (uploads.py).
     uploads = Uploads(repo.store, cfg.workers)
+    # Set when the release fails (or Ctrl-C): the files still being shipped stop at their next
+    # block, those not begun do not start, instead of the pool's shutdown waiting for them.
+    stop = threading.Event()
     try:
-        with open_model(cfg.model_dir, cfg.exclude) as model, ThreadPoolExecutor(cfg.workers) as ex:
+        with open_model(cfg.model_dir, cfg.exclude) as model, \
+                ThreadPoolExecutor(cfg.workers) as ex, _set_on_failure(stop):
             listing = model.listing()
             early = None if cfg.dry_run else uploads
             # The other files are compressed on the same pool, overlapped with the groups.
-            shipping = start_ship_files(model, state.bases, staging, cfg.level, ex)
+            shipping = start_ship_files(model, state.bases, staging, cfg.level, ex, stop)
             if state.bases:  # hash first: groups a base has are reused, not encoded
+                read = _tensor_files_state(model)  # hashed and encoded in separate reads
                 groups = hash_model_groups(model, rules, ex, cfg.progress)
                 plan = plan_encoding(groups, state.bases, staging)
                 with contextlib.ExitStack() as open_files:
@@ -150,6 +156,7 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
                     t_enc = time.monotonic()
                     results = encode(plan, base_files, ex, cfg.level, cfg.progress, early)
                     encode_seconds = time.monotonic() - t_enc
+                _check_unchanged(model, read)
             else:  # nothing to reuse or patch from: every group is encoded, and hashed on the way
                 t_enc = time.monotonic()
                 groups, plan, results = hash_and_encode(model, rules, staging, ex, cfg.level,
@@ -179,6 +186,34 @@ def release(cfg: ReleaseConfig, now: datetime) -> ReleaseSummary:
                         published)
     return dataclasses.replace(summary, channel=cfg.channel,
                                rollout_basis_points=cfg.rollout_basis_points)
+
+
+def _tensor_files_state(model: ModelDir) -> list[tuple[str, int, int, int]]:
+    """Each tensor file's path, inode, size and modification time."""
+    try:
+        return [(s.path, (st := os.stat(s.path)).st_ino, st.st_size, st.st_mtime_ns)
+                for s in model.shards]
+    except OSError as e:
+        raise ModelError(f"cannot read {e.filename}: {e.strerror or e}") from e
+
+
+def _check_unchanged(model: ModelDir, before: list[tuple[str, int, int, int]]) -> None:
+    """Refuse a release whose tensor files were written between hashing and encoding them:
+    its index would name group hashes its objects do not rebuild."""
+    after = _tensor_files_state(model)
+    for (path, *was), (_, *now) in zip(before, after, strict=True):
+        if was != now:
+            raise ModelError(f"{path} changed while it was read: release again once the "
+                             "model directory is no longer being written")
+
+
+@contextlib.contextmanager
+def _set_on_failure(stop: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        stop.set()
+        raise
 
 
 def check_new_version(repo: Repository, version: str, rollout_bp: int | None) -> None:
@@ -309,19 +344,32 @@ def encode(
 
 def start_ship_files(
     model: ModelDir, bases: Sequence[ReleaseIndex], staging: Path, level: int,
-    ex: ThreadPoolExecutor,
+    ex: ThreadPoolExecutor, stop: threading.Event | None = None,
 ) -> list[Future[ShippedFile]]:
     """Each non-tensor file as a zstd object, one task per file on ``ex``; a file a base
     already has reuses its object. Files up to :data:`SMALL_FILE` (config, tokenizer) are
     coded at level 19 at least; larger ones (a ``.pth`` or ``.gguf`` kept beside the
-    safetensors) are streamed at the release's level, in bounded memory."""
+    safetensors) are streamed at the release's level, in bounded memory. Once ``stop`` is
+    set, a file not begun is not shipped and a streamed one stops at its next block (its
+    task raises :class:`Stopped`)."""
     known = {f.sha256: f.object for idx in bases for f in idx.files}
-    return [ex.submit(_ship_file, model.path / rel, rel, known, staging / f"file-{i}", level)
+    return [ex.submit(_ship_file, model.path / rel, rel, known, staging / f"file-{i}", level,
+                      stop)
             for i, rel in enumerate(model.other_files)]
 
 
+class Stopped(Exception):
+    """A file's shipping stopped because the release failed."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise Stopped
+
+
 def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
-               level: int) -> ShippedFile:
+               level: int, stop: threading.Event | None = None) -> ShippedFile:
+    _check(stop)
     try:
         if os.stat(src).st_size <= SMALL_FILE:
             data = src.read_bytes()
@@ -335,8 +383,12 @@ def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
         sha, length = _hash_file(src)
         if sha in known:
             return ShippedFile(FileEntry(rel, sha, length, known[sha]), None)
-        ref, again = _compress_file(src, staged, level, length)
-    except OSError as e:
+        _check(stop)
+        ref, again = _compress_file(src, staged, level, length, stop)
+    except OSError as e:  # reading the model, or writing its object to the staging directory
+        full = disk_full(e, staged.parent)
+        if full is not None:
+            raise full from e
         raise ModelError(f"cannot read {src}: {e.strerror or e}") from e
     except zstandard.ZstdError as e:  # the size differs from the one just hashed
         raise ModelError(f"{src} changed while it was read ({e}): release again once the "
@@ -356,17 +408,20 @@ def _hash_file(src: Path) -> tuple[str, int]:
     return h.hexdigest(), length
 
 
-def _compress_file(src: Path, staged: Path, level: int, length: int) -> tuple[ObjectRef, str]:
+def _compress_file(src: Path, staged: Path, level: int, length: int,
+                   stop: threading.Event | None = None) -> tuple[ObjectRef, str]:
     """Stream ``src`` into ``staged`` as one zstd frame: (the frame's ref, sha256 of what
-    was read)."""
+    was read); raises :class:`Stopped` at the next block once ``stop`` is set."""
     plain = hashlib.sha256()
     with open(src, "rb") as f, open(staged, "wb") as out:
         sink = _HashingSink(out)
-        with zstandard.ZstdCompressor(level=level).stream_writer(
-                cast(BinaryIO, sink), size=length, closefd=False) as z:  # it only writes
-            while block := f.read(FILE_BLOCK):
-                plain.update(block)
-                z.write(block)
+        z = zstandard.ZstdCompressor(level=level).stream_writer(
+            cast(BinaryIO, sink), size=length, closefd=False)  # it only writes
+        while block := f.read(FILE_BLOCK):
+            _check(stop)  # left unfinished (ending the frame codes what it holds): discarded
+            plain.update(block)
+            z.write(block)
+        z.flush(zstandard.FLUSH_FRAME)  # ends the frame
     return ObjectRef(sink.sha.hexdigest(), sink.length, "zstd"), plain.hexdigest()
 
 
