@@ -84,13 +84,20 @@ class _TensorRecord:
 
 
 class ContainerBuilder:
-    """Collects frames (kept as they are up to 32 MiB, then in a temporary file), then writes
-    the container in one pass."""
+    """Collects frames (kept as they are up to 32 MiB, then in a temporary file in
+    ``spill_dir``), then writes the container in one pass.
 
-    def __init__(self, base: tuple[str, int] | None, chunk_bytes: int, level: int) -> None:
+    The header, which lists every frame's length, comes first in a container, so the payload
+    waits until the last chunk is coded. ``spill_dir`` should be on the disk the container is
+    written to: the system's temporary directory is often a small tmpfs (RAM), and a dense
+    model's groups are hundreds of MB each."""
+
+    def __init__(self, base: tuple[str, int] | None, chunk_bytes: int, level: int,
+                 spill_dir: str | None = None) -> None:
         self.base = base
         self.chunk_bytes = chunk_bytes
         self.level = level
+        self.spill_dir = spill_dir
         # The frames as zstd returned them (no copy) up to _HELD_BYTES, then a temporary file.
         self._frames: list[bytes] = []
         self._held = 0
@@ -101,7 +108,7 @@ class ContainerBuilder:
 
     def _write(self, frame: bytes) -> None:
         if self._spill is None and self._held + len(frame) > _HELD_BYTES:
-            self._spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish/close
+            self._spill = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115 - closed in finish/close
             self._spill.writelines(self._frames)
             self._frames = []
         if self._spill is not None:

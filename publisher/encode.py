@@ -255,7 +255,9 @@ def encode_all(
                 base_ref = None
                 if task.base is not None:
                     base_ref = (task.base_sha256 or "", task.base.size)
-                builder = ContainerBuilder(base_ref, chunk_bytes, level)
+                # A large group's payload waits on the staging disk, not in /tmp (tmpfs).
+                staging = os.path.dirname(task.out_path)
+                builder = ContainerBuilder(base_ref, chunk_bytes, level, spill_dir=staging)
                 builder.set_prefix(task.layout.prefix)
             elif isinstance(ev, tuple) and ev[0] == "tensor":
                 assert builder is not None
@@ -272,7 +274,8 @@ def encode_all(
             else:
                 (codec, frames), n = ev
                 assert builder is not None
-                builder.add_chunk(codec, frames)
+                with disk_errors(staging):  # past 32 MiB the frames go to the staging disk
+                    builder.add_chunk(codec, frames)
                 on_bytes(n)
         while finishing:
             yield finishing.popleft().result()
