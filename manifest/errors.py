@@ -218,6 +218,11 @@ class DiskFullError(LocalError):
     pass
 
 
+class CancelledError(DeltashipError):
+    """An operation stopped because its caller asked it to (Ctrl-C, or another part of the
+    same command failed): the caller reports why, this error is never the news."""
+
+
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -45,7 +45,13 @@ import zstandard
 
 from manifest.canonical import canonical_json
 from manifest.constants import DEFAULT_CHANNEL, release_record_key
-from manifest.errors import AlreadyExistsError, LocalError, ModelError, disk_full
+from manifest.errors import (
+    AlreadyExistsError,
+    CancelledError,
+    LocalError,
+    ModelError,
+    disk_full,
+)
 from manifest.metadata import (
     FileEntry,
     ObjectRef,
@@ -351,20 +357,16 @@ def start_ship_files(
     coded at level 19 at least; larger ones (a ``.pth`` or ``.gguf`` kept beside the
     safetensors) are streamed at the release's level, in bounded memory. Once ``stop`` is
     set, a file not begun is not shipped and a streamed one stops at its next block (its
-    task raises :class:`Stopped`)."""
+    task raises :class:`~manifest.errors.CancelledError`)."""
     known = {f.sha256: f.object for idx in bases for f in idx.files}
     return [ex.submit(_ship_file, model.path / rel, rel, known, staging / f"file-{i}", level,
                       stop)
             for i, rel in enumerate(model.other_files)]
 
 
-class Stopped(Exception):
-    """A file's shipping stopped because the release failed."""
-
-
 def _check(stop: threading.Event | None) -> None:
     if stop is not None and stop.is_set():
-        raise Stopped
+        raise CancelledError("shipping stopped: the release failed or was interrupted")
 
 
 def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
@@ -411,7 +413,8 @@ def _hash_file(src: Path) -> tuple[str, int]:
 def _compress_file(src: Path, staged: Path, level: int, length: int,
                    stop: threading.Event | None = None) -> tuple[ObjectRef, str]:
     """Stream ``src`` into ``staged`` as one zstd frame: (the frame's ref, sha256 of what
-    was read); raises :class:`Stopped` at the next block once ``stop`` is set."""
+    was read); raises :class:`~manifest.errors.CancelledError` at the next block once
+    ``stop`` is set."""
     plain = hashlib.sha256()
     with open(src, "rb") as f, open(staged, "wb") as out:
         sink = _HashingSink(out)

@@ -11,6 +11,7 @@ can observe: the index naming them is still written after every upload has finis
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 
 from manifest.storage.store import Store
@@ -28,6 +29,7 @@ class Uploads:
         self._store = store
         self._pool = ThreadPoolExecutor(max(4, workers))
         self._started: dict[str, tuple[Future[int], int]] = {}
+        self._cancel = threading.Event()  # set by close(): uploads in flight stop
 
     def start(self, key: str, path: str) -> None:
         """Upload ``path`` as ``key`` (skipped if the store has it) unless already started."""
@@ -43,7 +45,7 @@ class Uploads:
     def _one(self, key: str, path: str) -> int:
         if self._store.exists(key):
             return 0
-        self._store.put_file(key, path)
+        self._store.put_file(key, path, self._cancel)
         return os.path.getsize(path)
 
     def finish(self, uploads: dict[str, str], progress: bool | None) -> UploadStats:
@@ -64,6 +66,10 @@ class Uploads:
         return UploadStats(sum(1 for s in added if s), sum(added))
 
     def close(self) -> None:
-        """Wait for the uploads in flight; drop those not started (call before the staged
-        files are deleted)."""
+        """Stop: uploads not started are dropped, those in flight stop at their next block
+        (an S3 multipart upload is aborted, so no parts are left to pay for); returns once
+        none runs (call before the staged files are deleted). After :meth:`finish` nothing is
+        in flight; before it (Ctrl-C, a failed release) a slow link does not delay the exit
+        by the rest of a large object's upload."""
+        self._cancel.set()
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ class WireCounter:
     the client sees the faults the server injects.
     """
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, up_rate: float | None = None) -> None:
         self.upstream_port = upstream_port
+        self.up_rate = up_rate  # bytes per second client -> server per connection (None: any)
         self.wire = Wire()
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -52,6 +54,11 @@ class WireCounter:
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        if self.up_rate is not None:
+            # A small receive window, as a slow link's: what the client has sent but the
+            # server has not yet taken stays small (on loopback the kernel would buffer MBs).
+            for sock in self._server.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -85,11 +92,14 @@ class WireCounter:
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     way: str) -> None:
+        rate = self.up_rate if way == "up" else None
         try:
-            while data := await reader.read(65536):
+            while data := await reader.read(65536 if rate is None else 8192):
                 setattr(self.wire, way, getattr(self.wire, way) + len(data))
                 writer.write(data)
                 await writer.drain()
+                if rate is not None:  # a slow uplink: the client's sends back up behind it
+                    await asyncio.sleep(len(data) / rate)
         except (ConnectionError, OSError):
             writer.transport.abort()  # a reset stays a reset
             return
@@ -149,3 +159,30 @@ class ServedStore:
         w = self.proxy.wire
         return (list(self.server.requests[n:]),
                 Wire(w.connections - w0.connections, w.up - w0.up, w.down - w0.down))
+
+
+class SlowUplink:
+    """``with SlowUplink(port, rate) as proxy: ... proxy.port ... proxy.wire.up``: a
+    :class:`WireCounter` to 127.0.0.1:``port`` on its own event loop in a daemon thread, each
+    connection sending at most ``rate`` bytes per second to the server (a publisher's slow,
+    metered uplink), answers unthrottled."""
+
+    def __init__(self, upstream_port: int, rate: float) -> None:
+        self.proxy = WireCounter(upstream_port, up_rate=rate)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="slow-uplink")
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def __enter__(self) -> WireCounter:
+        self._thread.start()
+        self._call(self.proxy.start())
+        return self.proxy
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self.proxy.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()

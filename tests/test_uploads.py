@@ -49,8 +49,9 @@ def test_finish_uploads_what_the_store_lacks_once(tmp_path: Path) -> None:
 
 
 def test_close_leaves_each_object_whole_or_absent(tmp_path: Path) -> None:
-    """After a failure elsewhere: uploads in flight finish, those not begun are dropped, and
-    the staged files can go."""
+    """After a failure elsewhere: uploads not begun are dropped, a local store's copy or link
+    in flight finishes (S3 uploads stop: tests/test_upload_cancel.py), and the staged files
+    can go."""
     store = _store(tmp_path)
     staged = [_staged(tmp_path, bytes([i]) * 50_000) for i in range(12)]
     uploads = Uploads(store, workers=1)

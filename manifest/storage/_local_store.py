@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,8 +77,9 @@ class LocalStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, data)
 
-    def put_file(self, key: str, path: str) -> None:
-        """Store the file at ``path`` as ``key``, atomically and durably.
+    def put_file(self, key: str, path: str, cancel: threading.Event | None = None) -> None:
+        """Store the file at ``path`` as ``key``, atomically and durably (``cancel`` is not
+        looked at: a link is instant and a copy runs at disk speed).
 
         When ``path`` is on the store's filesystem the object is a hard link to it (no copy:
         the publisher's staged objects are written once), so the caller must not modify

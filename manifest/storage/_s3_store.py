@@ -11,10 +11,17 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..errors import MissingKeyError, OversizeError, RetryableError, TransportError
+from ..errors import (
+    CancelledError,
+    MissingKeyError,
+    OversizeError,
+    RetryableError,
+    TransportError,
+)
 from ._listing import StoredObject
 from .location import check_key, check_prefix
 from .retry import give_up
@@ -40,6 +47,7 @@ class S3Store:
         self.endpoint = settings.endpoint_name
         self.multipart_threshold = options.multipart_threshold
         self._client = make_client(settings, self.url)
+        self._client.meta.events.register_first("needs-retry.s3", _no_retry_once_cancelled)
 
     def _key(self, key: str) -> str:
         return s3_key(self.prefix, check_key(key))
@@ -91,9 +99,13 @@ class S3Store:
         with self._errors(key):
             self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
-    def put_file(self, key: str, path: str) -> None:
+    def put_file(self, key: str, path: str, cancel: threading.Event | None = None) -> None:
         import botocore.exceptions as bx
         from boto3.s3.transfer import TransferConfig
+
+        def sent(_n: int) -> None:  # called as the body is read to be sent
+            if cancel is not None and cancel.is_set():
+                raise CancelledError(f"upload of {key} stopped")
 
         # Parts in flight are held in memory: 2 x 8 MiB per upload keeps the publisher small.
         cfg = TransferConfig(
@@ -103,8 +115,11 @@ class S3Store:
         )
         with self._errors(key):
             try:
-                self._client.upload_file(path, self.bucket, self._key(key), Config=cfg)
+                self._client.upload_file(path, self.bucket, self._key(key), Config=cfg,
+                                         Callback=sent if cancel is not None else None)
             except Exception as e:  # boto3's S3UploadFailedError wraps the ClientError
+                if cancel is not None and cancel.is_set():  # botocore wraps ours: unwrapped
+                    raise CancelledError(f"upload of {key} stopped") from e
                 cause = e.__cause__ or e.__context__
                 if isinstance(cause, bx.ClientError | bx.BotoCoreError):
                     raise cause from e
@@ -150,3 +165,13 @@ class S3Store:
         with self._errors(key):
             self._client.download_file(self.bucket, self._key(key), dest,
                                        Callback=None if max_size is None else count)
+
+
+def _no_retry_once_cancelled(caught_exception: BaseException | None = None,
+                             **_: object) -> None:
+    """botocore's ``needs-retry`` hook: a request that failed because its upload was cancelled
+    (``put_file``'s callback raised, and botocore wrapped that in HTTPClientError, which its
+    standard mode retries with backoff) ends now, with the CancelledError."""
+    error = getattr(caught_exception, "kwargs", {}).get("error")
+    if isinstance(error, CancelledError):
+        raise error

@@ -17,6 +17,7 @@ the user's mistake translate it.
 from __future__ import annotations
 
 import builtins
+import threading
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,7 +44,11 @@ class Store(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
 
-    def put_file(self, key: str, path: str) -> None: ...
+    def put_file(self, key: str, path: str, cancel: threading.Event | None = None) -> None:
+        """Store the file at ``path`` as ``key``. Once ``cancel`` is set, an upload in
+        progress stops at its next block with :class:`~manifest.errors.CancelledError` (an S3
+        multipart upload is aborted); a local copy or link finishes."""
+        ...
 
     def put_if(self, key: str, data: bytes, etag: str | None) -> None:
         """Write only if the current ETag is ``etag`` (None: only if the key is absent)."""
