@@ -9,7 +9,7 @@ Each step takes typed values and returns a new frozen one (the pure ones are in
     encode            -> EncodeResult...   full objects and patches, staged on disk
     choose_objects    -> ChosenObjects     a patch only if smaller than the full object
     start_ship_files  -> ShippedFile...    the non-tensor files as zstd objects (overlapped
-                                           with encode, on the same pool)
+                                           with encode, on the same pool: ship_files.py)
     build_index       -> ReleaseIndex
     upload            -> UploadStats       the objects the store lacks (full objects start
                                            as soon as they are written: uploads.py)
@@ -35,27 +35,20 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, cast
-
-import zstandard
 
 from manifest.canonical import canonical_json
 from manifest.constants import DEFAULT_CHANNEL, release_record_key
 from manifest.errors import (
     AlreadyExistsError,
-    CancelledError,
     LocalError,
     ModelError,
-    disk_full,
 )
 from manifest.metadata import (
-    FileEntry,
     ObjectRef,
-    ReleaseIndex,
     ReleasePointer,
     ReleaseRecord,
     Rollout,
@@ -76,7 +69,6 @@ from .progress import Progress
 from .release_plan import (
     EncodePlan,
     HashedGroup,
-    ShippedFile,
     StoreState,
     base_pointers,
     build_index,
@@ -86,16 +78,11 @@ from .release_plan import (
     plan_encoding,
 )
 from .repository import Repository
+from .ship_files import start_ship_files
 from .summary import ReleaseSummary, Timings, UploadStats, summarise
 from .uploads import Uploads
 
 __all__ = ["ReleaseConfig", "default_cache_dir", "release"]
-
-# Non-tensor files up to this size are read whole and coded at zstd level 19 (a 9 MB
-# tokenizer.json takes about 3 s of one core, overlapped with the tensors); larger ones are
-# streamed at the release's level: level 19 runs at about 3 MB/s.
-SMALL_FILE = 16 << 20
-FILE_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -346,98 +333,6 @@ def encode(
     finally:
         bar.close()
     return tuple(results[j.out_path] for j in plan.jobs)
-
-
-def start_ship_files(
-    model: ModelDir, bases: Sequence[ReleaseIndex], staging: Path, level: int,
-    ex: ThreadPoolExecutor, stop: threading.Event | None = None,
-) -> list[Future[ShippedFile]]:
-    """Each non-tensor file as a zstd object, one task per file on ``ex``; a file a base
-    already has reuses its object. Files up to :data:`SMALL_FILE` (config, tokenizer) are
-    coded at level 19 at least; larger ones (a ``.pth`` or ``.gguf`` kept beside the
-    safetensors) are streamed at the release's level, in bounded memory. Once ``stop`` is
-    set, a file not begun is not shipped and a streamed one stops at its next block (its
-    task raises :class:`~manifest.errors.CancelledError`)."""
-    known = {f.sha256: f.object for idx in bases for f in idx.files}
-    return [ex.submit(_ship_file, model.path / rel, rel, known, staging / f"file-{i}", level,
-                      stop)
-            for i, rel in enumerate(model.other_files)]
-
-
-def _check(stop: threading.Event | None) -> None:
-    if stop is not None and stop.is_set():
-        raise CancelledError("shipping stopped: the release failed or was interrupted")
-
-
-def _ship_file(src: Path, rel: str, known: dict[str, ObjectRef], staged: Path,
-               level: int, stop: threading.Event | None = None) -> ShippedFile:
-    _check(stop)
-    try:
-        if os.stat(src).st_size <= SMALL_FILE:
-            data = src.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            if sha in known:
-                return ShippedFile(FileEntry(rel, sha, len(data), known[sha]), None)
-            blob = zstandard.ZstdCompressor(level=max(level, 19)).compress(data)
-            staged.write_bytes(blob)
-            ref = ObjectRef(hashlib.sha256(blob).hexdigest(), len(blob), "zstd")
-            return ShippedFile(FileEntry(rel, sha, len(data), ref), str(staged))
-        sha, length = _hash_file(src)
-        if sha in known:
-            return ShippedFile(FileEntry(rel, sha, length, known[sha]), None)
-        _check(stop)
-        ref, again = _compress_file(src, staged, level, length, stop)
-    except OSError as e:  # reading the model, or writing its object to the staging directory
-        full = disk_full(e, staged.parent)
-        if full is not None:
-            raise full from e
-        raise ModelError(f"cannot read {src}: {e.strerror or e}") from e
-    except zstandard.ZstdError as e:  # the size differs from the one just hashed
-        raise ModelError(f"{src} changed while it was read ({e}): release again once the "
-                         "model directory is no longer being written") from e
-    if again != sha:
-        raise ModelError(f"{src} changed while it was read: release again once the model "
-                         "directory is no longer being written")
-    return ShippedFile(FileEntry(rel, sha, length, ref), str(staged))
-
-
-def _hash_file(src: Path) -> tuple[str, int]:
-    h, length = hashlib.sha256(), 0
-    with open(src, "rb") as f:
-        while block := f.read(FILE_BLOCK):
-            h.update(block)
-            length += len(block)
-    return h.hexdigest(), length
-
-
-def _compress_file(src: Path, staged: Path, level: int, length: int,
-                   stop: threading.Event | None = None) -> tuple[ObjectRef, str]:
-    """Stream ``src`` into ``staged`` as one zstd frame: (the frame's ref, sha256 of what
-    was read); raises :class:`~manifest.errors.CancelledError` at the next block once
-    ``stop`` is set."""
-    plain = hashlib.sha256()
-    with open(src, "rb") as f, open(staged, "wb") as out:
-        sink = _HashingSink(out)
-        z = zstandard.ZstdCompressor(level=level).stream_writer(
-            cast(BinaryIO, sink), size=length, closefd=False)  # it only writes
-        while block := f.read(FILE_BLOCK):
-            _check(stop)  # left unfinished (ending the frame codes what it holds): discarded
-            plain.update(block)
-            z.write(block)
-        z.flush(zstandard.FLUSH_FRAME)  # ends the frame
-    return ObjectRef(sink.sha.hexdigest(), sink.length, "zstd"), plain.hexdigest()
-
-
-class _HashingSink:
-    """A file that hashes and counts what is written to it."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out, self.sha, self.length = out, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.length += len(data)
-        return self.out.write(data)
 
 
 def publish(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from manifest.errors import ModelError, OversizeError
 from manifest.metadata import ReleaseIndex
 from manifest.safetensors_format import SafetensorsFile
 from manifest.storage.store import StoreOptions, open_store
+from publisher import ship_files
 from publisher.cache import PublisherCache
 
 from ._device import current_index
@@ -234,10 +234,9 @@ def test_a_file_that_changes_while_it_is_shipped_is_refused(
 ) -> None:
     """Between hashing a large file and compressing it, another process appends to it: the
     release stops with a ModelError rather than ship bytes its index does not describe."""
-    rel = importlib.import_module("publisher.release")  # the package exports release()
     src = tmp_path / "weights.pth"
-    src.write_bytes(os.urandom(1 << 16) * ((rel.SMALL_FILE >> 16) + 1))
-    hash_file = rel._hash_file
+    src.write_bytes(os.urandom(1 << 16) * ((ship_files.SMALL_FILE >> 16) + 1))
+    hash_file = ship_files.hash_file
 
     def hash_then_grow(path: Path) -> tuple[str, int]:
         out = hash_file(path)
@@ -245,9 +244,9 @@ def test_a_file_that_changes_while_it_is_shipped_is_refused(
             f.write(b"appended")
         return out
 
-    monkeypatch.setattr(rel, "_hash_file", hash_then_grow)
+    monkeypatch.setattr(ship_files, "hash_file", hash_then_grow)
     with pytest.raises(ModelError, match="changed while it was read"):
-        rel._ship_file(src, "weights.pth", {}, tmp_path / "staged", 3)
+        ship_files.ship_file(src, "weights.pth", {}, tmp_path / "staged", 3)
 
     same_size = tmp_path / "same-size.pth"
     same_size.write_bytes(src.read_bytes())
@@ -261,9 +260,9 @@ def test_a_file_that_changes_while_it_is_shipped_is_refused(
             f.write(bytes([byte[0] ^ 1]))
         return out
 
-    monkeypatch.setattr(rel, "_hash_file", hash_then_flip)
+    monkeypatch.setattr(ship_files, "hash_file", hash_then_flip)
     with pytest.raises(ModelError, match="changed while it was read"):
-        rel._ship_file(same_size, "same-size.pth", {}, tmp_path / "staged", 3)
+        ship_files.ship_file(same_size, "same-size.pth", {}, tmp_path / "staged", 3)
 
 
 @pytest.mark.parametrize("bad", ["dangling", "directory", "fifo", "unsafe-name"])

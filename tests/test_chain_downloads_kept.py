@@ -1,4 +1,4 @@
-"""Review of the held downloads (issue 12): the verified downloads of a chain of patches are
+"""Held downloads (issue 12; found in review): the verified downloads of a chain of patches are
 kept on disk when the chain's other downloads fail, as docs/FORMAT.md §10 promises ("a held
 download is written to its partial file ... when the update fails before its group is
 committed (the next try then finds it whole)").

@@ -1,6 +1,6 @@
-"""Review of the release pipeline (issue 12): a release with bases hashes the model's groups in
-one read and encodes them in others. A tensor file written in between must stop the release,
-not publish an index whose group hashes its new objects do not rebuild."""
+"""The release pipeline (issue 12; found in review): a release with bases hashes the model's
+groups in one read and encodes them in others. A tensor file written in between must stop the
+release, not publish an index whose group hashes its new objects do not rebuild."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Review of the two concurrent group installs (issue 12): a build cancelled because another
+"""Two concurrent group installs (issue 12; found in review): a build cancelled because another
 group failed ends before what it uses is cleaned up.
 
 A build runs in a worker thread, which a cancellation cannot stop. With a bare

@@ -1,4 +1,4 @@
-"""Review of the held downloads (issue 12): a held download spilled to its partial file must
+"""Held downloads (issue 12; found in review): a held download spilled to its partial file must
 be written whole whatever the number of chunks it arrived in.
 
 A held download keeps every chunk as it was received (no join). An HTTP body arrives in as

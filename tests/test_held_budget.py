@@ -1,4 +1,4 @@
-"""Review of the held downloads (issue 12): the hold budget (``edge_agent.fetch.Held``) is
+"""Held downloads (issue 12; found in review): the hold budget (``edge_agent.fetch.Held``) is
 given back on every failure path of :func:`edge_agent.fetch.download`.
 
 A damaged partial file is fetched again from byte 0 once. When the first fetch had come back

@@ -1,4 +1,4 @@
-"""Review of the release pipeline's failure paths (issue 12's speed work): a full staging disk,
+"""The release pipeline's failure paths (issue 12; found in review): a full staging disk,
 and Ctrl-C while a large non-tensor file is being shipped.
 
 Real ``deltaship-publish`` processes against a directory store; the full disk is a small tmpfs
