@@ -24,7 +24,9 @@ regular file, not writable by every user: it is opened without following a symbo
 without blocking, its owner is read from the open descriptor, at most 32 bytes are read, off
 the event loop (a symlink to another process's pid file, a FIFO or ``/dev/zero`` in its place
 fail the hook at once). Every hook and check has
-a timeout; a hook that hangs is a failed hook. The update
+a timeout; a hook that hangs is a failed hook. A command hook's stderr is kept in a temp file
+(its last line is in the error) of at most 1 MiB: a hook that writes more is stopped, with
+what it started, and fails. The update
 loop decides what a failure means (switch back, remember the version as failed). Hooks run
 after every switch except a device's first install (no model server can run before there is a
 model, and there is nothing to switch back to), and after a manual ``deltaship-agent rollback``.
@@ -45,7 +47,12 @@ from typing import Any
 
 from manifest.errors import HookError, LocalError
 
-__all__ = ["Hooks", "parse_hooks"]
+__all__ = ["MAX_HOOK_STDERR", "Hooks", "parse_hooks"]
+
+# A command hook's stderr goes to a temp file (see _run): the most bytes it may hold before
+# the hook is stopped, and how often its size is looked at while the hook runs.
+MAX_HOOK_STDERR = 1 << 20
+STDERR_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -146,13 +153,14 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             except OSError as e:
                 raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
             try:
-                await proc.wait()
+                flooded = await _wait_bounded(proc, err.fileno())
             except asyncio.CancelledError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signals.SIGKILL)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=5)
+                await _kill_group(proc)
                 raise
+            if flooded:
+                await _kill_group(proc)
+                raise HookError(f"{argv[0]} wrote more than {MAX_HOOK_STDERR >> 20} MiB to "
+                                "stderr: stopped (it must not fill the disk)")
             if proc.returncode != 0:
                 err.seek(0)
                 lines = err.read(1 << 16).decode(errors="replace").strip().splitlines()
@@ -160,6 +168,29 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
                 raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())
     else:  # signal
         await _send_signal(hook)
+
+
+async def _wait_bounded(proc: asyncio.subprocess.Process, err: int) -> bool:
+    """Wait for ``proc``; True (it still runs) as soon as its stderr file, ``err``, holds more
+    than :data:`MAX_HOOK_STDERR` bytes."""
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=STDERR_POLL)
+            if done:
+                return False
+            if os.fstat(err).st_size > MAX_HOOK_STDERR:
+                return True
+    finally:
+        waiter.cancel()
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """Kill the hook's process group (what it started too); wait briefly for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signals.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), timeout=5)
 
 
 async def _send_signal(hook: Hook) -> None:
