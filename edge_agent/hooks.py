@@ -26,7 +26,7 @@ the event loop (a symlink to another process's pid file, a FIFO or ``/dev/zero``
 fail the hook at once). Every hook and check has
 a timeout; a hook that hangs is a failed hook. A command hook's stderr is kept in a temp file
 (its last line is in the error) of at most 1 MiB: a hook that writes more is stopped, with
-what it started, and fails. The update
+what it started, and fails. Of an HTTP answer the first 64 KiB are read. The update
 loop decides what a failure means (switch back, remember the version as failed). Hooks run
 after every switch except a device's first install (no model server can run before there is a
 model, and there is nothing to switch back to), and after a manual ``deltaship-agent rollback``.
@@ -53,6 +53,7 @@ __all__ = ["MAX_HOOK_STDERR", "Hooks", "parse_hooks"]
 # the hook is stopped, and how often its size is looked at while the hook runs.
 MAX_HOOK_STDERR = 1 << 20
 STDERR_POLL = 0.05
+MAX_HOOK_ANSWER = 64 << 10  # bytes of an HTTP hook's answer read (the version, an error)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             async with aiohttp.ClientSession() as session, session.request(
                 hook.method, url, data=_fill(hook.body, version, path).encode() or None
             ) as resp:
-                text = await resp.text(errors="replace")
+                text = (await _read_prefix(resp)).decode(resp.charset or "utf-8",
+                                                         errors="replace")
         except aiohttp.ClientError as e:
             raise HookError(f"{hook.method} {url} failed: {e}") from e
         if not 200 <= resp.status < 300:
@@ -168,6 +170,20 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
                 raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())
     else:  # signal
         await _send_signal(hook)
+
+
+async def _read_prefix(resp: Any) -> bytes:
+    """At most :data:`MAX_HOOK_ANSWER` bytes of an HTTP hook's answer (the rest is dropped
+    with the connection): a server streaming without end cannot fill the agent's memory."""
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_HOOK_ANSWER:
+        part = await resp.content.read(MAX_HOOK_ANSWER - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
 
 
 async def _wait_bounded(proc: asyncio.subprocess.Process, err: int) -> bool:

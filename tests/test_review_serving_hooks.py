@@ -42,3 +42,37 @@ def test_a_failing_hook_still_reports_its_last_stderr_line(tmp_path: Path) -> No
         "sh", "-c", "echo first >&2; echo 'model not found' >&2; exit 3"]}]})
     with pytest.raises(HookError, match=r"^sh exited 3 model not found$"):
         asyncio.run(hooks.after_switch("v2", tmp_path))
+
+
+def test_an_endless_health_answer_is_read_only_as_far_as_needed(tmp_path: Path) -> None:
+    """A health endpoint that streams without end (a broken or hostile model server): the agent
+    reads a bounded prefix, so the check is decided on it instead of buffering the stream in
+    memory until the timeout."""
+    from aiohttp import web
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        await resp.write(b"serving v2 ")
+        chunk = b"x" * 65536
+        while True:
+            await resp.write(chunk)
+            await asyncio.sleep(0.001)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", endless)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            hooks = parse_hooks({"health": {"kind": "http", "expect_version": True,
+                                            "timeout": 20,
+                                            "url": f"http://127.0.0.1:{port}/healthz"}})
+            await asyncio.wait_for(hooks.after_switch("v2", tmp_path), timeout=60)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(main())  # passes: the prefix names v2
