@@ -164,7 +164,7 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
                 raise HookError(f"{argv[0]} wrote more than {MAX_HOOK_STDERR >> 20} MiB to "
                                 "stderr: stopped (it must not fill the disk)")
             if proc.returncode != 0:
-                err.seek(0)
+                err.seek(max(0, os.fstat(err.fileno()).st_size - (1 << 16)))  # its end
                 lines = err.read(1 << 16).decode(errors="replace").strip().splitlines()
                 detail = lines[-1] if lines else ""
                 raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())

@@ -76,3 +76,15 @@ def test_an_endless_health_answer_is_read_only_as_far_as_needed(tmp_path: Path) 
             await runner.cleanup()
 
     asyncio.run(main())  # passes: the prefix names v2
+
+
+def test_the_reported_line_is_the_last_one_even_after_much_output(tmp_path: Path) -> None:
+    """A chatty hook (100 KiB of warnings, within the cap) then its real error: the error names
+    the last line, not whatever line the first 64 KiB happen to end in."""
+    script = ("i=0; while [ $i -lt 5000 ]; do echo 'warning: something minor' >&2; "
+              "i=$((i+1)); done; echo 'fatal: the model server is down' >&2; exit 4")
+    hooks = parse_hooks({"notify": [{"kind": "command", "timeout": 60,
+                                     "argv": ["sh", "-c", script]}]})
+    with pytest.raises(HookError) as e:
+        asyncio.run(hooks.after_switch("v2", tmp_path))
+    assert str(e.value) == "sh exited 4 fatal: the model server is down"
