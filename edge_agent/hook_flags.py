@@ -21,7 +21,10 @@ TIMING_FLAGS = ("hook_timeout", "health_timeout", "health_attempts", "health_int
 
 
 def _url(flag: str, value: str) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as e:  # e.g. an unclosed [ of an IPv6 address
+        raise LocalError(f"{flag} {value!r}: not a URL ({e})") from e
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise LocalError(f"{flag} {value!r}: not an http:// or https:// URL")
     return value

@@ -24,7 +24,9 @@ regular file, not writable by every user: it is opened without following a symbo
 without blocking, its owner is read from the open descriptor, at most 32 bytes are read, off
 the event loop (a symlink to another process's pid file, a FIFO or ``/dev/zero`` in its place
 fail the hook at once). Every hook and check has
-a timeout; a hook that hangs is a failed hook. The update
+a timeout; a hook that hangs is a failed hook. A command hook's stderr is kept in a temp file
+(its last line is in the error) of at most 1 MiB: a hook that writes more is stopped, with
+what it started, and fails. Of an HTTP answer the first 64 KiB are read. The update
 loop decides what a failure means (switch back, remember the version as failed). Hooks run
 after every switch except a device's first install (no model server can run before there is a
 model, and there is nothing to switch back to), and after a manual ``deltaship-agent rollback``.
@@ -45,7 +47,13 @@ from typing import Any
 
 from manifest.errors import HookError, LocalError
 
-__all__ = ["Hooks", "parse_hooks"]
+__all__ = ["MAX_HOOK_STDERR", "Hooks", "parse_hooks"]
+
+# A command hook's stderr goes to a temp file (see _run): the most bytes it may hold before
+# the hook is stopped, and how often its size is looked at while the hook runs.
+MAX_HOOK_STDERR = 1 << 20
+STDERR_POLL = 0.05
+MAX_HOOK_ANSWER = 64 << 10  # bytes of an HTTP hook's answer read (the version, an error)
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,8 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             async with aiohttp.ClientSession() as session, session.request(
                 hook.method, url, data=_fill(hook.body, version, path).encode() or None
             ) as resp:
-                text = await resp.text(errors="replace")
+                text = (await _read_prefix(resp)).decode(resp.charset or "utf-8",
+                                                         errors="replace")
         except aiohttp.ClientError as e:
             raise HookError(f"{hook.method} {url} failed: {e}") from e
         if not 200 <= resp.status < 300:
@@ -146,20 +155,58 @@ async def _run(hook: Hook, version: str, path: Path) -> None:
             except OSError as e:
                 raise HookError(f"cannot run {argv[0]}: {e.strerror}") from e
             try:
-                await proc.wait()
+                flooded = await _wait_bounded(proc, err.fileno())
             except asyncio.CancelledError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signals.SIGKILL)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=5)
+                await _kill_group(proc)
                 raise
+            if flooded:
+                await _kill_group(proc)
+                raise HookError(f"{argv[0]} wrote more than {MAX_HOOK_STDERR >> 20} MiB to "
+                                "stderr: stopped (it must not fill the disk)")
             if proc.returncode != 0:
-                err.seek(0)
+                err.seek(max(0, os.fstat(err.fileno()).st_size - (1 << 16)))  # its end
                 lines = err.read(1 << 16).decode(errors="replace").strip().splitlines()
                 detail = lines[-1] if lines else ""
                 raise HookError(f"{argv[0]} exited {proc.returncode} {detail}".rstrip())
     else:  # signal
         await _send_signal(hook)
+
+
+async def _read_prefix(resp: Any) -> bytes:
+    """At most :data:`MAX_HOOK_ANSWER` bytes of an HTTP hook's answer (the rest is dropped
+    with the connection): a server streaming without end cannot fill the agent's memory."""
+    parts: list[bytes] = []
+    size = 0
+    while size < MAX_HOOK_ANSWER:
+        part = await resp.content.read(MAX_HOOK_ANSWER - size)
+        if not part:
+            break
+        parts.append(part)
+        size += len(part)
+    return b"".join(parts)
+
+
+async def _wait_bounded(proc: asyncio.subprocess.Process, err: int) -> bool:
+    """Wait for ``proc``; True (it still runs) as soon as its stderr file, ``err``, holds more
+    than :data:`MAX_HOOK_STDERR` bytes."""
+    waiter = asyncio.ensure_future(proc.wait())
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=STDERR_POLL)
+            if done:
+                return False
+            if os.fstat(err).st_size > MAX_HOOK_STDERR:
+                return True
+    finally:
+        waiter.cancel()
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    """Kill the hook's process group (what it started too); wait briefly for it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signals.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), timeout=5)
 
 
 async def _send_signal(hook: Hook) -> None:

@@ -272,16 +272,21 @@ class Operator:
         """Re-hash the live version against its signed index; with ``repair``, fetch what is
         damaged again and put it in place (then tell the model server, which maps it)."""
         agent = self.agent
-        current = agent.layout.current()
-        if current is None:
-            raise NotFoundError("no version is installed yet")
-        bad = agent.damaged(current, agent.root())
-        if not bad or not repair:
-            return VerifyResult(current, tuple(bad))
-        with agent.layout.lock(self.wait):
-            asyncio.run(repair_version(agent, current, bad))
-        unhealthy = self._check_server(current, f"repaired {current}")
-        return VerifyResult(current, tuple(bad), repaired=True, unhealthy=unhealthy)
+        while True:
+            current = agent.layout.current()
+            if current is None:
+                raise NotFoundError("no version is installed yet")
+            bad = agent.damaged(current, agent.root())
+            if not bad or not repair:
+                return VerifyResult(current, tuple(bad))
+            with agent.layout.lock(self.wait):
+                # An update cycle may have switched (and pruned) while this waited for the
+                # lock: repair, and tell the model server about, only what is live now.
+                if agent.layout.current() != current:
+                    continue
+                asyncio.run(repair_version(agent, current, bad))
+                unhealthy = self._check_server(current, f"repaired {current}")
+            return VerifyResult(current, tuple(bad), repaired=True, unhealthy=unhealthy)
 
     def _check_server(self, version: str, done: str) -> HookError | None:
         """Run the hooks and health check for ``version``, which stays live either way."""
