@@ -2,8 +2,9 @@
 
 What is kept (docs/FORMAT.md §1, "Garbage collection"): for every channel (``stable`` at the
 store's top, the others under ``channels/<name>/``), the release indexes of its last ``keep``
-release records by sequence and of its manifest's current release and rollout candidate,
-the packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
+release records by sequence, of its manifest's current release and rollout candidate and of
+the releases of the channel these two patched from (their indexes' ``deltas_from``), the
+packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
 every object those indexes reference (full objects, patches, chain steps, files); and every
 object younger than the grace period, whatever references it (a release or a draft in
 progress uploads its objects before anything names them).
@@ -75,7 +76,8 @@ def parse_duration(text: str) -> timedelta:
 @dataclass(frozen=True)
 class KeptRelease:
     """A release whose index gc keeps, and why: "record" (one of the last N), "current" or
-    "candidate" (named by the channel's manifest)."""
+    "candidate" (named by the channel's manifest), "base" (the current release or the
+    candidate patched from it)."""
 
     channel: str
     version: str
@@ -143,8 +145,10 @@ class _Reader:
         self.seen[key] = hashlib.sha256(data).hexdigest()
         return data
 
-    def releases(self, channel: str, keep: int) -> tuple[list[KeptRelease], list[ObjectRef]]:
-        """(what to keep, every index any record or the manifest of ``channel`` names)."""
+    def releases(self, channel: str, keep: int
+                 ) -> tuple[list[KeptRelease], list[ObjectRef], dict[str, ObjectRef]]:
+        """(what to keep, every index any record or the manifest of ``channel`` names, the
+        index of each version that has a record)."""
         kept: list[KeptRelease] = []
         try:
             data = self.read(manifest_key(channel), MAX_MANIFEST_SIZE)
@@ -167,7 +171,8 @@ class _Reader:
             records.append(_record(self.read(key, ReleaseRecord.MAX_SIZE), key))
         records.sort(key=lambda r: (r.sequence, r.version))
         kept += [KeptRelease(channel, r.version, "record", r.index) for r in records[-keep:]]
-        return kept, [r.index for r in records] + [k.index for k in kept]
+        return (kept, [r.index for r in records] + [k.index for k in kept],
+                {r.version: r.index for r in records})
 
 
 def _record(data: bytes, key: str) -> ReleaseRecord:
@@ -227,23 +232,26 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     reader = _Reader(store)
     kept: list[KeptRelease] = []
     named: list[ObjectRef] = []
+    by_version: dict[str, dict[str, ObjectRef]] = {}
     for channel in channels(store):
-        kept_here, named_here = reader.releases(channel, keep)
+        kept_here, named_here, by_version[channel] = reader.releases(channel, keep)
         kept += kept_here
         named += named_here
     objects = store.list_objects(OBJECTS_PREFIX)
     present = {o.key[len(OBJECTS_PREFIX):] for o in objects}
+    indexes = {k.index.sha256: _kept_index(store, k, present) for k in _unique(kept)}
+    kept += _bases(kept, indexes, by_version, store, present)
     reachable = {k.index.sha256 for k in kept}
     reachable |= {sha for k in kept for sha in k.index.packing.objects()}  # zstd, deltas
-    for k in _unique(kept):
-        reachable |= index_objects(_kept_index(store, k, present))
+    for index in indexes.values():
+        reachable |= index_objects(index)
     referenced = set(reachable) | {ref.sha256 for ref in named}
     referenced |= {sha for ref in named for sha in ref.packing.objects()}
     for ref in _unique_refs(named):
-        if ref.sha256 in present and ref.sha256 not in {k.index.sha256 for k in kept}:
-            index = _index_or_none(store, ref)
-            if index is not None:
-                referenced |= index_objects(index)
+        if ref.sha256 in present and ref.sha256 not in indexes:
+            old = _index_or_none(store, ref)
+            if old is not None:
+                referenced |= index_objects(old)
     selection = select_deletions(objects, reachable, referenced, now, grace)
     deleted: list[StoredObject] = []
     if on_plan is not None:
@@ -257,6 +265,32 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
                 on_delete(o)
     return GcResult(store.url, tuple(kept), len(reachable & present), selection,
                     tuple(deleted), dry_run)
+
+
+def _bases(kept: Sequence[KeptRelease], indexes: dict[str, ReleaseIndex],
+           by_version: dict[str, dict[str, ObjectRef]], store: Store, present: set[str]
+           ) -> list[KeptRelease]:
+    """The releases of its channel that a channel's current release or candidate patched from
+    (its index's ``deltas_from``: the recent releases and the checkpoint releases of
+    ``release --checkpoint-every``). The channel's next release patches from the same ones (or
+    newer), and reads their indexes and objects: without them it fails. A base whose index
+    the store lacks or that does not match its record is not kept (nothing of it to keep);
+    ``indexes`` gains the indexes of the bases kept."""
+    out: list[KeptRelease] = []
+    for k in kept:
+        if k.why not in ("current", "candidate"):
+            continue
+        for version in indexes[k.index.sha256].deltas_from:
+            ref = by_version[k.channel].get(version)
+            if ref is None or ref.sha256 not in present:
+                continue
+            if ref.sha256 not in indexes:
+                index = _index_or_none(store, ref)
+                if index is None:
+                    continue
+                indexes[ref.sha256] = index
+            out.append(KeptRelease(k.channel, version, "base", ref))
+    return out
 
 
 def _unique(kept: Sequence[KeptRelease]) -> list[KeptRelease]:

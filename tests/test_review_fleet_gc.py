@@ -1,0 +1,52 @@
+"""Review (fleet): gc and the releases that keep far-behind devices on patches.
+
+``release --checkpoint-every N`` patches from the most recent checkpoint releases (every N-th
+release of the channel), which are older than the last few: ``gc --keep N`` (even with N at
+least ``--deltas-from``, as the docs ask) used to delete their indexes and objects, and every
+later checkpointed release then failed (exit 4, "missing from the store ... retry later")."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from manifest.metadata import ReleaseRecord
+from manifest.storage.store import LocalStore
+
+from .conftest import Cli, MoEFamily
+
+
+def _release(cli: Cli, store: str, key: Path, model: Path, version: str,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    return cli.publish("release", model, "--store", store, "--version", version, "--key", key,
+                       "--deltas-from", "1", "--checkpoint-every", "2", check=check)
+
+
+def test_gc_keeps_the_checkpoint_releases_a_checkpointed_release_patches_from(
+        cli: Cli, tmp_path: Path, moe_family: MoEFamily) -> None:
+    store = str(tmp_path / "store")
+    Path(store).mkdir()
+    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
+    key = tmp_path / "keys" / "release.key"
+    cli.publish("init", "--store", store, "--key", key)
+    f = moe_family
+    for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3), ("v4", f.v4)):
+        _release(cli, store, key, model, version)
+    records = {v: ReleaseRecord.from_dict(json.loads(
+        (Path(store) / "releases" / f"{v}.json").read_bytes())["signed"], v).index
+        for v in ("v1", "v2", "v3", "v4")}
+    for o in (Path(store) / "objects").iterdir():  # written two days ago
+        os.utime(o, (time.time() - 2 * 86400,) * 2)
+    out = json.loads(cli.publish("gc", "--store", store, "--keep", "1", "--grace", "0s",
+                                 "--json").stdout)
+    kept = {(k["version"], k["why"]) for k in out["kept_releases"]}
+    # v4 patched from v3 (--deltas-from 1) and from the checkpoint v1 (--checkpoint-every 2)
+    assert kept == {("v4", "current"), ("v4", "record"), ("v3", "base"), ("v1", "base")}
+    objects = LocalStore(store)
+    assert not objects.exists(records["v2"].key)  # the rest still goes
+    assert all(objects.exists(records[v].key) for v in ("v1", "v3", "v4"))
+    p = _release(cli, store, key, f.v2, "v5", check=False)
+    assert p.returncode == 0, p.stderr
