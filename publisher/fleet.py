@@ -369,7 +369,10 @@ def decide_advance(manifest: Manifest | None, reports: ReportSet, policy: Advanc
         return Decision(action, f"{cand}: {health.rate_text}, over the "
                         f"{percent_text(policy.max_failure_bp)} limit",
                         cand, share, health=health)
-    due = manifest.published_at + policy.every
+    try:
+        due = manifest.published_at + policy.every
+    except OverflowError:  # an --every that ends after the year 9999: never due
+        due = datetime.max.replace(tzinfo=manifest.published_at.tzinfo)
     if now < due:
         return Decision("wait", f"{cand} at {percent_text(share)} ({health.rate_text}): next "
                         f"stage not before {format_time(due)}", cand, share, health=health,

@@ -70,7 +70,10 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise LocalError(f"duration {text!r} is not a number followed by s, m, h, d or w "
                          "(e.g. 24h)")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    except OverflowError:
+        raise LocalError(f"duration {text!r} is too long") from None
 
 
 @dataclass(frozen=True)

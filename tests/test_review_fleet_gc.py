@@ -50,3 +50,13 @@ def test_gc_keeps_the_checkpoint_releases_a_checkpointed_release_patches_from(
     assert all(objects.exists(records[v].key) for v in ("v1", "v3", "v4"))
     p = _release(cli, store, key, f.v2, "v5", check=False)
     assert p.returncode == 0, p.stderr
+
+
+def test_durations_too_long_for_a_date_are_one_line(cli: Cli, tmp_path: Path) -> None:
+    store = ("--store", tmp_path / "nowhere")
+    for args in (("gc", *store, "--keep", "1", "--grace", "999999999w"),
+                 ("fleet", "status", *store, "--poll-interval", "100000w", "--stale", "10000")):
+        p = cli.publish(*args, check=False)
+        assert p.returncode == 2, (args, p.stderr)
+        assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
+        assert "too long" in p.stderr, p.stderr

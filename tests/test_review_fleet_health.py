@@ -52,3 +52,11 @@ def test_failing_the_candidate_still_counts() -> None:
           report("d", REPO_ID, current="v2", target="v2"))
     h = candidate_health("v2", rs)
     assert (h.reporting, h.failed) == (4, 3)
+
+
+def test_an_every_past_the_year_9999_waits_instead_of_crashing() -> None:
+    rs = tuple(report(f"d{i}", REPO_ID, current="v2", target="v2") for i in range(30))
+    long = AdvancePolicy(POLICY.stages, timedelta(days=3_000_000), 200, 20)
+    d = decide_advance(_manifest(), ReportSet(rs), long, NOW, "stable")
+    assert d.action == "wait" and "9999" in d.reason, d.reason
+    assert "\n" not in d.reason
