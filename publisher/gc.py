@@ -7,7 +7,9 @@ the releases of the channel these two patched from (their indexes' ``deltas_from
 packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
 every object those indexes reference (full objects, patches, chain steps, files); and every
 object younger than the grace period, whatever references it (a release or a draft in
-progress uploads its objects before anything names them).
+progress uploads its objects before anything names them), with every object that a release
+index among them references (such a release reuses what the store already holds, however
+old).
 
 Everything else under ``objects/`` goes. Unreachable objects that no release record or
 manifest of any channel ever referenced are reported apart as *lost races* (a release that
@@ -93,6 +95,9 @@ class Selection:
     delete: tuple[StoredObject, ...]  # unreachable and older than the grace period
     young: tuple[StoredObject, ...]  # unreachable but within the grace period: kept
     lost: frozenset[str]  # keys of unreachable objects nothing ever referenced
+    # unreachable, older than the grace period, but named by a release index within it (a
+    # draft waiting for its signatures): kept
+    pending: tuple[StoredObject, ...] = ()
 
 
 def index_objects(index: ReleaseIndex) -> set[str]:
@@ -106,12 +111,15 @@ def index_objects(index: ReleaseIndex) -> set[str]:
 
 
 def select_deletions(objects: Iterable[StoredObject], reachable: set[str],
-                     referenced: set[str], now: datetime, grace: timedelta) -> Selection:
-    """Which of ``objects`` (keys under ``objects/``) go: not in ``reachable`` and last
-    written at least ``grace`` before ``now``. ``referenced``: everything any release ever
-    referenced (the rest are lost races)."""
+                     referenced: set[str], now: datetime, grace: timedelta,
+                     pending: set[str] | frozenset[str] = frozenset()) -> Selection:
+    """Which of ``objects`` (keys under ``objects/``) go: not in ``reachable`` nor in
+    ``pending`` (named by a release index younger than ``grace``: a draft) and last written at
+    least ``grace`` before ``now``. ``referenced``: everything any release ever referenced
+    (the rest are lost races)."""
     delete: list[StoredObject] = []
     young: list[StoredObject] = []
+    kept: list[StoredObject] = []
     lost: set[str] = set()
     for o in objects:
         sha = o.key[len(OBJECTS_PREFIX):]
@@ -119,8 +127,11 @@ def select_deletions(objects: Iterable[StoredObject], reachable: set[str],
             continue
         if sha not in referenced:
             lost.add(o.key)
-        (young if now - o.modified < grace else delete).append(o)
-    return Selection(tuple(delete), tuple(young), frozenset(lost))
+        if now - o.modified < grace:
+            young.append(o)
+        else:
+            (kept if sha in pending else delete).append(o)
+    return Selection(tuple(delete), tuple(young), frozenset(lost), tuple(kept))
 
 
 def channels(store: Store) -> list[str]:
@@ -218,6 +229,7 @@ class GcResult:
             "bytes_freed": 0 if self.dry_run else self.freed,
             "bytes_to_free": self.freed,
             "young_kept": [o.key for o in self.selection.young],
+            "in_progress_kept": [o.key for o in self.selection.pending],
             "lost_race_objects": sorted(self.selection.lost),
         }
 
@@ -248,6 +260,7 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     reachable |= {sha for k in kept for sha in k.index.packing.objects()}  # zstd, deltas
     for index in indexes.values():
         reachable |= index_objects(index)
+    pending = _in_progress(store, objects, reachable, now, grace)
     referenced = set(reachable) | {ref.sha256 for ref in named}
     referenced |= {sha for ref in named for sha in ref.packing.objects()}
     for ref in _unique_refs(named):
@@ -255,7 +268,7 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
             old = _index_or_none(store, ref)
             if old is not None:
                 referenced |= index_objects(old)
-    selection = select_deletions(objects, reachable, referenced, now, grace)
+    selection = select_deletions(objects, reachable, referenced, now, grace, pending)
     deleted: list[StoredObject] = []
     if on_plan is not None:
         on_plan(selection)
@@ -293,6 +306,24 @@ def _bases(kept: Sequence[KeptRelease], indexes: dict[str, ReleaseIndex],
                     continue
                 indexes[ref.sha256] = index
             out.append(KeptRelease(k.channel, version, "base", ref))
+    return out
+
+
+def _in_progress(store: Store, objects: Iterable[StoredObject], reachable: set[str],
+                 now: datetime, grace: timedelta) -> set[str]:
+    """What the release indexes among the unreachable objects younger than the grace period
+    reference: a ``--draft`` waiting for its signatures (or a release about to write its
+    manifest) uploaded its index, and its objects are only those the store lacked: the others
+    it names (an old release's, when its model shares content with it) may be as old as
+    anything and must stay as long as the draft can still be published."""
+    out: set[str] = set()
+    for o in objects:
+        sha = o.key[len(OBJECTS_PREFIX):]
+        if sha in reachable or now - o.modified >= grace or o.size > MAX_INDEX_SIZE:
+            continue
+        index = _index_or_none(store, ObjectRef(sha, o.size, "json"))
+        if index is not None:
+            out |= index_objects(index)
     return out
 
 

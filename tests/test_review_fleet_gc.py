@@ -13,8 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from manifest.metadata import ReleaseRecord
+from manifest.constants import MANIFEST_KEY, object_key
+from manifest.metadata import Manifest, ReleaseIndex, ReleaseRecord
 from manifest.storage.store import LocalStore
+
+from publisher.gc import index_objects
 
 from .conftest import Cli, MoEFamily
 
@@ -60,3 +63,34 @@ def test_durations_too_long_for_a_date_are_one_line(cli: Cli, tmp_path: Path) ->
         assert p.returncode == 2, (args, p.stderr)
         assert "Traceback" not in p.stderr and p.stderr.count("\n") == 1, p.stderr
         assert "too long" in p.stderr, p.stderr
+
+
+def test_gc_keeps_what_a_draft_in_progress_reuses_from_an_old_release(
+        cli: Cli, tmp_path: Path, moe_family: MoEFamily) -> None:
+    """A release uploads only the objects the store lacks: a ``--draft`` whose model shares
+    content with an old release (here: v1's weights released again as v4) names v1's objects,
+    written long ago. gc ran while the draft waited for its signatures (well within the grace
+    period) and deleted them: the published v4 named objects the store no longer had."""
+    store = str(tmp_path / "store")
+    Path(store).mkdir()
+    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
+    key = tmp_path / "keys" / "release.key"
+    cli.publish("init", "--store", store, "--key", key)
+    f = moe_family
+    for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3)):
+        cli.publish("release", model, "--store", store, "--version", version, "--key", key,
+                    "--deltas-from", "1")
+    for o in (Path(store) / "objects").iterdir():  # written two days ago
+        os.utime(o, (time.time() - 2 * 86400,) * 2)
+    draft = tmp_path / "v4.draft"
+    cli.publish("release", f.v1, "--store", store, "--version", "v4", "--deltas-from", "1",
+                "--draft", draft)
+    cli.publish("gc", "--store", store, "--keep", "1")  # the default grace: 24 hours
+    cli.publish("sign", draft, "--key", key)
+    cli.publish("publish", draft, "--store", store)
+    s = LocalStore(store)
+    manifest = Manifest.from_dict(json.loads(s.get(MANIFEST_KEY, 1 << 20))["signed"]["manifest"])
+    assert manifest.current.version == "v4"
+    index = ReleaseIndex.from_dict(json.loads(s.get(manifest.current.index.key, 1 << 24)))
+    missing = [sha for sha in index_objects(index) if not s.exists(object_key(sha))]
+    assert missing == []
