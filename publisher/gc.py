@@ -274,7 +274,11 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
         on_plan(selection)
     if not dry_run and selection.delete:
         _check_unchanged(reader)
-        for o in selection.delete:
+        # The indexes first: a gc cut short (Ctrl-C, the store failing) must not leave an
+        # old release's index, which `revert` and `promote` trust, without its objects.
+        indexes_named = {ref.sha256 for ref in named}
+        for o in sorted(selection.delete,
+                        key=lambda o: o.key[len(OBJECTS_PREFIX):] not in indexes_named):
             store.delete(o.key)
             deleted.append(o)
             if on_delete is not None:

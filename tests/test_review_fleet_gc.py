@@ -11,13 +11,15 @@ import json
 import os
 import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from manifest.constants import MANIFEST_KEY, object_key
 from manifest.metadata import Manifest, ReleaseIndex, ReleaseRecord
-from manifest.storage.store import LocalStore
-
-from publisher.gc import index_objects
+from manifest.storage.store import LocalStore, StoredObject
+from publisher.gc import collect, index_objects
 
 from .conftest import Cli, MoEFamily
 
@@ -94,3 +96,54 @@ def test_gc_keeps_what_a_draft_in_progress_reuses_from_an_old_release(
     index = ReleaseIndex.from_dict(json.loads(s.get(manifest.current.index.key, 1 << 24)))
     missing = [sha for sha in index_objects(index) if not s.exists(object_key(sha))]
     assert missing == []
+
+
+class _Cut(Exception):
+    pass
+
+
+def test_an_interrupted_gc_never_leaves_an_index_whose_objects_are_gone(
+        cli: Cli, tmp_path: Path, moe_family: MoEFamily) -> None:
+    """gc stopped part way (Ctrl-C, the store failing) had deleted some objects of an old
+    release and not yet its index: `revert --to` that release then succeeded (it reads the
+    record and the index, both still there) and devices were sent to missing objects. gc now
+    deletes the indexes first: a cut leaves either the release whole or its index gone (and
+    revert refuses)."""
+    store = str(tmp_path / "store")
+    Path(store).mkdir()
+    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
+    key = tmp_path / "keys" / "release.key"
+    cli.publish("init", "--store", store, "--key", key)
+    f = moe_family
+    for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3), ("v4", f.v4)):
+        cli.publish("release", model, "--store", store, "--version", version, "--key", key,
+                    "--deltas-from", "1")
+    for o in (Path(store) / "objects").iterdir():  # written two days ago
+        os.utime(o, (time.time() - 2 * 86400,) * 2)
+    s = LocalStore(store)
+    records = {v: ReleaseRecord.from_dict(json.loads(
+        (Path(store) / "releases" / f"{v}.json").read_bytes())["signed"], v).index
+        for v in ("v1", "v2")}
+    indexes = {r.key for r in records.values()}
+    done: list[str] = []
+
+    def cut(o: StoredObject) -> None:
+        done.append(o.key)
+        if o.key not in indexes:
+            raise _Cut  # gc stops after its first deletion of anything but an index
+
+    with pytest.raises(_Cut):
+        collect(s, datetime.now(UTC), 1, timedelta(hours=24), dry_run=False, on_delete=cut)
+    assert done  # it did delete
+    for version, ref in records.items():
+        index = ReleaseIndex.from_dict(json.loads(s.get(ref.key, 1 << 24))) \
+            if s.exists(ref.key) else None
+        if index is not None:  # a release whose index is left is whole
+            assert all(s.exists(object_key(sha)) for sha in index_objects(index)), version
+    for version, ref in records.items():
+        p = cli.publish("revert", "--store", store, "--to", version, "--key", key, check=False)
+        if p.returncode == 0:  # only a release left whole
+            index = ReleaseIndex.from_dict(json.loads(s.get(ref.key, 1 << 24)))
+            assert all(s.exists(object_key(sha)) for sha in index_objects(index)), version
+        else:
+            assert p.returncode == 4 and p.stderr.count("\n") == 1, p.stderr
