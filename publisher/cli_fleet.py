@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from manifest.errors import LocalError
 from manifest.storage.store import StoreOptions
 
 from .cli_options import (
@@ -206,7 +207,12 @@ def register(main: click.Group) -> None:
         error lines, devices not seen lately, and the rollout stage with how many reporting
         devices it covers. Malformed reports are counted and named, never fatal."""
         interval = parse_duration(poll_interval, "--poll-interval")
-        st = status(store_url, channel, now(), interval * stale, StoreOptions(endpoint_url))
+        try:
+            stale_after = interval * stale
+        except OverflowError:
+            raise LocalError(f"--stale {stale} poll intervals of {poll_interval} is too long"
+                             ) from None
+        st = status(store_url, channel, now(), stale_after, StoreOptions(endpoint_url))
         if as_json:
             click.echo(json.dumps(st.to_dict(), indent=2))
         else:

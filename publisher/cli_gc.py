@@ -77,6 +77,9 @@ def _print(r: GcResult, as_json: bool) -> None:
         young = sum(1 for o in r.selection.young if o.key in lost)
         click.echo(f"lost races (objects no release ever referenced): {len(lost)}, "
                    f"{young} of them within the grace period")
+    if r.selection.pending:
+        click.echo(f"kept {len(r.selection.pending)} older object(s) that a release index "
+                   "younger than the grace period names (a draft waiting for signatures)")
     if r.selection.young:
         click.echo(f"kept {len(r.selection.young)} unreferenced object(s) younger than the "
                    "grace period")

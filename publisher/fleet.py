@@ -177,7 +177,10 @@ class ReportSet:
 @dataclass(frozen=True)
 class CandidateHealth:
     """Of the devices that reported for ``candidate`` (its target, running it, or listing it
-    as failed), how many failed it (state ``failed``, or it is among their failed versions)."""
+    as failed), how many failed it (state ``failed`` with the candidate their target, or it is
+    among their failed versions). A device running the candidate whose cycle failed before it
+    learnt its target (``target`` null: the store unreachable, the manifest expired) or while
+    it moved to another target did not fail the candidate: a store outage must not halt it."""
 
     candidate: str
     reporting: int
@@ -196,7 +199,8 @@ class CandidateHealth:
 def candidate_health(candidate: str, reports: tuple[DeviceReport, ...]) -> CandidateHealth:
     mine = [r for r in reports
             if candidate in (r.target, r.current) or candidate in r.failed_versions]
-    failed = sum(1 for r in mine if r.state == "failed" or candidate in r.failed_versions)
+    failed = sum(1 for r in mine if (r.state == "failed" and r.target == candidate)
+                 or candidate in r.failed_versions)
     return CandidateHealth(candidate, len(mine), failed)
 
 
@@ -365,7 +369,10 @@ def decide_advance(manifest: Manifest | None, reports: ReportSet, policy: Advanc
         return Decision(action, f"{cand}: {health.rate_text}, over the "
                         f"{percent_text(policy.max_failure_bp)} limit",
                         cand, share, health=health)
-    due = manifest.published_at + policy.every
+    try:
+        due = manifest.published_at + policy.every
+    except OverflowError:  # an --every that ends after the year 9999: never due
+        due = datetime.max.replace(tzinfo=manifest.published_at.tzinfo)
     if now < due:
         return Decision("wait", f"{cand} at {percent_text(share)} ({health.rate_text}): next "
                         f"stage not before {format_time(due)}", cand, share, health=health,

@@ -2,11 +2,14 @@
 
 What is kept (docs/FORMAT.md §1, "Garbage collection"): for every channel (``stable`` at the
 store's top, the others under ``channels/<name>/``), the release indexes of its last ``keep``
-release records by sequence and of its manifest's current release and rollout candidate,
-the packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
+release records by sequence, of its manifest's current release and rollout candidate and of
+the releases of the channel these two patched from (their indexes' ``deltas_from``), the
+packed forms of those indexes their pointers name (``zstd``, ``deltas``), together with
 every object those indexes reference (full objects, patches, chain steps, files); and every
 object younger than the grace period, whatever references it (a release or a draft in
-progress uploads its objects before anything names them).
+progress uploads its objects before anything names them), with every object that a release
+index among them references (such a release reuses what the store already holds, however
+old).
 
 Everything else under ``objects/`` goes. Unreachable objects that no release record or
 manifest of any channel ever referenced are reported apart as *lost races* (a release that
@@ -69,13 +72,17 @@ def parse_duration(text: str) -> timedelta:
     if not m:
         raise LocalError(f"duration {text!r} is not a number followed by s, m, h, d or w "
                          "(e.g. 24h)")
-    return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        return timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+    except OverflowError:
+        raise LocalError(f"duration {text!r} is too long") from None
 
 
 @dataclass(frozen=True)
 class KeptRelease:
     """A release whose index gc keeps, and why: "record" (one of the last N), "current" or
-    "candidate" (named by the channel's manifest)."""
+    "candidate" (named by the channel's manifest), "base" (the current release or the
+    candidate patched from it)."""
 
     channel: str
     version: str
@@ -88,6 +95,9 @@ class Selection:
     delete: tuple[StoredObject, ...]  # unreachable and older than the grace period
     young: tuple[StoredObject, ...]  # unreachable but within the grace period: kept
     lost: frozenset[str]  # keys of unreachable objects nothing ever referenced
+    # unreachable, older than the grace period, but named by a release index within it (a
+    # draft waiting for its signatures): kept
+    pending: tuple[StoredObject, ...] = ()
 
 
 def index_objects(index: ReleaseIndex) -> set[str]:
@@ -101,12 +111,15 @@ def index_objects(index: ReleaseIndex) -> set[str]:
 
 
 def select_deletions(objects: Iterable[StoredObject], reachable: set[str],
-                     referenced: set[str], now: datetime, grace: timedelta) -> Selection:
-    """Which of ``objects`` (keys under ``objects/``) go: not in ``reachable`` and last
-    written at least ``grace`` before ``now``. ``referenced``: everything any release ever
-    referenced (the rest are lost races)."""
+                     referenced: set[str], now: datetime, grace: timedelta,
+                     pending: set[str] | frozenset[str] = frozenset()) -> Selection:
+    """Which of ``objects`` (keys under ``objects/``) go: not in ``reachable`` nor in
+    ``pending`` (named by a release index younger than ``grace``: a draft) and last written at
+    least ``grace`` before ``now``. ``referenced``: everything any release ever referenced
+    (the rest are lost races)."""
     delete: list[StoredObject] = []
     young: list[StoredObject] = []
+    kept: list[StoredObject] = []
     lost: set[str] = set()
     for o in objects:
         sha = o.key[len(OBJECTS_PREFIX):]
@@ -114,8 +127,11 @@ def select_deletions(objects: Iterable[StoredObject], reachable: set[str],
             continue
         if sha not in referenced:
             lost.add(o.key)
-        (young if now - o.modified < grace else delete).append(o)
-    return Selection(tuple(delete), tuple(young), frozenset(lost))
+        if now - o.modified < grace:
+            young.append(o)
+        else:
+            (kept if sha in pending else delete).append(o)
+    return Selection(tuple(delete), tuple(young), frozenset(lost), tuple(kept))
 
 
 def channels(store: Store) -> list[str]:
@@ -143,8 +159,10 @@ class _Reader:
         self.seen[key] = hashlib.sha256(data).hexdigest()
         return data
 
-    def releases(self, channel: str, keep: int) -> tuple[list[KeptRelease], list[ObjectRef]]:
-        """(what to keep, every index any record or the manifest of ``channel`` names)."""
+    def releases(self, channel: str, keep: int
+                 ) -> tuple[list[KeptRelease], list[ObjectRef], dict[str, ObjectRef]]:
+        """(what to keep, every index any record or the manifest of ``channel`` names, the
+        index of each version that has a record)."""
         kept: list[KeptRelease] = []
         try:
             data = self.read(manifest_key(channel), MAX_MANIFEST_SIZE)
@@ -167,7 +185,8 @@ class _Reader:
             records.append(_record(self.read(key, ReleaseRecord.MAX_SIZE), key))
         records.sort(key=lambda r: (r.sequence, r.version))
         kept += [KeptRelease(channel, r.version, "record", r.index) for r in records[-keep:]]
-        return kept, [r.index for r in records] + [k.index for k in kept]
+        return (kept, [r.index for r in records] + [k.index for k in kept],
+                {r.version: r.index for r in records})
 
 
 def _record(data: bytes, key: str) -> ReleaseRecord:
@@ -210,6 +229,7 @@ class GcResult:
             "bytes_freed": 0 if self.dry_run else self.freed,
             "bytes_to_free": self.freed,
             "young_kept": [o.key for o in self.selection.young],
+            "in_progress_kept": [o.key for o in self.selection.pending],
             "lost_race_objects": sorted(self.selection.lost),
         }
 
@@ -227,36 +247,88 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     reader = _Reader(store)
     kept: list[KeptRelease] = []
     named: list[ObjectRef] = []
+    by_version: dict[str, dict[str, ObjectRef]] = {}
     for channel in channels(store):
-        kept_here, named_here = reader.releases(channel, keep)
+        kept_here, named_here, by_version[channel] = reader.releases(channel, keep)
         kept += kept_here
         named += named_here
     objects = store.list_objects(OBJECTS_PREFIX)
     present = {o.key[len(OBJECTS_PREFIX):] for o in objects}
+    indexes = {k.index.sha256: _kept_index(store, k, present) for k in _unique(kept)}
+    kept += _bases(kept, indexes, by_version, store, present)
     reachable = {k.index.sha256 for k in kept}
     reachable |= {sha for k in kept for sha in k.index.packing.objects()}  # zstd, deltas
-    for k in _unique(kept):
-        reachable |= index_objects(_kept_index(store, k, present))
+    for index in indexes.values():
+        reachable |= index_objects(index)
+    pending = _in_progress(store, objects, reachable, now, grace)
     referenced = set(reachable) | {ref.sha256 for ref in named}
     referenced |= {sha for ref in named for sha in ref.packing.objects()}
     for ref in _unique_refs(named):
-        if ref.sha256 in present and ref.sha256 not in {k.index.sha256 for k in kept}:
-            index = _index_or_none(store, ref)
-            if index is not None:
-                referenced |= index_objects(index)
-    selection = select_deletions(objects, reachable, referenced, now, grace)
+        if ref.sha256 in present and ref.sha256 not in indexes:
+            old = _index_or_none(store, ref)
+            if old is not None:
+                referenced |= index_objects(old)
+    selection = select_deletions(objects, reachable, referenced, now, grace, pending)
     deleted: list[StoredObject] = []
     if on_plan is not None:
         on_plan(selection)
     if not dry_run and selection.delete:
         _check_unchanged(reader)
-        for o in selection.delete:
+        # The indexes first: a gc cut short (Ctrl-C, the store failing) must not leave an
+        # old release's index, which `revert` and `promote` trust, without its objects.
+        indexes_named = {ref.sha256 for ref in named}
+        for o in sorted(selection.delete,
+                        key=lambda o: o.key[len(OBJECTS_PREFIX):] not in indexes_named):
             store.delete(o.key)
             deleted.append(o)
             if on_delete is not None:
                 on_delete(o)
     return GcResult(store.url, tuple(kept), len(reachable & present), selection,
                     tuple(deleted), dry_run)
+
+
+def _bases(kept: Sequence[KeptRelease], indexes: dict[str, ReleaseIndex],
+           by_version: dict[str, dict[str, ObjectRef]], store: Store, present: set[str]
+           ) -> list[KeptRelease]:
+    """The releases of its channel that a channel's current release or candidate patched from
+    (its index's ``deltas_from``: the recent releases and the checkpoint releases of
+    ``release --checkpoint-every``). The channel's next release patches from the same ones (or
+    newer), and reads their indexes and objects: without them it fails. A base whose index
+    the store lacks or that does not match its record is not kept (nothing of it to keep);
+    ``indexes`` gains the indexes of the bases kept."""
+    out: list[KeptRelease] = []
+    for k in kept:
+        if k.why not in ("current", "candidate"):
+            continue
+        for version in indexes[k.index.sha256].deltas_from:
+            ref = by_version[k.channel].get(version)
+            if ref is None or ref.sha256 not in present:
+                continue
+            if ref.sha256 not in indexes:
+                index = _index_or_none(store, ref)
+                if index is None:
+                    continue
+                indexes[ref.sha256] = index
+            out.append(KeptRelease(k.channel, version, "base", ref))
+    return out
+
+
+def _in_progress(store: Store, objects: Iterable[StoredObject], reachable: set[str],
+                 now: datetime, grace: timedelta) -> set[str]:
+    """What the release indexes among the unreachable objects younger than the grace period
+    reference: a ``--draft`` waiting for its signatures (or a release about to write its
+    manifest) uploaded its index, and its objects are only those the store lacked: the others
+    it names (an old release's, when its model shares content with it) may be as old as
+    anything and must stay as long as the draft can still be published."""
+    out: set[str] = set()
+    for o in objects:
+        sha = o.key[len(OBJECTS_PREFIX):]
+        if sha in reachable or now - o.modified >= grace or o.size > MAX_INDEX_SIZE:
+            continue
+        index = _index_or_none(store, ObjectRef(sha, o.size, "json"))
+        if index is not None:
+            out |= index_objects(index)
+    return out
 
 
 def _unique(kept: Sequence[KeptRelease]) -> list[KeptRelease]:
