@@ -18,13 +18,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from manifest.canonical import canonical_json, loads_object
 from manifest.constants import MANIFEST_KEY, ROOT_KEY, root_version_key
 from manifest.trust import manifest_wire, sign_document, verify_manifest, verify_root
 from publisher.keys import load_signing_key
 
 from .conftest import Cli, MoEFamily
-from .test_publish_trust import (  # noqa: F401  (pytest fixtures)
+from .test_publish_trust import (
+    HomeCli,
     Keys,
     _init_roles,
     _json,
@@ -34,10 +37,25 @@ from .test_publish_trust import (  # noqa: F401  (pytest fixtures)
     _release,
     _root_edit,
     _timestamp,
-    cli,
-    dir_store,
-    keys,
 )
+
+
+@pytest.fixture
+def cli(s3_endpoint: str, tmp_path: Path) -> Cli:
+    (tmp_path / "home").mkdir()
+    return HomeCli(s3_endpoint, tmp_path, tmp_path / "home")
+
+
+@pytest.fixture
+def keys(cli: Cli, tmp_path: Path) -> Keys:
+    return Keys(cli, tmp_path / "keys").make("root", "rel", "ts")
+
+
+@pytest.fixture
+def dir_store(tmp_path: Path) -> str:
+    d = tmp_path / "store"
+    d.mkdir()
+    return str(d)
 
 
 def _write(store: str, key: str, data: bytes) -> None:
