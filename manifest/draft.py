@@ -23,7 +23,7 @@ from .canonical import canonical_json, loads_object
 from .errors import FormatError, OversizeError, SignatureError, TrustError
 from .metadata import Root
 from .signing import SigningKey
-from .trust import check_threshold, manifest_wire, verify_root
+from .trust import check_threshold, manifest_wire, valid_signers, verify_root
 
 __all__ = ["KINDS", "MAX_DRAFT_SIZE", "Draft", "DraftDocument"]
 
@@ -205,9 +205,12 @@ class Draft:
                 try:
                     check_threshold(r, doc.role, doc.body, doc.signatures, what)
                 except SignatureError:
-                    have = len(set(r.roles[doc.role].keyids) & doc.signed_by())
+                    have = len(valid_signers(r, doc.role, doc.body, doc.signatures, what))
+                    bad = len(set(r.roles[doc.role].keyids) & doc.signed_by()) - have
                     out.append(f"{what}: {have} of {r.roles[doc.role].threshold} signatures "
-                               f"from the {label}")
+                               f"from the {label}"
+                               + (f" ({bad} more that do not verify: signed other bytes or "
+                                  "tampered with)" if bad else ""))
         return out
 
     def status(self) -> list[dict[str, Any]]:
@@ -216,8 +219,9 @@ class Draft:
         rows = []
         for doc in self.documents:
             role = root.roles[doc.role]
+            valid = valid_signers(root, doc.role, doc.body, doc.signatures, doc.name)
             rows.append({"name": doc.name, "key": doc.key, "role": doc.role,
-                         "signatures": len(set(role.keyids) & doc.signed_by()),
+                         "signatures": len(valid),
                          "threshold": role.threshold})
         return rows
 
