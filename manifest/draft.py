@@ -30,6 +30,9 @@ __all__ = ["KINDS", "MAX_DRAFT_SIZE", "Draft", "DraftDocument"]
 MAX_DRAFT_SIZE = 32 * 1024 * 1024
 KINDS = ("release", "revert", "refresh", "promote", "rollout", "root")
 _ROLES = ("root", "release", "timestamp")
+# The role that signs each document (FORMAT §4, §5, §9): fixed, not the draft file's choice.
+_ROLE_OF = {"record": "release", "manifest": "release", "timestamp": "timestamp",
+            "root": "root"}
 
 
 @dataclass
@@ -51,6 +54,10 @@ class DraftDocument:
                   r.get("signed", dict), list(r.get("signatures", list)))
         if doc.role not in _ROLES:
             raise FormatError(f"{where}.role {doc.role!r} is not one of {', '.join(_ROLES)}")
+        expected = _ROLE_OF.get(doc.name)
+        if expected is not None and doc.role != expected:
+            raise FormatError(f"{where}: the {doc.name} document is signed by the "
+                              f"{expected!r} role, not {doc.role!r}")
         for s in doc.signatures:
             if not isinstance(s, dict) or not isinstance(s.get("keyid"), str) \
                     or not isinstance(s.get("sig"), str):

@@ -144,3 +144,25 @@ def test_root_edit_keeps_unknown_fields_of_keys_and_roles(
     cli.publish("root", "publish", d, "--store", dir_store)
     v2 = loads_object(_read(cli, dir_store, ROOT_KEY), "root")["signed"]
     assert v2["keys"][rel_id]["hsm"] == {"slot": 3}
+
+
+def test_a_draft_cannot_assign_a_document_to_another_role(
+        cli: Cli, dir_store: str, keys: Keys, moe_family: MoEFamily, tmp_path: Path) -> None:
+    """A release record is signed by the ``release`` role (FORMAT §9, §14): a draft whose
+    record says ``role: timestamp`` (edited on its way between machines) would let the online
+    timestamp key alone sign the record that `revert` and `history` later trust."""
+    _init_roles(cli, dir_store, keys)
+    draft = tmp_path / "v1.draft"
+    _release(cli, dir_store, moe_family.v1, "v1", "--draft", draft)
+    d = json.loads(draft.read_text())
+    for doc in d["documents"]:
+        if doc["name"] == "record":
+            doc["role"] = "timestamp"
+    draft.write_text(json.dumps(d))
+    for cmd in (["sign", draft, "--key", keys.key("ts")],
+                ["publish", draft, "--store", dir_store]):
+        p = cli.publish(*cmd, check=False)
+        assert p.returncode == 2, (p.returncode, p.stderr)
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+        assert "record" in p.stderr and "'release'" in p.stderr, p.stderr
+    assert not (Path(dir_store) / MANIFEST_KEY).exists()
