@@ -222,7 +222,8 @@ class SwitchEvent:
 
 
 def _role_dict(role: Role) -> dict[str, Any]:
-    return {"keyids": sorted(role.keyids), "threshold": role.threshold}
+    # The set of key ids (a root may list one twice; the threshold counts distinct ones).
+    return {"keyids": sorted(set(role.keyids)), "threshold": role.threshold}
 
 
 @dataclass
@@ -381,7 +382,11 @@ class AgentState:
 
 
 def _keys_of(d: Mapping[str, Any] | None) -> tuple[Any, Any]:
-    return (None, None) if d is None else (d.get("keyids"), d.get("threshold"))
+    """A role's keys as compared: the set of key ids (listed twice or not) and the threshold."""
+    if d is None:
+        return (None, None)
+    keyids = d.get("keyids")
+    return (frozenset(keyids) if isinstance(keyids, list) else keyids, d.get("threshold"))
 
 
 def _floor_keys(d: dict[str, Any]) -> dict[str, dict[str, Any]]:

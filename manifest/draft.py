@@ -23,13 +23,16 @@ from .canonical import canonical_json, loads_object
 from .errors import FormatError, OversizeError, SignatureError, TrustError
 from .metadata import Root
 from .signing import SigningKey
-from .trust import check_threshold, manifest_wire, verify_root
+from .trust import check_threshold, manifest_wire, valid_signers, verify_root
 
 __all__ = ["KINDS", "MAX_DRAFT_SIZE", "Draft", "DraftDocument"]
 
 MAX_DRAFT_SIZE = 32 * 1024 * 1024
 KINDS = ("release", "revert", "refresh", "promote", "rollout", "root")
 _ROLES = ("root", "release", "timestamp")
+# The role that signs each document (FORMAT §4, §5, §9): fixed, not the draft file's choice.
+_ROLE_OF = {"record": "release", "manifest": "release", "timestamp": "timestamp",
+            "root": "root"}
 
 
 @dataclass
@@ -51,6 +54,10 @@ class DraftDocument:
                   r.get("signed", dict), list(r.get("signatures", list)))
         if doc.role not in _ROLES:
             raise FormatError(f"{where}.role {doc.role!r} is not one of {', '.join(_ROLES)}")
+        expected = _ROLE_OF.get(doc.name)
+        if expected is not None and doc.role != expected:
+            raise FormatError(f"{where}: the {doc.name} document is signed by the "
+                              f"{expected!r} role, not {doc.role!r}")
         for s in doc.signatures:
             if not isinstance(s, dict) or not isinstance(s.get("keyid"), str) \
                     or not isinstance(s.get("sig"), str):
@@ -205,9 +212,12 @@ class Draft:
                 try:
                     check_threshold(r, doc.role, doc.body, doc.signatures, what)
                 except SignatureError:
-                    have = len(set(r.roles[doc.role].keyids) & doc.signed_by())
+                    have = len(valid_signers(r, doc.role, doc.body, doc.signatures, what))
+                    bad = len(set(r.roles[doc.role].keyids) & doc.signed_by()) - have
                     out.append(f"{what}: {have} of {r.roles[doc.role].threshold} signatures "
-                               f"from the {label}")
+                               f"from the {label}"
+                               + (f" ({bad} more that do not verify: signed other bytes or "
+                                  "tampered with)" if bad else ""))
         return out
 
     def status(self) -> list[dict[str, Any]]:
@@ -216,8 +226,9 @@ class Draft:
         rows = []
         for doc in self.documents:
             role = root.roles[doc.role]
+            valid = valid_signers(root, doc.role, doc.body, doc.signatures, doc.name)
             rows.append({"name": doc.name, "key": doc.key, "role": doc.role,
-                         "signatures": len(set(role.keyids) & doc.signed_by()),
+                         "signatures": len(valid),
                          "threshold": role.threshold})
         return rows
 

@@ -16,6 +16,7 @@ are re-exported here, so ``from manifest.metadata import X`` reaches every forma
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -220,6 +221,12 @@ class Manifest:
     repository_id: str = field(kw_only=True)  # the store's, as in its trust root
     channel: str = field(default=DEFAULT_CHANNEL, kw_only=True)
     rollout: Rollout | None = field(default=None, kw_only=True)
+    # The ``signed`` object this manifest was parsed from (None: built here). Re-attesting it
+    # (``refresh``: a new timestamp, the release signatures kept) must carry these exact
+    # fields, not a re-serialisation: an older writer's (no ``channel``) or a newer one's
+    # (fields this version does not write) differs from :meth:`to_dict`.
+    source: Mapping[str, Any] | None = field(default=None, kw_only=True, compare=False,
+                                             repr=False)
 
     @classmethod
     def from_dict(cls, d: Any) -> Manifest:
@@ -234,7 +241,13 @@ class Manifest:
         rollout_d = r.take("rollout", dict, None)
         rollout = Rollout.from_dict(rollout_d) if rollout_d is not None else None
         return cls(seq, expires, published, current, action, r.rest(),
-                   repository_id=repository_id, channel=channel, rollout=rollout)
+                   repository_id=repository_id, channel=channel, rollout=rollout,
+                   source=copy.deepcopy(d))
+
+    def signed_dict(self) -> dict[str, Any]:
+        """What the release keys signed: the parsed document exactly as it was (so its kept
+        signatures still verify), or :meth:`to_dict` for a manifest built here."""
+        return copy.deepcopy(dict(self.source)) if self.source is not None else self.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -290,7 +303,7 @@ class Timestamp:
             "sequence": self.sequence,
             "expires": format_time(self.expires),
             "root_version": self.root_version,
-            "manifest": self.manifest.to_dict(),
+            "manifest": self.manifest.signed_dict(),
         }
 
     # What callers of the old single-document manifest read, kept as shortcuts.
@@ -303,6 +316,7 @@ class Timestamp:
 class Role:
     keyids: tuple[str, ...]
     threshold: int
+    unrecognized: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Role:
@@ -311,10 +325,10 @@ class Role:
         threshold = r.count("threshold")
         if threshold < 1 or threshold > len(set(keyids)):
             raise FormatError(f"{where}: threshold {threshold} is not between 1 and its keys")
-        return cls(keyids, threshold)
+        return cls(keyids, threshold, r.rest())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"keyids": list(self.keyids), "threshold": self.threshold}
+        return {**self.unrecognized, "keyids": list(self.keyids), "threshold": self.threshold}
 
 
 def _keyid(v: Any, where: str) -> str:
@@ -343,6 +357,9 @@ class Root:
     roles: Mapping[str, Role]
     unrecognized: Mapping[str, Any] = field(default_factory=dict)
     repository_id: str = field(kw_only=True)
+    # Per key id, the fields of its ``keys`` entry this version does not know (kept, §2).
+    key_fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, kw_only=True,
+                                                        compare=False)
 
     @classmethod
     def from_dict(cls, d: Any) -> Root:
@@ -351,6 +368,7 @@ class Root:
         version = r.count("version")
         expires = parse_time(r.get("expires", str), "root expires")
         keys: dict[str, PublicKey] = {}
+        key_fields: dict[str, Mapping[str, Any]] = {}
         for kid, kd in r.get("keys", dict).items():
             kr = FieldReader(kd, f"root.keys.{kid}")
             if kr.get("scheme", str) != "ed25519":
@@ -363,6 +381,8 @@ class Root:
             if len(public) != 32 or key.keyid != kid:
                 raise FormatError(f"root key {kid} does not match its key id")
             keys[kid] = key
+            if kr.rest():
+                key_fields[kid] = kr.rest()
         roles = {
             name: Role.from_dict(rd, f"root.roles.{name}")
             for name, rd in r.get("roles", dict).items()
@@ -373,7 +393,8 @@ class Root:
             missing = [k for k in roles[name].keyids if k not in keys]
             if missing:
                 raise FormatError(f"root role {name!r} names unknown key {missing[0]}")
-        return cls(version, expires, keys, roles, r.rest(), repository_id=repository_id)
+        return cls(version, expires, keys, roles, r.rest(), repository_id=repository_id,
+                   key_fields=key_fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -381,7 +402,8 @@ class Root:
             "version": self.version,
             "expires": format_time(self.expires),
             "keys": {
-                kid: {"scheme": "ed25519", "public": k.public.hex(), "name": k.name}
+                kid: {**self.key_fields.get(kid, {}), "scheme": "ed25519",
+                      "public": k.public.hex(), "name": k.name}
                 for kid, k in self.keys.items()
             },
             "roles": {name: role.to_dict() for name, role in self.roles.items()},

@@ -51,6 +51,7 @@ __all__ = [
     "open_envelope",
     "peek_root_version",
     "sign_document",
+    "valid_signers",
     "verify_index",
     "verify_manifest",
     "verify_record",
@@ -116,6 +117,13 @@ def check_threshold(
         f"{what} has {len(valid)} valid signature(s) of {role.threshold} required "
         f"from the trust root's {role_name!r} keys{reason}"
     )
+
+
+def valid_signers(root: Root, role_name: str, body: bytes, signatures: list[Any],
+                  what: str) -> set[str]:
+    """The key ids of ``role_name`` whose signature of ``body`` verifies (first entry per key id
+    only, as :func:`check_threshold` counts them), whether or not they reach the threshold."""
+    return _tally(root, role_name, body, signatures, what)[0]
 
 
 def _tally(

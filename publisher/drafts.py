@@ -124,7 +124,9 @@ def manifest_draft(
                 "keys (`deltaship-publish refresh --content`) or release a new version"
             )
         manifest = state.timestamp.manifest
-        manifest_doc = DraftDocument("manifest", key, "release", manifest.to_dict(),
+        # Exactly what the release keys signed (their signatures are kept), not a
+        # re-serialisation that could differ from it.
+        manifest_doc = DraftDocument("manifest", key, "release", manifest.signed_dict(),
                                      list(state.manifest_signatures))
     docs.append(manifest_doc)
     ts = Timestamp(state.next_timestamp, _until(now, lifetimes.timestamp, "timestamp"),

@@ -113,7 +113,7 @@ def edit_root(store_url: str, edit: RootEdit, now: datetime, out: Path, *,
         if not 1 <= thresholds[name] <= len(ids):
             raise LocalError(f"the {name} threshold {thresholds[name]} must be between 1 and "
                              f"its {len(ids)} key(s): pass --threshold {name}=N")
-        new_roles[name] = Role(tuple(ids), thresholds[name])
+        new_roles[name] = Role(tuple(ids), thresholds[name], old.roles[name].unrecognized)
     used = {k for ids in roles.values() for k in ids}
     lifetime = edit.expires or timedelta(days=365)
     try:
