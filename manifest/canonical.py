@@ -2,6 +2,10 @@
 
 Keys sorted by code point, no insignificant whitespace, UTF-8, no floats (only integers, strings,
 booleans, null, lists and objects), so that any implementation produces the same bytes.
+
+Parsing (:func:`loads_object`) refuses an object with a repeated key: JSON leaves its meaning
+open (Python keeps the last value, other parsers the first or either), so two implementations
+could read one signed document as two different ones.
 """
 
 from __future__ import annotations
@@ -48,10 +52,21 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in doc:
+            raise ValueError(f"the key {k!r} appears twice in one object")
+        doc[k] = v
+    return doc
+
+
 def loads_object(data: bytes, what: str) -> dict[str, Any]:
-    """Parse bytes that must hold one JSON object; any problem is a :class:`FormatError`."""
+    """Parse bytes that must hold one JSON object; any problem (a repeated key too) is a
+    :class:`FormatError`."""
     try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant,
+                         object_pairs_hook=_no_repeated_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{what} is not valid UTF-8 JSON: {e}") from e
     except RecursionError as e:

@@ -496,6 +496,8 @@ def test_index_references_keep_unknown_fields() -> None:
         (b'{"a": 1' + b"0" * 5000 + b"}", "x is not valid UTF-8 JSON"),
         (b'{"a":' + b"[" * 50_000 + b"]" * 50_000 + b"}", "x is nested too deeply"),
         (b'{"a":' + b'{"a":' * 50_000 + b"1" + b"}" * 50_001, "x is nested too deeply"),
+        (b'{"a":1,"a":1}', "the key 'a' appears twice in one object"),
+        (b'{"a":[{"b":1,"c":2,"b":2}]}', "the key 'b' appears twice in one object"),
     ],
 )
 def test_loads_object_rejects(data: bytes, message: str) -> None:

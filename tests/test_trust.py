@@ -244,6 +244,19 @@ def test_content_modified_after_signing() -> None:
         verify_manifest(forged, repo.root, now=NOW)
 
 
+def test_a_signed_document_with_a_repeated_key_is_refused() -> None:
+    """A key repeated with the signed value last: a parser that keeps the last value sees the
+    signed document and its signature verifies, one that keeps the first sees another
+    sequence. No reading of such bytes is accepted."""
+    repo = repo_()
+    data = repo.publish()[0]
+    assert data.startswith(b'{"manifest_signatures":')  # canonical: sorted keys
+    twice = data.replace(b'"sequence":', b'"sequence":999999,"sequence":', 1)
+    assert twice != data
+    with raises(FormatError, "the key 'sequence' appears twice in one object"):
+        verify_manifest(twice, repo.root, now=NOW)
+
+
 def test_an_index_edited_after_pinning_is_refused() -> None:
     """An index has no signature: any change, of any length, is caught by the pin."""
     repo = repo_()
