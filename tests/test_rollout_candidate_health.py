@@ -1,4 +1,4 @@
-"""Review (fleet): what counts as a device failing a rollout's candidate.
+"""Fleet (found in review): what counts as a device failing a rollout's candidate.
 
 A device whose cycle failed before it learnt its target (the store unreachable, the manifest
 expired or not verifiable) reports ``state: failed`` with ``target: null`` and ``current``

@@ -1,4 +1,4 @@
-"""Review (serving/device side): a command hook's stderr is bounded on disk."""
+"""Device side (found in review): a command hook's stderr is bounded on disk."""
 
 from __future__ import annotations
 

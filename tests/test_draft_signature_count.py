@@ -1,4 +1,4 @@
-"""Review of drafts: what ``sign``/``publish`` report as gathered must be signatures that
+"""Drafts (found in review): what ``sign``/``publish`` report as gathered must be signatures that
 verify (docs/FORMAT.md §14). A signature entry that names a role's key id but does not verify
 (a draft edited after signing, or signed over other bytes) used to count as gathered, so
 ``publish`` refused with "1 of 1 signatures": a contradiction the key holders cannot act on."""

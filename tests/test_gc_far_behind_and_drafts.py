@@ -1,4 +1,4 @@
-"""Review (fleet): gc and the releases that keep far-behind devices on patches.
+"""Fleet (found in review): gc and the releases that keep far-behind devices on patches.
 
 ``release --checkpoint-every N`` patches from the most recent checkpoint releases (every N-th
 release of the channel), which are older than the last few: ``gc --keep N`` (even with N at

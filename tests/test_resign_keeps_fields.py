@@ -1,4 +1,4 @@
-"""Review of the trust lifecycle: what the publisher re-signs keeps the fields it did not write
+"""Re-signing (found in review): what the publisher re-signs keeps the fields it did not write
 (docs/FORMAT.md §2: readers keep unknown fields "at the top level and in every nested entry ...
 written back unchanged"), through the real ``deltaship-publish`` processes.
 

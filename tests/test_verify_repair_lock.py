@@ -1,4 +1,4 @@
-"""Review (serving/device side): `verify --repair` acts on the version live once it holds the
+"""Device side (found in review): `verify --repair` acts on the version live once it holds the
 lock, not on the one it read before waiting for a running cycle."""
 
 from __future__ import annotations

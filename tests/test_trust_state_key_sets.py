@@ -1,4 +1,4 @@
-"""Review of the device's trust state: fast-forward recovery compares the SET of key ids of a
+"""Device trust state (in review): fast-forward recovery compares the SET of key ids of a
 role (docs/FORMAT.md §13 step 5: "the set of key ids and the threshold"), like
 :func:`manifest.trust.keys_changed` and the threshold rule (distinct key ids) do.
 

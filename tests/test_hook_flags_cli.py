@@ -1,4 +1,4 @@
-"""Review (serving/device side): the agent's command line answers bad hook flags in one line."""
+"""Device side (found in review): the agent's command line answers bad hook flags in one line."""
 
 from __future__ import annotations
 
