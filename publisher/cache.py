@@ -9,7 +9,9 @@ Layout under the cache directory (default ``$XDG_CACHE_HOME/deltaship/publisher`
     release-*/                    the staged objects of a running release
 
 The cache is bounded: after each release the least recently used group files are removed
-until it holds at most ``max_bytes`` (:data:`DEFAULT_CACHE_MAX_BYTES`). A use stamps the file's
+until it holds at most ``max_bytes`` (:data:`DEFAULT_CACHE_MAX_BYTES`), unless another
+release still holds the cache (it may be about to open a base file): the last release to
+end trims it. A use stamps the file's
 modification time (access times are unreliable under ``noatime``/``relatime``). Leftovers of
 a killed release (staging directories, partial downloads) untouched for a day are removed
 too. ``deltaship-publish cache clear`` empties the cache unless a release is using it; only the
@@ -111,13 +113,19 @@ class PublisherCache:
         return staging
 
     def end(self, max_bytes: int) -> CacheUsage:
-        """Trim the cache to ``max_bytes`` (see :meth:`evict`) and let it go."""
+        """Let the cache go, trimming it to ``max_bytes`` (see :meth:`evict`) first when no
+        other release holds it: a running release was handed paths to base files it has not
+        opened yet, so only the last release out trims (nothing removed: an empty usage)."""
+        f = self._held if self._held is not None else self._lock_file()
+        self._held = None
         try:
+            try:  # shared -> exclusive; refused at once while another release holds it
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return CacheUsage(self.root, 0, 0)
             return self.evict(max_bytes)
         finally:
-            if self._held is not None:
-                self._held.close()  # closing drops the lock
-                self._held = None
+            f.close()  # closing drops the lock
 
     def _lock_file(self) -> IO[str]:
         try:

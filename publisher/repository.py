@@ -421,9 +421,10 @@ class Repository:
         fd, obj = tempfile.mkstemp(dir=path.parent, prefix=".obj-")
         os.close(fd)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        os.close(fd)  # reopened once the object is here: a failed fetch leaks no descriptor
         try:
             self.fetch_object(group.full, obj, f"full object of group {group.name}")
-            with os.fdopen(fd, "wb") as out:
+            with open(tmp, "wb") as out:
                 sha = apply_container(obj, None, out, expected=(group.sha256, group.length))
                 out.flush()
                 os.fsync(out.fileno())
