@@ -136,7 +136,7 @@ def revert(
     record = repo.release(to_version).record
     # The record is signed; what its signed index says must still be the requested version,
     # or devices would be sent elsewhere.
-    index = repo.index(record.pointer, release_record_key(to_version, channel))
+    index = repo.recorded_index(record)
     if index.version != to_version:
         raise MixAndMatchError(
             f"the release record of {to_version!r} leads to the index of "

@@ -90,9 +90,9 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
             options: StoreOptions | None = None) -> Published:
     """Sign ``version`` of channel ``source`` (found through its verified release record) into
     channel ``target``'s manifest, and write ``target``'s record of it; nothing is uploaded
-    (objects are shared by every channel; the record's packed index forms are reused). With
-    ``rollout_bp`` it becomes ``target``'s candidate, what is current there staying the
-    fallback."""
+    but a zstd form of the index the store lost (objects are shared by every channel; the
+    record's packed index forms the store still holds are reused). With ``rollout_bp`` it
+    becomes ``target``'s candidate, what is current there staying the fallback."""
     if source == target:
         raise LocalError(f"--from and --to are both {source!r}: promote moves a release from "
                          "one channel to another")
@@ -104,7 +104,7 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
     except NotFoundError:
         _manifest(src)  # a channel with no release at all says so (and lists the channels)
         raise
-    index = src.index(record.pointer, release_record_key(version, source))
+    index = src.recorded_index(record)
     if index.version != version:
         raise MixAndMatchError(
             f"the release record of {version!r} in channel {source!r} leads to the index of "
@@ -118,14 +118,17 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
     m = state.timestamp.manifest if state.timestamp else None
     if m is not None and m.current.version == version and m.rollout is None:
         raise AlreadyExistsError(f"{version!r} is already current in {dst.channel_text()}")
-    current, rollout = record.pointer, None
+    # The record's packed index forms that the store still holds (a gc may have deleted one
+    # the source channel no longer keeps: named here, a device would fetch it in vain).
+    pointer = src.packed(record.pointer, (), named_by=release_record_key(version, source))
+    current, rollout = pointer, None
     if rollout_bp is not None:
         if m is None:
             raise LocalError(f"{dst.channel_text()} has no release yet, so a staged rollout "
                              "has nothing to fall back to: promote without --rollout first")
-        current, rollout = m.current, Rollout(record.pointer, rollout_bp)
+        current, rollout = m.current, Rollout(pointer, rollout_bp)
     new_record = None if existing is not None else ReleaseRecord(
-        version, state.next_sequence, now, record.index, repository_id=dst.root().repository_id)
+        version, state.next_sequence, now, pointer.index, repository_id=dst.root().repository_id)
     d = manifest_draft("promote", dst, now, current=current, action="promote",
                        record=new_record, lifetimes=signing.lifetimes, rollout=rollout)
     return finish(dst, d, signing.keys, signing.draft)

@@ -358,6 +358,20 @@ class Repository:
         return verify_index(self.index_bytes(pointer, named_by), pointer, self.root(),
                             named_by=named_by)
 
+    def recorded_index(self, record: ReleaseRecord) -> ReleaseIndex:
+        """The verified index the channel's record of a version pins. One the store no longer
+        holds was deleted by gc (records are written after their index): NotFoundError, the
+        version can no longer be made current, never "retry later" (docs/FORMAT.md §1)."""
+        key = release_record_key(record.version, self.channel)
+        try:
+            return self.index(record.pointer, key)
+        except MissingKeyError as e:
+            raise NotFoundError(
+                f"the release index of {record.version!r} ({record.index.key}), which {key} "
+                f"pins, is gone from {self.store.url} (`deltaship-publish gc` deleted it): "
+                f"{record.version} can no longer be made current"
+            ) from e
+
     def index_bytes(self, pointer: ReleasePointer, named_by: str = "the manifest") -> bytes:
         """The exact bytes of the index ``pointer`` names, verified (read once per view)."""
         data = self._indexes.get(pointer.index.sha256)

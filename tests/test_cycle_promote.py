@@ -1,0 +1,87 @@
+"""``revert`` and ``promote`` after ``gc`` on a real store (real publisher processes): what
+they make current names only objects the store holds, or they refuse in one clear line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devtools import modelgen
+from manifest.constants import manifest_key, object_key
+
+from .conftest import Cli
+
+
+@pytest.fixture(scope="module")
+def ten_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    d = tmp_path_factory.mktemp("cycle-models")
+    cfg = modelgen.MoEConfig(layers=1, experts=2, hidden=32, ffn=64, vocab=64, seed=1)
+    models = [modelgen.generate_moe(d / "m1", cfg)]
+    for i in range(2, 11):
+        models.append(modelgen.train_experts(models[-1], d / f"m{i}", experts=[(0, i % 2)],
+                                             seed=i))
+    return models
+
+
+def _store(cli: Cli, key: Path, models: list[Path], *extra: object) -> Path:
+    store = cli.cwd / "store"
+    store.mkdir()
+    cli.publish("init", "--store", store, "--key", key)
+    for i, model in enumerate(models, start=1):
+        cli.publish("release", model, "--store", store, "--version", f"v{i}", "--key", key,
+                    "--cache-dir", cli.cwd / "cache", *extra)
+    return store
+
+
+def _named_forms(store: Path, channel: str) -> list[str]:
+    """Every object the channel's manifest names for its current release's index."""
+    doc = json.loads((store / manifest_key(channel)).read_bytes())
+    index = doc["signed"]["manifest"]["current"]["index"]
+    forms = [index["sha256"]] + ([index["zstd"]["sha256"]] if "zstd" in index else [])
+    return forms + [d["sha256"] for d in index.get("deltas", [])]
+
+
+def test_promote_after_gc_names_no_packed_index_form_gc_deleted(
+    cli: Cli, release_key: Path, ten_models: list[Path]
+) -> None:
+    """v9 ships its index as 8 deltas (--index-deltas 8); `revert --to v9` re-packs it with a
+    delta from what devices run, dropping one of the record's (at most 8); `gc --keep 1`
+    then deletes that one (only v9's record, no longer kept, names it). `promote` of v9 must
+    not name it in the other channel's manifest: a device holding its base index would pick
+    it and fail on a missing object every cycle (FORMAT §13 step 10 tries no other form)."""
+    key = release_key
+    store = _store(cli, key, ten_models, "--index-deltas", "8")
+    record = json.loads((store / "releases" / "v9.json").read_bytes())
+    assert len(record["signed"]["index"]["deltas"]) == 8
+    cli.publish("revert", "--store", store, "--to", "v9", "--key", key)
+    cli.publish("gc", "--store", store, "--keep", "1", "--grace", "0s")
+    cli.publish("promote", "--store", store, "--from", "stable", "--to", "beta",
+                "--version", "v9", "--key", key)
+    missing = [s for s in _named_forms(store, "beta") if not (store / object_key(s)).exists()]
+    assert missing == []
+    beta = json.loads((store / "channels" / "beta" / "releases" / "v9.json").read_bytes())
+    named = [beta["signed"]["index"]["zstd"]["sha256"]]
+    named += [d["sha256"] for d in beta["signed"]["index"]["deltas"]]
+    assert all((store / object_key(s)).exists() for s in named)
+
+
+def test_revert_to_a_release_gc_deleted_says_so(cli: Cli, release_key: Path,
+                                                ten_models: list[Path]) -> None:
+    """v1's index and objects are gone after `gc --keep 1`: the revert is refused in one line
+    that says why, not "still being published; retry later" (it never will be)."""
+    store = _store(cli, release_key, ten_models[:5])
+    cli.publish("gc", "--store", store, "--keep", "1", "--grace", "0s")
+    before = (store / manifest_key("stable")).read_bytes()
+    p = cli.publish("revert", "--store", store, "--to", "v1", "--key", release_key,
+                    check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "retry later" not in p.stderr
+    assert "v1" in p.stderr and "gc" in p.stderr
+    assert (store / manifest_key("stable")).read_bytes() == before
+    p = cli.publish("promote", "--store", store, "--from", "stable", "--to", "beta",
+                    "--version", "v1", "--key", release_key, check=False)
+    assert p.returncode == 2 and "retry later" not in p.stderr and "gc" in p.stderr
+    assert not (store / manifest_key("beta")).exists()
