@@ -386,7 +386,8 @@ class Repository:
                data: bytes | None = None) -> ReleasePointer:
         """``pointer`` with the packed forms of its index (docs/FORMAT.md §5.3): the ones it
         names that the store still holds, the zstd form if missing, and deltas from the
-        indexes of ``bases`` (most wanted first; at most ``max_deltas``). Packed objects the
+        indexes of ``bases`` the store still holds (most wanted first; at most
+        ``max_deltas``). Packed objects the
         store lacks are uploaded here, before any manifest names them. ``data``: the index
         bytes when the caller has them (just written), else they are read and verified."""
         if data is None:
@@ -394,8 +395,14 @@ class Repository:
         old = pointer.index.packing
         zstd = old.zstd if old.zstd is not None and self.store.exists(old.zstd.key) else None
         keep = IndexPacking(zstd, tuple(d for d in old.deltas if self.store.exists(d.key)))
-        base_bytes = [self.index_bytes(b, f"the pointer to {b.version}") for b in bases
-                      if b.index.sha256 != pointer.index.sha256]
+        base_bytes = []
+        for b in bases:
+            if b.index.sha256 == pointer.index.sha256:
+                continue
+            try:
+                base_bytes.append(self.index_bytes(b, f"the pointer to {b.version}"))
+            except MissingKeyError:  # gc deleted that release's index: no delta from it
+                continue
         forms = pack_index(data, base_bytes, keep, max_deltas)
         for sha, blob in forms.objects.items():
             if not self.store.exists(object_key(sha)):

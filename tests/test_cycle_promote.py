@@ -85,3 +85,23 @@ def test_revert_to_a_release_gc_deleted_says_so(cli: Cli, release_key: Path,
                     "--version", "v1", "--key", release_key, check=False)
     assert p.returncode == 2 and "retry later" not in p.stderr and "gc" in p.stderr
     assert not (store / manifest_key("beta")).exists()
+
+
+def test_release_with_index_deltas_from_a_release_gc_deleted(
+    cli: Cli, release_key: Path, ten_models: list[Path]
+) -> None:
+    """`--index-deltas 8` asks for deltas from the indexes of the 8 most recent releases; the
+    oldest were deleted by `gc --keep 1` (FORMAT §1 keeps the current release's bases, not
+    every index a delta could start from). The release ships deltas from the indexes the store
+    still holds instead of failing after its uploads, again on every retry."""
+    store = _store(cli, release_key, ten_models[:5])
+    cli.publish("gc", "--store", store, "--keep", "1", "--grace", "0s")
+    gone = json.loads((store / "releases" / "v1.json").read_bytes())["signed"]["index"]
+    assert not (store / object_key(gone["sha256"])).exists()
+    cli.publish("release", ten_models[5], "--store", store, "--version", "v6", "--key",
+                release_key, "--cache-dir", cli.cwd / "cache", "--index-deltas", "8")
+    record = json.loads((store / "releases" / "v6.json").read_bytes())["signed"]["index"]
+    bases = {d["from"] for d in record["deltas"]}
+    assert gone["sha256"] not in bases and len(bases) >= 2  # v5's and v4's indexes at least
+    assert all((store / object_key(d["sha256"])).exists() for d in record["deltas"])
+    assert _named_forms(store, "stable")[0] == record["sha256"]
