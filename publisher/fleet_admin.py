@@ -118,6 +118,12 @@ def promote(store_url: str, version: str, source: str, target: str, signing: Sig
     m = state.timestamp.manifest if state.timestamp else None
     if m is not None and m.current.version == version and m.rollout is None:
         raise AlreadyExistsError(f"{version!r} is already current in {dst.channel_text()}")
+    if m is not None and m.current.version == version and rollout_bp is not None:
+        # Its candidate would be its own fallback: revoking it would make every device record
+        # the version it runs as failed.
+        raise AlreadyExistsError(f"{version!r} is already current in {dst.channel_text()} "
+                                 "(the fallback of its rollout): a rollout of it changes "
+                                 "nothing; promote it without --rollout to end the rollout")
     # The record's packed index forms that the store still holds (a gc may have deleted one
     # the source channel no longer keeps: named here, a device would fetch it in vain).
     pointer = src.packed(record.pointer, (), named_by=release_record_key(version, source))

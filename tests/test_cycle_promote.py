@@ -128,3 +128,31 @@ def test_release_after_revert_and_gc(cli: Cli, release_key: Path,
     assert p.returncode == 0, p.stderr
     assert _named_forms(store, "stable")[0] == json.loads(
         (store / "releases" / "v7.json").read_bytes())["signed"]["index"]["sha256"]
+
+
+def test_promote_refuses_a_rollout_whose_candidate_is_the_fallback(
+    cli: Cli, release_key: Path, ten_models: list[Path]
+) -> None:
+    """stable runs v1 with v2 rolling out; `promote --rollout` of v1 (from beta) would make v1
+    both the fallback and the candidate: a `rollout --revoke` would then have every device
+    record the version it runs as failed. Refused in one line; nothing written."""
+    store = cli.cwd / "store"
+    store.mkdir()
+    k = ("--key", release_key, "--cache-dir", cli.cwd / "cache")
+    cli.publish("init", "--store", store, "--key", release_key)
+    cli.publish("release", ten_models[0], "--store", store, "--version", "v1", "--channel",
+                "beta", *k)
+    cli.publish("promote", "--store", store, "--from", "beta", "--to", "stable", "--version",
+                "v1", "--key", release_key)
+    cli.publish("release", ten_models[1], "--store", store, "--version", "v2", "--rollout",
+                "10", *k)
+    before = (store / manifest_key("stable")).read_bytes()
+    p = cli.publish("promote", "--store", store, "--from", "beta", "--to", "stable",
+                    "--version", "v1", "--rollout", "20", "--key", release_key, check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "already current" in p.stderr and "Traceback" not in p.stderr
+    assert (store / manifest_key("stable")).read_bytes() == before
+    cli.publish("promote", "--store", store, "--from", "beta", "--to", "stable", "--version",
+                "v1", "--key", release_key)  # without --rollout: ends v2's rollout
+    m = json.loads((store / manifest_key("stable")).read_bytes())["signed"]["manifest"]
+    assert m["current"]["version"] == "v1" and "rollout" not in m
