@@ -275,13 +275,15 @@ class Repository:
         return channel_prefix(self.channel) + RELEASES_PREFIX
 
     def releases(self) -> list[VerifiedRecord]:
-        """Every version released to the channel, oldest first."""
+        """Every version released to the channel, oldest first: by the root whose release
+        keys signed it, then by sequence (the sequence starts again at 1 once the release keys
+        change, :attr:`CurrentManifest.next_sequence`)."""
         out = [
             self._record(key)
             for key in self.store.list(self._releases_prefix)
             if key.endswith(".json")
         ]
-        return sorted(out, key=lambda r: r.record.sequence)
+        return sorted(out, key=lambda r: (r.signed_under, r.record.sequence))
 
     def release(self, version: str) -> VerifiedRecord:
         """The channel's record of ``version``; NotFoundError if it was never released to the

@@ -1,0 +1,53 @@
+"""``history`` and a release's view of "the most recent releases" after a release-key rotation,
+whose manifest sequence starts again at 1 (real publisher processes, a directory store)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from manifest.constants import release_record_key
+
+from .conftest import Cli, MoEFamily
+
+
+def _keys(cli: Cli, d: Path, *names: str) -> None:
+    for n in names:
+        cli.publish("keygen", "--out", d, "--name", n)
+
+
+def test_history_after_a_release_key_rotation_lists_releases_in_release_order(
+    cli: Cli, moe_family: MoEFamily, tmp_path: Path
+) -> None:
+    """b1, b2 under the first release key; rotation; a3 and a4 under the new one (their
+    sequences start again: 2 and 3, below b2's and equal to it). `history` (and every reader
+    of the channel's releases "oldest first": the bases of the next release, its index
+    deltas) lists them b1, b2, a3, a4, not by bare sequence (b1, b2|a3, a4|...)."""
+    k, store = tmp_path / "keys", tmp_path / "store"
+    _keys(cli, k, "root", "rel", "rel2", "ts")
+    store.mkdir()
+    cli.publish("init", "--store", store, "--root-key", k / "root.key", "--release-key",
+                k / "rel.pub", "--timestamp-key", k / "ts.pub")
+    models = [moe_family.v1, moe_family.v2, moe_family.v3, moe_family.v4]
+
+    def release(i: int, version: str, rel: str) -> None:
+        cli.publish("release", models[i], "--store", store, "--version", version, "--key",
+                    k / f"{rel}.key", "--key", k / "ts.key", "--cache-dir", tmp_path / "cache")
+
+    release(0, "b1", "rel")
+    release(1, "b2", "rel")
+    release(2, "b3", "rel")
+    draft = tmp_path / "rot.draft"
+    cli.publish("root", "edit", "--store", store, "--add-key", f"release={k / 'rel2.pub'}",
+                "--remove-key", f"release={k / 'rel.pub'}", "--out", draft)
+    cli.publish("root", "sign", draft, "--key", k / "root.key")
+    cli.publish("root", "publish", draft, "--store", store)
+    cli.publish("refresh", "--store", store, "--content", "--key", k / "rel2.key", "--key",
+                k / "ts.key")  # manifest sequence 1 under the new keys
+    release(3, "a4", "rel2")
+    seqs = {v: json.loads((store / release_record_key(v)).read_bytes())["signed"]["sequence"]
+            for v in ("b1", "b2", "b3", "a4")}
+    assert seqs == {"b1": 1, "b2": 2, "b3": 3, "a4": 2}  # the count started again
+    h = json.loads(cli.publish("history", "--store", store, "--json").stdout)
+    assert [r["version"] for r in h["releases"]] == ["b1", "b2", "b3", "a4"]
+    assert h["releases"][-1]["current"]
