@@ -362,13 +362,14 @@ class Repository:
 
     def recorded_index(self, record: ReleaseRecord) -> ReleaseIndex:
         """The verified index the channel's record of a version pins. One the store no longer
-        holds was deleted by gc (records are written after their index): NotFoundError, the
-        version can no longer be made current, never "retry later" (docs/FORMAT.md §1)."""
+        holds was deleted by gc (records are written after their index): a MissingKeyError
+        (exit 4) that says the version can no longer be made current, not "still being
+        published; retry later" (docs/FORMAT.md §1)."""
         key = release_record_key(record.version, self.channel)
         try:
             return self.index(record.pointer, key)
         except MissingKeyError as e:
-            raise NotFoundError(
+            raise MissingKeyError(
                 f"the release index of {record.version!r} ({record.index.key}), which {key} "
                 f"pins, is gone from {self.store.url} (`deltaship-publish gc` deleted it): "
                 f"{record.version} can no longer be made current"

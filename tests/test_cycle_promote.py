@@ -76,14 +76,14 @@ def test_revert_to_a_release_gc_deleted_says_so(cli: Cli, release_key: Path,
     before = (store / manifest_key("stable")).read_bytes()
     p = cli.publish("revert", "--store", store, "--to", "v1", "--key", release_key,
                     check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.returncode == 4 and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
     assert "retry later" not in p.stderr
     assert "v1" in p.stderr and "gc" in p.stderr
     assert (store / manifest_key("stable")).read_bytes() == before
     p = cli.publish("promote", "--store", store, "--from", "stable", "--to", "beta",
                     "--version", "v1", "--key", release_key, check=False)
-    assert p.returncode == 2 and "retry later" not in p.stderr and "gc" in p.stderr
+    assert p.returncode == 4 and "retry later" not in p.stderr and "gc" in p.stderr
     assert not (store / manifest_key("beta")).exists()
 
 
