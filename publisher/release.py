@@ -45,10 +45,12 @@ from manifest.constants import DEFAULT_CHANNEL, release_record_key
 from manifest.errors import (
     AlreadyExistsError,
     LocalError,
+    MissingKeyError,
     ModelError,
 )
 from manifest.metadata import (
     ObjectRef,
+    ReleaseIndex,
     ReleasePointer,
     ReleaseRecord,
     Rollout,
@@ -235,12 +237,18 @@ def read_store_state(repo: Repository, version: str, deltas_from: int,
         raise AlreadyExistsError(
             f"version {version!r} is already released to {state.url}: pick a new version"
         )
-    bases = tuple(
-        repo.index(p, "the manifest" if manifest and p == manifest.current
-                   else release_record_key(p.version, repo.channel))
-        for p in base_pointers(manifest, records, deltas_from, checkpoint_every)
-    )
-    return dataclasses.replace(state, bases=bases)
+    bases: list[ReleaseIndex] = []
+    for p in base_pointers(manifest, records, deltas_from, checkpoint_every):
+        current_one = manifest is not None and p == manifest.current
+        try:
+            bases.append(repo.index(p, "the manifest" if current_one
+                                    else release_record_key(p.version, repo.channel)))
+        except MissingKeyError:
+            if current_one:
+                raise
+            # gc removed an older release (docs/FORMAT.md §1): no patches from it; a device
+            # still at that version downloads the full objects of what changed.
+    return dataclasses.replace(state, bases=tuple(bases))
 
 
 def hash_model_groups(

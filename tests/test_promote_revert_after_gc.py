@@ -107,12 +107,6 @@ def test_release_with_index_deltas_from_a_release_gc_deleted(
     assert _named_forms(store, "stable")[0] == record["sha256"]
 
 
-@pytest.mark.xfail(strict=True, reason="publisher/release.py read_store_state reads every base "
-                   "of base_pointers (the current release, then the most recent records); "
-                   "after a revert, gc --keep 1 keeps the current release's own bases, not "
-                   "those, so the next release fails with 'retry later' on every retry. Fix: "
-                   "skip a base whose index the store no longer holds (MissingKeyError), as "
-                   "Repository.packed does for index deltas")
 def test_release_after_revert_and_gc(cli: Cli, release_key: Path,
                                      ten_models: list[Path]) -> None:
     """v1..v6, `revert --to v2`, `gc --keep 1` (keeps v2, its bases and v6: v5's index goes),
