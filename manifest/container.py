@@ -255,9 +255,12 @@ def _plan(
         elif overlap:
             raise FormatError(f"patch container: overlap without a base for {t.name!r}")
         chunks = rec.get("chunks")
-        ranges = list(chunk_ranges(t.nbytes, overlap, hdr.chunk_bytes))
-        if not isinstance(chunks, list) or len(chunks) != len(ranges):
+        # Counted, not listed: a list of a big tensor's ranges at 8-byte chunks would take 16x
+        # the tensor's size in memory before the (header-bounded) chunk list is compared.
+        count = -(-overlap // hdr.chunk_bytes) + -(-(t.nbytes - overlap) // hdr.chunk_bytes)
+        if not isinstance(chunks, list) or len(chunks) != count:
             raise FormatError(f"patch container: wrong chunk count for {t.name!r}")
+        ranges = chunk_ranges(t.nbytes, overlap, hdr.chunk_bytes)
         for (start, end), ch in zip(ranges, chunks, strict=True):
             if (
                 not isinstance(ch, list)

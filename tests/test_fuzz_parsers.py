@@ -46,7 +46,9 @@ from manifest.report import DeviceReport
 from manifest.rollout import Rollout
 from manifest.safetensors_format import SafetensorsFile, build_header, parse_header
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+# DELTASHIP_FUZZ_EXAMPLES=5000 explores further (random, not derandomized), for a local hunt.
+_HUNT = int(os.environ.get("DELTASHIP_FUZZ_EXAMPLES", "0"))
+FUZZ = settings(max_examples=_HUNT or 60, deadline=None, derandomize=not _HUNT, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HUGE = "9" * 5000  # past Python's 4300-digit int limit: json.loads raises a plain ValueError
 HOSTILE: list[Any] = [
@@ -369,6 +371,27 @@ def test_target_header_with_an_int_past_the_digit_limit_is_a_format_error() -> N
     blob = b"DSPATCH1" + struct.pack("<Q", len(hraw)) + hraw + frame + payload[old_prefix:]
     with pytest.raises(UntrustedDataError, match="target header is malformed"):
         _apply(blob, False)
+
+
+def test_tiny_chunks_of_a_big_target_are_counted_without_listing_them() -> None:
+    """Found in review: a 347-byte container naming an 8 MiB target tensor with 8-byte chunks
+    (and no chunk entries) made the decoder list all 1M chunk ranges before comparing their
+    count, a 128 MiB peak (16x the target: a 1 GB group would take 16 GB). It is refused now
+    with memory independent of the target's size."""
+    n = 8 * 1024 * 1024
+    st_raw = json.dumps({"t": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    st_raw += b" " * (-len(st_raw) % 8)
+    prefix = struct.pack("<Q", len(st_raw)) + st_raw
+    frame = zstandard.ZstdCompressor().compress(prefix)
+    header = {"_type": "deltaship.patch", "spec_version": 1, "base": None,
+              "target": {"sha256": "0" * 64, "length": len(prefix) + n}, "chunk_bytes": 8,
+              "prefix": len(frame),
+              "tensors": [{"name": "t", "base": None, "overlap": 0, "chunks": []}]}
+    raw = _dumps(header)
+    blob = b"DSPATCH1" + struct.pack("<Q", len(raw)) + raw + frame
+    peak, err = _peak(lambda: _apply(blob, False))
+    assert isinstance(err, UntrustedDataError) and "wrong chunk count" in str(err)
+    assert peak < 64 * len(blob) + (1 << 20), peak  # was 128 MiB
 
 
 # ---------------------------------------------------------------------------------------------
