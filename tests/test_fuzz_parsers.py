@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from manifest.codecs import CODECS, chunk_ranges, decode_chunk_into, encode_chunk, frame_count
 from manifest.container import ContainerBuilder, apply_container
 from manifest.entries import (
+    MAX_INDEX_SIZE,
     FileEntry,
     GroupEntry,
     IndexDelta,
@@ -40,7 +41,7 @@ from manifest.entries import (
     PackedIndex,
     ReleasePointer,
 )
-from manifest.errors import SafetensorsError, UntrustedDataError
+from manifest.errors import OversizeError, SafetensorsError, UntrustedDataError
 from manifest.index_packing import pack_delta, pack_zstd, unpack_index
 from manifest.report import DeviceReport
 from manifest.rollout import Rollout
@@ -508,3 +509,15 @@ def test_fuzz_packed_index(data: st.DataObject, delta: bool) -> None:
     peak, err = _peak(lambda: unpack_index(blob, form, pin, _OLD_INDEX if delta else None))
     _check(err, (UntrustedDataError,))
     assert peak < 8 * (len(_INDEX) + len(_OLD_INDEX)) + 64 * len(blob) + (1 << 20)
+
+
+def test_packed_index_pinned_over_the_index_cap_is_refused_before_decoding() -> None:
+    """Found in review: the output bound of a packed index was the pinned index length, which
+    nothing capped: a 2 KB zstd form of a 64 MiB index (any size: zstd codes zeros at ~32000:1)
+    decoded in full (a 64 MiB peak for 64 MiB) before the index cap refused it."""
+    big = bytes(MAX_INDEX_SIZE + 1)
+    packed = pack_zstd(big)
+    pin = ObjectRef(_sha(big), len(big), "json")
+    peak, err = _peak(lambda: unpack_index(packed, PackedIndex(_sha(packed), len(packed)), pin))
+    assert isinstance(err, OversizeError) and "over its cap" in str(err), err
+    assert peak < 64 * len(packed) + (1 << 20), peak  # was the pinned length
