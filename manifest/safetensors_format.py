@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ._fields import short_repr
 from .errors import SafetensorsError
 from .storage.atomic import atomic_output
 
@@ -100,7 +101,7 @@ def parse_header(
     except RecursionError as e:
         raise _fail(path, "header JSON is nested too deeply") from e
     except _DuplicateKey as e:
-        raise _fail(path, f"header names {_short(e.args[0])} twice") from e
+        raise _fail(path, f"header names {short_repr(e.args[0])} twice") from e
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
     metadata: dict[str, str] = {}
@@ -119,11 +120,11 @@ def parse_header(
     for t in tensors:
         if t.begin != expected:
             what = "gap before" if t.begin > expected else "overlap at"
-            raise _fail(path, f"tensor data not contiguous: {what} {_short(t.name)} "
-                              f"(offset {_short(t.begin)})")
+            raise _fail(path, f"tensor data not contiguous: {what} {short_repr(t.name)} "
+                              f"(offset {short_repr(t.begin)})")
         expected = t.end
     if expected != data_length:
-        raise _fail(path, f"tensor data ends at {_short(expected)} but the data section has "
+        raise _fail(path, f"tensor data ends at {short_repr(expected)} but the data section has "
                           f"{data_length} bytes")
     return tensors, metadata
 
@@ -143,31 +144,32 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _parse_entry(name: str, entry: object, path: str) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise _fail(path, f"entry for {_short(name)} is not an object")
+        raise _fail(path, f"entry for {short_repr(name)} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_WIDTHS:
-        raise _fail(path, f"tensor {_short(name)} has unknown dtype {_short(dtype)}")
+        raise _fail(path, f"tensor {short_repr(name)} has unknown dtype {short_repr(dtype)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _fail(path, f"tensor {_short(name)} has an invalid shape {_short(shape)}")
+        raise _fail(path, f"tensor {short_repr(name)} has an invalid shape {short_repr(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _fail(path, f"tensor {_short(name)} has invalid data_offsets {_short(offsets)}")
+        raise _fail(path, f"tensor {short_repr(name)} has invalid data_offsets "
+                          f"{short_repr(offsets)}")
     begin, end = offsets
     width = DTYPE_WIDTHS[dtype]
     bound = max(end - begin, 1 << 64)  # exact below 2**64, for the message
     expected = _nbytes(shape, width, bound)
     if expected != end - begin:
-        size = f"{expected}" if expected is not None else f"more than {_short(bound)}"
+        size = f"{expected}" if expected is not None else f"more than {short_repr(bound)}"
         raise _fail(
             path,
-            f"tensor {_short(name)}: shape {_short(shape)} x {width} bytes = {size}, "
-            f"but data_offsets span {_short(end - begin)}",
+            f"tensor {short_repr(name)}: shape {short_repr(shape)} x {width} bytes = {size}, "
+            f"but data_offsets span {short_repr(end - begin)}",
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
@@ -183,20 +185,6 @@ def _nbytes(shape: list[int], width: int, bound: int) -> int | None:
         if n > bound:
             return None
     return n
-
-
-def _short(v: object, limit: int = 80) -> str:
-    """``repr(v)`` cut to ``limit`` characters, for one-line messages about hostile headers
-    (and never a ValueError: ints past Python's 4300-digit str limit are not printed)."""
-    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 256:
-        return f"<an integer of {v.bit_length()} bits>"
-    if isinstance(v, list) and len(v) > 16:
-        return f"<a list of {len(v)} items>"
-    try:
-        text = repr(v)
-    except ValueError:  # an int inside past the str limit
-        return f"<a {type(v).__name__}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_count(v: object) -> bool:

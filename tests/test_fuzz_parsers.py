@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import tracemalloc
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from manifest.codecs import CODECS, chunk_ranges, decode_chunk_into, encode_chunk, frame_count
@@ -47,7 +48,8 @@ from manifest.report import DeviceReport
 from manifest.rollout import Rollout
 from manifest.safetensors_format import SafetensorsFile, build_header, parse_header
 
-# DELTASHIP_FUZZ_EXAMPLES=5000 explores further (random, not derandomized), for a local hunt.
+# DELTASHIP_FUZZ_EXAMPLES=5000 explores further (random, not derandomized), for a local hunt;
+# DELTASHIP_FUZZ_EVENTS=1 with --hypothesis-show-statistics shows which checks refused what.
 _HUNT = int(os.environ.get("DELTASHIP_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(max_examples=_HUNT or 60, deadline=None, derandomize=not _HUNT, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -156,6 +158,8 @@ def _peak(fn: Callable[[], object]) -> tuple[int, BaseException | None]:
 
 
 def _check(err: BaseException | None, allowed: tuple[type[BaseException], ...]) -> None:
+    if os.environ.get("DELTASHIP_FUZZ_EVENTS"):  # --hypothesis-show-statistics: which checks
+        event(re.sub(r"[0-9a-f]{8,}|\d+", "N", str(err))[:70] if err else "accepted")
     if err is not None and not isinstance(err, allowed):
         raise AssertionError(f"escaped {type(err).__name__}: {err}") from err
     if err is not None:
@@ -344,6 +348,42 @@ def test_fuzz_container_header_values(data: st.DataObject, patch: bool) -> None:
     assert peak < _CONTAINER_BOUND + 8 * len(blob)
 
 
+def _near(v: Any) -> st.SearchStrategy[Any]:
+    """Plausible wrong values for a container header field: what a buggy publisher might
+    write (off by a little, another codec or tensor name, a power of two), not random types."""
+    names = st.sampled_from(["w", "h", "b", "x", None])
+    if isinstance(v, bool) or v is None:
+        return st.one_of(st.none(), names)
+    if isinstance(v, int):
+        return st.one_of(st.integers(max(0, v - 9), v + 9), st.sampled_from(
+            [0, 1, 7, 8, 16, 2 * v, v // 2, 1 << 20, 1 << 24, (1 << 24) + 8, 1 << 40]))
+    if isinstance(v, str) and v in CODECS:
+        return st.sampled_from(CODECS)
+    if isinstance(v, str):
+        return names
+    if isinstance(v, list):
+        return st.sampled_from([[], v[:-1], [*v, v[-1]] if v else [0], v[::-1]])
+    return st.just(v)
+
+
+@FUZZ
+@given(st.data(), st.booleans())
+def test_fuzz_container_header_plausible_values(data: st.DataObject, patch: bool) -> None:
+    header, payload = _split(_PATCH if patch else _FULL)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = [p for p in _paths(header) if p and p[0] in ("chunk_bytes", "prefix", "tensors")]
+        path = data.draw(st.sampled_from(paths))
+        node = header
+        for p in path:
+            node = node[p]
+        header = _replace(header, path, data.draw(_near(node)))
+    raw = _dumps(header)
+    blob = b"DSPATCH1" + struct.pack("<Q", len(raw)) + raw + payload
+    peak, err = _peak(lambda: _apply(blob, patch))
+    _check(err, (UntrustedDataError,))
+    assert peak < _CONTAINER_BOUND + 8 * len(blob)
+
+
 @FUZZ
 @given(st.data())
 def test_fuzz_container_target_header(data: st.DataObject) -> None:
@@ -372,6 +412,18 @@ def test_target_header_with_an_int_past_the_digit_limit_is_a_format_error() -> N
     blob = b"DSPATCH1" + struct.pack("<Q", len(hraw)) + hraw + frame + payload[old_prefix:]
     with pytest.raises(UntrustedDataError, match="target header is malformed"):
         _apply(blob, False)
+
+
+def test_container_naming_a_huge_base_value_says_so_in_one_short_line() -> None:
+    """Found in review: the message quoted the container's base tensor name whole, whatever
+    JSON it was (here a list of 100000 ints: a 2 MB line)."""
+    header, payload = _split(_PATCH)
+    header["tensors"][0]["base"] = [2**62] * 100_000
+    raw = _dumps(header)
+    blob = b"DSPATCH1" + struct.pack("<Q", len(raw)) + raw + payload
+    with pytest.raises(UntrustedDataError, match="missing base tensor <a list of 100000") as e:
+        _apply(blob, True)
+    assert len(str(e.value)) < 400
 
 
 def test_tiny_chunks_of_a_big_target_are_counted_without_listing_them() -> None:
