@@ -41,9 +41,11 @@ from manifest.entries import (
     ObjectRef,
     PackedIndex,
     ReleasePointer,
+    folder_clash,
 )
 from manifest.errors import OversizeError, SafetensorsError, UntrustedDataError
 from manifest.index_packing import pack_delta, pack_zstd, unpack_index
+from manifest.metadata import ReleaseIndex
 from manifest.report import DeviceReport
 from manifest.rollout import Rollout
 from manifest.safetensors_format import SafetensorsFile, build_header, parse_header
@@ -573,3 +575,35 @@ def test_packed_index_pinned_over_the_index_cap_is_refused_before_decoding() -> 
     peak, err = _peak(lambda: unpack_index(packed, PackedIndex(_sha(packed), len(packed)), pin))
     assert isinstance(err, OversizeError) and "over its cap" in str(err), err
     assert peak < 64 * len(packed) + (1 << 20), peak  # was the pinned length
+
+
+def test_index_of_deep_file_paths_is_checked_for_folder_clashes_in_bounded_memory() -> None:
+    """Found in review: the file/folder clash check listed every folder of every path; an
+    index of 2000 files of 1 KB paths 500 folders deep (2.4 MB) peaked at 561 MiB and took
+    14 s (a 16 MiB index: gigabytes). Same answer now, in memory of the index's order."""
+    deep = "/".join(["a"] * 500)
+    files = [{**_FILE, "path": f"{i:05d}/{deep}"} for i in range(300)]
+    clash = [*files, {**_FILE, "path": "00007/a/a"}]
+    for listed, error in ((files, None), (clash, "'00007/a/a' as a file and a folder")):
+        doc = {"_type": "deltaship.release", "spec_version": 3, "repository_id": "0" * 32,
+               "version": "1.0", "released_at": "2026-01-01T00:00:00Z", "groups": [_GROUP],
+               "files": listed}
+        raw = _dumps(doc)
+
+        def parse(raw: bytes = raw) -> ReleaseIndex:
+            return ReleaseIndex.from_dict(json.loads(raw))
+
+        peak, err = _peak(parse)
+        if error is None:
+            assert err is None, err
+        else:
+            assert isinstance(err, UntrustedDataError) and error in str(err), err
+        assert peak < 32 * len(raw), (peak, len(raw))  # was ~230x
+
+
+@pytest.mark.parametrize(("paths", "clash"), [
+    (["a", "a-b", "a/c"], "a"), (["a-b", "a/c"], None), (["x/y", "x/y/z", "x"], "x"),
+    (["b/c", "a/b"], None), (["ab/c", "a"], None), ([], None),
+])
+def test_folder_clash_examples(paths: list[str], clash: str | None) -> None:
+    assert folder_clash(paths) == clash
