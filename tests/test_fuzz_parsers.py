@@ -53,7 +53,7 @@ from manifest.safetensors_format import SafetensorsFile, build_header, parse_hea
 # DELTASHIP_FUZZ_EXAMPLES=5000 explores further (random, not derandomized), for a local hunt;
 # DELTASHIP_FUZZ_EVENTS=1 with --hypothesis-show-statistics shows which checks refused what.
 _HUNT = int(os.environ.get("DELTASHIP_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(max_examples=_HUNT or 60, deadline=None, derandomize=not _HUNT, database=None,
+FUZZ = settings(max_examples=_HUNT or 200, deadline=None, derandomize=not _HUNT, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 HUGE = "9" * 5000  # past Python's 4300-digit int limit: json.loads raises a plain ValueError
 HOSTILE: list[Any] = [
