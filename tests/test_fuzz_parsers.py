@@ -23,6 +23,7 @@ import struct
 import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -305,19 +306,22 @@ with open(_BASE_PATH, "wb") as _f:
     _f.write(_BASE)
 
 
-def _apply(container: bytes, with_base: bool) -> bytes:
+_POOL = ThreadPoolExecutor(2)  # as a device decodes: chunks in parallel, in order
+
+
+def _apply(container: bytes, with_base: bool, pool: ThreadPoolExecutor | None = None) -> bytes:
     out = io.BytesIO()
     if with_base:
         with SafetensorsFile(_BASE_PATH) as base:
-            apply_container(container, base, out)
+            apply_container(container, base, out, executor=pool)
     else:
-        apply_container(container, None, out)
+        apply_container(container, None, out, executor=pool)
     return out.getvalue()
 
 
 def test_the_fuzzed_containers_apply_unmodified() -> None:
-    assert _apply(_PATCH, True) == _TARGET
-    assert _apply(_FULL, False) == _TARGET
+    assert _apply(_PATCH, True) == _TARGET == _apply(_PATCH, True, _POOL)
+    assert _apply(_FULL, False) == _TARGET == _apply(_FULL, False, _POOL)
     assert len(_PATCH) < len(_FULL)  # the patch codes against the base (same/delta chunks)
 
 
@@ -326,10 +330,10 @@ _CONTAINER_BOUND = 8 * (len(_FULL) + len(_TARGET)) + 64 * CHUNK + (2 << 20)
 
 
 @FUZZ
-@given(st.data(), st.booleans())
-def test_fuzz_container_bytes(data: st.DataObject, patch: bool) -> None:
+@given(st.data(), st.booleans(), st.booleans())
+def test_fuzz_container_bytes(data: st.DataObject, patch: bool, parallel: bool) -> None:
     blob = data.draw(mutated_bytes(_PATCH if patch else _FULL))
-    peak, err = _peak(lambda: _apply(blob, patch))
+    peak, err = _peak(lambda: _apply(blob, patch, _POOL if parallel else None))
     _check(err, (UntrustedDataError,))
     assert peak < _CONTAINER_BOUND + 8 * len(blob)
 
