@@ -29,6 +29,7 @@ __all__ = [
     "parse_list",
     "parse_time",
     "read_document_header",
+    "short_repr",
 ]
 
 # 2: the root, the manifest and the release index carry the store's ``repository_id``.
@@ -53,6 +54,20 @@ _CHANNEL = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")
 
 T = TypeVar("T")
+
+
+def short_repr(v: object, limit: int = 256) -> str:
+    """``repr(v)`` cut to ``limit`` characters, for one-line messages about values of any size
+    (and never a ValueError: ints past Python's 4300-digit str limit are not printed)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 256:
+        return f"<an integer of {v.bit_length()} bits>"
+    if isinstance(v, list) and len(v) > 16:
+        return f"<a list of {len(v)} items>"
+    try:
+        text = repr(v)
+    except ValueError:  # an int inside past the str limit
+        return f"<a {type(v).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def format_time(t: datetime) -> str:

@@ -38,6 +38,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 import zstandard
 
+from ._fields import short_repr
 from .canonical import canonical_json, loads_object
 from .codecs import BASED_CODECS, CODECS, chunk_ranges, decode_chunk_into, frame_count
 from .errors import FormatError, HashMismatchError, OversizeError, SafetensorsError
@@ -242,22 +243,26 @@ def _plan(
         raise FormatError("patch container does not list every tensor of its target")
     for rec, t in zip(hdr.tensors, targets, strict=True):
         if not isinstance(rec, dict) or rec.get("name") != t.name:
-            raise FormatError(f"patch container tensors out of order at {t.name!r}")
+            raise FormatError(f"patch container tensors out of order at {short_repr(t.name)}")
         base_name = rec.get("base")
         overlap = _int(rec.get("overlap"), "overlap")
         bt: TensorInfo | None = None
         if base_name is not None:
             if base is None or not isinstance(base_name, str) or base_name not in base.tensors:
-                raise FormatError(f"patch container names a missing base tensor {base_name!r}")
+                raise FormatError("patch container names a missing base tensor "
+                                  f"{short_repr(base_name)}")
             bt = base.tensors[base_name]
             if bt.width != t.width or overlap > min(bt.nbytes, t.nbytes) or overlap % t.width:
-                raise FormatError(f"patch container: bad overlap for {t.name!r}")
+                raise FormatError(f"patch container: bad overlap for {short_repr(t.name)}")
         elif overlap:
-            raise FormatError(f"patch container: overlap without a base for {t.name!r}")
+            raise FormatError(f"patch container: overlap without a base for {short_repr(t.name)}")
         chunks = rec.get("chunks")
-        ranges = list(chunk_ranges(t.nbytes, overlap, hdr.chunk_bytes))
-        if not isinstance(chunks, list) or len(chunks) != len(ranges):
-            raise FormatError(f"patch container: wrong chunk count for {t.name!r}")
+        # Counted, not listed: a list of a big tensor's ranges at 8-byte chunks would take 16x
+        # the tensor's size in memory before the (header-bounded) chunk list is compared.
+        count = -(-overlap // hdr.chunk_bytes) + -(-(t.nbytes - overlap) // hdr.chunk_bytes)
+        if not isinstance(chunks, list) or len(chunks) != count:
+            raise FormatError(f"patch container: wrong chunk count for {short_repr(t.name)}")
+        ranges = chunk_ranges(t.nbytes, overlap, hdr.chunk_bytes)
         for (start, end), ch in zip(ranges, chunks, strict=True):
             if (
                 not isinstance(ch, list)
@@ -265,7 +270,8 @@ def _plan(
                 or ch[0] not in CODECS
                 or not isinstance(ch[1], list)
             ):
-                raise FormatError(f"patch container: malformed chunk entry for {t.name!r}")
+                raise FormatError("patch container: malformed chunk entry for "
+                                  f"{short_repr(t.name)}")
             codec, lens = ch[0], [_int(x, "frame length") for x in ch[1]]
             # same/delta(-sparse) need the base; planes/zstd are allowed anywhere, since the encoder
             # falls back to them inside the overlap when delta coding does not pay off.
@@ -273,10 +279,11 @@ def _plan(
             if needs_base and start >= overlap:
                 raise FormatError(f"patch container: {codec} chunk outside the base overlap")
             if len(lens) != frame_count(codec, t.width):
-                raise FormatError(f"patch container: wrong frame count for {t.name!r}")
+                raise FormatError(f"patch container: wrong frame count for {short_repr(t.name)}")
             if any(n > max_frame_length(end - start) for n in lens):
                 raise OversizeError(
-                    f"patch container: a frame of {t.name!r} is longer than its chunk can need"
+                    f"patch container: a frame of {short_repr(t.name)} is longer than its chunk "
+                    "can need"
                 )
             if sum(lens) > payload_left:
                 raise FormatError("patch container payload is shorter than its header says")

@@ -5,7 +5,8 @@ A pointer to a release index may offer, besides the raw object, the index as one
 (``deltas``). The publisher encodes them (:func:`pack_index`); a device decodes the one it
 downloaded (:func:`unpack_index`): pure functions, bytes in and bytes out, no I/O.
 
-Decoding checks, in order, before anything is parsed: the packed bytes' length and SHA-256
+Decoding checks, in order, before anything is parsed: that the pinned index length is at most
+``MAX_INDEX_SIZE``; the packed bytes' length and SHA-256
 against the form's pin; for a delta, that the base is the index the delta names; that the
 frame declares a content size equal to the pinned index length; then it decompresses one frame
 (output bounded by that size, nothing after it) and checks the result's length and SHA-256
@@ -135,6 +136,9 @@ def unpack_index(packed: bytes, form: PackedIndex | IndexDelta, pin: ObjectRef,
     import zstandard
 
     what = form_name(form)
+    if pin.length > MAX_INDEX_SIZE:  # the frame's declared size bounds the output: cap it first
+        raise OversizeError(f"{named_by} pins a release index of {pin.length} bytes, over its "
+                            f"cap {MAX_INDEX_SIZE}: {what} is not decoded")
     if len(packed) != form.length:
         raise HashMismatchError(f"{what} is {len(packed)} bytes, {named_by} pins {form.length}")
     digest = _sha(packed)

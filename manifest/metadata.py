@@ -46,6 +46,7 @@ from .entries import (
     PatchRef,
     ReleasePointer,
     TensorEntry,
+    folder_clash,
     index_dict,
     index_ref,
 )
@@ -114,11 +115,9 @@ class ReleaseIndex:
             raise FormatError("release index lists a file twice")
         if WEIGHT_INDEX_FILE in paths:
             raise UnsafeNameError(f"release index ships {WEIGHT_INDEX_FILE}, which devices write")
-        folders = {"/".join(p.split("/")[:i]) for p in paths for i in range(1, p.count("/") + 1)}
-        if folders & paths:
-            raise UnsafeNameError(
-                f"release index uses {sorted(folders & paths)[0]!r} as a file and a folder"
-            )
+        clash = folder_clash(paths)
+        if clash is not None:
+            raise UnsafeNameError(f"release index uses {clash!r} as a file and a folder")
         tensor_names = [t.name for g in groups for t in g.tensors]
         if len(set(tensor_names)) != len(tensor_names):
             raise FormatError("release index lists a tensor in two groups")

@@ -27,6 +27,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ._fields import short_repr
 from .errors import SafetensorsError
 from .storage.atomic import atomic_output
 
@@ -95,12 +96,12 @@ def parse_header(
     """
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"header is not UTF-8 JSON ({e})") from e
+    except (UnicodeDecodeError, ValueError) as e:  # ValueError: also an int over 4300 digits
+        raise _fail(path, f"header is not UTF-8 JSON ({str(e)[:200]})") from e
     except RecursionError as e:
         raise _fail(path, "header JSON is nested too deeply") from e
     except _DuplicateKey as e:
-        raise _fail(path, f"header names {e.args[0]!r} twice") from e
+        raise _fail(path, f"header names {short_repr(e.args[0])} twice") from e
     if not isinstance(doc, dict):
         raise _fail(path, "header is not a JSON object")
     metadata: dict[str, str] = {}
@@ -119,12 +120,12 @@ def parse_header(
     for t in tensors:
         if t.begin != expected:
             what = "gap before" if t.begin > expected else "overlap at"
-            raise _fail(path, f"tensor data not contiguous: {what} {t.name!r} (offset {t.begin})")
+            raise _fail(path, f"tensor data not contiguous: {what} {short_repr(t.name)} "
+                              f"(offset {short_repr(t.begin)})")
         expected = t.end
     if expected != data_length:
-        raise _fail(
-            path, f"tensor data ends at {expected} but the data section has {data_length} bytes"
-        )
+        raise _fail(path, f"tensor data ends at {short_repr(expected)} but the data section has "
+                          f"{data_length} bytes")
     return tensors, metadata
 
 
@@ -143,30 +144,47 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 def _parse_entry(name: str, entry: object, path: str) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise _fail(path, f"entry for {name!r} is not an object")
+        raise _fail(path, f"entry for {short_repr(name)} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_WIDTHS:
-        raise _fail(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+        raise _fail(path, f"tensor {short_repr(name)} has unknown dtype {short_repr(dtype)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        raise _fail(path, f"tensor {short_repr(name)} has an invalid shape {short_repr(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(_is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        raise _fail(path, f"tensor {short_repr(name)} has invalid data_offsets "
+                          f"{short_repr(offsets)}")
     begin, end = offsets
-    expected = math.prod(shape) * DTYPE_WIDTHS[dtype]
-    if end - begin != expected:
+    width = DTYPE_WIDTHS[dtype]
+    bound = max(end - begin, 1 << 64)  # exact below 2**64, for the message
+    expected = _nbytes(shape, width, bound)
+    if expected != end - begin:
+        size = f"{expected}" if expected is not None else f"more than {short_repr(bound)}"
         raise _fail(
             path,
-            f"tensor {name!r}: shape {shape} x {DTYPE_WIDTHS[dtype]} bytes = {expected}, "
-            f"but data_offsets span {end - begin}",
+            f"tensor {short_repr(name)}: shape {short_repr(shape)} x {width} bytes = {size}, "
+            f"but data_offsets span {short_repr(end - begin)}",
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def _nbytes(shape: list[int], width: int, bound: int) -> int | None:
+    """The byte length of ``shape`` x ``width``, or None once it passes ``bound``: a header's
+    shape may list millions of huge dimensions, whose full product costs quadratic time."""
+    if 0 in shape:
+        return 0
+    n = width
+    for d in shape:
+        n *= d
+        if n > bound:
+            return None
+    return n
 
 
 def _is_count(v: object) -> bool:
