@@ -15,8 +15,10 @@ Everything else under ``objects/`` goes. Unreachable objects that no release rec
 manifest of any channel ever referenced are reported apart as *lost races* (a release that
 lost the manifest race, or a draft never published).
 
-The documents are read, not verified: gc uses them only to decide what to keep. What gc
-cannot read in full (a manifest or record it cannot parse, a kept release's index missing or
+The manifests are read, not verified: gc uses them only to decide what to keep. The release
+records are verified to order them as ``history`` does (by the root whose release keys signed
+each one, then by sequence, which starts again after a release-key rotation); a record that
+does not verify makes gc refuse. What gc cannot read in full (a manifest or record it cannot parse, a kept release's index missing or
 not matching its pin) makes it refuse before deleting anything. Just before deleting, the
 channels' manifests and release records are read again; if any changed (a release ran), gc
 deletes nothing and asks to be run again.
@@ -57,6 +59,8 @@ from manifest.errors import (
 from manifest.metadata import ReleaseIndex, ReleaseRecord, Timestamp, check_channel
 from manifest.storage.store import Store, StoredObject
 from manifest.trust import MAX_INDEX_SIZE, MAX_MANIFEST_SIZE, open_envelope
+
+from .repository import Repository
 
 __all__ = ["DEFAULT_GRACE", "GcResult", "KeptRelease", "Selection", "channels", "collect",
            "index_objects", "parse_duration", "select_deletions"]
@@ -159,7 +163,7 @@ class _Reader:
         self.seen[key] = hashlib.sha256(data).hexdigest()
         return data
 
-    def releases(self, channel: str, keep: int
+    def releases(self, channel: str, keep: int, now: datetime
                  ) -> tuple[list[KeptRelease], list[ObjectRef], dict[str, ObjectRef]]:
         """(what to keep, every index any record or the manifest of ``channel`` names, the
         index of each version that has a record)."""
@@ -183,10 +187,25 @@ class _Reader:
             if "/" in key[len(prefix):] or not key.endswith(".json"):
                 continue
             records.append(_record(self.read(key, ReleaseRecord.MAX_SIZE), key))
-        records.sort(key=lambda r: (r.sequence, r.version))
+        order = _release_order(self.store, now, channel) if records else {}
+        records.sort(key=lambda r: (order.get(r.version, -1), r.sequence, r.version))
         kept += [KeptRelease(channel, r.version, "record", r.index) for r in records[-keep:]]
         return (kept, [r.index for r in records] + [k.index for k in kept],
                 {r.version: r.index for r in records})
+
+
+def _release_order(store: Store, now: datetime, channel: str) -> dict[str, int]:
+    """Each released version's place in the channel's release order, as ``history`` gives it:
+    by the root whose release keys signed the record, then by sequence (the sequence starts
+    again at 1 when the release keys change, so the bare sequence misorders the releases
+    made before and after a rotation)."""
+    where = f"the release records of channel {channel}"
+    try:
+        releases = Repository(store, now, channel).releases()
+    except DeltashipError as e:
+        raise type(e)(f"gc cannot order {where} ({e}): it deletes nothing until they verify "
+                      "against the store's trust roots") from e
+    return {r.record.version: i for i, r in enumerate(releases)}
 
 
 def _record(data: bytes, key: str) -> ReleaseRecord:
@@ -249,7 +268,7 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     named: list[ObjectRef] = []
     by_version: dict[str, dict[str, ObjectRef]] = {}
     for channel in channels(store):
-        kept_here, named_here, by_version[channel] = reader.releases(channel, keep)
+        kept_here, named_here, by_version[channel] = reader.releases(channel, keep, now)
         kept += kept_here
         named += named_here
     objects = store.list_objects(OBJECTS_PREFIX)
@@ -273,7 +292,7 @@ def collect(store: Store, now: datetime, keep: int, grace: timedelta, *, dry_run
     if on_plan is not None:
         on_plan(selection)
     if not dry_run and selection.delete:
-        _check_unchanged(reader)
+        _check_unchanged(reader, now)
         # The indexes first: a gc cut short (Ctrl-C, the store failing) must not leave an
         # old release's index, which `revert` and `promote` trust, without its objects.
         indexes_named = {ref.sha256 for ref in named}
@@ -373,12 +392,12 @@ def _index_or_none(store: Store, ref: ObjectRef) -> ReleaseIndex | None:
         return None
 
 
-def _check_unchanged(reader: _Reader) -> None:
+def _check_unchanged(reader: _Reader, now: datetime) -> None:
     """The manifests and release records gc read are still the same, and no new ones."""
     again = _Reader(reader.store)
     for channel in channels(reader.store):
         try:
-            again.releases(channel, 1)
+            again.releases(channel, 1, now)
         except DeltashipError as e:
             raise ConflictError(f"the store changed while gc ran ({e}): nothing deleted; "
                                 "run gc again") from e

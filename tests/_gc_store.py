@@ -23,8 +23,9 @@ from manifest.metadata import (
 )
 from manifest.rollout import Rollout
 from manifest.storage.store import LocalStore, Store
+from manifest.trust import sign_document
 
-from ._signed_docs import NOW, REPO_ID, key, manifest_bytes, record_bytes
+from ._signed_docs import NOW, REPO_ID, key, manifest_bytes, record_bytes, root_doc
 
 KEYS = [key(11)]
 OLD = timedelta(days=30)
@@ -54,7 +55,8 @@ class History:
     packed: bool = False  # pointers name packed index forms (zstd, a delta), written as objects
 
     def __post_init__(self) -> None:
-        self.store.put("root.json", b"{}")
+        # A real trust root: gc verifies the release records to order them (history's order)
+        self.store.put("root.json", sign_document(root_doc(KEYS).to_dict(), KEYS))
 
     def _object(self, data: bytes, young: bool) -> str:
         sha = hashlib.sha256(data).hexdigest()
