@@ -460,6 +460,13 @@ class DeviceLayout:
             os.replace(tmp, dest)
             fsync_dir(str(dest.parent))
 
+    def rewrite_file(self, version: str, name: str, data: bytes) -> None:
+        """Replace ``name`` in ``versions/<V>`` with ``data`` (``verify --repair`` of the
+        generated ``model.safetensors.index.json``): written, fsynced and renamed over it."""
+        dest = self.version_dir(version) / name
+        with disk_errors(self.root):
+            write_atomic(dest, data, mode=0o644)  # serving code may run as another user
+
     def referenced_objects(self) -> set[str]:
         refs: set[str] = set()
         for v in self.retained():

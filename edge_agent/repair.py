@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
-from manifest.download_plan import GroupStep
+from manifest.constants import WEIGHT_INDEX_FILE
+from manifest.download_plan import GroupStep, wanted_groups
 
 from .fetch import download
 from .install import install_file, install_group
+from .layout import weight_index
 from .service import open_agent_source
 from .updater import Agent
 
@@ -25,6 +27,10 @@ async def repair_version(agent: Agent, version: str, bad: list[str]) -> None:
     try:
         with ThreadPoolExecutor(2) as ex:
             for name in bad:
+                if name == WEIGHT_INDEX_FILE:  # made from the index, not downloaded
+                    groups = {g.name for g in wanted_groups(index, agent.cfg.include)}
+                    layout.rewrite_file(version, name, weight_index(index, groups))
+                    continue
                 group = next((g for g in index.groups if g.file == name), None)
                 if group is not None:
                     layout.remove_object(group.sha256)

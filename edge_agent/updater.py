@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import time
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from manifest.constants import manifest_key
+from manifest.constants import WEIGHT_INDEX_FILE, manifest_key
 from manifest.download_plan import check_include, wanted_groups
 from manifest.entries import IndexDelta, PackedIndex
 from manifest.errors import (
@@ -87,7 +88,7 @@ from .fetch import (
 from .fleet import assignment
 from .hooks import parse_hooks
 from .install import install_file
-from .layout import DeviceLayout
+from .layout import DeviceLayout, weight_index
 from .report import CycleOutcome, Reporter
 from .roots import check_root_expiry, pinned_root, walk_roots
 from .state import AgentState, PendingSwitch, PlanRecord
@@ -463,10 +464,15 @@ class Agent(SwitchVerdicts):
         return bad
 
     def damaged(self, version: str, root: Root) -> list[str]:
-        """The files of a retained version that differ from its pinned index."""
+        """The files of a retained version that differ from its pinned index, and its
+        ``model.safetensors.index.json`` if it differs from the one the index makes (the
+        file model servers load first)."""
         index = self.local_index(version, root)
-        expected = [(g.file, g.sha256) for g in wanted_groups(index, self.cfg.include)]
+        groups = wanted_groups(index, self.cfg.include)
+        expected = [(g.file, g.sha256) for g in groups]
         expected += [(f.path, f.sha256) for f in index.files]
+        weights = weight_index(index, {g.name for g in groups})
+        expected.append((WEIGHT_INDEX_FILE, hashlib.sha256(weights).hexdigest()))
         return self.layout.damaged_files(version, expected)
 
     def prune(self, current: str) -> None:

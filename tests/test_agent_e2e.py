@@ -167,6 +167,27 @@ def test_verify_and_repair(cli: Cli, published: tuple[str, Path], release_key: P
     assert "matches" in dev.agent("verify").stdout
 
 
+def test_verify_and_repair_the_generated_weight_index(
+        cli: Cli, published: tuple[str, Path], release_key: Path, moe_family: MoEFamily,
+        tmp_path: Path) -> None:
+    """``model.safetensors.index.json`` is not a store object but made from the index at
+    install; model servers read it first. Damaged, `verify` names it (exit 2) and `verify
+    --repair` writes it again, byte for byte as the install did."""
+    store, root = published
+    _release(cli, store, moe_family.v1, "v1", release_key)
+    dev = Device(cli, root, store, tmp_path / "dev")
+    dev.agent("run", "--once")
+    victim = dev.live / "model.safetensors.index.json"
+    good = victim.read_bytes()
+    victim.write_bytes(good.replace(b'"weight_map"', b'"weight_mop"'))
+    bad = dev.agent("verify", check=False)
+    assert bad.returncode == 2 and "model.safetensors.index.json" in bad.stderr, bad.stderr
+    dev.agent("verify", "--repair")
+    assert victim.read_bytes() == good
+    assert (victim.stat().st_mode & 0o777) == 0o644
+    assert "matches" in dev.agent("verify").stdout
+
+
 def test_service_polls_and_stops_cleanly_on_sigterm(cli: Cli, published: tuple[str, Path],
                                                     release_key: Path, moe_family: MoEFamily,
                                                     tmp_path: Path) -> None:
