@@ -13,12 +13,14 @@ import asyncio
 import contextlib
 import socket
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from devtools.faulty_http import Faults, FaultyServer, Served
+from manifest.storage.retry import RetryPolicy
+from manifest.storage.source import Source, open_source
 
 T = TypeVar("T")
 
@@ -186,3 +188,19 @@ class SlowUplink:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+@contextlib.asynccontextmanager
+async def faulty_http_store(root: Path, attempts: int
+                            ) -> AsyncIterator[tuple[FaultyServer, Source]]:
+    """A :class:`FaultyServer` over ``root/http`` on the running loop, and a source reading it
+    that retries ``attempts`` times without waiting (in-process download tests)."""
+    (root / "http").mkdir()
+    srv = FaultyServer(root / "http", "store")
+    await srv.start()
+    source = open_source(srv.url, retry=RetryPolicy(attempts=attempts, base=0.0, cap=0.0))
+    try:
+        yield srv, source
+    finally:
+        await source.close()
+        await srv.stop()

@@ -27,8 +27,9 @@ from manifest.download_plan import GroupStep
 from manifest.entries import ChainStep, GroupEntry
 from manifest.errors import TransportError
 from manifest.metadata import ObjectRef
-from manifest.storage.retry import RetryPolicy
-from manifest.storage.source import Source, open_source
+from manifest.storage.source import Source
+
+from ._served_store import faulty_http_store
 
 MiB = 1 << 20
 
@@ -39,13 +40,8 @@ def _sha(data: bytes) -> str:
 
 @pytest.fixture
 async def http_store(tmp_path: Path) -> AsyncIterator[tuple[FaultyServer, Source]]:
-    (tmp_path / "http").mkdir()
-    srv = FaultyServer(tmp_path / "http", "store")
-    await srv.start()
-    source = open_source(srv.url, retry=RetryPolicy(attempts=3, base=0.0, cap=0.0))
-    yield srv, source
-    await source.close()
-    await srv.stop()
+    async with faulty_http_store(tmp_path, attempts=3) as served:
+        yield served
 
 
 def _chain(server: FaultyServer, tmp_path: Path) -> tuple[GroupStep, bytes, bytes, DeviceLayout]:

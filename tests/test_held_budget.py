@@ -22,21 +22,17 @@ from devtools.faulty_http import FaultyServer
 from edge_agent.fetch import Held, download
 from edge_agent.layout import DeviceLayout
 from manifest.metadata import ObjectRef
-from manifest.storage.retry import RetryPolicy
-from manifest.storage.source import Source, open_source
+from manifest.storage.source import Source
+
+from ._served_store import faulty_http_store
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 async def http_store(tmp_path: Path) -> AsyncIterator[tuple[FaultyServer, Source]]:
-    (tmp_path / "http").mkdir()
-    srv = FaultyServer(tmp_path / "http", "store")
-    await srv.start()
-    source = open_source(srv.url, retry=RetryPolicy(attempts=3, base=0.0, cap=0.0))
-    yield srv, source
-    await source.close()
-    await srv.stop()
+    async with faulty_http_store(tmp_path, attempts=3) as served:
+        yield served
 
 
 async def test_the_budget_comes_back_when_the_second_fetch_of_a_damaged_download_is_cancelled(

@@ -28,10 +28,11 @@ from manifest.container import apply_container
 from manifest.errors import FormatError, HashMismatchError, LocalError
 from manifest.metadata import ObjectRef
 from manifest.storage._partial_file import Digest
-from manifest.storage.retry import RetryPolicy
-from manifest.storage.source import Source, open_source
+from manifest.storage.source import Source
 from publisher.encode import EncodeTask, encode_all, hash_groups, layout_group
 from publisher.model_dir import open_model
+
+from ._served_store import faulty_http_store
 
 
 def _layout_with_objects(root: Path, n: int) -> tuple[DeviceLayout, list[str]]:
@@ -147,13 +148,8 @@ def test_a_held_container_cut_short_is_refused(
 
 @pytest.fixture
 async def http_store(tmp_path: Path) -> AsyncIterator[tuple[FaultyServer, Source]]:
-    (tmp_path / "http").mkdir()
-    srv = FaultyServer(tmp_path / "http", "store")
-    await srv.start()
-    source = open_source(srv.url, retry=RetryPolicy(attempts=4, base=0.0, cap=0.0))
-    yield srv, source
-    await source.close()
-    await srv.stop()
+    async with faulty_http_store(tmp_path, attempts=4) as served:
+        yield served
 
 
 def _sha(data: bytes) -> str:
