@@ -30,13 +30,19 @@ def _release(cli: Cli, store: str, key: Path, model: Path, version: str,
                        "--deltas-from", "1", "--checkpoint-every", "2", check=check)
 
 
-def test_gc_keeps_the_checkpoint_releases_a_checkpointed_release_patches_from(
-        cli: Cli, tmp_path: Path, moe_family: MoEFamily) -> None:
+def _new_store(cli: Cli, tmp_path: Path) -> tuple[str, Path]:
+    """An initialised directory store and its release key."""
     store = str(tmp_path / "store")
     Path(store).mkdir()
     cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
     key = tmp_path / "keys" / "release.key"
     cli.publish("init", "--store", store, "--key", key)
+    return store, key
+
+
+def test_gc_keeps_the_checkpoint_releases_a_checkpointed_release_patches_from(
+        cli: Cli, tmp_path: Path, moe_family: MoEFamily) -> None:
+    store, key = _new_store(cli, tmp_path)
     f = moe_family
     for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3), ("v4", f.v4)):
         _release(cli, store, key, model, version)
@@ -73,11 +79,7 @@ def test_gc_keeps_what_a_draft_in_progress_reuses_from_an_old_release(
     content with an old release (here: v1's weights released again as v4) names v1's objects,
     written long ago. gc ran while the draft waited for its signatures (well within the grace
     period) and deleted them: the published v4 named objects the store no longer had."""
-    store = str(tmp_path / "store")
-    Path(store).mkdir()
-    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
-    key = tmp_path / "keys" / "release.key"
-    cli.publish("init", "--store", store, "--key", key)
+    store, key = _new_store(cli, tmp_path)
     f = moe_family
     for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3)):
         cli.publish("release", model, "--store", store, "--version", version, "--key", key,
@@ -109,11 +111,7 @@ def test_an_interrupted_gc_never_leaves_an_index_whose_objects_are_gone(
     record and the index, both still there) and devices were sent to missing objects. gc now
     deletes the indexes first: a cut leaves either the release whole or its index gone (and
     revert refuses)."""
-    store = str(tmp_path / "store")
-    Path(store).mkdir()
-    cli.publish("keygen", "--out", tmp_path / "keys", "--name", "release")
-    key = tmp_path / "keys" / "release.key"
-    cli.publish("init", "--store", store, "--key", key)
+    store, key = _new_store(cli, tmp_path)
     f = moe_family
     for version, model in (("v1", f.v1), ("v2", f.v2), ("v3", f.v3), ("v4", f.v4)):
         cli.publish("release", model, "--store", store, "--version", version, "--key", key,
