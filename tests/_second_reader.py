@@ -152,8 +152,11 @@ class Pin:
     deltas: list[dict[str, Any]]
 
 
-def verify_manifest(data: bytes, root: dict[str, Any], now: datetime) -> tuple[dict[str, Any], Pin]:
-    """Verify both signed layers of ``manifest.json``; returns (manifest, its current pin)."""
+def verify_manifest(data: bytes, root: dict[str, Any], now: datetime, channel: str = "stable",
+                    min_sequence: int = 0, min_timestamp: int = 0,
+                    ) -> tuple[dict[str, Any], Pin]:
+    """Verify both signed layers of ``manifest.json`` (§13 step 7); returns (manifest, the
+    pin of its ``current`` index)."""
     if len(data) > MAX_MANIFEST:
         raise ReaderError("manifest too large")
     env = parse(data)
@@ -165,6 +168,10 @@ def verify_manifest(data: bytes, root: dict[str, Any], now: datetime) -> tuple[d
     check_threshold(inner, env["manifest_signatures"], root, "release")
     check_header(ts, "deltaship.timestamp", root["repository_id"])
     check_header(inner, "deltaship.manifest", root["repository_id"])
+    if inner.get("channel", "stable") != channel:
+        raise ReaderError("mix-and-match: a manifest of another channel")
+    if ts["sequence"] < min_timestamp or inner["sequence"] < min_sequence:
+        raise ReaderError("replayed manifest")
     if parse_time(inner["expires"]) < now:
         raise ReaderError("manifest expired")
     if parse_time(ts["expires"]) < now:
@@ -277,16 +284,16 @@ def _planes_to_bytes(planes: list[bytes], w: int, n: int) -> np.ndarray:
 
 
 def _order(base: np.ndarray, w: int) -> np.ndarray:
-    if w >= 2:
-        key = (base >> UINT[w](8 * w - 9)) & UINT[w](0xFF)
-    else:
-        key = base & UINT[w](0x7F)
-    return np.argsort(key, kind="stable")
+    u = UINT[w]
+    key = (base >> u(8 * w - 9)) & u(0xFF) if w >= 2 else base & u(0x7F)
+    order: np.ndarray = np.argsort(key, kind="stable")
+    return order
 
 
 def _unzigzag(z: np.ndarray, w: int) -> np.ndarray:
     u = UINT[w]
-    return (z >> u(1)) ^ (u(0) - (z & u(1)))
+    d: np.ndarray = (z >> u(1)) ^ (u(0) - (z & u(1)))
+    return d
 
 
 def decode_chunk(codec: str, frames: list[bytes], w: int, length: int,
@@ -302,7 +309,8 @@ def decode_chunk(codec: str, frames: list[bytes], w: int, length: int,
     if codec == "planes-rot":
         r = _planes_to_bytes(frames, w, n)
         u = UINT[w]
-        return ((r >> u(1)) | ((r & u(1)) << u(8 * w - 1))).tobytes()
+        x: np.ndarray = (r >> u(1)) | ((r & u(1)) << u(8 * w - 1))
+        return x.tobytes()
     if codec in ("delta", "delta-sparse"):
         assert base is not None
         b = np.frombuffer(base, dtype=UINT[w])
@@ -314,7 +322,8 @@ def decode_chunk(codec: str, frames: list[bytes], w: int, length: int,
             zs[bits] = _planes_to_bytes(frames[1:], w, int(bits.sum()))
         z = np.empty(n, dtype=UINT[w])
         z[_order(b, w)] = zs
-        return (b + _unzigzag(z, w)).tobytes()
+        new: np.ndarray = b + _unzigzag(z, w)
+        return new.tobytes()
     raise ReaderError(f"unknown codec {codec}")
 
 
@@ -360,11 +369,18 @@ def apply_container(obj: bytes, base: bytes | None, target: tuple[str, int]) -> 
     prefix_out = min(target[1], 8 + 100_000_000)
     prefix = zstandard.ZstdDecompressor().decompress(bytes(payload[:pos]),
                                                      max_output_size=prefix_out)
+    if len(prefix) < 8 or len(prefix) != 8 + struct.unpack_from("<Q", prefix)[0]:
+        raise ReaderError("the prefix is not the 8-byte length and the header it names")
     out = bytearray(prefix)
-    tensors, _ = safetensors_header(bytes(prefix) + b"\0" * 0)  # header only: offsets
-    order = sorted(tensors.items(), key=lambda kv: kv[1].begin)
-    if [name for name, _ in order] != [t["name"] for t in header["tensors"]]:
-        raise ReaderError("tensors are not the target's in data-offset order")
+    tensors, start = safetensors_header(prefix)
+    # The target header's own order, which §6.1 makes the data order (empty tensors tie).
+    at = start
+    for t in tensors.values():
+        if t.begin != at:
+            raise ReaderError("target tensors are not contiguous in header order")
+        at = t.end
+    if list(tensors) != [t["name"] for t in header["tensors"]]:
+        raise ReaderError("container tensors are not the target header's, in its order")
     for entry in header["tensors"]:
         t = tensors[entry["name"]]
         w = width(t.dtype)
@@ -456,4 +472,16 @@ def materialise(store: DirStore, index: dict[str, Any], out: Path,
         (out / fe["path"]).parent.mkdir(parents=True, exist_ok=True)
         (out / fe["path"]).write_bytes(data)
         how[fe["path"]] = "file"
+    weight_index = {"metadata": {"total_size": sum(g["length"] for g in index["groups"]),
+                                 "deltaship_version": index["version"]},
+                    "weight_map": {t["name"]: g["file"]
+                                   for g in index["groups"] for t in g["tensors"]}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(weight_index))
     return how
+
+
+def codecs_of(obj: bytes) -> set[str]:
+    """The chunk codecs a container uses (for tests that want to know what they covered)."""
+    (h,) = struct.unpack_from("<Q", obj, 8)
+    header = parse(obj[16:16 + h])
+    return {c[0] for t in header["tensors"] for c in t["chunks"]}
