@@ -28,8 +28,8 @@ MAX_ROOT = 512 * 1024
 MAX_MANIFEST = 64 * 1024
 MAX_INDEX = 16 * MIB
 MAX_PATCH_HEADER = 16 * MIB
-WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-          "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+          "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 SINT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
@@ -39,8 +39,6 @@ class ReaderError(Exception):
 
 
 def width(dtype: str) -> int:
-    if dtype.startswith("F8_"):
-        return 1
     if dtype not in WIDTHS:
         raise ReaderError(f"unknown dtype {dtype}")
     return WIDTHS[dtype]
@@ -373,14 +371,15 @@ def apply_container(obj: bytes, base: bytes | None, target: tuple[str, int]) -> 
         raise ReaderError("the prefix is not the 8-byte length and the header it names")
     out = bytearray(prefix)
     tensors, start = safetensors_header(prefix)
-    # The target header's own order, which §6.1 makes the data order (empty tensors tie).
+    # Data-offset order: by (begin, end), ties (empty tensors at one offset) in header order.
+    order = sorted(tensors, key=lambda name: (tensors[name].begin, tensors[name].end))
     at = start
-    for t in tensors.values():
-        if t.begin != at:
-            raise ReaderError("target tensors are not contiguous in header order")
-        at = t.end
-    if list(tensors) != [t["name"] for t in header["tensors"]]:
-        raise ReaderError("container tensors are not the target header's, in its order")
+    for name in order:
+        if tensors[name].begin != at:
+            raise ReaderError("target tensors are not contiguous")
+        at = tensors[name].end
+    if order != [t["name"] for t in header["tensors"]]:
+        raise ReaderError("container tensors are not the target's in data-offset order")
     for entry in header["tensors"]:
         t = tensors[entry["name"]]
         w = width(t.dtype)
