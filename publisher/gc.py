@@ -18,8 +18,9 @@ lost the manifest race, or a draft never published).
 The manifests are read, not verified: gc uses them only to decide what to keep. The release
 records are verified to order them as ``history`` does (by the root whose release keys signed
 each one, then by sequence, which starts again after a release-key rotation); a record that
-does not verify makes gc refuse. What gc cannot read in full (a manifest or record it cannot parse, a kept release's index missing or
-not matching its pin) makes it refuse before deleting anything. Just before deleting, the
+does not verify makes gc refuse. What gc cannot read in full (a manifest or record it cannot
+parse, a kept release's index missing or not matching its pin) makes it refuse before
+deleting anything. Just before deleting, the
 channels' manifests and release records are read again; if any changed (a release ran), gc
 deletes nothing and asks to be run again.
 
