@@ -75,6 +75,18 @@ def _operator(cfg: AgentConfig, **options: Any) -> Operator:
     return Operator(cfg, **options)
 
 
+def _store_url(store: str) -> str:
+    """``store`` checked (a bad URL is exit 2), and a directory given as a relative path made
+    absolute: the service runs with another working directory than `init` did."""
+    from manifest.storage.location import parse_store_url
+
+    location = parse_store_url(store)
+    if location.kind == "file" and location.path is not None and \
+            not store.startswith("file:"):
+        return str(location.path)
+    return store
+
+
 def _device_id(explicit: str | None) -> str:
     if explicit:
         return explicit
@@ -214,7 +226,7 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
              if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
     hooks = hooks_from_flags(given, **hook_flags)
     cfg = check_config(AgentConfig(
-        store=store, model_dir=model_dir.absolute(), device_id=_device_id(device_id),
+        store=_store_url(store), model_dir=model_dir.absolute(), device_id=_device_id(device_id),
         interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
         keep=keep, expiry_grace=expiry_grace, hooks=hooks,
         document_deadline=document_deadline, min_rate=min_rate, rate_window=rate_window,
