@@ -41,7 +41,10 @@ def register(main: click.Group) -> None:
 
         def on_plan(selection: Selection) -> None:
             if not dry_run and len(selection.delete) >= PROGRESS_FROM:
-                bars.append(Progress("deleting", sum(o.size for o in selection.delete)))
+                # --json: stdout is the JSON alone (where there is no terminal, progress
+                # lines go to stdout), so no progress, as `release --json`.
+                bars.append(Progress("deleting", sum(o.size for o in selection.delete),
+                                     enabled=False if as_json else None))
 
         def on_delete(o: StoredObject) -> None:
             if not as_json:
