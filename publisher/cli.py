@@ -263,6 +263,9 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
     and release record wait in FILE for `deltaship-publish sign FILE --key K` on each key
     holder's machine, then `deltaship-publish publish FILE`.
     """
+    if dry_run and draft is not None:  # a dry run writes nothing: the draft would be lost
+        raise click.UsageError("--dry-run and --draft do not go together: a dry run uploads "
+                               "and writes nothing")
     try:
         check_version(version, "--version")
     except FormatError as e:  # the user's flag, not data from the store
