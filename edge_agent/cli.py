@@ -296,7 +296,9 @@ def status(as_json: bool, config_path: Path | None) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     for k, v in _status_text(report).items():
-        click.echo(f"{k.replace('_', ' '):<24} {v if v not in (None, []) else '-'}")
+        if isinstance(v, list):  # retained, failed versions: names, not a Python list
+            v = ", ".join(map(str, v))
+        click.echo(f"{k.replace('_', ' '):<24} {v if v not in (None, '') else '-'}")
     for w in report.warnings:
         click.echo(w)
 

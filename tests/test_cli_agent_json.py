@@ -43,6 +43,13 @@ def test_agent_commands_print_json(cli: Cli, tmp_path: Path, release_key: Path,
                 "--key", release_key)
     cli.run("deltaship-agent", "run", "--once", "--config", config)
 
+    # The text form lists versions as names (it printed a Python list: "['v2', 'v1']").
+    text = cli.run("deltaship-agent", "status", "--config", config).stdout
+    retained = [ln for ln in text.splitlines() if ln.startswith("retained ")]
+    assert retained and retained[0].split(None, 1)[1] in ("v2, v1", "v1, v2"), text
+    assert "['" not in text and any(ln.split() == ["failed", "versions", "-"]
+                                    for ln in text.splitlines()), text
+
     doc, _ = agent("verify")
     assert doc == {"version": "v2", "damaged": [], "repaired": False, "healthy": True}
     doc, _ = agent("rollback")
