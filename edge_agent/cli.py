@@ -58,6 +58,14 @@ _config_option = click.option(
 )
 
 
+_json_option = click.option("--json", "as_json", is_flag=True,
+                            help="Print the result as JSON (stdout: that document only).")
+
+
+def _print_json(doc: dict[str, Any]) -> None:
+    click.echo(json.dumps(doc, indent=2))
+
+
 _wait_option = click.option(
     "--wait", default=30.0, show_default=True, metavar="SECONDS", type=click.FloatRange(min=0),
     help="Wait at most this long for an update in progress (the model directory's lock), then "
@@ -73,6 +81,18 @@ def _operator(cfg: AgentConfig, **options: Any) -> Operator:
     from .operations import Operator
 
     return Operator(cfg, **options)
+
+
+def _store_url(store: str) -> str:
+    """``store`` checked (a bad URL is exit 2), and a directory given as a relative path made
+    absolute: the service runs with another working directory than `init` did."""
+    from manifest.storage.location import parse_store_url
+
+    location = parse_store_url(store)
+    if location.kind == "file" and location.path is not None and \
+            not store.startswith("file:"):
+        return str(location.path)
+    return store
 
 
 def _device_id(explicit: str | None) -> str:
@@ -192,14 +212,15 @@ def main() -> None:
               "redirects within the store's own scheme, host and port are followed. Repeat for "
               "several.")
 @_wait_option
+@_json_option
 @_config_option
 @_errors
 def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interval: float,
          channel: str, report: str, report_url: str | None, report_deadline: float,
          include: tuple[str, ...], endpoint_url: str | None, max_rate: float | None, keep: int,
          expiry_grace: float, document_deadline: float, min_rate: float, rate_window: float,
-         allow_redirect_hosts: tuple[str, ...], wait: float, config_path: Path | None,
-         **hook_flags: Any) -> None:
+         allow_redirect_hosts: tuple[str, ...], wait: float, as_json: bool,
+         config_path: Path | None, **hook_flags: Any) -> None:
     """Write the agent configuration and pin the trust root.
 
     After each switch the agent can tell the model server (--notify-*: HTTP requests, then
@@ -214,7 +235,7 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
              if ctx.get_parameter_source(p) is not ParameterSource.DEFAULT}
     hooks = hooks_from_flags(given, **hook_flags)
     cfg = check_config(AgentConfig(
-        store=store, model_dir=model_dir.absolute(), device_id=_device_id(device_id),
+        store=_store_url(store), model_dir=model_dir.absolute(), device_id=_device_id(device_id),
         interval=interval, include=include, endpoint_url=endpoint_url, max_rate=max_rate,
         keep=keep, expiry_grace=expiry_grace, hooks=hooks,
         document_deadline=document_deadline, min_rate=min_rate, rate_window=rate_window,
@@ -222,6 +243,11 @@ def init(store: str, trust: Path, model_dir: Path, device_id: str | None, interv
         report_url=report_url, report_deadline=report_deadline))
     path = config_path or default_config_path()
     pinned = _operator(cfg, wait=wait).init(trust, path)
+    if as_json:
+        _print_json({"config": str(path), "trust_root": str(pinned), "store": cfg.store,
+                     "model_dir": str(cfg.model_dir), "device_id": cfg.device_id,
+                     "channel": cfg.channel})
+        return
     click.echo(f"configuration written to {path}\ntrust root pinned at {pinned}\n"
                f"device id {cfg.device_id}, channel {cfg.channel}; start with "
                "`deltaship-agent run`")
@@ -270,7 +296,9 @@ def status(as_json: bool, config_path: Path | None) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     for k, v in _status_text(report).items():
-        click.echo(f"{k.replace('_', ' '):<24} {v if v not in (None, []) else '-'}")
+        if isinstance(v, list):  # retained, failed versions: names, not a Python list
+            v = ", ".join(map(str, v))
+        click.echo(f"{k.replace('_', ' '):<24} {v if v not in (None, '') else '-'}")
     for w in report.warnings:
         click.echo(w)
 
@@ -306,44 +334,69 @@ def _status_text(report: StatusReport) -> dict[str, Any]:
               "the current one (repeat to go further back), skipping versions that failed "
               "their health check].")
 @_wait_option
+@_json_option
 @_config_option
 @_errors
-def rollback(to_version: str | None, wait: float, config_path: Path | None) -> None:
-    """Switch to a retained version (re-verified) and pin the device there; works offline."""
+def rollback(to_version: str | None, wait: float, as_json: bool,
+             config_path: Path | None) -> None:
+    """Switch to a retained version (re-verified) and pin the device there; works offline.
+
+    When the model server then fails its check (--notify-*/--health-* of `init`), the
+    rollback stands and the command exits 6 after printing its result.
+    """
     result = _operator(_load(config_path), wait=wait).rollback(to_version)
-    click.echo(f"rolled back {result.previous} -> {result.version}; "
-               "pinned until `deltaship-agent resume`")
+    if as_json:
+        _print_json({"previous": result.previous, "version": result.version, "pinned": True,
+                     "healthy": result.unhealthy is None})
+    else:
+        click.echo(f"rolled back {result.previous} -> {result.version}; "
+                   "pinned until `deltaship-agent resume`")
     if result.unhealthy is not None:
         raise result.unhealthy
 
 
 @main.command()
 @_wait_option
+@_json_option
 @_config_option
 @_errors
-def resume(wait: float, config_path: Path | None) -> None:
+def resume(wait: float, as_json: bool, config_path: Path | None) -> None:
     """Unpin the device and forget failed versions: follow the store again."""
     was = _operator(_load(config_path), wait=wait).resume()
+    if as_json:
+        _print_json({"was_pinned": was})
+        return
     click.echo(f"resumed (was pinned at {was})" if was else "resumed (was not pinned)")
 
 
 @main.command()
 @click.option("--repair", is_flag=True, help="Fetch and replace what is damaged.")
 @_wait_option
+@_json_option
 @_config_option
 @_errors
-def verify(repair: bool, wait: float, config_path: Path | None) -> None:
-    """Re-hash the live version against its signed index (exit 2 when files are damaged)."""
+def verify(repair: bool, wait: float, as_json: bool, config_path: Path | None) -> None:
+    """Re-hash the live version against its signed index (exit 2 when files are damaged).
+
+    With --json the result is printed first (damaged files included), then the exit code
+    and error line are the same as without it.
+    """
     result = _operator(_load(config_path), wait=wait).verify(repair)
     current = result.version
+    if as_json:
+        _print_json({"version": current, "damaged": list(result.damaged),
+                     "repaired": result.repaired, "healthy": result.unhealthy is None})
     if not result.damaged:
+        if as_json:
+            return
         click.echo(f"{current}: every file matches its signed sha256")
         return
     if not result.repaired:  # the device's own files: the operator repairs them (exit 2)
         shown = ", ".join(result.damaged[:5]) + (", ..." if len(result.damaged) > 5 else "")
         raise LocalError(f"{current}: {len(result.damaged)} damaged file(s) ({shown}): run "
                          "`deltaship-agent verify --repair`")
-    click.echo(f"{current}: repaired {', '.join(result.damaged)}")
+    if not as_json:
+        click.echo(f"{current}: repaired {', '.join(result.damaged)}")
     if result.unhealthy is not None:  # the server maps the replaced files
         raise result.unhealthy
 

@@ -136,7 +136,8 @@ class Operator:
         written, it is put back as it was, so a failed ``init`` leaves neither.
         """
         check_config(self.cfg)
-        if self.cfg.report == "store" and parse_store_url(self.cfg.store).kind == "http":
+        location = parse_store_url(self.cfg.store)  # a bad URL: StoreConfigError (exit 2)
+        if self.cfg.report == "store" and location.kind == "http":
             raise LocalError("--report store needs write access to the store: an s3:// or "
                              "directory store (an http(s) store is read-only); use "
                              "--report-url to POST reports instead")

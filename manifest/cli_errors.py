@@ -85,6 +85,9 @@ class OneLineGroup(click.Group):
         kwargs["standalone_mode"] = False
         try:
             return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # a group alone: its help, as is
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
         except click.ClickException as e:
             prog = (e.ctx.find_root().info_name if isinstance(e, click.UsageError) and e.ctx
                     else None) or kwargs.get("prog_name") or os.path.basename(sys.argv[0])

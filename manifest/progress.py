@@ -65,9 +65,11 @@ class Progress:
         elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-6)
         speed = self.done / elapsed
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        left = max(self.total - self.done, 0) / speed if speed > 0 else 0.0
+        remaining = max(self.total - self.done, 0)
+        # Nothing moved yet (a stalled store): the time left is unknown, not zero.
+        eta = f"{remaining / speed:4.0f}s" if speed > 0 else "   0s" if not remaining else "    ?"
         return (f"{self.label}: {pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} "
-                f"{human_bytes(speed)}/s ETA {left:4.0f}s")
+                f"{human_bytes(speed)}/s ETA {eta}")
 
     def _emit(self, text: str) -> None:
         if self._line is not None:

@@ -180,7 +180,12 @@ def init(store_url: str, endpoint_url: str | None, key: tuple[Path, ...],
                    f"(repository {other.repository_id}); devices tell the two stores apart only "
                    "by repository id: prefer one key per store", err=True)
     if out_file is not None:
-        out_file.write_bytes(data)
+        try:
+            out_file.write_bytes(data)
+        except OSError as e:  # the store is initialised now: say so, and where the root is
+            raise LocalError(f"the trust root was written to {url}, but its copy {out_file} "
+                             f"was not ({e.strerror}): copy {url} instead (a new `init` "
+                             "refuses an initialised store)") from e
     if as_json:
         click.echo(json.dumps({"root": url, "repository_id": root.repository_id,
                                "keyids": list(root.keys),
@@ -263,6 +268,9 @@ def release_cmd(model_dir: Path, store_url: str, endpoint_url: str | None, chann
     and release record wait in FILE for `deltaship-publish sign FILE --key K` on each key
     holder's machine, then `deltaship-publish publish FILE`.
     """
+    if dry_run and draft is not None:  # a dry run writes nothing: the draft would be lost
+        raise click.UsageError("--dry-run and --draft do not go together: a dry run uploads "
+                               "and writes nothing")
     try:
         check_version(version, "--version")
     except FormatError as e:  # the user's flag, not data from the store

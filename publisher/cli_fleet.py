@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from manifest.errors import LocalError
 from manifest.storage.store import StoreOptions
@@ -42,6 +43,8 @@ __all__ = ["print_status", "register"]
 
 _KEY_HELP = ("Private signing key: release and timestamp keys, enough for their thresholds "
              "(repeatable).")
+# `rollout` options that only --advance reads.
+_ADVANCE_ONLY = ("stages", "every", "max_failure_rate", "min_devices", "revoke_on_failure")
 _OPS = ("--percent", "--ramp", "--halt", "--complete", "--revoke", "--advance")
 
 
@@ -161,6 +164,13 @@ def register(main: click.Group) -> None:
                       "--advance": advance_})
         if (from_bp is not None or to_bp is not None) and op != "--ramp":
             raise click.UsageError("--from and --to go with --ramp")
+        if op != "--advance":
+            ctx = click.get_current_context()
+            given = [f"--{name.replace('_', '-')}" for name in _ADVANCE_ONLY
+                     if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+            if given:
+                raise click.UsageError(f"{', '.join(given)} "
+                                       f"{'goes' if len(given) == 1 else 'go'} with --advance")
         signing = _signing(keys, draft, expires_days, timestamp_days, insecure_key_permissions)
         options, t = StoreOptions(endpoint_url), now()
         if op == "--advance":

@@ -34,14 +34,30 @@ def register(main: click.Group) -> None:
     @errors
     def gc_cmd(store_url: str, endpoint_url: str | None, keep: int, grace: str, dry_run: bool,
                as_json: bool) -> None:
-        """Delete store objects no kept release references (docs/FORMAT.md §1)."""
+        """Delete store objects no kept release references (docs/FORMAT.md §1).
+
+        Kept, for every channel: the objects of its current release and rollout
+        candidate, of its last --keep releases and of the releases those two patched from,
+        and every object younger than --grace. Everything else under objects/ is deleted;
+        manifests and release records are never touched, but a version whose index is
+        deleted can no longer be reverted to. Keep N at least `release --deltas-from`.
+        Nothing is deleted when a manifest or record cannot be read or changed meanwhile.
+
+        \b
+        Examples:
+          deltaship-publish gc --store s3://models/llm --keep 5 --dry-run
+          deltaship-publish gc --store s3://models/llm --keep 5 --json
+        """
         grace_td = parse_duration(grace)
         store = open_store(store_url, StoreOptions(endpoint_url))
         bars: list[Progress] = []
 
         def on_plan(selection: Selection) -> None:
             if not dry_run and len(selection.delete) >= PROGRESS_FROM:
-                bars.append(Progress("deleting", sum(o.size for o in selection.delete)))
+                # --json: stdout is the JSON alone (where there is no terminal, progress
+                # lines go to stdout), so no progress, as `release --json`.
+                bars.append(Progress("deleting", sum(o.size for o in selection.delete),
+                                     enabled=False if as_json else None))
 
         def on_delete(o: StoredObject) -> None:
             if not as_json:
