@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import click
 
 from manifest.progress import human_bytes
 from manifest.storage.store import StoredObject, StoreOptions, open_store
 
-from .cli_options import errors, now, store_options
+from .cli_options import errors, store_options
 from .gc import GcResult, Selection, collect, parse_duration
 from .progress import Progress
 
@@ -66,8 +67,10 @@ def register(main: click.Group) -> None:
                 bar.advance(o.size)
 
         try:
-            result = collect(store, now(), keep, grace_td, dry_run=dry_run, on_plan=on_plan,
-                             on_delete=on_delete)
+            # The exact time, not now()'s whole second (for signed documents): an object
+            # written earlier in this second is not "in the future", younger than any grace.
+            result = collect(store, datetime.now(UTC), keep, grace_td, dry_run=dry_run,
+                             on_plan=on_plan, on_delete=on_delete)
         finally:
             for bar in bars:
                 bar.close()
