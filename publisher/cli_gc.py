@@ -24,8 +24,9 @@ def register(main: click.Group) -> None:
     @main.command("gc")
     @store_options
     @click.option("--keep", required=True, type=int, metavar="N",
-                  help="Keep the objects of the last N releases (by record sequence) of every "
-                  "channel, besides each channel's current release and rollout candidate.")
+                  help="Keep the objects of the last N releases of every channel (in the "
+                  "order `history` lists them), besides each channel's current release and "
+                  "rollout candidate.")
     @click.option("--grace", default="24h", show_default=True, metavar="DURATION",
                   help="Never delete an object written less than this long ago (a release or "
                   "draft in progress): 90s, 30m, 24h, 7d, 2w. Longer than drafts wait for "
