@@ -285,7 +285,7 @@ def _finish(task: EncodeTask, builder: ContainerBuilder) -> EncodeResult:
     assert task.sha256 is not None
     # A full disk names the staging directory (the publisher cache), not the working one.
     with disk_errors(os.path.dirname(task.out_path)):
-        h = _HashingWriter(task.out_path)
+        h = HashingWriter(task.out_path)
         try:
             length = builder.finish(task.sha256, task.layout.length, h)
         finally:
@@ -293,15 +293,18 @@ def _finish(task: EncodeTask, builder: ContainerBuilder) -> EncodeResult:
     return EncodeResult(task, length, h.hexdigest(), dict(builder.codec_bytes))
 
 
-class _HashingWriter:
-    """A write-only file that hashes what passes through it."""
+class HashingWriter:
+    """A write-only staged file that hashes and counts what passes through it (group
+    containers here, non-tensor file objects in ship_files.py)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self._f = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._h = hashlib.sha256()
+        self.length = 0
 
     def write(self, data: bytes) -> int:
         self._h.update(data)
+        self.length += len(data)
         return self._f.write(data)
 
     def hexdigest(self) -> str:

@@ -26,6 +26,7 @@ import zstandard
 from manifest.errors import CancelledError, ModelError, disk_full
 from manifest.metadata import FileEntry, ObjectRef, ReleaseIndex
 
+from .encode import HashingWriter
 from .model_dir import ModelDir
 from .release_plan import ShippedFile
 
@@ -106,25 +107,16 @@ def compress_file(src: Path, staged: Path, level: int, length: int,
     was read); raises :class:`~manifest.errors.CancelledError` at the next block once
     ``stop`` is set."""
     plain = hashlib.sha256()
-    with open(src, "rb") as f, open(staged, "wb") as out:
-        sink = _HashingSink(out)
-        z = zstandard.ZstdCompressor(level=level).stream_writer(
-            cast(BinaryIO, sink), size=length, closefd=False)  # it only writes
-        while block := f.read(FILE_BLOCK):
-            _check(stop)  # left unfinished (ending the frame codes what it holds): discarded
-            plain.update(block)
-            z.write(block)
-        z.flush(zstandard.FLUSH_FRAME)  # ends the frame
-    return ObjectRef(sink.sha.hexdigest(), sink.length, "zstd"), plain.hexdigest()
-
-
-class _HashingSink:
-    """A file that hashes and counts what is written to it."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out, self.sha, self.length = out, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.length += len(data)
-        return self.out.write(data)
+    out = HashingWriter(staged)
+    try:
+        with open(src, "rb") as f:
+            z = zstandard.ZstdCompressor(level=level).stream_writer(
+                cast(BinaryIO, out), size=length, closefd=False)  # it only writes
+            while block := f.read(FILE_BLOCK):
+                _check(stop)  # left unfinished (ending the frame codes what it holds)
+                plain.update(block)
+                z.write(block)
+            z.flush(zstandard.FLUSH_FRAME)  # ends the frame
+    finally:
+        out.close()
+    return ObjectRef(out.hexdigest(), out.length, "zstd"), plain.hexdigest()

@@ -80,25 +80,28 @@ def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
             yield from _paths(v, (*prefix, i))
 
 
-def _replace(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
-    if not path:
-        return value
+def _copy_to_parent(doc: Any, path: tuple[Any, ...]) -> tuple[Any, Any]:
+    """A deep copy of ``doc`` and, inside it, the container of the value at ``path``."""
     out = copy.deepcopy(doc)
     node = out
     for p in path[:-1]:
         node = node[p]
-    node[path[-1]] = value
+    return out, node
+
+
+def _replace(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    if not path:
+        return value
+    out, parent = _copy_to_parent(doc, path)
+    parent[path[-1]] = value
     return out
 
 
 def _drop(doc: Any, path: tuple[Any, ...]) -> Any:
     if not path:
         return doc
-    out = copy.deepcopy(doc)
-    node = out
-    for p in path[:-1]:
-        node = node[p]
-    del node[path[-1]]
+    out, parent = _copy_to_parent(doc, path)
+    del parent[path[-1]]
     return out
 
 

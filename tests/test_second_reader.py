@@ -5,6 +5,7 @@ byte equal to what the project's own code rebuilds (tests/_device.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,30 +88,30 @@ def test_second_reader_rebuilds_what_the_project_does(store: Path, tmp_path: Pat
     # Rebuild both releases from full objects, and v2 from patches against v1, with both
     # implementations; every group file and file must be the same bytes.
     project = open_store(str(store / "store"))
-    ours1 = tmp_path / "ours-v1"
-    how1 = sr.materialise(reader, index1, ours1)
+    how1, _, ours1 = rebuild_both(reader, project, index1, tmp_path, "v1")
     assert set(how1.values()) == {"full", "file"}
-    theirs1 = tmp_path / "theirs-v1"
-    _device.materialise(project, ReleaseIndex.from_dict(index1), theirs1, {}, tmp_path / "w1")
-    assert_same(ours1, theirs1, index1)
-
-    ours2 = tmp_path / "ours-v2-full"
-    sr.materialise(reader, index2, ours2)
-    theirs2 = tmp_path / "theirs-v2"
-    _device.materialise(project, ReleaseIndex.from_dict(index2), theirs2, {}, tmp_path / "w2")
-    assert_same(ours2, theirs2, index2)
-
-    have = {g["sha256"]: (ours1 / g["file"]).read_bytes() for g in index1["groups"]}
-    ours2p = tmp_path / "ours-v2-patched"
-    how2 = sr.materialise(reader, index2, ours2p, have=have)
+    _, _, ours2 = rebuild_both(reader, project, index2, tmp_path, "v2-full")
+    how2, fetched, ours2p = rebuild_both(reader, project, index2, tmp_path, "v2-patched",
+                                         base=ours1)
     assert "patch" in how2.values(), how2
-    theirs2p = tmp_path / "theirs-v2-patched"
-    have_paths = {g["sha256"]: ours1 / g["file"] for g in index1["groups"]}
-    fetched = _device.materialise(project, ReleaseIndex.from_dict(index2), theirs2p, have_paths,
-                                  tmp_path / "w3")
     assert fetched["patch"] > 0
-    assert_same(ours2p, theirs2p, index2)
     assert files_of(ours2p) == files_of(ours2)
+
+
+def rebuild_both(reader: Any, project: Any, index: dict[str, Any], tmp_path: Path, name: str,
+                 base: Path | None = None) -> tuple[dict[str, str], dict[str, int], Path]:
+    """``index`` rebuilt by this reader and by the project's device code (from full objects,
+    or from patches against the group files in ``base``), compared with :func:`assert_same`:
+    (how this reader got each file, what the project fetched, this reader's directory)."""
+    groups = [] if base is None else sorted(base.glob("*.safetensors"))
+    by_sha = {hashlib.sha256(f.read_bytes()).hexdigest(): f for f in groups}
+    ours, theirs = tmp_path / f"ours-{name}", tmp_path / f"theirs-{name}"
+    how = sr.materialise(reader, index, ours,
+                         have={sha: f.read_bytes() for sha, f in by_sha.items()} or None)
+    fetched = _device.materialise(project, ReleaseIndex.from_dict(index), theirs, by_sha,
+                                  tmp_path / f"work-{name}")
+    assert_same(ours, theirs, index)
+    return how, fetched, ours
 
 
 def assert_same(ours: Path, theirs: Path, index: dict[str, object]) -> None:
@@ -209,18 +211,8 @@ def test_second_reader_edge_cases(tmp_path: Path) -> None:
     index2 = sr.parse_index(sr.fetch_index(reader.get, pin2, "raw"), root, "v2")
     project = open_store(str(tmp_path / "store"))
 
-    ours1 = tmp_path / "ours-v1"
-    sr.materialise(reader, index1, ours1)
-    theirs1 = tmp_path / "theirs-v1"
-    _device.materialise(project, ReleaseIndex.from_dict(index1), theirs1, {}, tmp_path / "w1")
-    assert_same(ours1, theirs1, index1)
-    have = {g["sha256"]: (ours1 / g["file"]).read_bytes() for g in index1["groups"]}
-    ours2 = tmp_path / "ours-v2"
-    how = sr.materialise(reader, index2, ours2, have=have)
-    theirs2 = tmp_path / "theirs-v2"
-    _device.materialise(project, ReleaseIndex.from_dict(index2), theirs2,
-                        {g["sha256"]: ours1 / g["file"] for g in index1["groups"]}, tmp_path / "w2")
-    assert_same(ours2, theirs2, index2)
+    _, _, ours1 = rebuild_both(reader, project, index1, tmp_path, "v1")
+    how, _, _ = rebuild_both(reader, project, index2, tmp_path, "v2", base=ours1)
     codecs = set()
     for g in index2["groups"]:
         for p in g.get("patches", []):
